@@ -1,0 +1,115 @@
+// posttrain/detail/validate.hpp — input checks shared by every public entry point.
+//
+// Each check throws posttrain::error naming the function, the argument, and the shapes/values.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "posttrain/error.hpp"
+#include "posttrain/tensor.hpp"
+
+namespace posttrain::detail {
+
+template <tensor T>
+void require_floating(std::string_view fn, std::string_view name, const T& x) {
+  const dtype d = ops::dtype_of(x);
+  if (!is_floating(d)) fail(fn, name, " must be a floating-point tensor, got dtype ", dtype_name(d));
+}
+
+template <tensor T>
+void require_nonempty(std::string_view fn, std::string_view name, const T& x) {
+  if (ops::numel(x) == 0) fail(fn, name, " is empty (shape ", shape_string(ops::shape(x)), ")");
+}
+
+template <tensor T>
+void require_rank(std::string_view fn, std::string_view name, const T& x, std::int64_t lo, std::int64_t hi) {
+  const auto r = ops::rank(x);
+  if (r < lo || r > hi) {
+    if (lo == hi) fail(fn, name, " must have rank ", lo, ", got shape ", shape_string(ops::shape(x)));
+    fail(fn, name, " must have rank ", lo, " to ", hi, ", got shape ", shape_string(ops::shape(x)));
+  }
+}
+
+/// A floating, non-empty tensor: the usual requirement on a value input.
+template <tensor T>
+void require_values(std::string_view fn, std::string_view name, const T& x) {
+  require_floating(fn, name, x);
+  require_nonempty(fn, name, x);
+}
+
+template <tensor T>
+void require_same_shape(std::string_view fn, std::string_view a_name, const T& a, std::string_view b_name, const T& b) {
+  if (ops::shape(a) != ops::shape(b))
+    fail(fn, b_name, " has shape ", shape_string(ops::shape(b)), " but ", a_name, " has shape ",
+         shape_string(ops::shape(a)), "; they must match");
+}
+
+template <tensor T>
+void require_same_device(std::string_view fn, std::string_view a_name, const T& a, std::string_view b_name, const T& b) {
+  if (ops::device(a) != ops::device(b))
+    fail(fn, b_name, " is on device ", ops::device(b), " but ", a_name, " is on ", ops::device(a));
+}
+
+template <tensor T>
+void require_same_dtype(std::string_view fn, std::string_view a_name, const T& a, std::string_view b_name, const T& b) {
+  if (ops::dtype_of(a) != ops::dtype_of(b))
+    fail(fn, b_name, " has dtype ", dtype_name(ops::dtype_of(b)), " but ", a_name, " has dtype ",
+         dtype_name(ops::dtype_of(a)), "; they must match");
+}
+
+/// A second value tensor paired with the first: same shape, dtype and device.
+template <tensor T>
+void require_like(std::string_view fn, std::string_view a_name, const T& a, std::string_view b_name, const T& b) {
+  require_floating(fn, b_name, b);
+  require_same_device(fn, a_name, a, b_name, b);
+  require_same_dtype(fn, a_name, a, b_name, b);
+  require_same_shape(fn, a_name, a, b_name, b);
+}
+
+/// A mask paired with `values`: same shape and device; floating (0/1) or bool dtype. Returns it
+/// in values' compute dtype.
+template <tensor T>
+T checked_mask(std::string_view fn, std::string_view values_name, const T& values, std::string_view mask_name,
+               const T& mask) {
+  const dtype d = ops::dtype_of(mask);
+  if (!is_floating(d) && d != dtype::boolean && !is_integer(d))
+    fail(fn, mask_name, " must be a 0/1 mask of a floating, integer or bool dtype, got ", dtype_name(d));
+  require_same_device(fn, values_name, values, mask_name, mask);
+  require_same_shape(fn, values_name, values, mask_name, mask);
+  const dtype want = ops::dtype_of(values);
+  return d == want ? mask : ops::to_dtype(mask, want);
+}
+
+/// labels[...] for logits[..., V]: integer dtype, same device, shape = logits' without the last
+/// dimension, every value in [0, V) or equal to ignore_index.
+template <tensor T>
+void require_labels(std::string_view fn, const T& logits, const index_tensor_t<T>& labels, std::int64_t ignore_index,
+                    std::string_view logits_name = "logits", std::string_view labels_name = "labels") {
+  using tr = tensor_traits<T>;
+  const dtype d = tr::index_dtype(labels);
+  if (!is_integer(d)) fail(fn, labels_name, " must have an integer dtype (int64 or int32), got ", dtype_name(d));
+  if (tr::index_device(labels) != ops::device(logits))
+    fail(fn, labels_name, " is on device ", tr::index_device(labels), " but ", logits_name, " is on ", ops::device(logits));
+  shape_t expected = ops::shape(logits);
+  expected.pop_back();
+  if (tr::index_shape(labels) != expected)
+    fail(fn, labels_name, " has shape ", shape_string(tr::index_shape(labels)), " but ", logits_name, " has shape ",
+         shape_string(ops::shape(logits)), "; expected ", labels_name, " of shape ", shape_string(expected));
+  const std::int64_t vocab = ops::shape(logits).back();
+  const std::int64_t bad = tr::index_count_outside(labels, 0, vocab, ignore_index);
+  if (bad > 0)
+    fail(fn, labels_name, " has ", bad, " value(s) outside [0, ", vocab, ") that are not ignore_index (", ignore_index,
+         ")");
+}
+
+/// logits[..., V]: floating, rank >= 1, V >= 1, non-empty.
+template <tensor T>
+void require_logits(std::string_view fn, std::string_view name, const T& logits) {
+  require_floating(fn, name, logits);
+  if (ops::rank(logits) < 1) fail(fn, name, " must have rank >= 1 ([..., V]), got a 0-d tensor");
+  require_nonempty(fn, name, logits);
+}
+
+}  // namespace posttrain::detail

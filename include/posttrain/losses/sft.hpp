@@ -1,0 +1,136 @@
+// posttrain/losses/sft.hpp — supervised fine-tuning: next-token cross-entropy on demonstrations.
+//
+//   logits [..., V], labels [...] (already shifted: labels[t] is the token logits[t] predicts)
+//   per-token loss  ℓ_t = (1 - ε)(-log p_t[y_t]) + ε(-(1/V) Σ_v log p_t[v])   (PyTorch cross_entropy
+//                   label_smoothing semantics)
+//                 (× sg(p_t[y_t]) with dft: DFT, arXiv:2508.05629 eq. 8, TRL loss_type="dft")
+//                 + z · logsumexp_t²                                          (PaLM z-loss, arXiv:2204.02311 §5)
+//   loss = aggregate(ℓ, labels != ignore_index, reduction, normalizer)
+//
+// reduction token_mean with no normalizer is PyTorch's reduction="mean"; sum is "sum". TRL's SFT
+// divides by `num_items_in_batch` (the token count of the whole gradient-accumulation window):
+// pass it as `normalizer`. The sequence modes need logits [B, T, V].
+// Example: logits [[0, 0, 0, 0]], label 0 -> loss log 4 = 1.386294; with ε = 0.1 still log 4.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "posttrain/detail/validate.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/tensor.hpp"
+
+namespace posttrain {
+
+struct sft_options {
+  /// Labels equal to this are skipped (PyTorch and Hugging Face: -100).
+  std::int64_t ignore_index = default_ignore_index;
+  /// ε in [0, 1): mixes the target with the uniform distribution, as torch cross_entropy.
+  double label_smoothing = 0.0;
+  /// PaLM's auxiliary z-loss coefficient (PaLM used 1e-4); 0 disables it.
+  double z_loss = 0.0;
+  /// How per-token losses become one number; token_mean is PyTorch's "mean".
+  aggregation reduction = aggregation::token_mean;
+  /// Optional global count (tokens, sequences or a constant: see `aggregation`).
+  std::optional<double> normalizer = std::nullopt;
+  /// Dynamic fine-tuning: weight each token's loss by its detached probability (TRL "dft").
+  bool dft = false;
+};
+
+template <tensor T>
+struct sft_result {
+  T loss;            ///< 0-d: the aggregated loss (differentiable on autograd backends)
+  T per_token_loss;  ///< [...]: ℓ_t, 0 at ignored positions (differentiable)
+  T num_tokens;      ///< 0-d: count of labels != ignore_index (detached)
+  T token_accuracy;  ///< 0-d: fraction of counted tokens whose argmax is the label (detached)
+  T entropy;         ///< 0-d: mean entropy of the predicted distribution over counted tokens (detached)
+};
+
+namespace detail {
+inline void check_sft(std::string_view fn, const sft_options& o) {
+  require_finite(fn, "options.label_smoothing", o.label_smoothing);
+  require_finite(fn, "options.z_loss", o.z_loss);
+  if (o.label_smoothing < 0.0 || o.label_smoothing >= 1.0)
+    fail(fn, "options.label_smoothing must be in [0, 1), got ", o.label_smoothing);
+  if (o.z_loss < 0.0) fail(fn, "options.z_loss must be >= 0, got ", o.z_loss);
+  check_normalizer(fn, o.normalizer);
+}
+
+template <tensor T>
+void check_sft_inputs(std::string_view fn, const T& logits, const index_tensor_t<T>& labels, const sft_options& o) {
+  check_sft(fn, o);
+  require_logits(fn, "logits", logits);
+  require_labels(fn, logits, labels, o.ignore_index);
+  const bool per_sequence = o.reduction != aggregation::token_mean && o.reduction != aggregation::sum;
+  if (per_sequence && ops::rank(logits) != 3)
+    fail(fn, "reduction ", aggregation_name(o.reduction), " needs logits [B, T, V], got shape ",
+         shape_string(ops::shape(logits)));
+}
+}  // namespace detail
+
+/// SFT cross-entropy forward. See the file comment for the formula and options.
+template <tensor T>
+sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const sft_options& opt = {}) {
+  detail::check_sft_inputs("sft_loss", logits, labels, opt);
+  using tr = tensor_traits<T>;
+  const T x = ops::upcast(logits);                               // [..., V] compute dtype
+  const double vocab = static_cast<double>(ops::size(x, -1));
+  const T valid = tr::index_not_equal(labels, opt.ignore_index, x);  // [...] 0/1
+  const T lp = token_logprobs(x, labels, opt.ignore_index);          // [...] log p[y], 0 if ignored
+  T tok = ops::neg(lp);                                              // NLL
+  T lse;
+  if (opt.label_smoothing > 0.0 || opt.z_loss > 0.0) lse = logsumexp(x);
+  if (opt.label_smoothing > 0.0) {
+    // PyTorch cross_entropy: (1-ε)·nll + ε·(-(1/V) Σ_v log p_v) = (1-ε)·nll + ε·(lse - mean_v x_v)
+    const T smooth = ops::sub(lse, ops::div(ops::sum(x, -1), vocab));
+    tok = ops::add(ops::mul(tok, 1.0 - opt.label_smoothing), ops::mul(smooth, opt.label_smoothing));
+  }
+  // DFT (arXiv:2508.05629 eq. 8): ℓ_t · sg(p_t)
+  if (opt.dft) tok = ops::mul(tok, ops::detach(ops::exp(lp)));
+  // PaLM z-loss: z · lse²
+  if (opt.z_loss > 0.0) tok = ops::add(tok, ops::mul(ops::square(lse), opt.z_loss));
+  tok = ops::where(valid, tok, 0.0);
+
+  sft_result<T> r;
+  r.per_token_loss = tok;
+  r.loss = aggregate(tok, valid, opt.reduction, opt.normalizer);
+  const T n = ops::detach(ops::sum_all(valid));
+  r.num_tokens = n;
+  const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
+  const T hit = ops::mul(tr::index_equal(ops::argmax_last(ops::detach(x)), safe, x), valid);
+  r.token_accuracy = ops::div(ops::sum_all(hit), ops::maximum(n, 1.0));
+  r.entropy = ops::div(ops::sum_all(ops::mul(entropy(ops::detach(x)), valid)), ops::maximum(n, 1.0));
+  return r;
+}
+
+/// SFT cross-entropy backward: d loss / d logits [..., V] (in logits' dtype), times grad_loss.
+///   dℓ_t/dx = softmax - (1-ε)·onehot(y) - ε/V           (cross-entropy with smoothing)
+///             × sg(p[y]) with dft                        (the weight is a constant)
+///             + 2z·lse·softmax                           (z-loss)
+/// and d loss/dℓ_t are the aggregation weights.
+template <tensor T>
+T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_options& opt = {},
+                    double grad_loss = 1.0) {
+  detail::check_sft_inputs("sft_loss_backward", logits, labels, opt);
+  detail::require_finite("sft_loss_backward", "grad_loss", grad_loss);
+  using tr = tensor_traits<T>;
+  const T x = ops::upcast(logits);
+  const double vocab = static_cast<double>(ops::size(x, -1));
+  const T valid = tr::index_not_equal(labels, opt.ignore_index, x);
+  const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
+  const T lse = ops::unsqueeze(logsumexp(x), -1);            // [..., 1]
+  const T p = ops::exp(ops::sub(x, lse));                     // [..., V]
+  const T onehot = ops::one_hot(safe, ops::size(x, -1), x);  // [..., V]
+  T d = ops::sub(p, ops::mul(onehot, 1.0 - opt.label_smoothing));
+  if (opt.label_smoothing > 0.0) d = ops::sub(d, opt.label_smoothing / vocab);
+  if (opt.dft) d = ops::mul(d, ops::unsqueeze(ops::exp(token_logprobs(x, labels, opt.ignore_index)), -1));
+  if (opt.z_loss > 0.0) d = ops::add(d, ops::mul(ops::mul(p, lse), 2.0 * opt.z_loss));
+  const T w = ops::mul(aggregation_weights(valid, opt.reduction, opt.normalizer), grad_loss);  // [...]
+  const T g = ops::where(ops::unsqueeze(valid, -1), ops::mul(d, ops::unsqueeze(w, -1)), 0.0);
+  return ops::to_dtype(g, ops::dtype_of(logits));
+}
+
+}  // namespace posttrain

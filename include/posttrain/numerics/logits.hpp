@@ -1,0 +1,146 @@
+// posttrain/numerics/logits.hpp — primitives over the vocabulary dimension of logits [..., V].
+//
+// logsumexp, token log-probabilities (selective log-softmax), softmax and entropy, each with
+//   * a generic definition in posttrain::generic, written in the tensor vocabulary only, and
+//   * a public dispatcher that uses a backend's fused override when it has one
+//     (tensor_traits<T>::fused_logsumexp_last / fused_token_logprobs / fused_entropy_last),
+//     and the generic definition otherwise. The generic one stays as the thing the fused one
+//     is tested against.
+// Analytic backward functions come in pairs with the forwards (llm.c style).
+// Half-precision logits are computed and returned in float32.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "posttrain/detail/validate.hpp"
+#include "posttrain/tensor.hpp"
+
+namespace posttrain {
+
+/// The label value that marks a position to skip (PyTorch's cross_entropy default).
+inline constexpr std::int64_t default_ignore_index = -100;
+
+namespace generic {
+
+/// log Σ_v exp(x_v) over the last dimension: [..., V] -> [...].
+/// Max-shifted by a detached row max; rows of only -inf give -inf (no NaN).
+template <tensor T>
+T logsumexp_last(const T& x) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const T m = ops::detach(ops::max(x, -1, true));           // [..., 1]
+  const T m_safe = ops::where(ops::eq(m, -inf), 0.0, m);    // a row of -inf shifts by 0
+  const T s = ops::sum(ops::exp(ops::sub(x, m_safe)), -1);  // [...]
+  return ops::add(ops::log(s), ops::reshape(m_safe, ops::shape(s)));
+}
+
+/// log softmax(x)[label] = x[label] - logsumexp(x): [..., V], [...] -> [...].
+template <tensor T>
+T token_logprobs(const T& x, const index_tensor_t<T>& labels) {
+  return ops::sub(ops::gather_last(x, labels), logsumexp_last(x));
+}
+
+/// Entropy of softmax(x) over the last dimension, -Σ p log p; -inf logits contribute 0.
+template <tensor T>
+T entropy_last(const T& x) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const T logp = ops::sub(x, ops::unsqueeze(logsumexp_last(x), -1));  // [..., V]
+  const T p = ops::exp(logp);
+  // 0 * log 0 := 0; sanitise first so no -inf reaches a product (or its gradient).
+  const T logp_safe = ops::where(ops::gt(x, -inf), logp, 0.0);
+  return ops::neg(ops::sum(ops::mul(p, logp_safe), -1));
+}
+
+}  // namespace generic
+
+/// Softmax over the last dimension: [..., V] -> [..., V].
+template <tensor T>
+T softmax_last(const T& logits);
+
+/// logsumexp over the last dimension: logits [..., V] -> [...].
+/// Gradient: softmax(logits). Example: logsumexp([0, log 3]) = log 4.
+template <tensor T>
+T logsumexp(const T& logits) {
+  detail::require_logits("logsumexp", "logits", logits);
+  const T x = ops::upcast(logits);
+  if constexpr (requires { tensor_traits<T>::fused_logsumexp_last(x); })
+    return tensor_traits<T>::fused_logsumexp_last(x);
+  else
+    return generic::logsumexp_last(x);
+}
+
+/// Backward of logsumexp: grad_logits[..., v] = grad[...] * softmax(logits)[..., v].
+template <tensor T>
+T logsumexp_backward(const T& logits, const T& grad) {
+  detail::require_logits("logsumexp_backward", "logits", logits);
+  return ops::mul(softmax_last(logits), ops::unsqueeze(ops::upcast(grad), -1));
+}
+
+template <tensor T>
+T softmax_last(const T& logits) {
+  detail::require_logits("softmax_last", "logits", logits);
+  const T x = ops::upcast(logits);
+  return ops::exp(ops::sub(x, ops::unsqueeze(logsumexp(x), -1)));
+}
+
+/// Selective log-softmax: log p(labels) from logits [..., V] and labels [...] -> [...].
+/// Positions whose label equals ignore_index get 0 (and no gradient). Uses the backend's fused
+/// kernel when it has one (TRL's selective_log_softmax; never allocates log_softmax [..., V]).
+/// Example: logits [0, 0, log 2], label 2 -> log(2/4) = -log 2.
+template <tensor T>
+T token_logprobs(const T& logits, const index_tensor_t<T>& labels, std::int64_t ignore_index = default_ignore_index) {
+  detail::require_logits("token_logprobs", "logits", logits);
+  detail::require_labels("token_logprobs", logits, labels, ignore_index);
+  const T x = ops::upcast(logits);
+  const auto safe = tensor_traits<T>::index_replace(labels, ignore_index, 0);
+  const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
+  T lp;
+  if constexpr (requires { tensor_traits<T>::fused_token_logprobs(x, safe); })
+    lp = tensor_traits<T>::fused_token_logprobs(x, safe);
+  else
+    lp = generic::token_logprobs(x, safe);
+  return ops::where(valid, lp, 0.0);
+}
+
+/// Backward of token_logprobs: grad_logits = grad * (onehot(label) - softmax), zero at ignored
+/// positions.
+template <tensor T>
+T token_logprobs_backward(const T& logits, const index_tensor_t<T>& labels, const T& grad,
+                          std::int64_t ignore_index = default_ignore_index) {
+  detail::require_logits("token_logprobs_backward", "logits", logits);
+  detail::require_labels("token_logprobs_backward", logits, labels, ignore_index);
+  const T x = ops::upcast(logits);
+  const auto safe = tensor_traits<T>::index_replace(labels, ignore_index, 0);
+  const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
+  const T g = ops::mul(ops::upcast(grad), valid);                                  // [...]
+  const T d = ops::sub(ops::one_hot(safe, ops::size(x, -1), x), softmax_last(x));  // [..., V]
+  return ops::mul(d, ops::unsqueeze(g, -1));
+}
+
+/// Entropy of the token distribution, logits [..., V] -> [...]: H = -Σ_v p_v log p_v.
+/// -inf logits (vocabulary padding) contribute 0. Example: uniform over V gives log V.
+template <tensor T>
+T entropy(const T& logits) {
+  detail::require_logits("entropy", "logits", logits);
+  const T x = ops::upcast(logits);
+  if constexpr (requires { tensor_traits<T>::fused_entropy_last(x); })
+    return tensor_traits<T>::fused_entropy_last(x);
+  else
+    return generic::entropy_last(x);
+}
+
+/// Backward of entropy: dH/dx_v = -p_v (log p_v + H); -inf logits get 0.
+template <tensor T>
+T entropy_backward(const T& logits, const T& grad) {
+  detail::require_logits("entropy_backward", "logits", logits);
+  const double inf = std::numeric_limits<double>::infinity();
+  const T x = ops::upcast(logits);
+  const T lse = ops::unsqueeze(logsumexp(x), -1);
+  const T logp = ops::where(ops::gt(x, -inf), ops::sub(x, lse), 0.0);
+  const T p = ops::exp(ops::sub(x, lse));
+  const T h = ops::unsqueeze(entropy(x), -1);
+  const T d = ops::neg(ops::mul(p, ops::add(logp, h)));
+  return ops::mul(d, ops::unsqueeze(ops::upcast(grad), -1));
+}
+
+}  // namespace posttrain

@@ -1,0 +1,14 @@
+// posttrain/posttrain.hpp — every algorithm, no backend. Include a backend header beside it:
+// <posttrain/backends/eigen.hpp> (CPU reference) and/or <posttrain/backends/torch.hpp>.
+#pragma once
+
+#include "posttrain/error.hpp"
+#include "posttrain/tensor.hpp"
+#include "posttrain/numerics/stable.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/kl/estimators.hpp"
+#include "posttrain/kl/exact.hpp"
+#include "posttrain/check/compare.hpp"

@@ -1,0 +1,38 @@
+// tests/support/tolerances.hpp — the one place test tolerances are stated.
+//
+// A value `got` agrees with a reference `want` when |got - want| <= atol + rtol * |want|.
+// Reasoning, not tuning: float32 has eps = 1.19e-7; a log-sum over V = 50k terms with max-shift
+// loses a few eps relative, so rtol = atol = 1e-5 (~ 84 eps) for float32. float64 results are
+// compared with 1e-10 (~ 450k eps, room for different summation orders over 50k terms).
+// Central finite differences in double with step h = 1e-6 have truncation error O(h^2 f''') and
+// rounding error O(eps / h) ~ 1e-10 relative to |f|: compared with 1e-6.
+#pragma once
+
+#include <cmath>
+
+#include "posttrain/tensor.hpp"
+
+namespace posttrain::test {
+
+struct tolerance {
+  double atol;
+  double rtol;
+  bool accepts(double got, double want) const {
+    if (std::isnan(want) || std::isnan(got)) return std::isnan(want) && std::isnan(got);
+    if (std::isinf(want) || std::isinf(got)) return got == want;
+    return std::abs(got - want) <= atol + rtol * std::abs(want);
+  }
+};
+
+inline constexpr tolerance float32_tol{1e-5, 1e-5};
+inline constexpr tolerance float64_tol{1e-10, 1e-10};
+/// Central finite differences (double, h = fd_step) vs an analytic gradient.
+inline constexpr tolerance finite_difference_tol{1e-6, 1e-6};
+inline constexpr double fd_step = 1e-6;
+/// bfloat16/float16 inputs are rounded to 8/11 mantissa bits before posttrain sees them; results
+/// are compared against the double reference run on the same rounded inputs, so the float32
+/// tolerance applies to the computation itself.
+
+inline constexpr tolerance tolerance_for(dtype d) { return d == dtype::float64 ? float64_tol : float32_tol; }
+
+}  // namespace posttrain::test
