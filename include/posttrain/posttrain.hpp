@@ -9,6 +9,8 @@
 #include "posttrain/numerics/masked.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/losses/sft.hpp"
+#include "posttrain/losses/reward_model.hpp"
+#include "posttrain/losses/dpo.hpp"
 #include "posttrain/kl/estimators.hpp"
 #include "posttrain/kl/exact.hpp"
 #include "posttrain/check/compare.hpp"

@@ -101,6 +101,122 @@ out.append(arr("exact_kl", kl_exact))
 kl_exact.sum().backward()
 out.append(arr("exact_kl_grad", pl.grad))
 
+
+# ---- Preference losses: TRL's DPOTrainer formulas (dpo_loss, 2026-07) re-typed with torch ops ----
+P = 4
+pc = (-torch.rand(P, dtype=D) * 20).requires_grad_()
+pr = (-torch.rand(P, dtype=D) * 20).requires_grad_()
+rc = -torch.rand(P, dtype=D) * 20
+rr = -torch.rand(P, dtype=D) * 20
+len_c = torch.tensor([5.0, 12.0, 1.0, 30.0], dtype=D)
+len_r = torch.tensor([7.0, 3.0, 9.0, 0.0], dtype=D)   # a zero length: TRL clamps at 1
+wc = torch.rand(P, dtype=D)
+wr = torch.rand(P, dtype=D)
+for name, t in [("dpo_chosen", pc), ("dpo_rejected", pr), ("dpo_ref_chosen", rc), ("dpo_ref_rejected", rr),
+                ("dpo_len_chosen", len_c), ("dpo_len_rejected", len_r), ("dpo_w_chosen", wc), ("dpo_w_rejected", wr)]:
+    out.append(arr(name, t))
+ls = F.logsigmoid
+
+
+def trl_scores(lc, lr, div, alpha=0.5):
+    if div == "reverse_kl":
+        return lc, lr
+    if div == "forward_kl":
+        return -torch.exp(-lc), -torch.exp(-lr)
+    if div == "js_divergence":
+        return ls(lc), ls(lr)
+    coef = 1.0 / (alpha - 1.0)
+    return (torch.exp(torch.clamp((alpha - 1) * lc, max=80.0)) * coef,
+            torch.exp(torch.clamp((alpha - 1) * lr, max=80.0)) * coef)
+
+
+def trl_pair(kind, beta, eps, tau, lc, lr, sc, sr):
+    d = sc - sr
+    x = beta * d
+    if kind == "sigmoid":
+        return -ls(x) * (1 - eps) - ls(-x) * eps
+    if kind == "hinge":
+        return torch.relu(1 - x)
+    if kind == "ipo":
+        return (sc / len_c.clamp(min=1) - sr / len_r.clamp(min=1) - 1 / (2 * beta)) ** 2
+    if kind == "ipo_sum":
+        return (d - 1 / (2 * beta)) ** 2
+    if kind == "exo_pair":
+        return (torch.sigmoid(x) * (ls(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (ls(-x) - math.log(eps)))
+    if kind == "nca_pair":
+        return -ls(beta * sc) - 0.5 * ls(-beta * sc) - 0.5 * ls(-beta * sr)
+    if kind == "robust":
+        return (-(1 - eps) * ls(x) + eps * ls(-x)) / (1 - 2 * eps)
+    if kind == "bco_pair":
+        return -ls(beta * sc) - ls(-beta * sr)
+    if kind == "sppo_hard":
+        return (sc - 0.5 / beta) ** 2 + (sr + 0.5 / beta) ** 2
+    if kind == "apo_zero":
+        return 1 - torch.sigmoid(beta * lc) + torch.sigmoid(beta * lr)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * lc) + 1 - torch.sigmoid(x)
+    if kind == "discopop":
+        m = torch.sigmoid(x / tau)
+        return -ls(x) * (1 - m) + torch.exp(-x) * m
+    if kind == "sigmoid_norm":
+        return -ls(beta * (sc / len_c.clamp(min=1) - sr / len_r.clamp(min=1)))
+    if kind == "sft":  # token-mean NLL of the chosen completions, expanded per pair
+        return (-pc.sum() / len_c.sum()).expand(P)
+    raise ValueError(kind)
+
+
+dpo_cases = [  # (case name, loss kinds with weights, beta, eps, divergence, wpo, reference_free)
+    ("sigmoid", [("sigmoid", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("cdpo", [("sigmoid", 1.0)], 0.1, 0.1, "reverse_kl", False, False),
+    ("hinge", [("hinge", 1.0)], 0.05, 0.0, "reverse_kl", False, False),
+    ("ipo", [("ipo", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("ipo_sum", [("ipo_sum", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("exo_pair", [("exo_pair", 1.0)], 0.1, 1e-3, "reverse_kl", False, False),
+    ("nca_pair", [("nca_pair", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("robust", [("robust", 1.0)], 0.1, 0.1, "reverse_kl", False, False),
+    ("bco_pair", [("bco_pair", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("sppo_hard", [("sppo_hard", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("apo_zero", [("apo_zero", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("apo_down", [("apo_down", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("discopop", [("discopop", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("sigmoid_norm", [("sigmoid_norm", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("rpo", [("sigmoid", 1.0), ("sft", 0.5)], 0.1, 0.0, "reverse_kl", False, False),
+    ("mpo", [("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)], 0.1, 0.0, "reverse_kl", False, False),
+    ("forward_kl", [("sigmoid", 1.0)], 0.1, 0.0, "forward_kl", False, False),
+    ("js", [("sigmoid", 1.0)], 0.1, 0.0, "js_divergence", False, False),
+    ("alpha", [("sigmoid", 1.0)], 0.1, 0.0, "alpha_divergence", False, False),
+    ("wpo", [("sigmoid", 1.0)], 0.1, 0.0, "reverse_kl", True, False),
+    ("reference_free", [("sigmoid", 1.0)], 0.1, 0.0, "reverse_kl", False, True),
+]
+for name, kinds, beta, eps, div, wpo, ref_free in dpo_cases:
+    pc.grad, pr.grad = None, None
+    lc = pc - (0 if ref_free else rc)
+    lr = pr - (0 if ref_free else rr)
+    sc, sr = trl_scores(lc, lr, div)
+    loss = 0.0
+    for kind, weight in kinds:
+        per = trl_pair(kind, beta, eps, 0.05, lc, lr, sc, sr)
+        if wpo:
+            per = per * wc * wr
+        loss = loss + per.mean() * weight
+    loss.backward()
+    out.append(scalar(f"dpo_{name}_loss", loss.item()))
+    out.append(arr(f"dpo_{name}_grad_chosen", pc.grad))
+    out.append(arr(f"dpo_{name}_grad_rejected", pr.grad))
+
+# ---- Bradley-Terry reward model: TRL RewardTrainer (margin column, center_rewards_coefficient) ----
+r_c = (torch.randn(6, dtype=D) * 2).requires_grad_()
+r_r = (torch.randn(6, dtype=D) * 2).requires_grad_()
+margin = torch.rand(6, dtype=D)
+out.append(arr("rm_chosen", r_c))
+out.append(arr("rm_rejected", r_r))
+out.append(arr("rm_margin", margin))
+rm_loss = -F.logsigmoid(r_c - r_r - margin).mean() + 0.01 * torch.mean((r_c + r_r) ** 2)
+rm_loss.backward()
+out.append(scalar("rm_loss", rm_loss.item()))
+out.append(arr("rm_grad_chosen", r_c.grad))
+out.append(arr("rm_grad_rejected", r_r.grad))
+
 print("// Generated by tests/reference/make_golden.py with PyTorch", torch.__version__, "in float64. Do not edit.")
 print("#pragma once\n#include <cstdint>\n#include <vector>\nnamespace posttrain::golden {")
 print("".join(out), end="")
