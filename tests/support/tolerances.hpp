@@ -33,6 +33,13 @@ inline constexpr double fd_step = 1e-6;
 /// are compared against the double reference run on the same rounded inputs, so the float32
 /// tolerance applies to the computation itself.
 
+/// A float32-computed result that is returned in a half dtype (e.g. a gradient in the logits'
+/// dtype) also carries that dtype's rounding: unit roundoff 2^-8 (bfloat16, 8 significant bits)
+/// or 2^-11 (float16, 11 bits), added to float32's rtol. float16's subnormal spacing (6e-8) is
+/// inside float32's atol.
+inline constexpr tolerance bfloat16_output_tol{1e-5, 1e-5 + 0x1p-8};
+inline constexpr tolerance float16_output_tol{1e-5, 1e-5 + 0x1p-11};
+
 inline constexpr tolerance tolerance_for(dtype d) { return d == dtype::float64 ? float64_tol : float32_tol; }
 
 }  // namespace posttrain::test
