@@ -217,6 +217,106 @@ out.append(scalar("rm_loss", rm_loss.item()))
 out.append(arr("rm_grad_chosen", r_c.grad))
 out.append(arr("rm_grad_rejected", r_r.grad))
 
+
+# ---- CPO / SimPO / AlphaPO (TRL CPOTrainer.cpo_loss): sums for sigmoid/hinge, averages for ipo/simpo ----
+cc = (-torch.rand(P, dtype=D) * 20 - 0.5).requires_grad_()
+cr = (-torch.rand(P, dtype=D) * 20 - 0.5).requires_grad_()
+out.append(arr("cpo_chosen", cc))
+out.append(arr("cpo_rejected", cr))
+
+
+def cpo_reference(kind, beta, eps, gamma, cpo_alpha, alpha):
+    averaged = kind in ("ipo", "simpo")
+    uc = cc / len_c.clamp(min=1) if averaged else cc
+    ur = cr / len_r.clamp(min=1) if averaged else cr
+    if alpha != 0:
+        uc = (1 - torch.exp(-alpha * uc)) / alpha   # AlphaPO reward
+        ur = (1 - torch.exp(-alpha * ur)) / alpha
+    logits = uc - ur
+    if kind == "simpo":
+        logits = logits - gamma / beta
+    if kind in ("sigmoid", "simpo"):
+        losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    nll = -cc.sum() / len_c.sum()   # cross_entropy over every chosen completion token
+    return losses.mean() + cpo_alpha * nll
+
+
+for name, args in [("sigmoid", ("sigmoid", 0.1, 0.0, 0.5, 1.0, 0.0)), ("cdpo", ("sigmoid", 0.1, 0.2, 0.5, 1.0, 0.0)),
+                   ("hinge", ("hinge", 0.1, 0.0, 0.5, 1.0, 0.0)), ("ipo", ("ipo", 0.1, 0.0, 0.5, 1.0, 0.0)),
+                   ("simpo", ("simpo", 2.0, 0.0, 0.5, 0.0, 0.0)), ("alphapo", ("simpo", 2.0, 0.0, 0.5, 0.0, 0.25))]:
+    cc.grad, cr.grad = None, None
+    loss = cpo_reference(*args)
+    loss.backward()
+    out.append(scalar(f"cpo_{name}_loss", loss.item()))
+    out.append(arr(f"cpo_{name}_grad_chosen", cc.grad))
+    out.append(arr(f"cpo_{name}_grad_rejected", cr.grad))
+
+# ---- ORPO (TRL ORPOTrainer.odds_ratio_loss, average log-probs; log1mexp as torch.log1p(-exp)) ----
+cc.grad, cr.grad = None, None
+ac, ar = cc / len_c.clamp(min=1), cr / len_r.clamp(min=1)
+log_odds = (ac - ar) - (torch.log1p(-torch.exp(ac)) - torch.log1p(-torch.exp(ar)))
+orpo_loss = -cc.sum() / len_c.sum() - 0.1 * F.logsigmoid(log_odds).mean()
+orpo_loss.backward()
+out.append(scalar("orpo_loss", orpo_loss.item()))
+out.append(scalar("orpo_log_odds_chosen", log_odds.mean().item()))
+out.append(arr("orpo_grad_chosen", cc.grad))
+out.append(arr("orpo_grad_rejected", cr.grad))
+
+# ---- KTO (TRL KTOTrainer.kto_loss) and unpaired BCO (TRL BCOTrainer.bco_loss) ----
+Nk = 6
+klp = (-torch.rand(Nk, dtype=D) * 10).requires_grad_()
+kref = -torch.rand(Nk, dtype=D) * 10
+kdes = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=D)
+kl_pol = -torch.rand(5, dtype=D) * 10
+kl_ref = kl_pol - torch.rand(5, dtype=D)   # policy above the reference: a positive KL baseline
+for name, t in [("kto_logps", klp), ("kto_ref", kref), ("kto_desirable", kdes), ("kto_kl_logps", kl_pol),
+                ("kto_ref_kl_logps", kl_ref)]:
+    out.append(arr(name, t))
+lratio = klp - kref
+z = (kl_pol - kl_ref).mean().clamp(min=0).detach()
+out.append(scalar("kto_kl", z.item()))
+chosen, rejected = lratio[kdes == 1], lratio[kdes == 0]
+for name, lam_d, lam_u, kind in [("kto", 1.0, 1.0, "kto"), ("kto_weighted", 1.0, 1.33, "kto"),
+                                 ("apo_zero_unpaired", 1.0, 1.0, "apo")]:
+    klp.grad = None
+    chosen, rejected = lratio[kdes == 1], lratio[kdes == 0]
+    if kind == "kto":
+        cl = 1 - torch.sigmoid(0.1 * (chosen - z))
+        rl = 1 - torch.sigmoid(0.1 * (z - rejected))
+    else:
+        cl = 1 - torch.sigmoid(0.1 * chosen)
+        rl = torch.sigmoid(0.1 * rejected)
+    loss = torch.cat((lam_d * cl, lam_u * rl), 0).nanmean()
+    loss.backward(retain_graph=True)
+    out.append(scalar(f"{name}_loss", loss.item()))
+    out.append(arr(f"{name}_grad", klp.grad))
+# BCO: delta = running mean after one update with this batch's mean reward (RunningMoments from count 1e-24)
+klp.grad = None
+rew = 0.1 * lratio
+delta = rew.mean().detach()
+bco_loss = torch.cat((-F.logsigmoid(rew[kdes == 1] - delta), -F.logsigmoid(-(rew[kdes == 0] - delta))), 0).mean()
+bco_loss.backward()
+out.append(scalar("bco_delta", delta.item()))
+out.append(scalar("bco_loss", bco_loss.item()))
+out.append(arr("bco_grad", klp.grad))
+
+# ---- sequence log-probs from logits (TRL: selective_log_softmax then sum / mean over the completion) ----
+logits.grad = None
+tok = torch.gather(F.log_softmax(logits, -1), -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+seq_sum = tok.sum(-1)
+seq_mean = seq_sum / (labels != -100).sum(-1).clamp(min=1)
+out.append(arr("seq_logps_sum", seq_sum))
+out.append(arr("seq_logps_mean", seq_mean))
+(seq_sum * torch.tensor([1.0, -2.0], dtype=D)).sum().backward(retain_graph=True)
+out.append(arr("seq_logps_sum_grad", logits.grad))   # upstream gradient [1, -2]
+logits.grad = None
+(seq_mean * torch.tensor([1.0, -2.0], dtype=D)).sum().backward()
+out.append(arr("seq_logps_mean_grad", logits.grad))
+
 print("// Generated by tests/reference/make_golden.py with PyTorch", torch.__version__, "in float64. Do not edit.")
 print("#pragma once\n#include <cstdint>\n#include <vector>\nnamespace posttrain::golden {")
 print("".join(out), end="")
