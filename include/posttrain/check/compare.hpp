@@ -20,7 +20,7 @@ struct report {
   double max_abs_error = 0.0;     ///< largest |got - reference|
   std::int64_t worst_index = -1;  ///< flat row-major index of the largest violation (or error)
   double got_at_worst = 0.0, reference_at_worst = 0.0;
-  std::int64_t mismatches = 0;    ///< elements outside tolerance (NaN/Inf must match exactly)
+  std::int64_t mismatches = 0;  ///< elements outside tolerance (NaN/Inf must match exactly)
 
   std::string str() const {
     std::ostringstream out;

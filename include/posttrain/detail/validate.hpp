@@ -47,7 +47,8 @@ void require_same_shape(std::string_view fn, std::string_view a_name, const T& a
 }
 
 template <tensor T>
-void require_same_device(std::string_view fn, std::string_view a_name, const T& a, std::string_view b_name, const T& b) {
+void require_same_device(std::string_view fn, std::string_view a_name, const T& a, std::string_view b_name,
+                         const T& b) {
   if (ops::device(a) != ops::device(b))
     fail(fn, b_name, " is on device ", ops::device(b), " but ", a_name, " is on ", ops::device(a));
 }
@@ -91,7 +92,8 @@ void require_labels(std::string_view fn, const T& logits, const index_tensor_t<T
   const dtype d = tr::index_dtype(labels);
   if (!is_integer(d)) fail(fn, labels_name, " must have an integer dtype (int64 or int32), got ", dtype_name(d));
   if (tr::index_device(labels) != ops::device(logits))
-    fail(fn, labels_name, " is on device ", tr::index_device(labels), " but ", logits_name, " is on ", ops::device(logits));
+    fail(fn, labels_name, " is on device ", tr::index_device(labels), " but ", logits_name, " is on ",
+         ops::device(logits));
   shape_t expected = ops::shape(logits);
   expected.pop_back();
   if (tr::index_shape(labels) != expected)

@@ -52,8 +52,8 @@ struct kl_options {
 
 namespace detail {
 inline void check_kl_options(std::string_view fn, const kl_options& o) {
-  for (auto [name, v] : {std::pair{"options.log_ratio_clamp", o.log_ratio_clamp},
-                         std::pair{"options.value_clamp", o.value_clamp}})
+  for (auto [name, v] :
+       {std::pair{"options.log_ratio_clamp", o.log_ratio_clamp}, std::pair{"options.value_clamp", o.value_clamp}})
     if (v) {
       if (std::isnan(*v) || *v <= 0) fail(fn, name, " must be > 0 when set, got ", *v);
     }
@@ -82,9 +82,7 @@ std::pair<T, T> kl_value_and_slope(const T& r, kl_estimator e) {
   return {r, r};
 }
 
-inline double bound(const std::optional<double>& c) {
-  return c ? *c : std::numeric_limits<double>::infinity();
-}
+inline double bound(const std::optional<double>& c) { return c ? *c : std::numeric_limits<double>::infinity(); }
 }  // namespace detail
 
 /// Per-token KL estimate: logprobs, ref_logprobs [...] (same shape, dtype, device) -> [...].

@@ -88,8 +88,10 @@ struct cpo_state {
 template <tensor T>
 cpo_state<T> cpo_prepare(const cpo_batch<T>& b, const cpo_options& o) {
   const bool averaged = o.loss == cpo_loss::ipo || o.loss == cpo_loss::simpo;
-  const T nc = averaged ? ops::maximum(ops::upcast(b.chosen_lengths), 1.0) : ops::full_like(ops::upcast(b.chosen_logps), 1.0);
-  const T nr = averaged ? ops::maximum(ops::upcast(b.rejected_lengths), 1.0) : ops::full_like(ops::upcast(b.chosen_logps), 1.0);
+  const T nc =
+      averaged ? ops::maximum(ops::upcast(b.chosen_lengths), 1.0) : ops::full_like(ops::upcast(b.chosen_logps), 1.0);
+  const T nr =
+      averaged ? ops::maximum(ops::upcast(b.rejected_lengths), 1.0) : ops::full_like(ops::upcast(b.chosen_logps), 1.0);
   cpo_state<T> s;
   s.uc = ops::div(ops::upcast(b.chosen_logps), nc);
   s.ur = ops::div(ops::upcast(b.rejected_logps), nr);
@@ -168,7 +170,8 @@ dpo_gradients<T> cpo_backward(const cpo_batch<T>& batch, const cpo_options& opt 
   const T slope = detail::cpo_pair(ops::sub(s.rc, s.rr), opt).second;  // dL/dd
   const T tokens = ops::maximum(ops::sum_all(ops::upcast(batch.chosen_lengths)), 1.0);
   // ∂/∂ℓ_c = dL/dd · dr_c/dℓ_c / B - cpo_alpha / Σ|c|;  ∂/∂ℓ_r = -dL/dd · dr_r/dℓ_r / B
-  const T gc = ops::sub(ops::div(ops::mul(slope, s.drc_dc), n), ops::div(ops::scalar_like(s.uc, opt.cpo_alpha), tokens));
+  const T gc =
+      ops::sub(ops::div(ops::mul(slope, s.drc_dc), n), ops::div(ops::scalar_like(s.uc, opt.cpo_alpha), tokens));
   const T gr = ops::div(ops::neg(ops::mul(slope, s.drr_dr)), n);
   const dtype d = ops::dtype_of(batch.chosen_logps);
   return {ops::to_dtype(ops::mul(gc, grad_loss), d), ops::to_dtype(ops::mul(gr, grad_loss), d)};

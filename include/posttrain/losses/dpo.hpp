@@ -30,8 +30,8 @@
 #pragma once
 
 #include <cmath>
-#include <optional>
 #include <limits>
+#include <optional>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -110,8 +110,8 @@ struct dpo_options {
 
 template <tensor T>
 struct preference_batch {
-  T chosen_logps;                                ///< [B] policy, summed over completion tokens
-  T rejected_logps;                              ///< [B]
+  T chosen_logps;                                      ///< [B] policy, summed over completion tokens
+  T rejected_logps;                                    ///< [B]
   std::optional<T> ref_chosen_logps = std::nullopt;    ///< [B] reference (unless reference_free)
   std::optional<T> ref_rejected_logps = std::nullopt;  ///< [B]
   std::optional<T> chosen_lengths = std::nullopt;      ///< [B] completion token counts (ipo, sigmoid_norm, sft)
@@ -238,7 +238,8 @@ dpo_pair_terms<T> dpo_pair(dpo_loss type, const T& sc, const T& sr, const T& lc,
     case dpo_loss::robust: {
       // (-(1-ε) log σ(x) + ε log σ(-x)) / (1 - 2ε)
       const double k = 1.0 / (1.0 - 2.0 * eps);
-      const T loss = ops::mul(ops::add(ops::mul(log_sigmoid(x), -(1 - eps)), ops::mul(log_sigmoid(ops::neg(x)), eps)), k);
+      const T loss =
+          ops::mul(ops::add(ops::mul(log_sigmoid(x), -(1 - eps)), ops::mul(log_sigmoid(ops::neg(x)), eps)), k);
       const T dx = ops::mul(ops::sub(ops::mul(sigmoid(ops::neg(x)), -(1 - eps)), ops::mul(sigmoid(x), eps)), k);
       return of_x(loss, dx);
     }
@@ -246,7 +247,8 @@ dpo_pair_terms<T> dpo_pair(dpo_loss type, const T& sc, const T& sr, const T& lc,
       // q = σ(x): L = q(log q - log(1-ε)) + (1-q)(log(1-q) - log ε);  dL/dx = q(1-q)(x - log(1-ε) + log ε)
       const double a = std::log1p(-eps), c = std::log(eps);
       const T q = sigmoid(x), ql = sigmoid(ops::neg(x));
-      const T loss = ops::add(ops::mul(q, ops::sub(log_sigmoid(x), a)), ops::mul(ql, ops::sub(log_sigmoid(ops::neg(x)), c)));
+      const T loss =
+          ops::add(ops::mul(q, ops::sub(log_sigmoid(x), a)), ops::mul(ql, ops::sub(log_sigmoid(ops::neg(x)), c)));
       return of_x(loss, ops::mul(ops::mul(q, ql), ops::add(x, c - a)));
     }
     case dpo_loss::discopop: {
@@ -256,9 +258,9 @@ dpo_pair_terms<T> dpo_pair(dpo_loss type, const T& sc, const T& sr, const T& lc,
       const T dm = ops::div(sigmoid_slope(ops::div(x, tau)), tau);
       const T logistic = ops::neg(log_sigmoid(x)), expo = ops::exp(ops::neg(x));
       const T loss = ops::add(ops::mul(logistic, ops::sub(1.0, m)), ops::mul(expo, m));
-      const T dx = ops::sub(ops::add(ops::mul(ops::neg(sigmoid(ops::neg(x))), ops::sub(1.0, m)),
-                                     ops::mul(ops::sub(expo, logistic), dm)),
-                            ops::mul(expo, m));
+      const T dx = ops::sub(
+          ops::add(ops::mul(ops::neg(sigmoid(ops::neg(x))), ops::sub(1.0, m)), ops::mul(ops::sub(expo, logistic), dm)),
+          ops::mul(expo, m));
       return of_x(loss, dx);
     }
     case dpo_loss::ipo:

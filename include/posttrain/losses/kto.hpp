@@ -26,9 +26,9 @@ namespace posttrain {
 
 template <tensor T>
 struct unpaired_batch {
-  T logps;       ///< [N] policy, summed over completion tokens
-  T ref_logps;   ///< [N] reference
-  T desirable;   ///< [N] 1 desirable, 0 undesirable
+  T logps;                                       ///< [N] policy, summed over completion tokens
+  T ref_logps;                                   ///< [N] reference
+  T desirable;                                   ///< [N] 1 desirable, 0 undesirable
   std::optional<T> kl_logps = std::nullopt;      ///< [M] policy on mismatched pairs (KTO's KL baseline)
   std::optional<T> ref_kl_logps = std::nullopt;  ///< [M] reference on the same mismatched pairs
 };
@@ -127,8 +127,7 @@ unpaired_result<T> kto(const unpaired_batch<T>& batch, const kto_options& opt = 
     ld = ops::sub(1.0, sigmoid(ops::mul(l, opt.beta)));  // 1 - σ(βl)
     lu = sigmoid(ops::mul(l, opt.beta));                 // σ(βl)
   }
-  r.per_example_loss =
-      ops::where(d, ops::mul(ld, opt.desirable_weight), ops::mul(lu, opt.undesirable_weight));
+  r.per_example_loss = ops::where(d, ops::mul(ld, opt.desirable_weight), ops::mul(lu, opt.undesirable_weight));
   r.loss = ops::div(ops::sum_all(r.per_example_loss), n);
   detail::unpaired_metrics(r, l, lp, d, opt.beta);
   return r;
@@ -145,7 +144,8 @@ T kto_backward(const unpaired_batch<T>& batch, const kto_options& opt = {}, doub
   const T z = opt.loss == kto_loss::kto ? detail::kto_baseline(batch, l) : ops::scalar_like(l, 0.0);
   // both forms: ∂L_D/∂l = -β σ'(β(l - z)), ∂L_U/∂l = +β σ'(β(l - z)) (σ' is even)
   const T s = detail::sigmoid_slope(ops::mul(ops::sub(l, z), opt.beta));
-  const T g = ops::where(d, ops::mul(s, -opt.beta * opt.desirable_weight), ops::mul(s, opt.beta * opt.undesirable_weight));
+  const T g =
+      ops::where(d, ops::mul(s, -opt.beta * opt.desirable_weight), ops::mul(s, opt.beta * opt.undesirable_weight));
   return ops::to_dtype(ops::mul(g, grad_loss / n), ops::dtype_of(batch.logps));
 }
 

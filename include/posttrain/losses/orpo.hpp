@@ -89,7 +89,8 @@ dpo_gradients<T> orpo_backward(const cpo_batch<T>& batch, const orpo_options& op
   const T nc = ops::maximum(ops::upcast(batch.chosen_lengths), 1.0);
   const T nr = ops::maximum(ops::upcast(batch.rejected_lengths), 1.0);
   const T tokens = ops::maximum(ops::sum_all(ops::upcast(batch.chosen_lengths)), 1.0);
-  const T gc = ops::sub(ops::div(ops::div(ops::neg(dz), ops::expm1(uc)), nc), ops::div(ops::scalar_like(uc, 1.0), tokens));
+  const T gc =
+      ops::sub(ops::div(ops::div(ops::neg(dz), ops::expm1(uc)), nc), ops::div(ops::scalar_like(uc, 1.0), tokens));
   const T gr = ops::div(ops::div(dz, ops::expm1(ur)), nr);
   const dtype d = ops::dtype_of(batch.chosen_logps);
   return {ops::to_dtype(ops::mul(gc, grad_loss), d), ops::to_dtype(ops::mul(gr, grad_loss), d)};

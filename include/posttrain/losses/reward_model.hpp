@@ -35,14 +35,14 @@ struct reward_model_result {
   T margin;       ///< 0-d: mean r_c - r_r (TRL "margin")
   T mean_chosen;  ///< 0-d: mean r_c
   T mean_rejected;
-  T min_reward;   ///< 0-d over both columns (TRL min_reward / max_reward)
+  T min_reward;  ///< 0-d over both columns (TRL min_reward / max_reward)
   T max_reward;
 };
 
 template <tensor T>
 struct reward_model_gradients {
-  T rewards_chosen;   ///< [B]
-  T rewards_rejected; ///< [B]
+  T rewards_chosen;    ///< [B]
+  T rewards_rejected;  ///< [B]
 };
 
 namespace detail {
@@ -73,8 +73,8 @@ reward_model_result<T> reward_model_loss(const T& rewards_chosen, const T& rewar
   // -log σ(r_c - r_r - m), averaged over pairs
   T loss = ops::div(ops::sum_all(ops::neg(log_sigmoid(z))), n);
   if (opt.center_rewards_coefficient > 0.0)
-    loss = ops::add(loss, ops::mul(ops::div(ops::sum_all(ops::square(ops::add(rc, rr))), n),
-                                   opt.center_rewards_coefficient));
+    loss = ops::add(loss,
+                    ops::mul(ops::div(ops::sum_all(ops::square(ops::add(rc, rr))), n), opt.center_rewards_coefficient));
   reward_model_result<T> r;
   r.loss = loss;
   const T c = ops::detach(rc), j = ops::detach(rr);

@@ -76,7 +76,7 @@ template <tensor T>
 sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const sft_options& opt = {}) {
   detail::check_sft_inputs("sft_loss", logits, labels, opt);
   using tr = tensor_traits<T>;
-  const T x = ops::upcast(logits);                               // [..., V] compute dtype
+  const T x = ops::upcast(logits);  // [..., V] compute dtype
   const double vocab = static_cast<double>(ops::size(x, -1));
   const T valid = tr::index_not_equal(labels, opt.ignore_index, x);  // [...] 0/1
   const T lp = token_logprobs(x, labels, opt.ignore_index);          // [...] log p[y], 0 if ignored
@@ -122,7 +122,7 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
   const T valid = tr::index_not_equal(labels, opt.ignore_index, x);
   const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
   const T lse = ops::unsqueeze(logsumexp(x), -1);            // [..., 1]
-  const T p = ops::exp(ops::sub(x, lse));                     // [..., V]
+  const T p = ops::exp(ops::sub(x, lse));                    // [..., V]
   const T onehot = ops::one_hot(safe, ops::size(x, -1), x);  // [..., V]
   T d = ops::sub(p, ops::mul(onehot, 1.0 - opt.label_smoothing));
   if (opt.label_smoothing > 0.0) d = ops::sub(d, opt.label_smoothing / vocab);

@@ -82,9 +82,9 @@ T aggregation_weights(const T& mask, aggregation mode, std::optional<double> nor
     }
     case aggregation::seq_mean_token_sum:
     case aggregation::seq_mean_token_mean: {
-      const T tokens = ops::sum(mb, 1, true);                          // [B, 1]
-      const T has_tokens = ops::gt(tokens, 0.0);                       // [B, 1]
-      const T seqs = normalizer ? ops::scalar_like(mb, *normalizer)    // global count, or
+      const T tokens = ops::sum(mb, 1, true);                                   // [B, 1]
+      const T has_tokens = ops::gt(tokens, 0.0);                                // [B, 1]
+      const T seqs = normalizer ? ops::scalar_like(mb, *normalizer)             // global count, or
                                 : ops::maximum(ops::sum_all(has_tokens), 1.0);  // local non-empty rows
       T w = ops::div(mb, seqs);
       if (mode == aggregation::seq_mean_token_mean) w = ops::div(w, ops::maximum(tokens, 1.0));
