@@ -12,9 +12,10 @@
 //   element-wise unary(op), binary(op), compare(op) -> 0/1 of the first operand's dtype,
 //                where(cond, a, b), clamp(x, lo, hi)
 //   reductions   reduce(sum|max|min, x, dim, keepdim), argmax_last
-//   indexing     gather_last(x[..., V], index[...]) -> [...]
-//   structure    reshape, detach (stop-gradient), to_dtype, to_host
-//   labels       index_not_equal, index_equal, index_replace, index_count_outside
+//   indexing     gather_last(x[..., V], index[...]) -> [...], argsort_last (stable, ascending)
+//   structure    reshape, slice(x, dim, start, length), concat(parts, dim), cumsum(x, dim),
+//                detach (stop-gradient), to_dtype, to_host
+//   labels       index_not_equal, index_equal, index_replace, index_count_outside, index_to_host
 //
 // Optional fused overrides (detected with `requires`, generic composition as fallback):
 //   fused_logsumexp_last(x), fused_token_logprobs(logits, labels), fused_entropy_last(x)
@@ -91,6 +92,11 @@ concept tensor = requires { typename tensor_traits<T>::index_tensor; } &&
     { tensor_traits<T>::index_equal(i, i, x) } -> std::same_as<T>;
     { tensor_traits<T>::index_replace(i, n, n) } -> std::same_as<typename tensor_traits<T>::index_tensor>;
     { tensor_traits<T>::index_count_outside(i, n, n, n) } -> std::same_as<std::int64_t>;
+    { tensor_traits<T>::index_to_host(i) } -> std::same_as<std::vector<std::int64_t>>;
+    { tensor_traits<T>::argsort_last(x) } -> std::same_as<typename tensor_traits<T>::index_tensor>;
+    { tensor_traits<T>::slice(x, n, n, n) } -> std::same_as<T>;
+    { tensor_traits<T>::concat(std::vector<T>{}, n) } -> std::same_as<T>;
+    { tensor_traits<T>::cumsum(x, n) } -> std::same_as<T>;
   };
 // clang-format on
 
@@ -202,6 +208,18 @@ template <tensor T> T one_hot(const index_tensor_t<T>& i, std::int64_t n, const 
   return tr<T>::one_hot(i, n, like);
 }
 template <tensor T> shape_t index_shape(const index_tensor_t<T>& i) { return tr<T>::index_shape(i); }
+/// Indices that sort the last dimension ascending; ties keep their order (stable).
+template <tensor T> index_tensor_t<T> argsort_last(const T& x) { return tr<T>::argsort_last(x); }
+/// x[..., start:start+length, ...] along `dim`.
+template <tensor T> T slice(const T& x, std::int64_t dim, std::int64_t start, std::int64_t length) {
+  return tr<T>::slice(x, detail_dims::normalise(dim, ops::rank(x)), start, length);
+}
+/// Joins tensors that agree on every other dimension along `dim` (non-negative).
+template <tensor T> T concat(const std::vector<T>& parts, std::int64_t dim) { return tr<T>::concat(parts, dim); }
+/// Running sum along `dim`: out[k] = Σ_{j <= k} x[j].
+template <tensor T> T cumsum(const T& x, std::int64_t dim) {
+  return tr<T>::cumsum(x, detail_dims::normalise(dim, ops::rank(x)));
+}
 
 /// Computes half-precision inputs in float32 (the frameworks' upcast before a loss).
 template <tensor T> T upcast(const T& x) {

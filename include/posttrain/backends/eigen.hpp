@@ -346,6 +346,85 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     return ((i.values() != except) && ((i.values() < lo) || (i.values() >= hi))).count();
   }
 
+  static std::vector<std::int64_t> index_to_host(const index_tensor& i) {
+    return std::vector<std::int64_t>(i.values().data(), i.values().data() + i.numel());
+  }
+
+  static index_tensor argsort_last(const T& x) {
+    if (x.shape().empty()) detail::fail("argsort_last", "needs rank >= 1");
+    const std::int64_t v = x.shape().back();
+    index_tensor out(x.shape());
+    for (std::int64_t r = 0; r * v < x.numel(); ++r) {
+      std::vector<std::int64_t> order(static_cast<std::size_t>(v));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::int64_t a, std::int64_t b) { return x.values()(r * v + a) < x.values()(r * v + b); });
+      for (std::int64_t k = 0; k < v; ++k) out.values()(r * v + k) = order[static_cast<std::size_t>(k)];
+    }
+    return out;
+  }
+
+  /// The [outer, n, inner] view of a shape around `dim`.
+  static std::array<std::int64_t, 3> around(const shape_t& s, std::int64_t dim) {
+    std::int64_t outer = 1, inner = 1;
+    for (std::int64_t d = 0; d < dim; ++d) outer *= s[d];
+    for (std::size_t d = dim + 1; d < s.size(); ++d) inner *= s[d];
+    return {outer, s[dim], inner};
+  }
+
+  static T slice(const T& x, std::int64_t dim, std::int64_t start, std::int64_t length) {
+    if (dim < 0 || dim >= x.rank() || start < 0 || length < 0 || start + length > x.shape()[dim])
+      detail::fail("slice", "[", start, ", ", start + length, ") along dim ", dim, " of shape ",
+                   detail::shape_string(x.shape()));
+    const auto [outer, n, inner] = around(x.shape(), dim);
+    shape_t s = x.shape();
+    s[dim] = length;
+    T out(s);
+    for (std::int64_t o = 0; o < outer; ++o)
+      for (std::int64_t k = 0; k < length; ++k)
+        for (std::int64_t i = 0; i < inner; ++i)
+          out.values()((o * length + k) * inner + i) = x.values()((o * n + start + k) * inner + i);
+    return out;
+  }
+
+  static T concat(const std::vector<T>& parts, std::int64_t dim) {
+    if (parts.empty()) detail::fail("concat", "no tensors to join");
+    shape_t s = parts.front().shape();
+    if (dim < 0 || dim >= static_cast<std::int64_t>(s.size())) detail::fail("concat", "dim ", dim, " out of range");
+    std::int64_t total = 0;
+    for (const auto& p : parts) {
+      shape_t a = p.shape(), b = s;
+      if (a.size() != b.size()) detail::fail("concat", "ranks differ");
+      a[dim] = b[dim] = 0;
+      if (a != b) detail::fail("concat", "shapes ", detail::shape_string(p.shape()), " and ", detail::shape_string(s));
+      total += p.shape()[dim];
+    }
+    s[dim] = total;
+    T out(s);
+    const auto [outer, n, inner] = around(s, dim);
+    std::int64_t offset = 0;
+    for (const auto& p : parts) {
+      const std::int64_t len = p.shape()[dim];
+      for (std::int64_t o = 0; o < outer; ++o)
+        for (std::int64_t k = 0; k < len; ++k)
+          for (std::int64_t i = 0; i < inner; ++i)
+            out.values()((o * n + offset + k) * inner + i) = p.values()((o * len + k) * inner + i);
+      offset += len;
+    }
+    return out;
+  }
+
+  static T cumsum(const T& x, std::int64_t dim) {
+    if (dim < 0 || dim >= x.rank()) detail::fail("cumsum", "dim ", dim, " of shape ", detail::shape_string(x.shape()));
+    const auto [outer, n, inner] = around(x.shape(), dim);
+    T out = x;
+    for (std::int64_t o = 0; o < outer; ++o)
+      for (std::int64_t i = 0; i < inner; ++i)
+        for (std::int64_t k = 1; k < n; ++k)
+          out.values()((o * n + k) * inner + i) += out.values()((o * n + k - 1) * inner + i);
+    return out;
+  }
+
   // ---- fused overrides: one pass per row over the last dimension, in plain Eigen ----
 
   /// log Σ_v exp(x_v) per row, max-shifted; a row of only -inf gives -inf.

@@ -135,6 +135,17 @@ struct tensor_traits<at::Tensor> {
     return (i.ne(except) & (i.lt(lo) | i.ge(hi))).sum().item<std::int64_t>();
   }
 
+  static std::vector<std::int64_t> index_to_host(const T& i) {
+    const T c = i.to(at::kCPU, at::kLong).contiguous();
+    return std::vector<std::int64_t>(c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel());
+  }
+  static T argsort_last(const T& x) { return std::get<1>(x.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/false)); }
+  static T slice(const T& x, std::int64_t dim, std::int64_t start, std::int64_t length) {
+    return x.narrow(dim, start, length);
+  }
+  static T concat(const std::vector<T>& parts, std::int64_t dim) { return at::cat(parts, dim); }
+  static T cumsum(const T& x, std::int64_t dim) { return x.cumsum(dim); }
+
   // ---- fused overrides (LibTorch's own kernels; autograd intact) ----
 
   /// at::logsumexp reduces in one kernel and handles rows of -inf.
