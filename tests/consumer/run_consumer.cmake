@@ -1,0 +1,68 @@
+# Drives a consumer project end to end: cmake -P run_consumer.cmake with
+#   MODE=install       install posttrain's build tree into a prefix, build and run the
+#                      find_package consumer, and check that an unknown component fails;
+#   MODE=subdirectory  build and run the add_subdirectory consumer.
+# Other variables: SOURCE_DIR (posttrain's), BINARY_DIR (posttrain's build), WORK_DIR (scratch),
+# WITH_TORCH, GENERATOR, CXX_COMPILER, BUILD_TYPE, PREFIX_PATH ("|"-separated, may be empty),
+# EIGEN3_DIR and TORCH_DIR (where posttrain's own build found them, may be empty).
+cmake_minimum_required(VERSION 3.25)
+
+function(step what)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "consumer test: ${what} failed (${rc}):\n${out}\n${err}")
+  endif()
+  message(STATUS "consumer test: ${what}: ok")
+  set(last_output "${out}" PARENT_SCOPE)
+endfunction()
+
+set(here ${CMAKE_CURRENT_LIST_DIR})
+file(REMOVE_RECURSE ${WORK_DIR})
+set(configure_args -G ${GENERATOR} -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DCMAKE_BUILD_TYPE=${BUILD_TYPE})
+foreach(dep Eigen3 Torch)
+  string(TOUPPER ${dep} upper)
+  if(${upper}_DIR)
+    list(APPEND configure_args -D${dep}_DIR=${${upper}_DIR})
+  endif()
+endforeach()
+string(REPLACE "|" ";" PREFIX_PATH "${PREFIX_PATH}")
+
+if(MODE STREQUAL "install")
+  set(prefix ${WORK_DIR}/prefix)
+  step("cmake --install into ${prefix}" ${CMAKE_COMMAND} --install ${BINARY_DIR} --prefix ${prefix})
+  foreach(file include/posttrain/posttrain.hpp include/posttrain/backends/eigen.hpp
+               share/cmake/posttrain/posttrainConfig.cmake share/cmake/posttrain/posttrainConfigVersion.cmake)
+    if(NOT EXISTS ${prefix}/${file})
+      message(FATAL_ERROR "consumer test: the install tree lacks ${file}")
+    endif()
+  endforeach()
+  set(search "${prefix};${PREFIX_PATH}")
+  step("configure the find_package consumer (torch: ${WITH_TORCH})"
+       ${CMAKE_COMMAND} -S ${here}/installed -B ${WORK_DIR}/installed ${configure_args}
+       "-DCMAKE_PREFIX_PATH=${search}" -DCONSUMER_WITH_TORCH=${WITH_TORCH})
+  step("build it" ${CMAKE_COMMAND} --build ${WORK_DIR}/installed)
+  step("run the eigen consumer" ${WORK_DIR}/installed/eigen_consumer)
+  message(STATUS "${last_output}")
+  if(WITH_TORCH)
+    step("run the torch consumer" ${WORK_DIR}/installed/torch_consumer)
+    message(STATUS "${last_output}")
+  endif()
+
+  # An unknown component must make find_package(... REQUIRED) fail, saying which one.
+  execute_process(COMMAND ${CMAKE_COMMAND} -S ${here}/unknown_component -B ${WORK_DIR}/unknown ${configure_args}
+                          "-DCMAKE_PREFIX_PATH=${search}"
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(rc EQUAL 0 OR NOT "${out}${err}" MATCHES "component 'no_such_backend' was not installed")
+    message(FATAL_ERROR "consumer test: find_package with an unknown component should fail naming it (rc ${rc}):\n${out}\n${err}")
+  endif()
+  message(STATUS "consumer test: an unknown component fails find_package: ok")
+elseif(MODE STREQUAL "subdirectory")
+  step("configure the add_subdirectory consumer"
+       ${CMAKE_COMMAND} -S ${here}/subdirectory -B ${WORK_DIR}/subdirectory ${configure_args}
+       -DPOSTTRAIN_SOURCE_DIR=${SOURCE_DIR} -DPOSTTRAIN_WITH_TORCH=OFF "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}")
+  step("build it" ${CMAKE_COMMAND} --build ${WORK_DIR}/subdirectory)
+  step("run it" ${WORK_DIR}/subdirectory/eigen_consumer)
+  message(STATUS "${last_output}")
+else()
+  message(FATAL_ERROR "MODE must be install or subdirectory, got '${MODE}'")
+endif()
