@@ -109,6 +109,9 @@ namespace ops {
 template <tensor T>
 using tr = tensor_traits<T>;
 
+// The wrappers read as a table, one line each where they fit.
+// clang-format off
+
 template <tensor T> shape_t shape(const T& x) { return tr<T>::shape(x); }
 template <tensor T> std::int64_t rank(const T& x) { return static_cast<std::int64_t>(ops::shape(x).size()); }
 template <tensor T> std::int64_t numel(const T& x) {
@@ -227,5 +230,6 @@ template <tensor T> T upcast(const T& x) {
   return d == dtype::float16 || d == dtype::bfloat16 ? ops::to_dtype(x, dtype::float32) : x;
 }
 
+// clang-format on
 }  // namespace ops
 }  // namespace posttrain

@@ -151,9 +151,7 @@ struct tensor_traits<at::Tensor> {
   /// at::logsumexp reduces in one kernel and handles rows of -inf.
   static T fused_logsumexp_last(const T& x) { return at::logsumexp(x, {-1}); }
   /// TRL's selective log-softmax: gather(logits) - logsumexp(logits), no [N, V] log_softmax.
-  static T fused_token_logprobs(const T& x, const T& labels) {
-    return gather_last(x, labels) - at::logsumexp(x, {-1});
-  }
+  static T fused_token_logprobs(const T& x, const T& labels) { return gather_last(x, labels) - at::logsumexp(x, {-1}); }
 };
 
 static_assert(tensor<at::Tensor>);
