@@ -12,7 +12,13 @@
 #include <vector>
 
 #include "posttrain/backends/eigen.hpp"
-#include "posttrain/posttrain.hpp"
+#include "posttrain/kl/estimators.hpp"
+#include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/numerics/stable.hpp"
 #include "support/data.hpp"
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
