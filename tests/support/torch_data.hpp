@@ -6,11 +6,12 @@
 // the comparison measures the computation, not the rounding of the inputs.
 #pragma once
 
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -63,11 +64,12 @@ struct outputs {
     shape_t shape;
     std::vector<double> values;
     dtype type;
+    std::optional<tolerance> tol;  ///< set only where a stated exception applies (tolerances.hpp)
   };
   std::vector<item> items;
   template <tensor T>
-  void add(std::string name, const T& t) {
-    items.push_back({std::move(name), ops::shape(t), ops::to_host(t), ops::dtype_of(t)});
+  void add(std::string name, const T& t, std::optional<tolerance> tol = std::nullopt) {
+    items.push_back({std::move(name), ops::shape(t), ops::to_host(t), ops::dtype_of(t), tol});
   }
 };
 
@@ -101,10 +103,19 @@ inline bool all_finite(const std::vector<double>& values) {
 }
 inline bool all_finite(const at::Tensor& t) { return all_finite(ops::to_host(t)); }
 
+/// d f(x) / dx by LibTorch autograd, for a scalar-valued f, at a fresh leaf holding x's values.
+template <class F>
+at::Tensor autograd_grad(const at::Tensor& x, F f) {
+  at::Tensor leaf = x.detach().clone().requires_grad_();
+  f(leaf).backward();
+  return leaf.grad();
+}
+
 /// Runs `body(maker)` on `maker` and on the Eigen double reference fed the same rounded inputs,
 /// and compares every output (shape, then values) with the tolerance of the output's dtype.
+/// With `expect_finite`, every output of both runs must also be free of NaN and Inf.
 template <class Maker, class Body>
-void run_and_compare(const Maker& maker, at::ScalarType input, Body&& body) {
+void run_and_compare(const Maker& maker, at::ScalarType input, Body&& body, bool expect_finite = false) {
   const outputs got = body(maker);
   const outputs ref = body(eigen_maker<double>{input});
   REQUIRE(got.items.size() == ref.items.size());
@@ -113,7 +124,11 @@ void run_and_compare(const Maker& maker, at::ScalarType input, Body&& body) {
     const auto& w = ref.items[i];
     INFO(maker.name() << ": " << g.name);
     REQUIRE(detail::shape_string(g.shape) == detail::shape_string(w.shape));
-    require_agree(maker.name() + " " + g.name, g.values, w.values, output_tolerance(g.type));
+    if (expect_finite) {
+      CHECK(all_finite(g.values));
+      CHECK(all_finite(w.values));
+    }
+    require_agree(maker.name() + " " + g.name, g.values, w.values, g.tol ? *g.tol : output_tolerance(g.type));
   }
 }
 

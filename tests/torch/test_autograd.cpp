@@ -1,9 +1,9 @@
 // LibTorch autograd through each forward vs the analytic backward functions (on torch and on the
 // Eigen double reference), central finite differences of the torch float64 forward for the masked
 // reductions, and the fused LibTorch kernels vs posttrain::generic's compositions.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <limits>
 #include <optional>
 #include <string>
@@ -11,7 +11,14 @@
 
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
-#include "posttrain/posttrain.hpp"
+#include "posttrain/check/compare.hpp"
+#include "posttrain/kl/estimators.hpp"
+#include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/numerics/stable.hpp"
 #include "support/data.hpp"
 #include "support/tolerances.hpp"
 #include "support/torch_data.hpp"
@@ -20,14 +27,6 @@ using namespace posttrain;
 using namespace posttrain::test;
 
 namespace {
-
-/// d f(x) / dx by LibTorch autograd, for a scalar-valued f.
-template <class F>
-at::Tensor autograd_grad(const at::Tensor& x, F f) {
-  at::Tensor leaf = x.detach().clone().requires_grad_();
-  f(leaf).backward();
-  return leaf.grad();
-}
 
 /// Central finite differences of a scalar f at x (float64), step fd_step.
 template <class F>
@@ -66,9 +65,8 @@ TEST_CASE("autograd: sft_loss backward() equals sft_loss_backward, every option"
               INFO(mk.name() << " " << aggregation_name(mode) << " ls " << ls << " z " << z << " dft " << dft
                              << " normalizer " << norm.value_or(0));
               const at::Tensor y = mk.labels(labels);
-              const at::Tensor g = autograd_grad(mk.values(logits), [&](const at::Tensor& x) {
-                return ops::mul(sft_loss(x, y, opt).loss, 0.75);
-              });
+              const at::Tensor g = autograd_grad(
+                  mk.values(logits), [&](const at::Tensor& x) { return ops::mul(sft_loss(x, y, opt).loss, 0.75); });
               const auto tol = output_tolerance(dtype_of(dt));
               require_agree("autograd vs torch analytic", g,
                             ops::to_host(sft_loss_backward(mk.values(logits), y, opt, 0.75)), tol);
@@ -91,20 +89,19 @@ TEST_CASE("autograd: token_logprobs, entropy, logsumexp vs their analytic backwa
       const auto tol = tolerance_for(dtype_of(dt));
       INFO(mk.name() << " shape " << posttrain::detail::shape_string(s));
 
-      const at::Tensor g_lp = autograd_grad(mk.values(logits), [&](const at::Tensor& x) {
-        return ops::sum_all(ops::mul(token_logprobs(x, y), gt));
-      });
+      const at::Tensor g_lp = autograd_grad(
+          mk.values(logits), [&](const at::Tensor& x) { return ops::sum_all(ops::mul(token_logprobs(x, y), gt)); });
       require_agree("token_logprobs torch analytic", g_lp,
                     ops::to_host(token_logprobs_backward(mk.values(logits), y, gt)), tol);
       require_agree("token_logprobs eigen analytic", g_lp,
                     ops::to_host(token_logprobs_backward(ref.values(logits), ref.labels(labels), ref.values(grad))),
                     tol);
 
-      const at::Tensor g_h = autograd_grad(
-          mk.values(logits), [&](const at::Tensor& x) { return ops::sum_all(ops::mul(entropy(x), gt)); });
+      const at::Tensor g_h =
+          autograd_grad(mk.values(logits), [&](const at::Tensor& x) { return ops::sum_all(ops::mul(entropy(x), gt)); });
       require_agree("entropy torch analytic", g_h, ops::to_host(entropy_backward(mk.values(logits), gt)), tol);
-      require_agree("entropy eigen analytic", g_h,
-                    ops::to_host(entropy_backward(ref.values(logits), ref.values(grad))), tol);
+      require_agree("entropy eigen analytic", g_h, ops::to_host(entropy_backward(ref.values(logits), ref.values(grad))),
+                    tol);
 
       const at::Tensor g_lse = autograd_grad(
           mk.values(logits), [&](const at::Tensor& x) { return ops::sum_all(ops::mul(logsumexp(x), gt)); });
@@ -136,13 +133,12 @@ TEST_CASE("autograd: kl_penalty vs kl_penalty_backward; straight_through gives k
             const kl_options opt{e, st, ratio_clamp, value_clamp};
             INFO(mk.name() << " " << kl_estimator_name(e) << " ratio clamp " << ratio_clamp.value_or(0)
                            << " value clamp " << value_clamp.value_or(0) << " straight " << st);
-            const at::Tensor g = autograd_grad(mk.values(lp), [&](const at::Tensor& x) {
-              return ops::sum_all(ops::mul(kl_penalty(x, r, opt), gt));
-            });
+            const at::Tensor g = autograd_grad(
+                mk.values(lp), [&](const at::Tensor& x) { return ops::sum_all(ops::mul(kl_penalty(x, r, opt), gt)); });
             require_agree("torch analytic", g, ops::to_host(kl_penalty_backward(mk.values(lp), r, gt, opt)), tol);
-            require_agree(
-                "eigen analytic", g,
-                ops::to_host(kl_penalty_backward(ref.values(lp), ref.values(ref_lp), ref.values(grad), opt)), tol);
+            require_agree("eigen analytic", g,
+                          ops::to_host(kl_penalty_backward(ref.values(lp), ref.values(ref_lp), ref.values(grad), opt)),
+                          tol);
             if (st) require_agree("k2 closed form", g, k2_grad, tol);
           }
   }
@@ -210,14 +206,12 @@ TEST_CASE("autograd: aggregate's gradient is aggregation_weights (eigen double)"
                       tolerance_for(dtype_of(dt)));
         // masked_mean / masked_sum are token_mean / sum without a normalizer.
         if (mode == aggregation::token_mean && !norm)
-          require_agree("masked_mean", autograd_grad(to_torch(loss, dt), [&](const at::Tensor& l) {
-                          return masked_mean(l, mt);
-                        }),
+          require_agree("masked_mean",
+                        autograd_grad(to_torch(loss, dt), [&](const at::Tensor& l) { return masked_mean(l, mt); }),
                         ops::to_host(aggregation_weights(to_eigen<double>(m), mode)), tolerance_for(dtype_of(dt)));
         if (mode == aggregation::sum && !norm)
-          require_agree("masked_sum", autograd_grad(to_torch(loss, dt), [&](const at::Tensor& l) {
-                          return masked_sum(l, mt);
-                        }),
+          require_agree("masked_sum",
+                        autograd_grad(to_torch(loss, dt), [&](const at::Tensor& l) { return masked_sum(l, mt); }),
                         m.values, tolerance_for(dtype_of(dt)));
       }
 }

@@ -2,16 +2,23 @@
 // (and bfloat16/float16 inputs where the computation upcasts) and on eigen float32, each compared
 // with the Eigen double reference run on the same (rounded) inputs. Values, metrics and the
 // analytic gradients.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
-#include "posttrain/posttrain.hpp"
+#include "posttrain/check/compare.hpp"
+#include "posttrain/kl/estimators.hpp"
+#include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/numerics/stable.hpp"
 #include "support/data.hpp"
 #include "support/tolerances.hpp"
 #include "support/torch_data.hpp"
@@ -75,8 +82,7 @@ TEST_CASE("cross-backend: logsumexp, token_logprobs, entropy, softmax and their 
         o.add("entropy_backward", entropy_backward(x, mk.values(grad)));
         if (s.back() > 7) {  // ignore_index 7 is a real label value only for V > 7: then it must be skipped
           o.add("token_logprobs ignore 7", token_logprobs(x, mk.labels(labels7), 7));
-          o.add("token_logprobs_backward ignore 7",
-                token_logprobs_backward(x, mk.labels(labels7), mk.values(grad), 7));
+          o.add("token_logprobs_backward ignore 7", token_logprobs_backward(x, mk.labels(labels7), mk.values(grad), 7));
         }
         return o;
       });
@@ -126,9 +132,8 @@ TEST_CASE("cross-backend: torch bool and int masks give the float mask's results
   for (auto dt : {at::kBool, at::kInt, at::kLong, at::kFloat}) {
     INFO("mask dtype " << dtype_name(dtype_of(dt)));
     require_agree("masked_whiten", masked_whiten(xt, to_torch(m, dt)), ops::to_host(ref), float64_tol);
-    require_agree("masked_mean", masked_mean(xt, to_torch(m, dt), 1), ops::to_host(masked_mean(to_eigen<double>(x),
-                                                                                                to_eigen<double>(m), 1)),
-                  float64_tol);
+    require_agree("masked_mean", masked_mean(xt, to_torch(m, dt), 1),
+                  ops::to_host(masked_mean(to_eigen<double>(x), to_eigen<double>(m), 1)), float64_tol);
   }
 }
 
@@ -168,8 +173,10 @@ TEST_CASE("cross-backend: sft_loss values, metrics and analytic gradient, every 
     double label_smoothing, z_loss;
     bool dft;
   };
-  const variant variants[] = {{"plain", 0.0, 0.0, false},  {"label_smoothing", 0.1, 0.0, false},
-                              {"z_loss", 0.0, 1e-3, false}, {"dft", 0.0, 0.0, true},
+  const variant variants[] = {{"plain", 0.0, 0.0, false},
+                              {"label_smoothing", 0.1, 0.0, false},
+                              {"z_loss", 0.0, 1e-3, false},
+                              {"dft", 0.0, 0.0, true},
                               {"all three", 0.2, 1e-2, true}};
   for (std::uint64_t seed : {21u, 22u}) {
     for (const auto& s : logits_shapes) {
@@ -226,8 +233,8 @@ TEST_CASE("cross-backend: kl_penalty and kl_penalty_backward, every estimator an
     const char* name;
     std::optional<double> log_ratio_clamp, value_clamp;
   };
-  const guard guards[] = {{"no clamp", {}, {}}, {"ratio clamp 0.5", 0.5, {}}, {"value clamp 0.3", {}, 0.3},
-                          {"both", 1.0, 0.4}};
+  const guard guards[] = {
+      {"no clamp", {}, {}}, {"ratio clamp 0.5", 0.5, {}}, {"value clamp 0.3", {}, 0.3}, {"both", 1.0, 0.4}};
   for (std::uint64_t seed : {41u, 42u}) {
     for (const auto& s : token_shapes) {
       // log-probs of sampled tokens: <= 0, log-ratios of order 1 so the clamps above are active

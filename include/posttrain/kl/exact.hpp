@@ -27,8 +27,9 @@ struct exact_kl_terms {
 template <tensor T>
 exact_kl_terms<T> exact_kl_parts(const T& x, const T& y) {
   const double inf = std::numeric_limits<double>::infinity();
-  const T logp = ops::sub(x, ops::unsqueeze(logsumexp(x), -1));
-  const T logq = ops::sub(y, ops::unsqueeze(logsumexp(y), -1));
+  const T xs = shift_by_row_max(x), ys = shift_by_row_max(y);  // keeps float32 precise at large |logits|
+  const T logp = ops::sub(xs, ops::unsqueeze(logsumexp(xs), -1));
+  const T logq = ops::sub(ys, ops::unsqueeze(logsumexp(ys), -1));
   const T present = ops::gt(x, -inf);  // p_v > 0
   return {ops::exp(logp), ops::where(present, ops::sub(ops::where(present, logp, 0.0), logq), 0.0)};
 }

@@ -122,7 +122,7 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
   const T valid = tr::index_not_equal(labels, opt.ignore_index, x);
   const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
   const T lse = ops::unsqueeze(logsumexp(x), -1);            // [..., 1]
-  const T p = ops::exp(ops::sub(x, lse));                    // [..., V]
+  const T p = softmax_last(x);                               // [..., V], precise at large |x|
   const T onehot = ops::one_hot(safe, ops::size(x, -1), x);  // [..., V]
   T d = ops::sub(p, ops::mul(onehot, 1.0 - opt.label_smoothing));
   if (opt.label_smoothing > 0.0) d = ops::sub(d, opt.label_smoothing / vocab);
