@@ -106,6 +106,20 @@ void require_labels(std::string_view fn, const T& logits, const index_tensor_t<T
          ")");
 }
 
+/// grad[...] for logits[..., V] (a backward's upstream gradient): floating, same device, one value per
+/// row, i.e. logits' shape without the last dimension (any other shape would broadcast silently).
+template <tensor T>
+void require_row_grad(std::string_view fn, const T& logits, const T& grad, std::string_view grad_name = "grad",
+                      std::string_view logits_name = "logits") {
+  require_floating(fn, grad_name, grad);
+  require_same_device(fn, logits_name, logits, grad_name, grad);
+  shape_t expected = ops::shape(logits);
+  if (!expected.empty()) expected.pop_back();
+  if (ops::shape(grad) != expected)
+    fail(fn, grad_name, " has shape ", shape_string(ops::shape(grad)), " but ", logits_name, " has shape ",
+         shape_string(ops::shape(logits)), "; expected ", grad_name, " of shape ", shape_string(expected));
+}
+
 /// logits[..., V]: floating, rank >= 1, V >= 1, non-empty.
 template <tensor T>
 void require_logits(std::string_view fn, std::string_view name, const T& logits) {

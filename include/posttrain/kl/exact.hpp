@@ -48,6 +48,7 @@ T kl_exact(const T& logits, const T& ref_logits) {
 template <tensor T>
 T kl_exact_backward(const T& logits, const T& ref_logits, const T& grad) {
   detail::check_exact_kl("kl_exact_backward", logits, ref_logits);
+  detail::require_row_grad("kl_exact_backward", logits, grad);
   const auto [p, d] = detail::exact_kl_parts(ops::upcast(logits), ops::upcast(ref_logits));
   const T kl = ops::sum(ops::mul(p, d), -1, true);
   const T g = ops::mul(ops::mul(p, ops::sub(d, kl)), ops::unsqueeze(ops::upcast(grad), -1));

@@ -125,6 +125,7 @@ T token_logprobs_backward(const T& logits, const index_tensor_t<T>& labels, cons
                           std::int64_t ignore_index = default_ignore_index) {
   detail::require_logits("token_logprobs_backward", "logits", logits);
   detail::require_labels("token_logprobs_backward", logits, labels, ignore_index);
+  detail::require_row_grad("token_logprobs_backward", logits, grad);
   const T x = ops::upcast(logits);
   const auto safe = tensor_traits<T>::index_replace(labels, ignore_index, 0);
   const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
