@@ -102,7 +102,8 @@ template <tensor T>
 T aggregate(const T& loss, const T& mask, aggregation mode, std::optional<double> normalizer = std::nullopt) {
   detail::require_values("aggregate", "loss", loss);
   detail::check_normalizer("aggregate", normalizer);  // named here, not by aggregation_weights below
-  if (mode != aggregation::token_mean && mode != aggregation::sum) detail::require_rank("aggregate", "loss", loss, 2, 2);
+  if (mode != aggregation::token_mean && mode != aggregation::sum)
+    detail::require_rank("aggregate", "loss", loss, 2, 2);
   const T m = detail::checked_mask("aggregate", "loss", loss, "mask", mask);
   const T w = aggregation_weights(m, mode, normalizer);
   return ops::sum_all(ops::mul(ops::where(m, loss, 0.0), w));
