@@ -18,3 +18,11 @@
 #include "posttrain/numerics/masked.hpp"
 #include "posttrain/numerics/stable.hpp"
 #include "posttrain/tensor.hpp"
+// RL core (issue 4): PPO, value loss, GAE, group estimators, KL-shaped rewards, KL controllers, GRPO.
+#include "posttrain/advantages/gae.hpp"
+#include "posttrain/advantages/group.hpp"
+#include "posttrain/advantages/kl_reward.hpp"
+#include "posttrain/kl/controller.hpp"
+#include "posttrain/losses/grpo.hpp"
+#include "posttrain/losses/ppo.hpp"
+#include "posttrain/losses/value.hpp"

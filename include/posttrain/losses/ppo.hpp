@@ -1,0 +1,225 @@
+// posttrain/losses/ppo.hpp — the PPO clipped policy surrogate and its variants (verl / TRL / OpenRLHF).
+//
+// Inputs (verl/TRL names), all [B, T] (or [N]): logprobs (current policy, differentiable),
+// old_logprobs (the policy that sampled; constants), advantages (constants), response_mask (0/1).
+//
+//   log ρ = logprobs - old_logprobs, optionally clamped to [-c, c] before exp (verl/OpenRLHF: 20;
+//   TRL/torchtune: none, the default here)
+//   L1 = -A · min(ρ, δ)                            unclipped term; δ is TRL's two-sided bound
+//                                                  (INTELLECT-2; TRL `delta`, off by default)
+//   L2 = -A · clip(ρ, 1 - ε_low, 1 + ε_high)       clipped term (PPO eq. 7; ε_high ≠ ε_low is DAPO's
+//                                                  clip-higher; TRL epsilon_high=None means ε_high = ε_low)
+//   L  = max(L1, L2)                               the pessimistic bound
+//   dual-clip (Ye et al. 2019, "Mastering complex control in MOBA games", eq. 5): for A < 0,
+//   L = min(L, -c·A). verl applies it always with c = 3; OpenRLHF and TRL only when asked; here it is
+//   off unless `clip_c` is set (ppo_options::verl() turns it on with c = 3).
+// The per-token loss is aggregated with one of the foundation's modes (aggregate.hpp), so a global
+// normaliser makes micro-batch sums equal the whole-batch loss.
+//
+// Gradient with respect to logprobs (what autograd gives through the forward): dL/dlog ρ = ρ · dL/dρ
+// where dL/dρ is -A on whichever branch max/min selected while that branch's clamp is inactive,
+// and 0 on a clamped branch (ties split evenly, as torch.maximum/minimum do). Zero past a log-ratio clamp.
+// Example (torchtune test_ppo_loss, ε = 0.2): old = [0.5, 0.8, 1.2], new = old + 1, A = 1 -> every ratio
+// e > 1.2, loss = -1.2, clipfrac 1.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string_view>
+
+#include "posttrain/detail/validate.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/tensor.hpp"
+
+namespace posttrain {
+
+struct ppo_options {
+  /// ε_low: the ratio may fall to 1 - ε_low (TRL epsilon 0.2, verl clip_ratio 0.2; torchtune uses 0.1).
+  double clip_low = 0.2;
+  /// ε_high: the ratio may rise to 1 + ε_high; empty means ε_low (TRL epsilon_high=None). DAPO: 0.28.
+  std::optional<double> clip_high = std::nullopt;
+  /// Dual-clip constant c > 1 for negative advantages; off when empty (OpenRLHF, TRL). verl: 3.0.
+  std::optional<double> clip_c = std::nullopt;
+  /// TRL's two-sided bound δ > 1 on the unclipped ratio (INTELLECT-2); off when empty (TRL None).
+  std::optional<double> delta = std::nullopt;
+  /// Clamp log ρ to [-c, c] before exp; off when empty (TRL, torchtune). verl/OpenRLHF: 20.
+  std::optional<double> log_ratio_clamp = std::nullopt;
+  /// How per-token losses become the scalar (verl default token-mean; TRL GRPO presets in grpo.hpp).
+  aggregation agg = aggregation::token_mean;
+  /// The global normaliser of `agg` (see aggregate.hpp): pass it to make micro-batch sums exact.
+  std::optional<double> normalizer = std::nullopt;
+
+  /// verl's compute_policy_loss("vanilla") defaults: ε = 0.2, dual-clip c = 3, log ρ clamped to ±20.
+  static ppo_options verl() { return {.clip_low = 0.2, .clip_c = 3.0, .log_ratio_clamp = 20.0}; }
+};
+
+template <tensor T>
+struct ppo_policy_result {
+  T loss;            ///< 0-d aggregated loss (verl actor/pg_loss, TRL loss/policy_avg)
+  T per_token_loss;  ///< [B, T] L (0 where masked)
+  T ratio;           ///< [B, T] ρ (after the log-ratio clamp)
+  /// TRL clip_ratio/low_mean: masked mean of (ρ < 1 - ε_low) & (A < 0).
+  T clip_ratio_low;
+  /// TRL clip_ratio/high_mean: masked mean of (ρ > 1 + ε_high) & (A > 0).
+  T clip_ratio_high;
+  /// TRL clip_ratio/region_mean: either of the two.
+  T clip_ratio_region;
+  /// verl pg_clipfrac: masked mean of (L2 > L1), the tokens whose clipped term won the max.
+  T pg_clipfrac;
+  /// verl pg_clipfrac_lower: masked mean of (max(L1, L2) > -c·A) & (A < 0); 0 without dual-clip.
+  T pg_clipfrac_lower;
+  /// verl ppo_kl (k1): masked mean of old_logprobs - logprobs.
+  T approx_kl;
+  /// TRL PPO policy/approxkl_avg: ½ · masked mean of (logprobs - old_logprobs)²
+  /// (TRL averages unmasked, diluting by padding; here only response tokens count).
+  T approx_kl_sq;
+  T ratio_mean;  ///< masked mean of ρ (TRL val/ratio, torchtune ratios)
+  T ratio_min;   ///< min of ρ over kept tokens (0 if none)
+  T ratio_max;   ///< max of ρ over kept tokens (0 if none)
+};
+
+namespace detail {
+
+inline void check_ppo_options(std::string_view fn, const ppo_options& o) {
+  require_finite(fn, "options.clip_low", o.clip_low);
+  if (o.clip_low <= 0) fail(fn, "options.clip_low must be > 0, got ", o.clip_low);
+  if (o.clip_high) {
+    require_finite(fn, "options.clip_high", *o.clip_high);
+    if (*o.clip_high <= 0) fail(fn, "options.clip_high must be > 0, got ", *o.clip_high);
+  }
+  if (o.clip_c) {
+    require_finite(fn, "options.clip_c", *o.clip_c);
+    if (*o.clip_c <= 1) fail(fn, "options.clip_c must be > 1 (dual-clip), got ", *o.clip_c);
+  }
+  if (o.delta) {
+    require_finite(fn, "options.delta", *o.delta);
+    if (*o.delta <= 1) fail(fn, "options.delta must be > 1, got ", *o.delta);
+  }
+  if (o.log_ratio_clamp && (std::isnan(*o.log_ratio_clamp) || *o.log_ratio_clamp <= 0))
+    fail(fn, "options.log_ratio_clamp must be > 0 when set, got ", *o.log_ratio_clamp);
+  check_normalizer(fn, o.normalizer);
+}
+
+template <tensor T>
+T checked_policy_inputs(std::string_view fn, const T& logprobs, const T& old_logprobs, const T& advantages,
+                        const T& response_mask) {
+  require_values(fn, "logprobs", logprobs);
+  require_rank(fn, "logprobs", logprobs, 1, 2);
+  require_like(fn, "logprobs", logprobs, "old_logprobs", old_logprobs);
+  require_like(fn, "logprobs", logprobs, "advantages", advantages);
+  return checked_mask(fn, "logprobs", logprobs, "response_mask", response_mask);
+}
+
+/// The surrogate per token and its derivative with respect to log ρ (before the log-ratio clamp).
+template <tensor T>
+struct surrogate_terms {
+  T loss, d_logratio, ratio, l1, l2, clipped_max;
+};
+
+/// 1 where a > b, ½ where equal, 0 where a < b: how torch.maximum splits a gradient between a and b.
+template <tensor T>
+T max_share(const T& a, const T& b) {
+  return ops::add(ops::gt(a, b), ops::mul(ops::eq(a, b), 0.5));
+}
+
+template <tensor T>
+surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const T& advantages, const ppo_options& o) {
+  const double eps_low = o.clip_low, eps_high = o.clip_high ? *o.clip_high : o.clip_low;
+  const T log_ratio_raw = ops::sub(logprobs, old_logprobs);
+  const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
+  const T log_ratio = o.log_ratio_clamp ? ops::clamp(log_ratio_raw, -c, c) : log_ratio_raw;
+  const T ratio = ops::exp(log_ratio);
+  const T& A = advantages;
+  // L1 = -A·min(ρ, δ)   (TRL GRPO: coef_1 = clamp(coef_1, max=delta))
+  const T rho1 = o.delta ? ops::minimum(ratio, *o.delta) : ratio;
+  const T d_rho1 = o.delta ? ops::le(ratio, *o.delta) : ops::full_like(ratio, 1.0);
+  const T l1 = ops::neg(ops::mul(A, rho1));
+  // L2 = -A·clip(ρ, 1-ε_low, 1+ε_high)   (PPO eq. 7)
+  const T l2 = ops::neg(ops::mul(A, ops::clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)));
+  const T d_rho2 = ops::mul(ops::ge(ratio, 1.0 - eps_low), ops::le(ratio, 1.0 + eps_high));
+  // max(L1, L2) and its derivative with respect to ρ
+  const T s1 = max_share(l1, l2), s2 = max_share(l2, l1);
+  const T clipped_max = ops::maximum(l1, l2);
+  T d_rho = ops::neg(ops::mul(A, ops::add(ops::mul(s1, d_rho1), ops::mul(s2, d_rho2))));
+  T loss = clipped_max;
+  if (o.clip_c) {
+    // dual-clip: for A < 0, min(max(L1, L2), -c·A)   (Ye et al. 2019 eq. 5; verl compute_policy_loss)
+    const T l3 = ops::mul(A, -*o.clip_c);
+    const T neg_adv = ops::lt(A, 0.0);
+    const T keep = max_share(l3, clipped_max);  // min picks clipped_max where l3 > clipped_max
+    loss = ops::where(neg_adv, ops::minimum(clipped_max, l3), clipped_max);
+    d_rho = ops::where(neg_adv, ops::mul(d_rho, keep), d_rho);
+  }
+  T d_logratio = ops::mul(d_rho, ratio);
+  if (o.log_ratio_clamp) d_logratio = ops::mul(d_logratio, ops::mul(ops::ge(log_ratio_raw, -c), ops::le(log_ratio_raw, c)));
+  return {loss, d_logratio, ratio, l1, l2, clipped_max};
+}
+
+template <tensor T>
+T masked_extreme(const T& x, const T& m, bool take_max) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const T filled = ops::where(m, x, take_max ? -inf : inf);
+  const T v = take_max ? ops::max_all(filled) : ops::neg(ops::max_all(ops::neg(filled)));
+  return ops::where(ops::gt(ops::sum_all(m), 0.0), v, 0.0);
+}
+
+}  // namespace detail
+
+/// PPO clipped policy loss. logprobs, old_logprobs, advantages, response_mask: [B, T] or [N].
+template <tensor T>
+ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, const T& advantages,
+                                     const T& response_mask, const ppo_options& opt = {}) {
+  constexpr std::string_view fn = "ppo_policy_loss";
+  detail::check_ppo_options(fn, opt);
+  const T m0 = detail::checked_policy_inputs(fn, logprobs, old_logprobs, advantages, response_mask);
+  const T lp = ops::upcast(logprobs), old = ops::upcast(old_logprobs), A = ops::upcast(advantages);
+  const T m = ops::ne(ops::upcast(m0), 0.0);
+  const auto s = detail::ppo_surrogate(lp, old, A, opt);
+  const T per_token = ops::where(m, s.loss, 0.0);
+  const T loss = aggregate(per_token, m, opt.agg, opt.normalizer);
+  const double eps_high = opt.clip_high ? *opt.clip_high : opt.clip_low;
+  // TRL GRPO clip ratios: is_low_clipped = (ρ < 1-ε_low) & (A < 0), is_high_clipped = (ρ > 1+ε_high) & (A > 0)
+  const T low = ops::mul(ops::lt(s.ratio, 1.0 - opt.clip_low), ops::lt(A, 0.0));
+  const T high = ops::mul(ops::gt(s.ratio, 1.0 + eps_high), ops::gt(A, 0.0));
+  const T region = ops::maximum(low, high);
+  // verl: pg_clipfrac = masked_mean(pg_losses2 > pg_losses1)
+  const T clipfrac = masked_mean(ops::gt(s.l2, s.l1), m);
+  T clipfrac_lower = ops::scalar_like(lp, 0.0);
+  if (opt.clip_c)  // verl: masked_mean((clip_pg_losses1 > pg_losses3) * (A < 0))
+    clipfrac_lower =
+        masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip_c)), ops::lt(A, 0.0)), m);
+  const T dlogp = ops::sub(lp, old);
+  return {loss,
+          per_token,
+          s.ratio,
+          masked_mean(low, m),
+          masked_mean(high, m),
+          masked_mean(region, m),
+          clipfrac,
+          clipfrac_lower,
+          // verl ppo_kl = masked_mean(-negative_approx_kl) (k1)
+          masked_mean(ops::neg(dlogp), m),
+          // TRL PPO approxkl = 0.5 * (logprobs_diff ** 2).mean()
+          ops::mul(masked_mean(ops::square(dlogp), m), 0.5),
+          masked_mean(s.ratio, m),
+          detail::masked_extreme(s.ratio, m, false),
+          detail::masked_extreme(s.ratio, m, true)};
+}
+
+/// ∂(grad_loss · ppo_policy_loss(...).loss)/∂logprobs, [B, T] in logprobs' compute dtype.
+template <tensor T>
+T ppo_policy_loss_backward(const T& logprobs, const T& old_logprobs, const T& advantages, const T& response_mask,
+                           const ppo_options& opt = {}, double grad_loss = 1.0) {
+  constexpr std::string_view fn = "ppo_policy_loss_backward";
+  detail::check_ppo_options(fn, opt);
+  const T m0 = detail::checked_policy_inputs(fn, logprobs, old_logprobs, advantages, response_mask);
+  const T lp = ops::upcast(logprobs);
+  const T m = ops::ne(ops::upcast(m0), 0.0);
+  const auto s = detail::ppo_surrogate(lp, ops::upcast(old_logprobs), ops::upcast(advantages), opt);
+  const T w = aggregation_weights(m, opt.agg, opt.normalizer);
+  return ops::mul(ops::where(m, ops::mul(s.d_logratio, w), 0.0), grad_loss);
+}
+
+}  // namespace posttrain

@@ -1,0 +1,164 @@
+// posttrain/losses/value.hpp — the PPO critic loss with clipping, the entropy bonus, and the combined
+// PPO objective (policy + vf_coef · value - entropy_coef · entropy).
+//
+// Value loss (PPO2 baselines / TRL PPOTrainer / verl compute_value_loss / torchtune), per token:
+//   V_clip = clip(V, V_old - ε_v, V_old + ε_v)
+//   L_v    = ½ · max((V - R)², (V_clip - R)²)
+// aggregated like the policy loss. `clip` empty disables clipping (L_v = ½ (V - R)²).
+// ∂L_v/∂V = (V - R) on the unclipped branch, (V_clip - R)·[V inside the clip range] on the clipped one
+// (ties split evenly, as torch.max does).
+// vf_clipfrac (verl critic/vf_clipfrac, TRL val/clipfrac_avg): masked mean of (V_clip - R)² > (V - R)².
+// Example: V = 1.5, V_old = 1, R = 0, ε_v = 0.2: V_clip = 1.2, L_v = ½ max(2.25, 1.44) = 1.125.
+#pragma once
+
+#include <optional>
+#include <string_view>
+
+#include "posttrain/detail/validate.hpp"
+#include "posttrain/losses/ppo.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/tensor.hpp"
+
+namespace posttrain {
+
+struct value_options {
+  /// ε_v around old_values (TRL cliprange_value 0.2, verl cliprange_value 0.5, torchtune 0.2); empty: no clip.
+  std::optional<double> clip = 0.2;
+  aggregation agg = aggregation::token_mean;
+  std::optional<double> normalizer = std::nullopt;
+};
+
+template <tensor T>
+struct value_result {
+  T loss;            ///< 0-d (verl critic/vf_loss, TRL loss/value_avg); already includes the ½
+  T per_token_loss;  ///< [B, T]
+  T clipfrac;        ///< verl critic/vf_clipfrac, TRL val/clipfrac_avg
+  T vpred_mean;      ///< verl critic/vpred_mean: masked mean of values
+};
+
+namespace detail {
+inline void check_value_options(std::string_view fn, const value_options& o) {
+  if (o.clip) {
+    require_finite(fn, "options.clip", *o.clip);
+    if (*o.clip <= 0) fail(fn, "options.clip must be > 0 when set, got ", *o.clip);
+  }
+  check_normalizer(fn, o.normalizer);
+}
+
+template <tensor T>
+T checked_value_inputs(std::string_view fn, const T& values, const T& old_values, const T& returns, const T& mask) {
+  require_values(fn, "values", values);
+  require_rank(fn, "values", values, 1, 2);
+  require_like(fn, "values", values, "old_values", old_values);
+  require_like(fn, "values", values, "returns", returns);
+  return checked_mask(fn, "values", values, "response_mask", mask);
+}
+
+template <tensor T>
+struct value_terms {
+  T loss, d_values, unclipped_sq, clipped_sq;
+};
+
+template <tensor T>
+value_terms<T> value_surrogate(const T& V, const T& V_old, const T& R, const value_options& o) {
+  const T e1 = ops::sub(V, R);
+  const T sq1 = ops::square(e1);
+  if (!o.clip) return {ops::mul(sq1, 0.5), e1, sq1, sq1};
+  const T vc = ops::add(V_old, ops::clamp(ops::sub(V, V_old), -*o.clip, *o.clip));
+  const T inside = ops::mul(ops::ge(ops::sub(V, V_old), -*o.clip), ops::le(ops::sub(V, V_old), *o.clip));
+  const T e2 = ops::sub(vc, R);
+  const T sq2 = ops::square(e2);
+  // ½ max((V - R)², (V_clip - R)²)   (PPO2 / verl compute_value_loss)
+  const T loss = ops::mul(ops::maximum(sq1, sq2), 0.5);
+  const T d = ops::add(ops::mul(max_share(sq1, sq2), e1), ops::mul(max_share(sq2, sq1), ops::mul(e2, inside)));
+  return {loss, d, sq1, sq2};
+}
+}  // namespace detail
+
+/// Clipped value loss. values, old_values, returns, response_mask: [B, T] or [N].
+template <tensor T>
+value_result<T> value_loss(const T& values, const T& old_values, const T& returns, const T& response_mask,
+                           const value_options& opt = {}) {
+  constexpr std::string_view fn = "value_loss";
+  detail::check_value_options(fn, opt);
+  const T m0 = detail::checked_value_inputs(fn, values, old_values, returns, response_mask);
+  const T V = ops::upcast(values);
+  const T m = ops::ne(ops::upcast(m0), 0.0);
+  const auto s = detail::value_surrogate(V, ops::upcast(old_values), ops::upcast(returns), opt);
+  const T per_token = ops::where(m, s.loss, 0.0);
+  return {aggregate(per_token, m, opt.agg, opt.normalizer), per_token,
+          masked_mean(ops::gt(s.clipped_sq, s.unclipped_sq), m), masked_mean(V, m)};
+}
+
+/// ∂(grad_loss · value_loss(...).loss)/∂values.
+template <tensor T>
+T value_loss_backward(const T& values, const T& old_values, const T& returns, const T& response_mask,
+                      const value_options& opt = {}, double grad_loss = 1.0) {
+  constexpr std::string_view fn = "value_loss_backward";
+  detail::check_value_options(fn, opt);
+  const T m0 = detail::checked_value_inputs(fn, values, old_values, returns, response_mask);
+  const T m = ops::ne(ops::upcast(m0), 0.0);
+  const auto s =
+      detail::value_surrogate(ops::upcast(values), ops::upcast(old_values), ops::upcast(returns), opt);
+  const T w = aggregation_weights(m, opt.agg, opt.normalizer);
+  return ops::mul(ops::where(m, ops::mul(s.d_values, w), 0.0), grad_loss);
+}
+
+/// The entropy of the policy at each response token, aggregated: logits [B, T, V], mask [B, T] -> 0-d.
+/// A trainer subtracts entropy_coef times it (verl entropy_coeff 0, TRL GRPO logs it only).
+template <tensor T>
+T entropy_bonus(const T& logits, const T& response_mask, aggregation agg = aggregation::token_mean,
+                std::optional<double> normalizer = std::nullopt) {
+  const T h = entropy(logits);
+  return aggregate(h, ops::ne(detail::checked_mask("entropy_bonus", "entropy(logits)", h, "response_mask",
+                                                   response_mask),
+                              0.0),
+                   agg, normalizer);
+}
+
+/// ∂(grad_loss · entropy_bonus)/∂logits, [B, T, V].
+template <tensor T>
+T entropy_bonus_backward(const T& logits, const T& response_mask, aggregation agg = aggregation::token_mean,
+                         std::optional<double> normalizer = std::nullopt, double grad_loss = 1.0) {
+  const T h = entropy(logits);
+  const T m = ops::ne(
+      detail::checked_mask("entropy_bonus_backward", "entropy(logits)", h, "response_mask", response_mask), 0.0);
+  return entropy_backward(logits, ops::mul(aggregation_weights(m, agg, normalizer), grad_loss));
+}
+
+/// Coefficients of the combined PPO objective (TRL PPOTrainer: vf_coef 0.1; verl critic is separate).
+struct ppo_objective_options {
+  ppo_options policy = {};
+  value_options value = {};
+  double vf_coef = 0.1;
+  double entropy_coef = 0.0;
+};
+
+template <tensor T>
+struct ppo_objective_result {
+  T loss;  ///< policy + vf_coef · value - entropy_coef · entropy
+  ppo_policy_result<T> policy;
+  value_result<T> value;
+  T entropy;  ///< aggregated entropy (0 when no logits were given)
+};
+
+/// loss = L_policy + vf_coef · L_value - entropy_coef · H (TRL PPOTrainer `loss = pg_loss + vf_coef * vf_loss`,
+/// torchtune PPOLoss, plus the usual entropy bonus). `logits` (optional) [B, T, V] give the entropy term.
+template <tensor T>
+ppo_objective_result<T> ppo_objective(const T& logprobs, const T& old_logprobs, const T& advantages,
+                                      const T& values, const T& old_values, const T& returns, const T& response_mask,
+                                      const ppo_objective_options& opt = {}, const T* logits = nullptr) {
+  detail::require_finite("ppo_objective", "options.vf_coef", opt.vf_coef);
+  detail::require_finite("ppo_objective", "options.entropy_coef", opt.entropy_coef);
+  auto pol = ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, opt.policy);
+  auto val = value_loss(values, old_values, returns, response_mask, opt.value);
+  T ent = ops::scalar_like(pol.loss, 0.0);
+  if (logits) ent = entropy_bonus(*logits, response_mask, opt.policy.agg, opt.policy.normalizer);
+  T loss = ops::add(pol.loss, ops::mul(val.loss, opt.vf_coef));
+  if (logits) loss = ops::sub(loss, ops::mul(ent, opt.entropy_coef));
+  return {loss, std::move(pol), std::move(val), ent};
+}
+
+}  // namespace posttrain
