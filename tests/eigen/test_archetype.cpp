@@ -1,0 +1,316 @@
+// The tensor concept is enough, and the fused-override dispatch works (range-v3's archetypes, stdexec's
+// recording fakes):
+//  (a) `archetype` wraps eigen_tensor<double> and its tensor_traits provide ONLY the concept's operations
+//      (no fused_* member). Every algorithm compiles against it and gives the values eigen_tensor<double>
+//      (which has fused overrides) gives; a log of every traits call shows the generic compositions ran.
+//  (b) `fused_recorder` adds fused_logsumexp_last / fused_token_logprobs / fused_entropy_last; the log
+//      shows the public dispatchers called them instead of the generic compositions.
+#include <catch2/catch.hpp>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "posttrain/backends/eigen.hpp"
+#include "posttrain/kl/estimators.hpp"
+#include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/numerics/stable.hpp"
+#include "support/data.hpp"
+#include "support/eigen_checks.hpp"
+
+namespace recording {
+
+/// How many times each traits operation was called since the last reset().
+inline std::map<std::string, int>& calls() {
+  static std::map<std::string, int> log;
+  return log;
+}
+inline void reset() { calls().clear(); }
+inline int count(const std::string& name) {
+  const auto it = calls().find(name);
+  return it == calls().end() ? 0 : it->second;
+}
+inline int count_prefix(const std::string& prefix) {
+  int n = 0;
+  for (const auto& [name, k] : calls())
+    if (name.rfind(prefix, 0) == 0) n += k;
+  return n;
+}
+
+/// Only what the concept asks for: no arithmetic operators, no members beyond the wrapped value.
+struct archetype {
+  posttrain::eigen_tensor<double> value;
+};
+/// The same, with a backend that also provides the fused overrides.
+struct fused_recorder {
+  posttrain::eigen_tensor<double> value;
+};
+
+}  // namespace recording
+
+namespace posttrain {
+
+/// Forwards each of the concept's operations to the Eigen double backend, recording its name.
+template <class W>
+struct recording_traits {
+  using E = eigen_tensor<double>;
+  using base = tensor_traits<E>;
+  using index_tensor = eigen_index;
+
+  static void note(const char* name) { ++recording::calls()[name]; }
+  static W wrap(E e) { return W{std::move(e)}; }
+
+  static shape_t shape(const W& x) { return note("shape"), base::shape(x.value); }
+  static dtype dtype_of(const W& x) { return note("dtype_of"), base::dtype_of(x.value); }
+  static std::string device(const W& x) { return note("device"), base::device(x.value); }
+  static shape_t index_shape(const index_tensor& i) { return note("index_shape"), base::index_shape(i); }
+  static dtype index_dtype(const index_tensor& i) { return note("index_dtype"), base::index_dtype(i); }
+  static std::string index_device(const index_tensor& i) { return note("index_device"), base::index_device(i); }
+  static W full(const W& like, const shape_t& s, double v) { return note("full"), wrap(base::full(like.value, s, v)); }
+  static W one_hot(const index_tensor& i, std::int64_t n, const W& like) {
+    return note("one_hot"), wrap(base::one_hot(i, n, like.value));
+  }
+  static W unary(unary_op op, const W& x) { return note("unary"), wrap(base::unary(op, x.value)); }
+  static W binary(binary_op op, const W& a, const W& b) {
+    return note("binary"), wrap(base::binary(op, a.value, b.value));
+  }
+  static W compare(compare_op op, const W& a, const W& b) {
+    return note("compare"), wrap(base::compare(op, a.value, b.value));
+  }
+  static W where(const W& c, const W& a, const W& b) {
+    return note("where"), wrap(base::where(c.value, a.value, b.value));
+  }
+  static W clamp(const W& x, double lo, double hi) { return note("clamp"), wrap(base::clamp(x.value, lo, hi)); }
+  static W reduce(reduce_op op, const W& x, std::int64_t dim, bool keep) {
+    return note("reduce"), wrap(base::reduce(op, x.value, dim, keep));
+  }
+  static index_tensor argmax_last(const W& x) { return note("argmax_last"), base::argmax_last(x.value); }
+  static W gather_last(const W& x, const index_tensor& i) {
+    return note("gather_last"), wrap(base::gather_last(x.value, i));
+  }
+  static W reshape(const W& x, const shape_t& s) { return note("reshape"), wrap(base::reshape(x.value, s)); }
+  static W detach(const W& x) { return note("detach"), wrap(base::detach(x.value)); }
+  static W to_dtype(const W& x, dtype d) { return note("to_dtype"), wrap(base::to_dtype(x.value, d)); }
+  static std::vector<double> to_host(const W& x) { return note("to_host"), base::to_host(x.value); }
+  static W index_not_equal(const index_tensor& i, std::int64_t v, const W& like) {
+    return note("index_not_equal"), wrap(base::index_not_equal(i, v, like.value));
+  }
+  static W index_equal(const index_tensor& a, const index_tensor& b, const W& like) {
+    return note("index_equal"), wrap(base::index_equal(a, b, like.value));
+  }
+  static index_tensor index_replace(const index_tensor& i, std::int64_t from, std::int64_t to) {
+    return note("index_replace"), base::index_replace(i, from, to);
+  }
+  static std::int64_t index_count_outside(const index_tensor& i, std::int64_t lo, std::int64_t hi, std::int64_t ex) {
+    return note("index_count_outside"), base::index_count_outside(i, lo, hi, ex);
+  }
+  static std::vector<std::int64_t> index_to_host(const index_tensor& i) {
+    return note("index_to_host"), base::index_to_host(i);
+  }
+  static index_tensor argsort_last(const W& x) { return note("argsort_last"), base::argsort_last(x.value); }
+  static W slice(const W& x, std::int64_t dim, std::int64_t start, std::int64_t length) {
+    return note("slice"), wrap(base::slice(x.value, dim, start, length));
+  }
+  static W concat(const std::vector<W>& parts, std::int64_t dim) {
+    std::vector<E> values;
+    for (const auto& p : parts) values.push_back(p.value);
+    return note("concat"), wrap(base::concat(values, dim));
+  }
+  static W cumsum(const W& x, std::int64_t dim) { return note("cumsum"), wrap(base::cumsum(x.value, dim)); }
+};
+
+/// (a) The concept's operations and nothing else.
+template <>
+struct tensor_traits<recording::archetype> : recording_traits<recording::archetype> {};
+
+/// (b) The same plus the three fused overrides.
+template <>
+struct tensor_traits<recording::fused_recorder> : recording_traits<recording::fused_recorder> {
+  using W = recording::fused_recorder;
+  static W fused_logsumexp_last(const W& x) {
+    return note("fused_logsumexp_last"), wrap(base::fused_logsumexp_last(x.value));
+  }
+  static W fused_token_logprobs(const W& x, const index_tensor& labels) {
+    return note("fused_token_logprobs"), wrap(base::fused_token_logprobs(x.value, labels));
+  }
+  static W fused_entropy_last(const W& x) {
+    return note("fused_entropy_last"), wrap(base::fused_entropy_last(x.value));
+  }
+};
+
+}  // namespace posttrain
+
+using namespace posttrain;
+using recording::archetype;
+using recording::fused_recorder;
+using tensor_d = eigen_tensor<double>;
+
+static_assert(tensor<archetype>);
+static_assert(tensor<fused_recorder>);
+static_assert(tensor<tensor_d>);
+static_assert(!tensor<int>);
+static_assert(!tensor<eigen_tensor<std::int64_t>>);  // labels are index tensors, not values
+// The archetype really lacks the overrides; the recorder really has them.
+template <class T>
+concept has_fused_logsumexp = requires(const T& x) {
+  tensor_traits<T>::fused_logsumexp_last(x);
+};
+template <class T>
+concept has_fused_entropy = requires(const T& x) {
+  tensor_traits<T>::fused_entropy_last(x);
+};
+template <class T>
+concept has_fused_token_logprobs = requires(const T& x, const index_tensor_t<T>& i) {
+  tensor_traits<T>::fused_token_logprobs(x, i);
+};
+static_assert(!has_fused_logsumexp<archetype> && !has_fused_entropy<archetype> && !has_fused_token_logprobs<archetype>);
+static_assert(has_fused_logsumexp<fused_recorder> && has_fused_entropy<fused_recorder> &&
+              has_fused_token_logprobs<fused_recorder>);
+static_assert(has_fused_logsumexp<tensor_d> && has_fused_entropy<tensor_d> && has_fused_token_logprobs<tensor_d>);
+
+namespace {
+const auto tol = test::float64_tol;
+
+template <class W>
+W wrap(const tensor_d& x) {
+  return W{x};
+}
+template <class W>
+void same(const std::string& what, const W& got, const tensor_d& want) {
+  test::check_same(what, got.value, want, tol);
+}
+
+/// Inputs shared by every check: logits [2, 3, 5], labels with an ignored position, log-probs and a mask [2, 3].
+struct inputs {
+  tensor_d logits = test::to_eigen<double>(test::random_normal({2, 3, 5}, 131, 2.0));
+  tensor_d ref_logits = test::to_eigen<double>(test::random_normal({2, 3, 5}, 132, 2.0));
+  eigen_index labels = eigen_index({2, 3}, {4, 0, -100, 2, 1, 3});
+  tensor_d lp = test::to_eigen<double>(test::random_normal({2, 3}, 133, 1.0, -2.0));
+  tensor_d ref = test::to_eigen<double>(test::random_normal({2, 3}, 134, 1.0, -2.0));
+  tensor_d grad = test::to_eigen<double>(test::random_normal({2, 3}, 135));
+  tensor_d mask = eigen_tensor<double>({2, 3}, {1, 1, 0, 1, 0, 1});
+};
+
+/// Runs every algorithm on backend W and on eigen_tensor<double>, requiring equal values.
+template <class W>
+void every_algorithm_agrees() {
+  const inputs in;
+  const W logits = wrap<W>(in.logits), ref_logits = wrap<W>(in.ref_logits), lp = wrap<W>(in.lp), ref = wrap<W>(in.ref),
+          grad = wrap<W>(in.grad), mask = wrap<W>(in.mask);
+
+  same("logsumexp", logsumexp(logits), logsumexp(in.logits));
+  same("logsumexp_backward", logsumexp_backward(logits, grad), logsumexp_backward(in.logits, in.grad));
+  same("softmax_last", softmax_last(logits), softmax_last(in.logits));
+  same("token_logprobs", token_logprobs(logits, in.labels), token_logprobs(in.logits, in.labels));
+  same("token_logprobs_backward", token_logprobs_backward(logits, in.labels, grad),
+       token_logprobs_backward(in.logits, in.labels, in.grad));
+  same("entropy", entropy(logits), entropy(in.logits));
+  same("entropy_backward", entropy_backward(logits, grad), entropy_backward(in.logits, in.grad));
+  same("softplus", softplus(lp), softplus(in.lp));
+  same("log_sigmoid", log_sigmoid(lp), log_sigmoid(in.lp));
+  same("sigmoid", sigmoid(lp), sigmoid(in.lp));
+  same("log1mexp", log1mexp(lp), log1mexp(in.lp));
+
+  for (const sft_options& o : {sft_options{}, sft_options{.label_smoothing = 0.1, .z_loss = 1e-3, .dft = true},
+                               sft_options{.reduction = aggregation::seq_mean_token_mean, .normalizer = 4.0}}) {
+    const auto a = sft_loss(logits, in.labels, o);
+    const auto b = sft_loss(in.logits, in.labels, o);
+    same("sft loss", a.loss, b.loss);
+    same("sft per_token_loss", a.per_token_loss, b.per_token_loss);
+    same("sft num_tokens", a.num_tokens, b.num_tokens);
+    same("sft token_accuracy", a.token_accuracy, b.token_accuracy);
+    same("sft entropy", a.entropy, b.entropy);
+    same("sft_loss_backward", sft_loss_backward(logits, in.labels, o, 0.5),
+         sft_loss_backward(in.logits, in.labels, o, 0.5));
+  }
+  auto verl_st = kl_options::verl_low_var_kl();
+  verl_st.straight_through = true;
+  for (const kl_options& o :
+       {kl_options{}, kl_options{.estimator = kl_estimator::abs}, kl_options::verl_low_var_kl(), verl_st}) {
+    same("kl_penalty", kl_penalty(lp, ref, o), kl_penalty(in.lp, in.ref, o));
+    same("kl_penalty_backward", kl_penalty_backward(lp, ref, grad, o), kl_penalty_backward(in.lp, in.ref, in.grad, o));
+  }
+  same("kl_exact", kl_exact(logits, ref_logits), kl_exact(in.logits, in.ref_logits));
+  same("kl_exact_backward", kl_exact_backward(logits, ref_logits, grad),
+       kl_exact_backward(in.logits, in.ref_logits, in.grad));
+
+  same("masked_sum", masked_sum(lp, mask), masked_sum(in.lp, in.mask));
+  same("masked_mean", masked_mean(lp, mask, 1), masked_mean(in.lp, in.mask, 1));
+  same("masked_var", masked_var(lp, mask), masked_var(in.lp, in.mask));
+  same("masked_whiten", masked_whiten(lp, mask, {.keep_mean = true}),
+       masked_whiten(in.lp, in.mask, {.keep_mean = true}));
+  for (auto mode : {aggregation::token_mean, aggregation::seq_mean_token_sum, aggregation::seq_mean_token_mean,
+                    aggregation::seq_mean_token_sum_norm, aggregation::sum}) {
+    same("aggregate", aggregate(lp, mask, mode), aggregate(in.lp, in.mask, mode));
+    same("aggregation_weights", aggregation_weights(mask, mode, 3.0), aggregation_weights(in.mask, mode, 3.0));
+  }
+}
+}  // namespace
+
+TEST_CASE("an archetype with only the concept's operations runs every algorithm", "[archetype][concept]") {
+  recording::reset();
+  every_algorithm_agrees<archetype>();
+  // Nothing but the concept's operations exists on the archetype, so no fused call can appear; the log shows
+  // the generic compositions doing the work.
+  CHECK(recording::count_prefix("fused_") == 0);
+  CHECK(recording::count("reduce") > 0);
+  CHECK(recording::count("unary") > 0);
+  CHECK(recording::count("gather_last") > 0);
+
+  // Per primitive: logsumexp is max, exp, sum and log (reduce twice, unary twice at least).
+  const archetype x{test::to_eigen<double>(test::random_normal({2, 4}, 141))};
+  recording::reset();
+  (void)logsumexp(x);
+  CHECK(recording::count("reduce") >= 2);
+  CHECK(recording::count("unary") >= 2);
+  recording::reset();
+  (void)token_logprobs(x, eigen_index({2}, {1, 3}));
+  CHECK(recording::count("gather_last") == 1);
+  CHECK(recording::count("reduce") >= 2);
+  recording::reset();
+  (void)entropy(x);
+  CHECK(recording::count("reduce") >= 3);  // the row max, the logsumexp's sum, and Σ p log p
+}
+
+TEST_CASE("a backend's fused overrides are what the dispatchers call", "[archetype][fused]") {
+  every_algorithm_agrees<fused_recorder>();
+  const fused_recorder x{test::to_eigen<double>(test::random_normal({2, 4}, 151))};
+  const eigen_index labels({2}, {1, 3});
+
+  recording::reset();
+  (void)logsumexp(x);
+  CHECK(recording::count("fused_logsumexp_last") == 1);
+  CHECK(recording::count("reduce") == 0);  // no generic max / sum ran
+  CHECK(recording::count("unary") == 0);
+
+  recording::reset();
+  (void)token_logprobs(x, labels);
+  CHECK(recording::count("fused_token_logprobs") == 1);
+  CHECK(recording::count("fused_logsumexp_last") == 0);
+  CHECK(recording::count("reduce") == 0);
+  CHECK(recording::count("gather_last") == 0);
+
+  recording::reset();
+  (void)entropy(x);
+  CHECK(recording::count("fused_entropy_last") == 1);
+  CHECK(recording::count("reduce") == 0);
+
+  // SFT with label smoothing reaches all three: log p[y] (fused_token_logprobs), the smoothing term's
+  // logsumexp (fused_logsumexp_last) and the entropy metric (fused_entropy_last).
+  recording::reset();
+  (void)sft_loss(x, labels, {.label_smoothing = 0.1});
+  CHECK(recording::count("fused_token_logprobs") >= 1);
+  CHECK(recording::count("fused_logsumexp_last") >= 1);
+  CHECK(recording::count("fused_entropy_last") >= 1);
+
+  // The generic compositions stay available on the same backend (what the fused ones are tested against).
+  recording::reset();
+  const auto g = generic::logsumexp_last(x);
+  CHECK(recording::count("fused_logsumexp_last") == 0);
+  CHECK(recording::count("reduce") >= 2);
+  test::check_same("generic vs fused", g.value, logsumexp(x).value, tol);
+}
