@@ -55,42 +55,122 @@ TEST_CASE("DPO family matches TRL's formulas (golden, float64)", "[reference][dp
   const dpo_case cases[] = {
       {"sigmoid", {}, false, g::dpo_sigmoid_loss, &g::dpo_sigmoid_grad_chosen, &g::dpo_sigmoid_grad_rejected},
       {"cdpo", {.label_smoothing = 0.1}, false, g::dpo_cdpo_loss, &g::dpo_cdpo_grad_chosen, &g::dpo_cdpo_grad_rejected},
-      {"hinge", {.beta = 0.05, .loss = L::hinge}, false, g::dpo_hinge_loss, &g::dpo_hinge_grad_chosen,
+      {"hinge",
+       {.beta = 0.05, .loss = L::hinge},
+       false,
+       g::dpo_hinge_loss,
+       &g::dpo_hinge_grad_chosen,
        &g::dpo_hinge_grad_rejected},
       {"ipo", {.loss = L::ipo}, false, g::dpo_ipo_loss, &g::dpo_ipo_grad_chosen, &g::dpo_ipo_grad_rejected},
-      {"ipo_sum", {.loss = L::ipo, .ipo_sum = true}, false, g::dpo_ipo_sum_loss, &g::dpo_ipo_sum_grad_chosen,
+      {"ipo_sum",
+       {.loss = L::ipo, .ipo_sum = true},
+       false,
+       g::dpo_ipo_sum_loss,
+       &g::dpo_ipo_sum_grad_chosen,
        &g::dpo_ipo_sum_grad_rejected},
-      {"exo_pair", {.loss = L::exo_pair, .label_smoothing = 1e-3}, false, g::dpo_exo_pair_loss,
-       &g::dpo_exo_pair_grad_chosen, &g::dpo_exo_pair_grad_rejected},
-      {"nca_pair", {.loss = L::nca_pair}, false, g::dpo_nca_pair_loss, &g::dpo_nca_pair_grad_chosen,
+      {"exo_pair",
+       {.loss = L::exo_pair, .label_smoothing = 1e-3},
+       false,
+       g::dpo_exo_pair_loss,
+       &g::dpo_exo_pair_grad_chosen,
+       &g::dpo_exo_pair_grad_rejected},
+      {"nca_pair",
+       {.loss = L::nca_pair},
+       false,
+       g::dpo_nca_pair_loss,
+       &g::dpo_nca_pair_grad_chosen,
        &g::dpo_nca_pair_grad_rejected},
-      {"robust", {.loss = L::robust, .label_smoothing = 0.1}, false, g::dpo_robust_loss, &g::dpo_robust_grad_chosen,
+      {"robust",
+       {.loss = L::robust, .label_smoothing = 0.1},
+       false,
+       g::dpo_robust_loss,
+       &g::dpo_robust_grad_chosen,
        &g::dpo_robust_grad_rejected},
-      {"bco_pair", {.loss = L::bco_pair}, false, g::dpo_bco_pair_loss, &g::dpo_bco_pair_grad_chosen,
+      {"bco_pair",
+       {.loss = L::bco_pair},
+       false,
+       g::dpo_bco_pair_loss,
+       &g::dpo_bco_pair_grad_chosen,
        &g::dpo_bco_pair_grad_rejected},
-      {"sppo_hard", {.loss = L::sppo_hard}, false, g::dpo_sppo_hard_loss, &g::dpo_sppo_hard_grad_chosen,
+      {"sppo_hard",
+       {.loss = L::sppo_hard},
+       false,
+       g::dpo_sppo_hard_loss,
+       &g::dpo_sppo_hard_grad_chosen,
        &g::dpo_sppo_hard_grad_rejected},
-      {"apo_zero", {.loss = L::apo_zero}, false, g::dpo_apo_zero_loss, &g::dpo_apo_zero_grad_chosen,
+      {"apo_zero",
+       {.loss = L::apo_zero},
+       false,
+       g::dpo_apo_zero_loss,
+       &g::dpo_apo_zero_grad_chosen,
        &g::dpo_apo_zero_grad_rejected},
-      {"apo_down", {.loss = L::apo_down}, false, g::dpo_apo_down_loss, &g::dpo_apo_down_grad_chosen,
+      {"apo_down",
+       {.loss = L::apo_down},
+       false,
+       g::dpo_apo_down_loss,
+       &g::dpo_apo_down_grad_chosen,
        &g::dpo_apo_down_grad_rejected},
-      {"discopop", {.loss = L::discopop}, false, g::dpo_discopop_loss, &g::dpo_discopop_grad_chosen,
+      {"discopop",
+       {.loss = L::discopop},
+       false,
+       g::dpo_discopop_loss,
+       &g::dpo_discopop_grad_chosen,
        &g::dpo_discopop_grad_rejected},
-      {"sigmoid_norm", {.loss = L::sigmoid_norm}, false, g::dpo_sigmoid_norm_loss, &g::dpo_sigmoid_norm_grad_chosen,
+      {"sigmoid_norm",
+       {.loss = L::sigmoid_norm},
+       false,
+       g::dpo_sigmoid_norm_loss,
+       &g::dpo_sigmoid_norm_grad_chosen,
        &g::dpo_sigmoid_norm_grad_rejected},
-      {"rpo", {.mix = {{L::sigmoid, 1.0}, {L::sft, 0.5}}}, false, g::dpo_rpo_loss, &g::dpo_rpo_grad_chosen,
+      {"rpo",
+       {.mix = {{L::sigmoid, 1.0}, {L::sft, 0.5}}},
+       false,
+       g::dpo_rpo_loss,
+       &g::dpo_rpo_grad_chosen,
        &g::dpo_rpo_grad_rejected},
-      {"mpo", {.mix = {{L::sigmoid, 0.8}, {L::bco_pair, 0.2}, {L::sft, 1.0}}}, false, g::dpo_mpo_loss,
-       &g::dpo_mpo_grad_chosen, &g::dpo_mpo_grad_rejected},
-      {"forward_kl", {.divergence = f_divergence::forward_kl}, false, g::dpo_forward_kl_loss,
-       &g::dpo_forward_kl_grad_chosen, &g::dpo_forward_kl_grad_rejected},
-      {"js", {.divergence = f_divergence::js_divergence}, false, g::dpo_js_loss, &g::dpo_js_grad_chosen,
+      {"mpo",
+       {.mix = {{L::sigmoid, 0.8}, {L::bco_pair, 0.2}, {L::sft, 1.0}}},
+       false,
+       g::dpo_mpo_loss,
+       &g::dpo_mpo_grad_chosen,
+       &g::dpo_mpo_grad_rejected},
+      {"forward_kl",
+       {.divergence = f_divergence::forward_kl},
+       false,
+       g::dpo_forward_kl_loss,
+       &g::dpo_forward_kl_grad_chosen,
+       &g::dpo_forward_kl_grad_rejected},
+      {"js",
+       {.divergence = f_divergence::js_divergence},
+       false,
+       g::dpo_js_loss,
+       &g::dpo_js_grad_chosen,
        &g::dpo_js_grad_rejected},
-      {"alpha", {.divergence = f_divergence::alpha_divergence}, false, g::dpo_alpha_loss, &g::dpo_alpha_grad_chosen,
+      {"alpha",
+       {.divergence = f_divergence::alpha_divergence},
+       false,
+       g::dpo_alpha_loss,
+       &g::dpo_alpha_grad_chosen,
        &g::dpo_alpha_grad_rejected},
       {"wpo", {}, true, g::dpo_wpo_loss, &g::dpo_wpo_grad_chosen, &g::dpo_wpo_grad_rejected},
-      {"reference_free", {.reference_free = true}, false, g::dpo_reference_free_loss,
-       &g::dpo_reference_free_grad_chosen, &g::dpo_reference_free_grad_rejected},
+      {"reference_free",
+       {.reference_free = true},
+       false,
+       g::dpo_reference_free_loss,
+       &g::dpo_reference_free_grad_chosen,
+       &g::dpo_reference_free_grad_rejected},
+      {"aot",
+       {.loss = L::aot, .label_smoothing = 0.1},
+       false,
+       g::dpo_aot_loss,
+       &g::dpo_aot_grad_chosen,
+       &g::dpo_aot_grad_rejected},
+      {"aot_unpaired",
+       {.loss = L::aot_unpaired},
+       false,
+       g::dpo_aot_unpaired_loss,
+       &g::dpo_aot_unpaired_grad_chosen,
+       &g::dpo_aot_unpaired_grad_rejected},
   };
   for (const auto& c : cases) {
     SECTION(c.name) {
@@ -190,4 +270,121 @@ TEST_CASE("Bradley-Terry closed form and metrics", "[reward]") {
   CHECK_THROWS_WITH(reward_model_loss(vec({1}), vec({1}), {.center_rewards_coefficient = -1}),
                     Contains("center_rewards_coefficient"));
   CHECK_THROWS_WITH(reward_model_loss(vec({1}), vec({1}), {.margin = vec({1, 2})}), Contains("options.margin"));
+}
+
+TEST_CASE("sigmoid DPO is Bradley-Terry on the implicit rewards β(logp - ref)", "[dpo][reward]") {
+  // DPO eq. 7 with ε = 0 is -log σ(r_c - r_r) with r = β(ℓ - ℓ_ref): the reward model loss on implicit rewards.
+  const auto b = golden_batch(false);
+  const double beta = 0.1;
+  const tensor_d rc = ops::mul(ops::sub(b.chosen_logps, *b.ref_chosen_logps), beta);
+  const tensor_d rr = ops::mul(ops::sub(b.rejected_logps, *b.ref_rejected_logps), beta);
+  check_all({ops::item(dpo(b, {.beta = beta}).loss)}, {ops::item(reward_model_loss(rc, rr).loss)});
+}
+
+TEST_CASE("IPO's minimiser sits at the margin 1/(2β)", "[dpo]") {
+  // (Δ̄ - 1/(2β))² is 0 with zero gradient when the length-normalised margin equals 1/(2β) = 5.
+  preference_batch<tensor_d> b{vec({-10.0}), vec({-20.0})};
+  b.ref_chosen_logps = vec({0.0});
+  b.ref_rejected_logps = vec({-15.0});  // Δ = (-10) - (-5) = -5 ... shifted below
+  b.chosen_lengths = vec({1.0});
+  b.rejected_lengths = vec({1.0});
+  b.ref_rejected_logps = vec({-35.0});  // l_c = -10, l_r = 15: Δ = -25; move chosen so Δ = 5
+  b.chosen_logps = vec({20.0});         // l_c = 20, Δ = 20 - 15 = 5
+  const dpo_options ipo{.loss = dpo_loss::ipo};
+  CHECK(ops::item(dpo(b, ipo).loss) == Approx(0.0).margin(1e-12));
+  CHECK(ops::item(dpo_backward(b, ipo).chosen_logps) == Approx(0.0).margin(1e-12));
+  b.chosen_logps = vec({21.0});  // one past the minimiser: loss 1, gradient 2
+  CHECK(ops::item(dpo(b, ipo).loss) == Approx(1.0));
+  CHECK(ops::item(dpo_backward(b, ipo).chosen_logps) == Approx(2.0));
+}
+
+TEST_CASE("Plackett-Luce matches its definition and reduces to Bradley-Terry at K = 2", "[reward][reference]") {
+  const tensor_d r(g::pl_rewards_shape, g::pl_rewards);
+  check_all({ops::item(plackett_luce_loss(r))}, {g::pl_loss});
+  check_all(ops::to_host(plackett_luce_loss_backward(r)), g::pl_grad);
+  // K = 2: rows [r_c, r_r] give exactly the Bradley-Terry loss and gradients.
+  const tensor_d pair({3, 2}, {1.5, -0.5, 0.0, 2.0, -3.0, -3.0});
+  const auto bt = reward_model_loss(vec({1.5, 0.0, -3.0}), vec({-0.5, 2.0, -3.0}));
+  check_all({ops::item(plackett_luce_loss(pair))}, {ops::item(bt.loss)});
+  const auto g2 = plackett_luce_loss_backward(pair);
+  const auto gbt = reward_model_loss_backward(vec({1.5, 0.0, -3.0}), vec({-0.5, 2.0, -3.0}));
+  check_all({g2(0, 0), g2(1, 0), g2(2, 0)}, ops::to_host(gbt.rewards_chosen));
+  check_all({g2(0, 1), g2(1, 1), g2(2, 1)}, ops::to_host(gbt.rewards_rejected));
+  using Catch::Matchers::Contains;
+  CHECK_THROWS_WITH(plackett_luce_loss(vec({1, 2})), Contains("plackett_luce_loss") && Contains("rewards"));
+}
+
+TEST_CASE("LD-DPO log-probs weight the tail of the longer completion by α (golden, float64)",
+          "[reference][sequence_logps]") {
+  const tensor_d logits(g::sft_logits_shape, g::sft_logits);
+  const eigen_index labels(g::sft_labels_shape, g::sft_labels);
+  const tensor_d shared = vec(g::ld_shared_lengths);
+  check_all(ops::to_host(ld_sequence_logps(logits, labels, shared, 0.3).logps), g::ld_logps);
+  check_all(ops::to_host(ld_sequence_logps_backward(logits, labels, shared, 0.3, vec({1.0, 1.0}))), g::ld_logps_grad);
+  // α = 1 is the plain sum.
+  check_all(ops::to_host(ld_sequence_logps(logits, labels, shared, 1.0).logps),
+            ops::to_host(sequence_logps(logits, labels).logps));
+  using Catch::Matchers::Contains;
+  CHECK_THROWS_WITH(ld_sequence_logps(logits, labels, shared, 1.5), Contains("ld_alpha"));
+  CHECK_THROWS_WITH(ld_sequence_logps(logits, labels, vec({1, 2, 3}), 0.5), Contains("shared_lengths"));
+}
+
+TEMPLATE_TEST_CASE("every preference loss stays finite at log-ratios of ±5000, ties and a batch of one",
+                   "[dpo][cpo][orpo][kto][extreme]", float, double) {
+  using T = eigen_tensor<TestType>;
+  const auto v = [](std::vector<double> x) {
+    T t({static_cast<std::int64_t>(x.size())});
+    for (std::size_t i = 0; i < x.size(); ++i) t.values()(static_cast<Eigen::Index>(i)) = static_cast<TestType>(x[i]);
+    return t;
+  };
+  const auto finite = [](const T& t) { return t.values().allFinite(); };
+  // pairs: log-ratio difference +5000, -5000, a tie, and a batch of one (below)
+  const std::vector<std::vector<double>> cases[] = {
+      {{-1.0, -5001.0, -3.0}, {-5001.0, -1.0, -3.0}, {0.0, 0.0, 0.0}, {0.0, 0.0, 0.0}},
+      {{-2.0}, {-2.0}, {-7.0}, {-7.0}},
+  };
+  using L = dpo_loss;
+  for (const auto& c : cases) {
+    preference_batch<T> b{v(c[0]), v(c[1])};
+    b.ref_chosen_logps = v(c[2]);
+    b.ref_rejected_logps = v(c[3]);
+    b.chosen_lengths = ops::full_like(b.chosen_logps, 3.0);
+    b.rejected_lengths = ops::full_like(b.chosen_logps, 2.0);
+    for (L l : {L::sigmoid, L::hinge, L::ipo, L::nca_pair, L::bco_pair, L::sppo_hard, L::apo_zero, L::apo_down,
+                L::discopop, L::sigmoid_norm, L::sft, L::aot, L::aot_unpaired, L::exo_pair, L::robust}) {
+      for (f_divergence f : {f_divergence::reverse_kl, f_divergence::forward_kl, f_divergence::js_divergence,
+                             f_divergence::alpha_divergence}) {
+        const dpo_options o{.loss = l, .label_smoothing = l == L::exo_pair ? 1e-3 : 0.1, .divergence = f};
+        INFO(dpo_loss_name(l) << " divergence " << static_cast<int>(f));
+        const auto r = dpo(b, o);
+        const auto g = dpo_backward(b, o);
+        CHECK(finite(r.loss));
+        CHECK(finite(r.per_pair_loss));
+        CHECK(finite(g.chosen_logps));
+        CHECK(finite(g.rejected_logps));
+      }
+    }
+    const cpo_batch<T> cb{b.chosen_logps, b.rejected_logps, *b.chosen_lengths, *b.rejected_lengths};
+    for (const cpo_options& o : {cpo_options{}, cpo_options{.loss = cpo_loss::ipo}, cpo_options::simpo(),
+                                 cpo_options{.loss = cpo_loss::simpo, .alpha = 0.5}}) {
+      CHECK(finite(cpo(cb, o).loss));
+      CHECK(finite(cpo_backward(cb, o).chosen_logps));
+      CHECK(finite(cpo_backward(cb, o).rejected_logps));
+    }
+    CHECK(finite(orpo(cb).loss));
+    CHECK(finite(orpo_backward(cb).chosen_logps));
+    CHECK(finite(orpo_backward(cb).rejected_logps));
+    const unpaired_batch<T> ub{b.chosen_logps, b.ref_chosen_logps.value(), ops::full_like(b.chosen_logps, 1.0)};
+    CHECK(finite(kto(ub).loss));
+    CHECK(finite(kto_backward(ub)));
+    CHECK(finite(bco(ub).loss));
+    CHECK(finite(bco_backward(ub)));
+  }
+}
+
+TEST_CASE("ORPO rejects log-probabilities above 0", "[orpo][errors]") {
+  using Catch::Matchers::Contains;
+  const cpo_batch<tensor_d> b{vec({0.5}), vec({-1.0}), vec({1}), vec({1})};
+  CHECK_THROWS_WITH(orpo(b), Contains("orpo") && Contains("chosen_logps") && Contains("<= 0"));
+  CHECK_THROWS_WITH(dpo(golden_batch(true), {.loss = dpo_loss::aot}), Contains("aot"));
 }

@@ -63,10 +63,16 @@ TEST_CASE("CPO, SimPO and AlphaPO match TRL's CPOTrainer (golden, float64)", "[r
       {"cdpo", {.label_smoothing = 0.2}, g::cpo_cdpo_loss, &g::cpo_cdpo_grad_chosen, &g::cpo_cdpo_grad_rejected},
       {"hinge", {.loss = cpo_loss::hinge}, g::cpo_hinge_loss, &g::cpo_hinge_grad_chosen, &g::cpo_hinge_grad_rejected},
       {"ipo", {.loss = cpo_loss::ipo}, g::cpo_ipo_loss, &g::cpo_ipo_grad_chosen, &g::cpo_ipo_grad_rejected},
-      {"simpo", {.beta = 2.0, .loss = cpo_loss::simpo, .cpo_alpha = 0.0}, g::cpo_simpo_loss, &g::cpo_simpo_grad_chosen,
+      {"simpo",
+       {.beta = 2.0, .loss = cpo_loss::simpo, .cpo_alpha = 0.0},
+       g::cpo_simpo_loss,
+       &g::cpo_simpo_grad_chosen,
        &g::cpo_simpo_grad_rejected},
-      {"alphapo", {.beta = 2.0, .loss = cpo_loss::simpo, .cpo_alpha = 0.0, .alpha = 0.25}, g::cpo_alphapo_loss,
-       &g::cpo_alphapo_grad_chosen, &g::cpo_alphapo_grad_rejected},
+      {"alphapo",
+       {.beta = 2.0, .loss = cpo_loss::simpo, .cpo_alpha = 0.0, .alpha = 0.25},
+       g::cpo_alphapo_loss,
+       &g::cpo_alphapo_grad_chosen,
+       &g::cpo_alphapo_grad_rejected},
   };
   for (const auto& k : cases) {
     SECTION(k.name) {

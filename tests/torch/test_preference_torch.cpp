@@ -1,9 +1,9 @@
 // Preference losses on LibTorch: values, metrics and analytic gradients vs the Eigen double
 // reference (float32/64, half inputs), and LibTorch autograd through each forward vs the analytic
 // backward. Inputs are random host data in double (support/data.hpp).
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <vector>
 
 #include "posttrain/backends/eigen.hpp"

@@ -43,14 +43,14 @@ class eigen_tensor {
   /// A tensor of the given shape over row-major `values` (sizes must agree).
   eigen_tensor(shape_t shape, storage_type values) : shape_(std::move(shape)), values_(std::move(values)) {
     if (values_.size() != checked_numel(shape_))
-      detail::fail("eigen_tensor", "values has ", values_.size(), " elements but shape ",
-                   detail::shape_string(shape_), " needs ", checked_numel(shape_));
+      detail::fail("eigen_tensor", "values has ", values_.size(), " elements but shape ", detail::shape_string(shape_),
+                   " needs ", checked_numel(shape_));
   }
 
   /// From a shape and a row-major list of values, e.g. `eigen_tensor<double>({2, 2}, {1, 2, 3, 4})`.
   eigen_tensor(shape_t shape, const std::vector<Scalar>& values)
-      : eigen_tensor(std::move(shape), storage_type(Eigen::Map<const storage_type>(values.data(),
-                                                                                  static_cast<Eigen::Index>(values.size())))) {}
+      : eigen_tensor(std::move(shape), storage_type(Eigen::Map<const storage_type>(
+                                           values.data(), static_cast<Eigen::Index>(values.size())))) {}
   eigen_tensor(shape_t shape, std::initializer_list<Scalar> values)
       : eigen_tensor(std::move(shape), std::vector<Scalar>(values)) {}
 
@@ -73,9 +73,13 @@ class eigen_tensor {
 
   /// Element access by a full multi-index, e.g. `t(b, t, v)`.
   template <class... I>
-  Scalar& operator()(I... index) { return values_(offset({static_cast<std::int64_t>(index)...})); }
+  Scalar& operator()(I... index) {
+    return values_(offset({static_cast<std::int64_t>(index)...}));
+  }
   template <class... I>
-  const Scalar& operator()(I... index) const { return values_(offset({static_cast<std::int64_t>(index)...})); }
+  const Scalar& operator()(I... index) const {
+    return values_(offset({static_cast<std::int64_t>(index)...}));
+  }
 
   static std::int64_t checked_numel(const shape_t& shape) {
     std::int64_t n = 1;
@@ -207,8 +211,10 @@ struct tensor_traits<eigen_tensor<Scalar>> {
       case binary_op::mul: return a * b;
       case binary_op::div: return a / b;
       // NaN-propagating like torch.maximum / torch.minimum.
-      case binary_op::maximum: return std::isnan(a) || std::isnan(b) ? std::numeric_limits<Scalar>::quiet_NaN() : std::max(a, b);
-      case binary_op::minimum: return std::isnan(a) || std::isnan(b) ? std::numeric_limits<Scalar>::quiet_NaN() : std::min(a, b);
+      case binary_op::maximum:
+        return std::isnan(a) || std::isnan(b) ? std::numeric_limits<Scalar>::quiet_NaN() : std::max(a, b);
+      case binary_op::minimum:
+        return std::isnan(a) || std::isnan(b) ? std::numeric_limits<Scalar>::quiet_NaN() : std::min(a, b);
     }
     return a;
   }
@@ -248,12 +254,10 @@ struct tensor_traits<eigen_tensor<Scalar>> {
         detail::eigen::broadcast_shapes(cond.shape(), detail::eigen::broadcast_shapes(a.shape(), b.shape()));
     T out(s);
     std::int64_t o = 0;
-    detail::eigen::for_each_broadcast<3>(s, {cond.shape(), a.shape(), b.shape()},
-                                         [&](const std::array<std::int64_t, 3>& off) {
-                                           out.values()(o++) = cond.values()(off[0]) != Scalar(0)
-                                                                   ? a.values()(off[1])
-                                                                   : b.values()(off[2]);
-                                         });
+    detail::eigen::for_each_broadcast<3>(
+        s, {cond.shape(), a.shape(), b.shape()}, [&](const std::array<std::int64_t, 3>& off) {
+          out.values()(o++) = cond.values()(off[0]) != Scalar(0) ? a.values()(off[1]) : b.values()(off[2]);
+        });
     return out;
   }
 
@@ -271,19 +275,24 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     for (std::size_t d = dim + 1; d < s.size(); ++d) inner *= s[d];
     const std::int64_t n = s[dim];
     shape_t out_shape = s;
-    if (keepdim) out_shape[dim] = 1;
-    else out_shape.erase(out_shape.begin() + dim);
+    if (keepdim)
+      out_shape[dim] = 1;
+    else
+      out_shape.erase(out_shape.begin() + dim);
     T out(out_shape);
     for (std::int64_t o = 0; o < outer; ++o)
       for (std::int64_t i = 0; i < inner; ++i) {
-        Scalar acc = op == reduce_op::sum ? Scalar(0)
+        Scalar acc = op == reduce_op::sum   ? Scalar(0)
                      : op == reduce_op::max ? -std::numeric_limits<Scalar>::infinity()
                                             : std::numeric_limits<Scalar>::infinity();
         for (std::int64_t k = 0; k < n; ++k) {
           const Scalar v = x.values()((o * n + k) * inner + i);
-          if (op == reduce_op::sum) acc += v;
-          else if (std::isnan(v) || std::isnan(acc)) acc = std::numeric_limits<Scalar>::quiet_NaN();
-          else acc = op == reduce_op::max ? std::max(acc, v) : std::min(acc, v);
+          if (op == reduce_op::sum)
+            acc += v;
+          else if (std::isnan(v) || std::isnan(acc))
+            acc = std::numeric_limits<Scalar>::quiet_NaN();
+          else
+            acc = op == reduce_op::max ? std::max(acc, v) : std::min(acc, v);
         }
         out.values()(o * inner + i) = acc;
       }
@@ -305,6 +314,11 @@ struct tensor_traits<eigen_tensor<Scalar>> {
   }
 
   static T gather_last(const T& x, const index_tensor& i) {
+    shape_t rows = x.shape();
+    if (!rows.empty()) rows.pop_back();
+    if (i.shape() != rows)
+      detail::fail("gather_last", "index has shape ", detail::shape_string(i.shape()), " but x has shape ",
+                   detail::shape_string(x.shape()), "; expected one index per row, shape ", detail::shape_string(rows));
     const std::int64_t v = x.shape().back();
     T out(i.shape());
     for (std::int64_t r = 0; r < i.numel(); ++r) {
@@ -342,7 +356,8 @@ struct tensor_traits<eigen_tensor<Scalar>> {
   static index_tensor index_replace(const index_tensor& i, std::int64_t from, std::int64_t to) {
     return index_tensor(i.shape(), typename index_tensor::storage_type((i.values() == from).select(to, i.values())));
   }
-  static std::int64_t index_count_outside(const index_tensor& i, std::int64_t lo, std::int64_t hi, std::int64_t except) {
+  static std::int64_t index_count_outside(const index_tensor& i, std::int64_t lo, std::int64_t hi,
+                                          std::int64_t except) {
     return ((i.values() != except) && ((i.values() < lo) || (i.values() >= hi))).count();
   }
 
@@ -472,8 +487,7 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     shape_t s = x.shape();
     s.pop_back();
     T out(s);
-    for (std::int64_t r = 0; r < out.numel(); ++r)
-      out.values()(r) = f(x.values().segment(r * v, v));
+    for (std::int64_t r = 0; r < out.numel(); ++r) out.values()(r) = f(x.values().segment(r * v, v));
     return out;
   }
 };

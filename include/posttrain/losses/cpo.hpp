@@ -3,7 +3,8 @@
 // Inputs [B]: chosen_logps, rejected_logps (SUMS over completion tokens) and chosen_lengths,
 // rejected_lengths. As TRL's CPOTrainer, ipo and simpo use length-averaged log-probs u = ℓ/|y|,
 // sigmoid and hinge use the sums u = ℓ.
-//   reward  r = u, or with AlphaPO's α != 0: r = (1 - e^{-α u}) / α   (AlphaPO, arXiv:2501.03884 eq. 6)
+//   reward  r = u, or with AlphaPO's α != 0: r = (1 - e^{-α u}) / α   (AlphaPO, arXiv:2501.03884 eq. 6;
+//           -α u capped as dpo.hpp's exponents: detail::exponent_cap)
 //   d = r_c - r_r
 //   sigmoid  -(1-ε) log σ(βd) - ε log σ(-βd)                         CPO eq. 3 (with cDPO smoothing)
 //   hinge    relu(1 - βd)
@@ -15,6 +16,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <string_view>
 
 #include "posttrain/detail/validate.hpp"
@@ -101,11 +103,16 @@ cpo_state<T> cpo_prepare(const cpo_batch<T>& b, const cpo_options& o) {
     s.drc_dc = ops::div(1.0, nc);
     s.drr_dr = ops::div(1.0, nr);
   } else {
-    // AlphaPO: r = (1 - e^{-α u}) / α = -expm1(-α u) / α;  dr/du = e^{-α u}
-    s.rc = ops::div(ops::neg(ops::expm1(ops::mul(s.uc, -o.alpha))), o.alpha);
-    s.rr = ops::div(ops::neg(ops::expm1(ops::mul(s.ur, -o.alpha))), o.alpha);
-    s.drc_dc = ops::div(ops::exp(ops::mul(s.uc, -o.alpha)), nc);
-    s.drr_dr = ops::div(ops::exp(ops::mul(s.ur, -o.alpha)), nr);
+    // AlphaPO: r = (1 - e^{-α u}) / α = -expm1(-α u) / α;  dr/du = e^{-α u}.
+    // The exponent -α u is capped (detail::exponent_cap) so no finite input overflows; no slope past the cap.
+    const double cap = exponent_cap(ops::dtype_of(b.chosen_logps));
+    const double inf = std::numeric_limits<double>::infinity();
+    const T tc = ops::mul(s.uc, -o.alpha), tr = ops::mul(s.ur, -o.alpha);
+    const T tc_capped = ops::clamp(tc, -inf, cap), tr_capped = ops::clamp(tr, -inf, cap);
+    s.rc = ops::div(ops::neg(ops::expm1(tc_capped)), o.alpha);
+    s.rr = ops::div(ops::neg(ops::expm1(tr_capped)), o.alpha);
+    s.drc_dc = ops::div(ops::mul(ops::exp(tc_capped), ops::le(tc, cap)), nc);
+    s.drr_dr = ops::div(ops::mul(ops::exp(tr_capped), ops::le(tr, cap)), nr);
   }
   return s;
 }

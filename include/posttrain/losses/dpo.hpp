@@ -6,8 +6,11 @@
 //
 //   log-ratios    l_c = chosen_logps - ref_chosen_logps,  l_r likewise
 //   scores        s = f(l): reverse_kl s = l (standard DPO); forward_kl s = -e^{-l};
-//                 js_divergence s = log σ(l); alpha_divergence s = e^{(α-1) l}/(α-1) with (α-1) l
-//                 clamped at 80 (11 for float16), as TRL (Wang et al. 2023, arXiv:2309.16240 §4)
+//                 js_divergence s = log σ(l); alpha_divergence s = e^{(α-1) l}/(α-1)
+//                 (Wang et al. 2023, arXiv:2309.16240 §4). Exponents are capped (detail::exponent_cap:
+//                 11 for float16 inputs as TRL, 40 for float32 where TRL uses 80, 80 for float64) so
+//                 that no finite input overflows, squared losses included: TRL caps alpha_divergence
+//                 only; we also cap forward_kl's -l, with no gradient past the cap (as torch.clamp).
 //   Δ = s_c - s_r,  x = β Δ
 // Per-pair losses (TRL dpo_loss; each line names its paper):
 //   sigmoid       -(1-ε) log σ(x) - ε log σ(-x)      DPO eq. 7; ε > 0 is cDPO (old TRL, OpenRLHF, torchtune)
@@ -21,6 +24,10 @@
 //   apo_zero      1 - σ(βl_c) + σ(βl_r)                                   APO eq. 7
 //   apo_down      σ(βl_c) + 1 - σ(x)                                      APO eq. 8
 //   discopop      -log σ(x)(1 - m) + e^{-x} m,  m = σ(x/τ)               DiscoPOP eq. 5
+//                 (e^{-x} m is evaluated as exp(-x + log σ(x/τ)): finite for every finite x)
+//   aot           cDPO form on x_i = β(sort(ℓ_c - ℓ_r)_i - sort(ℓ_c^ref - ℓ_r^ref)_i)   AOT (paired)
+//   aot_unpaired  cDPO form on x_i = β(sort(l_c)_i - sort(l_r)_i)             AOT (unpaired)
+//                 (sorted over the batch, so each pair's loss depends on the whole batch)
 //   sigmoid_norm  -log σ(β(s_c/|c| - s_r/|r|))                            length-normalised DPO (Tulu 3)
 //   sft           -Σ_b chosen_logps / Σ_b |c|: token-mean NLL of the chosen completions (RPO = sigmoid + sft)
 // loss = Σ_k weight_k · mean_b(L_k · w_c · w_r), w the optional (detached) WPO weights.
@@ -56,7 +63,9 @@ enum class dpo_loss {
   apo_down,
   discopop,
   sigmoid_norm,
-  sft
+  sft,
+  aot,
+  aot_unpaired
 };
 
 constexpr const char* dpo_loss_name(dpo_loss l) {
@@ -74,6 +83,8 @@ constexpr const char* dpo_loss_name(dpo_loss l) {
     case dpo_loss::discopop: return "discopop";
     case dpo_loss::sigmoid_norm: return "sigmoid_norm";
     case dpo_loss::sft: return "sft";
+    case dpo_loss::aot: return "aot";
+    case dpo_loss::aot_unpaired: return "aot_unpaired";
   }
   return "?";
 }
@@ -188,6 +199,10 @@ void check_dpo(std::string_view fn, const preference_batch<T>& b, const dpo_opti
   };
   if (b.chosen_weights && has_sft())
     fail(fn, "WPO weights (chosen_weights) with the sft term are not supported: weight the pairwise terms only");
+  for (const auto& t : dpo_terms_of(o))
+    if (b.chosen_weights && (t.loss == dpo_loss::aot || t.loss == dpo_loss::aot_unpaired))
+      fail(fn, "WPO weights (chosen_weights) with loss ", dpo_loss_name(t.loss),
+           " are not supported: AOT sorts over the batch, so per-pair weights have no pair to attach to (TRL)");
   const auto terms = dpo_terms_of(o);
   if (terms.empty()) fail(fn, "options.mix is empty");
   for (const auto& t : terms) {
@@ -197,7 +212,8 @@ void check_dpo(std::string_view fn, const preference_batch<T>& b, const dpo_opti
     if (t.loss == dpo_loss::exo_pair && (o.label_smoothing <= 0 || o.label_smoothing >= 1))
       fail(fn, "options.label_smoothing must be in (0, 1) for loss exo_pair (TRL recommends 1e-3), got ",
            o.label_smoothing);
-    if ((t.loss == dpo_loss::sigmoid) && (o.label_smoothing < 0 || o.label_smoothing > 0.5))
+    if ((t.loss == dpo_loss::sigmoid || t.loss == dpo_loss::aot || t.loss == dpo_loss::aot_unpaired) &&
+        (o.label_smoothing < 0 || o.label_smoothing > 0.5))
       fail(fn, "options.label_smoothing must be in [0, 0.5] for loss sigmoid, got ", o.label_smoothing);
     if (dpo_needs_lengths(t.loss, o)) {
       if (!b.chosen_lengths || (t.loss != dpo_loss::sft && !b.rejected_lengths))
@@ -211,6 +227,39 @@ void check_dpo(std::string_view fn, const preference_batch<T>& b, const dpo_opti
 template <tensor T>
 T sigmoid_slope(const T& z) {
   return ops::mul(sigmoid(z), sigmoid(ops::neg(z)));
+}
+
+/// The exponent cap that keeps e^t, and the square of e^t (ipo, sppo_hard), finite: 11 for float16
+/// inputs (TRL), 40 for float32 and bfloat16 (TRL uses 80, whose square overflows float32), 80 for
+/// float64 (TRL has no float64 entry).
+inline double exponent_cap(dtype input) {
+  switch (input) {
+    case dtype::float16: return 11.0;
+    case dtype::float64: return 80.0;
+    default: return 40.0;
+  }
+}
+
+/// cDPO on x: -(1-ε) log σ(x) - ε log σ(-x) and its slope -(1-ε) σ(-x) + ε σ(x).
+template <tensor T>
+std::pair<T, T> cdpo_on(const T& x, double eps) {
+  const T loss = ops::sub(ops::mul(log_sigmoid(x), -(1 - eps)), ops::mul(log_sigmoid(ops::neg(x)), eps));
+  return {loss, ops::add(ops::mul(sigmoid(ops::neg(x)), -(1 - eps)), ops::mul(sigmoid(x), eps))};
+}
+
+/// Values sorted ascending over a [B] tensor, and the gradient map back: for g over the sorted
+/// positions, unsort(g)[j] = Σ_i g_i [order_i = j] (one_hot over the batch: B x B, B is small).
+template <tensor T>
+struct sorted_view {
+  T values;
+  T permutation;  // [B, B]: row i is onehot(order_i)
+  T unsort(const T& g) const { return ops::sum(ops::mul(ops::unsqueeze(g, -1), permutation), 0); }
+};
+template <tensor T>
+sorted_view<T> sort_batch(const T& x) {
+  // sorted_i = Σ_j P_ij x_j with P_ij = [order_i = j]: a differentiable sort in the concept's vocabulary
+  const T p = ops::one_hot(ops::argsort_last(x), ops::size(x, 0), x);  // [B, B]
+  return {ops::sum(ops::mul(p, ops::unsqueeze(x, 0)), 1), p};
 }
 
 /// The per-pair loss of one type and its partials (see the file comment for each formula).
@@ -227,8 +276,26 @@ dpo_pair_terms<T> dpo_pair(dpo_loss type, const T& sc, const T& sr, const T& lc,
   switch (type) {
     case dpo_loss::sigmoid: {
       // cDPO: -(1-ε) log σ(x) - ε log σ(-x);  dL/dx = -(1-ε) σ(-x) + ε σ(x)
-      const T loss = ops::sub(ops::mul(log_sigmoid(x), -(1 - eps)), ops::mul(log_sigmoid(ops::neg(x)), eps));
-      return of_x(loss, ops::add(ops::mul(sigmoid(ops::neg(x)), -(1 - eps)), ops::mul(sigmoid(x), eps)));
+      const auto [loss, dx] = cdpo_on(x, eps);
+      return of_x(loss, dx);
+    }
+    case dpo_loss::aot:
+    case dpo_loss::aot_unpaired: {
+      // AOT: sort over the batch, then cDPO on β(sorted difference); gradients are unsorted back.
+      if (type == dpo_loss::aot) {
+        // policy log-ratio ℓ_c - ℓ_r = l_c - l_r + (ℓ_c^ref - ℓ_r^ref): sort it and the reference's separately
+        const T ref_diff = o.reference_free
+                               ? ops::full_like(lc, 0.0)
+                               : ops::sub(ops::upcast(*b.ref_chosen_logps), ops::upcast(*b.ref_rejected_logps));
+        const auto pol = sort_batch(ops::add(ops::sub(lc, lr), ref_diff));
+        const auto ref = sort_batch(ref_diff);
+        const auto [loss, dx] = cdpo_on(ops::mul(ops::sub(pol.values, ref.values), beta), eps);
+        const T g = pol.unsort(ops::mul(dx, beta));  // ∂/∂(ℓ_c - ℓ_r) per original pair
+        return {loss, zero, zero, g, ops::neg(g)};
+      }
+      const auto c = sort_batch(lc), r = sort_batch(lr);
+      const auto [loss, dx] = cdpo_on(ops::mul(ops::sub(c.values, r.values), beta), eps);
+      return {loss, zero, zero, c.unsort(ops::mul(dx, beta)), r.unsort(ops::mul(dx, -beta))};
     }
     case dpo_loss::hinge: {
       // relu(1 - x); dL/dx = -1 where 1 - x > 0 (torch.relu's gradient is 0 at 0)
@@ -252,15 +319,20 @@ dpo_pair_terms<T> dpo_pair(dpo_loss type, const T& sc, const T& sr, const T& lc,
       return of_x(loss, ops::mul(ops::mul(q, ql), ops::add(x, c - a)));
     }
     case dpo_loss::discopop: {
-      // m = σ(x/τ): L = -log σ(x)(1-m) + e^{-x} m;  dL/dx = -σ(-x)(1-m) + (e^{-x} + log σ(x)) m' - e^{-x} m
+      // m = σ(x/τ): L = -log σ(x)(1-m) + e^{-x} m;  dL/dx = -σ(-x)(1-m) + (e^{-x} + log σ(x)) m' - e^{-x} m.
+      // Products with e^{-x} are taken in log space: e^{-x} m = exp(-x + log σ(x/τ)),
+      // e^{-x} m' = exp(-x + log σ(x/τ) + log σ(-x/τ)) / τ, so a very negative x gives 0, not inf * 0.
       const double tau = o.discopop_tau;
-      const T m = sigmoid(ops::div(x, tau));
-      const T dm = ops::div(sigmoid_slope(ops::div(x, tau)), tau);
-      const T logistic = ops::neg(log_sigmoid(x)), expo = ops::exp(ops::neg(x));
-      const T loss = ops::add(ops::mul(logistic, ops::sub(1.0, m)), ops::mul(expo, m));
+      const T xt = ops::div(x, tau);
+      const T m = sigmoid(xt);
+      const T dm = ops::div(sigmoid_slope(xt), tau);
+      const T logistic = ops::neg(log_sigmoid(x));
+      const T expo_m = ops::exp(ops::add(ops::neg(x), log_sigmoid(xt)));
+      const T expo_dm = ops::div(ops::exp(ops::add(ops::sub(log_sigmoid(xt), x), log_sigmoid(ops::neg(xt)))), tau);
+      const T loss = ops::add(ops::mul(logistic, ops::sub(1.0, m)), expo_m);
       const T dx = ops::sub(
-          ops::add(ops::mul(ops::neg(sigmoid(ops::neg(x))), ops::sub(1.0, m)), ops::mul(ops::sub(expo, logistic), dm)),
-          ops::mul(expo, m));
+          ops::sub(ops::sub(expo_dm, ops::mul(sigmoid(ops::neg(x)), ops::sub(1.0, m))), ops::mul(logistic, dm)),
+          expo_m);
       return of_x(loss, dx);
     }
     case dpo_loss::ipo:
@@ -334,9 +406,11 @@ std::pair<T, T> dpo_score(const T& l, const dpo_options& o, dtype input_dtype) {
   switch (o.divergence) {
     case f_divergence::reverse_kl: return {l, ops::full_like(l, 1.0)};
     case f_divergence::forward_kl: {
-      // f'(t) = 1 - 1/t -> -e^{-l};  slope e^{-l}
-      const T e = ops::exp(ops::neg(l));
-      return {ops::neg(e), e};
+      // f'(t) = 1 - 1/t -> -e^{-l};  slope e^{-l}; -l capped (see the file comment)
+      const double cap = exponent_cap(input_dtype);
+      const T t = ops::neg(l);
+      const T e = ops::exp(ops::clamp(t, -std::numeric_limits<double>::infinity(), cap));
+      return {ops::neg(e), ops::mul(e, ops::le(t, cap))};
     }
     case f_divergence::js_divergence:
       // f'(t) = log(2t / (t + 1)) -> log σ(l);  slope σ(-l)
@@ -344,7 +418,7 @@ std::pair<T, T> dpo_score(const T& l, const dpo_options& o, dtype input_dtype) {
     case f_divergence::alpha_divergence: {
       if (std::abs(o.alpha - 1.0) < 1e-6) return {l, ops::full_like(l, 1.0)};  // the α -> 1 limit is reverse KL
       // e^{(α-1) l} / (α-1), the exponent clamped at 80 (11 in float16) as TRL; no slope past the clamp
-      const double cap = input_dtype == dtype::float16 ? 11.0 : 80.0;
+      const double cap = exponent_cap(input_dtype);
       const T t = ops::mul(l, o.alpha - 1.0);
       const T e = ops::exp(ops::clamp(t, -std::numeric_limits<double>::infinity(), cap));
       return {ops::div(e, o.alpha - 1.0), ops::mul(e, ops::le(t, cap))};

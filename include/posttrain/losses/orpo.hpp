@@ -44,6 +44,11 @@ void check_orpo(std::string_view fn, const cpo_batch<T>& b, const orpo_options& 
   require_finite(fn, "options.beta", o.beta);
   if (o.beta < 0) fail(fn, "options.beta must be >= 0, got ", o.beta);
   check_cpo(fn, b, cpo_options{});
+  // log-probabilities are <= 0; log(1 - e^ū) is undefined above 0 (one host read of the maximum)
+  for (auto [name, x] : {std::pair{"chosen_logps", &b.chosen_logps}, std::pair{"rejected_logps", &b.rejected_logps}}) {
+    const double top = ops::item(ops::max_all(ops::detach(*x)));
+    if (!(top <= 0.0)) fail(fn, name, " must be <= 0 (log-probabilities), got a maximum of ", top);
+  }
 }
 template <tensor T>
 std::pair<T, T> orpo_average(const cpo_batch<T>& b) {

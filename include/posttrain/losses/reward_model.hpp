@@ -11,10 +11,13 @@
 // Example: r_c = 1, r_r = 0 -> loss = log(1 + e^{-1}) = 0.313262.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "posttrain/detail/validate.hpp"
+#include "posttrain/numerics/logits.hpp"
 #include "posttrain/numerics/stable.hpp"
 #include "posttrain/tensor.hpp"
 
@@ -104,6 +107,48 @@ reward_model_gradients<T> reward_model_loss_backward(const T& rewards_chosen, co
     gr = ops::add(gr, center);
   }
   return {gc, gr};
+}
+
+/// Listwise generalisation: Plackett-Luce over K responses ranked best first (Plackett 1975;
+/// the ranking loss of InstructGPT's K-way comparisons, and of LiPO's list MLE):
+///   loss = mean_b Σ_{k=0}^{K-2} [ log Σ_{j>=k} e^{r_{b,j}} - r_{b,k} ]
+/// At K = 2 this is Bradley-Terry: log(e^{r_0} + e^{r_1}) - r_0 = -log σ(r_0 - r_1).
+/// rewards: [B, K], column 0 the best response. Each suffix log-sum-exp is max-shifted.
+template <tensor T>
+T plackett_luce_loss(const T& rewards) {
+  constexpr std::string_view fn = "plackett_luce_loss";
+  detail::require_values(fn, "rewards", rewards);
+  detail::require_rank(fn, "rewards", rewards, 2, 2);
+  const T r = ops::upcast(rewards);
+  const std::int64_t k_count = ops::size(r, 1);
+  T total = ops::full(r, shape_t{ops::size(r, 0)}, 0.0);  // [B]
+  for (std::int64_t k = 0; k + 1 < k_count; ++k) {
+    const T tail = ops::slice(r, 1, k, k_count - k);  // [B, K - k]
+    // log Σ_{j>=k} e^{r_j} - r_k
+    total = ops::add(total, ops::sub(logsumexp(tail), ops::reshape(ops::slice(r, 1, k, 1), ops::shape(total))));
+  }
+  return ops::div(ops::sum_all(total), static_cast<double>(ops::size(r, 0)));
+}
+
+/// Gradient of plackett_luce_loss: ∂/∂r_{b,j} = (Σ_{k<=min(j, K-2)} softmax_k(r_{b, k:})_j - [j <= K-2]) / B.
+template <tensor T>
+T plackett_luce_loss_backward(const T& rewards, double grad_loss = 1.0) {
+  constexpr std::string_view fn = "plackett_luce_loss_backward";
+  detail::require_values(fn, "rewards", rewards);
+  detail::require_rank(fn, "rewards", rewards, 2, 2);
+  detail::require_finite(fn, "grad_loss", grad_loss);
+  const T r = ops::upcast(rewards);
+  const std::int64_t b = ops::size(r, 0), k_count = ops::size(r, 1);
+  T grad = ops::full_like(r, 0.0);
+  for (std::int64_t k = 0; k + 1 < k_count; ++k) {
+    // softmax over the suffix k.., minus the indicator of column k, placed back at columns k..
+    const T tail = ops::slice(r, 1, k, k_count - k);
+    T d = softmax_last(tail);
+    d = ops::sub(d, ops::one_hot(ops::argmax_last(ops::full(r, shape_t{b, 1}, 0.0)), k_count - k, r));
+    if (k > 0) d = ops::concat(std::vector<T>{ops::full(r, shape_t{b, k}, 0.0), d}, 1);
+    grad = ops::add(grad, d);
+  }
+  return ops::to_dtype(ops::mul(grad, grad_loss / static_cast<double>(b)), ops::dtype_of(rewards));
 }
 
 }  // namespace posttrain

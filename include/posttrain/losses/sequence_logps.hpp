@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "posttrain/detail/validate.hpp"
 #include "posttrain/numerics/logits.hpp"
@@ -71,6 +72,61 @@ T sequence_logps_backward(const T& logits, const index_tensor_t<T>& labels, cons
   }
   const T per_token = ops::mul(ops::unsqueeze(g, 1), ops::full(x, shape_t{ops::size(x, 0), ops::size(x, 1)}, 1.0));
   return ops::to_dtype(token_logprobs_backward(x, labels, per_token, opt.ignore_index), ops::dtype_of(logits));
+}
+
+/// LD-DPO's length-desensitised log-probability (Liu et al. 2024, arXiv:2409.06411 eq. 9; TRL ld_alpha):
+///   ℓ_b = Σ_{completion positions p <= s_b} log p(y) + α Σ_{p > s_b} log p(y)
+/// with p counting completion tokens from 1 and s_b the shared length, min(|y_c|, |y_r|) of the
+/// pair (apply the same s_b to the policy and the reference, to chosen and rejected). α = 1 gives the sum.
+template <tensor T>
+sequence_logps_result<T> ld_sequence_logps(const T& logits, const index_tensor_t<T>& labels, const T& shared_lengths,
+                                           double ld_alpha, std::int64_t ignore_index = default_ignore_index);
+
+namespace detail {
+/// The per-token LD-DPO weight [B, T]: 1 on the shared prefix of the completion, α after it, 0 off it.
+template <tensor T>
+T ld_weights(std::string_view fn, const T& x, const index_tensor_t<T>& labels, const T& shared_lengths, double ld_alpha,
+             std::int64_t ignore_index) {
+  require_finite(fn, "ld_alpha", ld_alpha);
+  if (ld_alpha < 0 || ld_alpha > 1) fail(fn, "ld_alpha must be in [0, 1], got ", ld_alpha);
+  require_floating(fn, "shared_lengths", shared_lengths);
+  require_same_device(fn, "logits", x, "shared_lengths", shared_lengths);
+  if (ops::shape(shared_lengths) != shape_t{ops::size(x, 0)})
+    fail(fn, "shared_lengths has shape ", shape_string(ops::shape(shared_lengths)), " but logits has batch size ",
+         ops::size(x, 0));
+  const T mask = tensor_traits<T>::index_not_equal(labels, ignore_index, x);  // [B, T]
+  const T position = ops::cumsum(mask, 1);                                    // completion position, from 1
+  const T shared = ops::le(position, ops::unsqueeze(ops::upcast(shared_lengths), 1));
+  return ops::mul(mask, ops::add(shared, ops::mul(ops::sub(1.0, shared), ld_alpha)));
+}
+}  // namespace detail
+
+template <tensor T>
+sequence_logps_result<T> ld_sequence_logps(const T& logits, const index_tensor_t<T>& labels, const T& shared_lengths,
+                                           double ld_alpha, std::int64_t ignore_index) {
+  const sequence_logps_options o{.ignore_index = ignore_index};
+  detail::check_sequence_logps("ld_sequence_logps", logits, labels, o);
+  const T x = ops::upcast(logits);
+  const T w = detail::ld_weights("ld_sequence_logps", x, labels, shared_lengths, ld_alpha, ignore_index);
+  const T lp = token_logprobs(x, labels, ignore_index);
+  const T n = ops::sum(tensor_traits<T>::index_not_equal(labels, ignore_index, x), 1);
+  return {ops::sum(ops::mul(lp, w), 1), ops::detach(n)};
+}
+
+/// Backward of ld_sequence_logps: grad [B] -> ∂/∂logits [B, T, V].
+template <tensor T>
+T ld_sequence_logps_backward(const T& logits, const index_tensor_t<T>& labels, const T& shared_lengths, double ld_alpha,
+                             const T& grad, std::int64_t ignore_index = default_ignore_index) {
+  const sequence_logps_options o{.ignore_index = ignore_index};
+  detail::check_sequence_logps("ld_sequence_logps_backward", logits, labels, o);
+  detail::require_values("ld_sequence_logps_backward", "grad", grad);
+  const T x = ops::upcast(logits);
+  if (ops::shape(grad) != shape_t{ops::size(x, 0)})
+    detail::fail("ld_sequence_logps_backward", "grad has shape ", detail::shape_string(ops::shape(grad)),
+                 " but logits has batch size ", ops::size(x, 0));
+  const T w = detail::ld_weights("ld_sequence_logps_backward", x, labels, shared_lengths, ld_alpha, ignore_index);
+  const T per_token = ops::mul(w, ops::unsqueeze(ops::upcast(grad), 1));
+  return ops::to_dtype(token_logprobs_backward(x, labels, per_token, ignore_index), ops::dtype_of(logits));
 }
 
 }  // namespace posttrain
