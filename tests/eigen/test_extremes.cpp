@@ -79,6 +79,12 @@ TEMPLATE_TEST_CASE("logits of ±1e4: finite values and gradients, closed forms",
   test::check_values("logsumexp", logsumexp(logits), {b, b + ln2, -b + ln4, b + ln2, ln2, b}, tol);
   test::check_values("entropy", entropy(logits), {0, ln2, ln4, ln2, ln2, 0}, tol);
   test::check_values("token_logprobs", token_logprobs(logits, labels), {0, -b - ln2, -ln4, -2 * b - ln2, -ln2, 0}, tol);
+  // The generic compositions (what a backend without fused kernels runs) keep the same precision.
+  test::check_values("generic logsumexp", generic::logsumexp_last(logits), {b, b + ln2, -b + ln4, b + ln2, ln2, b},
+                     tol);
+  test::check_values("generic entropy", generic::entropy_last(logits), {0, ln2, ln4, ln2, ln2, 0}, tol);
+  test::check_values("generic token_logprobs", generic::token_logprobs(logits, eigen_index({2, 3}, {0, 3, 2, 2, 1, 0})),
+                     {0, -b - ln2, -ln4, -2 * b - ln2, -ln2, 0}, tol);
   const auto w = eigen_tensor<TestType>({2, 3}, TestType(1));
   CHECK(test::finite_everywhere(logsumexp_backward(logits, w)));
   CHECK(test::finite_everywhere(entropy_backward(logits, w)));

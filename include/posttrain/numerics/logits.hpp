@@ -48,10 +48,12 @@ T logsumexp_last(const T& x) {
   return ops::add(ops::log(s), ops::reshape(m_safe, ops::shape(s)));
 }
 
-/// log softmax(x)[label] = x[label] - logsumexp(x): [..., V], [...] -> [...].
+/// log softmax(x)[label] = xs[label] - logsumexp(xs) with xs = x - sg(row max): [..., V], [...] -> [...].
+/// Shifting first keeps float32 precise at large |x| (x[label] - logsumexp(x) loses ulp(logsumexp)).
 template <tensor T>
 T token_logprobs(const T& x, const index_tensor_t<T>& labels) {
-  return ops::sub(ops::gather_last(x, labels), logsumexp_last(x));
+  const T xs = detail::shift_by_row_max(x);  // [..., V]
+  return ops::sub(ops::gather_last(xs, labels), logsumexp_last(xs));
 }
 
 /// Entropy of softmax(x) over the last dimension, -Σ p log p; -inf logits contribute 0.
