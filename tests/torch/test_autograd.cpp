@@ -111,7 +111,7 @@ TEST_CASE("autograd: token_logprobs, entropy, logsumexp vs their analytic backwa
     }
 }
 
-TEST_CASE("autograd: kl_penalty vs kl_penalty_backward; straight_through gives k2's gradient", "[kl][grad]") {
+TEST_CASE("autograd: kl_penalty vs kl_penalty_backward, straight_through gives k2's gradient", "[kl][grad]") {
   const kl_estimator estimators[] = {kl_estimator::k1, kl_estimator::abs, kl_estimator::k2, kl_estimator::k3};
   host_tensor lp = random_normal({4, 6}, 121, 1.5), ref_lp = random_normal({4, 6}, 122, 1.5);
   for (auto& v : lp.values) v = -std::abs(v);

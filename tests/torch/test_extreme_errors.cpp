@@ -263,7 +263,7 @@ TEST_CASE("extreme: V = 50000 (two rows)", "[extreme][large]") {
 
 // ---- errors (issue 2, item 8): the message names the function and the argument ----------------
 
-TEST_CASE("errors: labels of a floating dtype are rejected; int32 labels are accepted", "[errors]") {
+TEST_CASE("errors: labels of a floating dtype are rejected, int32 labels are accepted", "[errors]") {
   const auto logits = torch::randn({3, 5}, torch::kDouble);
   const auto labels = torch::tensor({0, 4, 2}, torch::kLong);
   CHECK_THROWS_AS(token_logprobs(logits, labels.to(torch::kFloat)), posttrain::error);
