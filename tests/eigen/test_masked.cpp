@@ -297,7 +297,7 @@ TEMPLATE_TEST_CASE("with a global normaliser, micro-batch losses sum to the whol
   }
 }
 
-TEST_CASE("aggregate's gradient is aggregation_weights; masked mean and variance by finite differences",
+TEST_CASE("aggregate's gradient is aggregation_weights, and masked mean and variance by finite differences",
           "[numerics][aggregate][masked][grad]") {
   const auto loss = test::to_eigen<double>(test::random_normal({4, 5}, 31));
   auto mh = test::random_mask({4, 5}, 32);
