@@ -111,7 +111,7 @@ TEST_CASE("wrong ranks, and sequence aggregation modes on rank-2 inputs", "[erro
   }
 }
 
-TEST_CASE("labels outside [0, V) that are not ignore_index", "[errors]") {
+TEST_CASE("labels outside 0 to V - 1 that are not ignore_index", "[errors]") {
   for (std::int64_t bad : {std::int64_t{5}, std::int64_t{-1}, std::int64_t{-99}, std::int64_t{1000}}) {
     const eigen_index labels({2, 3}, {0, 1, bad, 3, 4, -100});
     INFO("label " << bad);
