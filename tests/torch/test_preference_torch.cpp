@@ -73,6 +73,8 @@ std::vector<std::pair<const char*, dpo_options>> dpo_configurations() {
   c.push_back({"js", {.divergence = f_divergence::js_divergence}});
   c.push_back({"alpha", {.divergence = f_divergence::alpha_divergence, .alpha = 0.3}});
   c.push_back({"reference_free", {.reference_free = true}});
+  c.push_back({"aot", {.loss = L::aot, .label_smoothing = 0.1}});
+  c.push_back({"aot_unpaired", {.loss = L::aot_unpaired}});
   return c;
 }
 }  // namespace
@@ -82,7 +84,9 @@ TEST_CASE("cross-backend: dpo and dpo_backward, every loss type and divergence",
     const preference_host h(seed);
     for (const auto& [name, opt] : dpo_configurations()) {
       for (bool wpo : {false, true}) {
-        if (wpo && (opt.loss == dpo_loss::sft || !opt.mix.empty())) continue;  // WPO + sft is rejected
+        if (wpo && (opt.loss == dpo_loss::sft || opt.loss == dpo_loss::aot || opt.loss == dpo_loss::aot_unpaired ||
+                    !opt.mix.empty()))
+          continue;  // WPO with sft or AOT is rejected
         INFO(name << (wpo ? " + WPO" : "") << ", seed " << seed);
         on_every_backend(
             [&](const auto& m) {
@@ -248,6 +252,57 @@ TEST_CASE("cross-backend + autograd: sequence_logps sum and mean from logits", "
       (s.logps * m.values(upstream)).sum().backward();
       require_agree("sequence_logps autograd", sequence_logps_backward(x, m.labels(labels), m.values(upstream), opt),
                     ops::to_host(x.grad()), tolerance_for(dtype_of(dt)));
+    }
+  }
+}
+
+TEST_CASE("cross-backend + autograd: LD-DPO log-probs and Plackett-Luce", "[sequence_logps][reward][cross][grad]") {
+  const auto logits = random_normal({3, 6, 11}, 81, 2.0);
+  const auto labels = random_labels({3, 6}, 11, 82, 0.3);
+  const host_tensor shared{{3}, {2, 0, 4}};
+  const host_tensor upstream{{3}, {0.5, -1.0, 2.0}};
+  const auto rewards = random_normal({4, 5}, 83, 2.0);
+  on_every_backend([&](const auto& m) {
+    const auto x = m.values(logits);
+    outputs o;
+    o.add("ld logps", ld_sequence_logps(x, m.labels(labels), m.values(shared), 0.4).logps);
+    o.add("ld grad", ld_sequence_logps_backward(x, m.labels(labels), m.values(shared), 0.4, m.values(upstream)));
+    o.add("pl loss", plackett_luce_loss(m.values(rewards)));
+    o.add("pl grad", plackett_luce_loss_backward(m.values(rewards)));
+    return o;
+  });
+  for (auto dt : {at::kFloat, at::kDouble}) {
+    const torch_maker m{dt};
+    const auto tol = tolerance_for(dtype_of(dt));
+    auto x = m.leaf(logits);
+    (ld_sequence_logps(x, m.labels(labels), m.values(shared), 0.4).logps * m.values(upstream)).sum().backward();
+    require_agree("ld autograd",
+                  ld_sequence_logps_backward(x, m.labels(labels), m.values(shared), 0.4, m.values(upstream)),
+                  ops::to_host(x.grad()), tol);
+    auto r = m.leaf(rewards);
+    plackett_luce_loss(r).backward();
+    require_agree("pl autograd", plackett_luce_loss_backward(r), ops::to_host(r.grad()), tol);
+  }
+}
+
+TEST_CASE("torch: every DPO loss stays finite (values and autograd) at log-ratios of ±5000", "[dpo][extreme]") {
+  for (auto dt : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    for (const auto& [name, opt] : dpo_configurations()) {
+      INFO(name << " " << dtype_name(dtype_of(dt)));
+      const auto v = [&](std::vector<double> x) { return torch::tensor(x, torch::kDouble).to(dt); };
+      preference_batch<at::Tensor> b{v({-1, -5001, -3}).requires_grad_(), v({-5001, -1, -3}).requires_grad_()};
+      b.ref_chosen_logps = v({0, 0, 0});
+      b.ref_rejected_logps = v({0, 0, 0});
+      b.chosen_lengths = v({3, 3, 3});
+      b.rejected_lengths = v({2, 2, 2});
+      const auto r = dpo(b, opt);
+      r.loss.backward();
+      CHECK(all_finite(r.per_pair_loss));
+      CHECK(all_finite(grad_of(b.chosen_logps)));
+      CHECK(all_finite(grad_of(b.rejected_logps)));
+      const auto g = dpo_backward(b, opt);
+      CHECK(all_finite(g.chosen_logps));
+      CHECK(all_finite(g.rejected_logps));
     }
   }
 }
