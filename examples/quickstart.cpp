@@ -240,8 +240,8 @@ int main() {
       "  token_accuracy = share of counted tokens whose largest logit is the label (b0 t2 ties: argmax 0).\n"
       "  entropy        = mean of -sum_v p_v log p_v: how unsure the model is (at most log 4).\n"
       "  gradient       = (softmax(logits) - onehot(label)) / num_tokens, 0 at padding: posttrain's\n"
-      "                   analytic backward, which autograd through the forward reproduces.\n",
-      count);
+      "                   analytic backward (sft_loss_backward)%s.\n",
+      count, with_torch ? ";\n                   LibTorch autograd through the forward reproduces it" : "");
 
   // ---- 2. KL ----
   std::printf(
