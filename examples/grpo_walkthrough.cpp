@@ -27,10 +27,10 @@ const std::vector<double> rewards = {1, 0, 0, 1};  // answers 0 and 3 were verif
 const std::vector<std::int64_t> group = {0, 0, 0, 0};
 // log-probabilities of the sampled tokens: under the sampler (old), the current policy and the reference
 const std::vector<double> old_lp = {-1.2, -0.7, -2.0, -0.9, -1.5, -0.4, -1.1, -1.0, -0.8, -0.6, -1.3, -0.5};
-const std::vector<double> delta = {0.05, 0.60, -0.10,   // answer 0, token 1: ratio e^0.6 = 1.82 ran too far
-                                   0.10, -0.05, 0.02,   // answer 1
-                                   -0.30, 0.00, 0.04,   // answer 2, token 0: ratio e^-0.3 = 0.74 (A < 0)
-                                   0.02, 0.01, 0.0};    // answer 3 (last token is padding)
+const std::vector<double> delta = {0.05,  0.60,  -0.10,  // answer 0, token 1: ratio e^0.6 = 1.82 ran too far
+                                   0.10,  -0.05, 0.02,   // answer 1
+                                   -0.30, 0.00,  0.04,   // answer 2, token 0: ratio e^-0.3 = 0.74 (A < 0)
+                                   0.02,  0.01,  0.0};   // answer 3 (last token is padding)
 const std::vector<double> mask = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0};
 constexpr double beta = 0.04, eps = 0.2, std_eps = 1e-4;
 
@@ -129,10 +129,11 @@ int main() {
     std::snprintf(name, sizeof name, "answer %zu token %zu  ratio %.3f", i / T, i % T, std::exp(delta[i]));
     row(name, grad[i], grad_hand[i], grad_t[i], has_torch);
   }
-  std::printf("\n  answer 0 token 1 ran too far (ratio 1.822 > 1 + eps with A > 0): the surrogate is flat\n"
-              "  there, so only the KL leash pulls on it (gradient = beta * (1 - e^-r) / 11 = %.8f).\n"
-              "  Answer 2 token 0 (ratio 0.741 < 1 - eps, A < 0) is clipped the same way.\n",
-              beta * (1 - std::exp(-(new_lp[1] - ref_lp[1]))) / tokens);
+  std::printf(
+      "\n  answer 0 token 1 ran too far (ratio 1.822 > 1 + eps with A > 0): the surrogate is flat\n"
+      "  there, so only the KL leash pulls on it (gradient = beta * (1 - e^-r) / 11 = %.8f).\n"
+      "  Answer 2 token 0 (ratio 0.741 < 1 - eps, A < 0) is clipped the same way.\n",
+      beta * (1 - std::exp(-(new_lp[1] - ref_lp[1]))) / tokens);
   std::printf("\nkey number: loss = %.8f  %s\n", pt::ops::item(res.loss), all_ok ? "(all routes agree)" : "FAILED");
   return all_ok ? 0 : 1;
 }

@@ -40,11 +40,11 @@ TEST_CASE("GAE and group advantages match verl's loop forms", "[rl][golden]") {
   const auto s = test::vec(g::scores);
   const eigen_index id({static_cast<std::int64_t>(g::index.size())},
                        std::vector<std::int64_t>(g::index.begin(), g::index.end()));
-  test::check_values("grpo (verl, singleton raw)",
-                     grpo_advantages(s, id, {.eps = 1e-6, .singleton = singleton_policy::raw,
-                                             .all_equal = all_equal_policy::formula})
-                         .advantages,
-                     g::verl_grpo_advantages, tol);
+  test::check_values(
+      "grpo (verl, singleton raw)",
+      grpo_advantages(s, id, {.eps = 1e-6, .singleton = singleton_policy::raw, .all_equal = all_equal_policy::formula})
+          .advantages,
+      g::verl_grpo_advantages, tol);
   test::check_values("rloo (verl loop, singleton raw)", rloo_advantages(s, id, singleton_policy::raw),
                      g::verl_rloo_advantages, tol);
 }

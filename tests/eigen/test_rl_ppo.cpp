@@ -110,7 +110,8 @@ TEST_CASE("PPO variants by hand: clip-higher, dual-clip, delta, log-ratio clamp,
   test::check_value("approx_kl_sq (TRL)", r.approx_kl_sq, 0.5 * (0.01 + 0.09) / 2, tol);
   test::check_value("ratio_min", r.ratio_min, std::exp(-0.3), tol);
   test::check_value("ratio_max", r.ratio_max, std::exp(0.1), tol);
-  // A > 0: the pessimistic max keeps the unclipped -ρ for ρ = e^{-0.3} < 0.8 (clipping binds only on the side that helps)
+  // A > 0: the pessimistic max keeps the unclipped -ρ for ρ = e^{-0.3} < 0.8 (clipping binds only on the side that
+  // helps)
   test::check_values("per_token masked", r.per_token_loss, {-std::exp(0.1), -std::exp(-0.3), 0.0}, tol);
 }
 

@@ -3,9 +3,9 @@
 // half inputs where the loss upcasts); shapes [3, 5] and [4, 7] with an empty row, interleaved groups, singleton
 // groups and all-equal groups; LibTorch autograd through each forward vs its analytic backward, down to logits
 // through token_logprobs. Inputs are random host data in double (support/data.hpp).
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <vector>
 
 #include "posttrain/backends/eigen.hpp"
@@ -54,79 +54,93 @@ const std::vector<grpo_options> grpo_variants = {
     {.loss_type = grpo_loss_type::bnpo, .beta = 0.1, .kl = {.estimator = kl_estimator::k2}},
     {.loss_type = grpo_loss_type::dr_grpo, .beta = 0.04, .max_completion_length = 9},
     {.loss_type = grpo_loss_type::dapo, .beta = 0.04, .epsilon_high = 0.28, .bias_corrected_kl = true},
-    {.loss_type = grpo_loss_type::dapo, .beta = 0.02, .delta = 1.4, .clip_c = 3.0, .log_ratio_clamp = 0.4,
-     .kl = kl_options::verl_low_var_kl(), .bias_corrected_kl = true, .normalizer = 7.0}};
+    {.loss_type = grpo_loss_type::dapo,
+     .beta = 0.02,
+     .delta = 1.4,
+     .clip_c = 3.0,
+     .log_ratio_clamp = 0.4,
+     .kl = kl_options::verl_low_var_kl(),
+     .bias_corrected_kl = true,
+     .normalizer = 7.0}};
 }  // namespace
 
 TEST_CASE("PPO policy loss: LibTorch vs Eigen reference (values, metrics, gradients)", "[rl][torch]") {
   for (auto [B, T] : {std::pair<std::int64_t, std::int64_t>{3, 5}, {4, 7}})
     for (const auto& o : ppo_variants) {
       const rl_host h(B, T, 100 + static_cast<std::uint64_t>(B));
-      on_every_backend([&](const auto& m) {
-        const auto lp = m.values(h.logprobs), old = m.values(h.old_logprobs), A = m.values(h.advantages),
-                   mk = m.values(h.mask);
-        const auto r = ppo_policy_loss(lp, old, A, mk, o);
-        outputs out;
-        out.add("loss", r.loss);
-        out.add("per_token_loss", r.per_token_loss);
-        out.add("clip_ratio_low", r.clip_ratio_low);
-        out.add("clip_ratio_high", r.clip_ratio_high);
-        out.add("clip_ratio_region", r.clip_ratio_region);
-        out.add("pg_clipfrac", r.pg_clipfrac);
-        out.add("pg_clipfrac_lower", r.pg_clipfrac_lower);
-        out.add("approx_kl", r.approx_kl);
-        out.add("approx_kl_sq", r.approx_kl_sq);
-        out.add("ratio_mean", r.ratio_mean);
-        out.add("ratio_min", r.ratio_min);
-        out.add("ratio_max", r.ratio_max);
-        out.add("grad", ppo_policy_loss_backward(lp, old, A, mk, o, 0.5));
-        return out;
-      }, false);
+      on_every_backend(
+          [&](const auto& m) {
+            const auto lp = m.values(h.logprobs), old = m.values(h.old_logprobs), A = m.values(h.advantages),
+                       mk = m.values(h.mask);
+            const auto r = ppo_policy_loss(lp, old, A, mk, o);
+            outputs out;
+            out.add("loss", r.loss);
+            out.add("per_token_loss", r.per_token_loss);
+            out.add("clip_ratio_low", r.clip_ratio_low);
+            out.add("clip_ratio_high", r.clip_ratio_high);
+            out.add("clip_ratio_region", r.clip_ratio_region);
+            out.add("pg_clipfrac", r.pg_clipfrac);
+            out.add("pg_clipfrac_lower", r.pg_clipfrac_lower);
+            out.add("approx_kl", r.approx_kl);
+            out.add("approx_kl_sq", r.approx_kl_sq);
+            out.add("ratio_mean", r.ratio_mean);
+            out.add("ratio_min", r.ratio_min);
+            out.add("ratio_max", r.ratio_max);
+            out.add("grad", ppo_policy_loss_backward(lp, old, A, mk, o, 0.5));
+            return out;
+          },
+          false);
     }
 }
 
 TEST_CASE("Value loss and GRPO objective: LibTorch vs Eigen reference", "[rl][torch]") {
   const rl_host h(4, 6, 7);
   for (auto mode : all_modes)
-    on_every_backend([&](const auto& m) {
-      const value_options o{.agg = mode};
-      const auto V = m.values(h.values), Vo = m.values(h.old_values), R = m.values(h.returns), mk = m.values(h.mask);
-      const auto r = value_loss(V, Vo, R, mk, o);
-      outputs out;
-      out.add("loss", r.loss);
-      out.add("per_token_loss", r.per_token_loss);
-      out.add("clipfrac", r.clipfrac);
-      out.add("vpred_mean", r.vpred_mean);
-      out.add("grad", value_loss_backward(V, Vo, R, mk, o));
-      return out;
-    }, false);
+    on_every_backend(
+        [&](const auto& m) {
+          const value_options o{.agg = mode};
+          const auto V = m.values(h.values), Vo = m.values(h.old_values), R = m.values(h.returns),
+                     mk = m.values(h.mask);
+          const auto r = value_loss(V, Vo, R, mk, o);
+          outputs out;
+          out.add("loss", r.loss);
+          out.add("per_token_loss", r.per_token_loss);
+          out.add("clipfrac", r.clipfrac);
+          out.add("vpred_mean", r.vpred_mean);
+          out.add("grad", value_loss_backward(V, Vo, R, mk, o));
+          return out;
+        },
+        false);
   for (const auto& o : grpo_variants)
     for (bool seq_adv : {false, true})
-      on_every_backend([&](const auto& m) {
-        using T = decltype(m.values(h.logprobs));
-        grpo_batch<T> b{.logprobs = m.values(h.logprobs),
-                        .advantages = m.values(seq_adv ? h.seq_adv : h.advantages),
-                        .completion_mask = m.values(h.mask),
-                        .old_logprobs = m.values(h.old_logprobs),
-                        .ref_logprobs = m.values(h.ref_logprobs)};
-        if (seq_adv) b.advantages = ops::slice(b.advantages, 0, 0, 4);
-        const auto r = grpo_loss(b, o);
-        outputs out;
-        out.add("loss", r.loss);
-        out.add("per_token_loss", r.per_token_loss);
-        out.add("kl", r.kl);
-        out.add("clip_ratio_region", r.clip_ratio_region);
-        out.add("ratio_mean", r.ratio_mean);
-        out.add("grad", grpo_loss_backward(b, o));
-        return out;
-      }, false);
+      on_every_backend(
+          [&](const auto& m) {
+            using T = decltype(m.values(h.logprobs));
+            grpo_batch<T> b{.logprobs = m.values(h.logprobs),
+                            .advantages = m.values(seq_adv ? h.seq_adv : h.advantages),
+                            .completion_mask = m.values(h.mask),
+                            .old_logprobs = m.values(h.old_logprobs),
+                            .ref_logprobs = m.values(h.ref_logprobs)};
+            if (seq_adv) b.advantages = ops::slice(b.advantages, 0, 0, 4);
+            const auto r = grpo_loss(b, o);
+            outputs out;
+            out.add("loss", r.loss);
+            out.add("per_token_loss", r.per_token_loss);
+            out.add("kl", r.kl);
+            out.add("clip_ratio_region", r.clip_ratio_region);
+            out.add("ratio_mean", r.ratio_mean);
+            out.add("grad", grpo_loss_backward(b, o));
+            return out;
+          },
+          false);
 }
 
-TEST_CASE("Advantage estimators: LibTorch vs Eigen reference (interleaved, singleton, all-equal groups)", "[rl][torch]") {
+TEST_CASE("Advantage estimators: LibTorch vs Eigen reference (interleaved, singleton, all-equal groups)",
+          "[rl][torch]") {
   const std::int64_t B = 7, T = 5;
   const rl_host h(B, T, 31);
   auto scores = random_normal({B}, 41);
-  scores.values[2] = scores.values[5] = 0.25;  // group 2 = rows {2, 5}: all equal
+  scores.values[2] = scores.values[5] = 0.25;            // group 2 = rows {2, 5}: all equal
   const host_labels groups{{B}, {0, 1, 2, 0, 1, 2, 7}};  // interleaved; group 7 is a singleton
   auto tlr = random_normal({B, T}, 43);
   for (const auto sp : {singleton_policy::zero, singleton_policy::raw})
@@ -147,33 +161,39 @@ TEST_CASE("Advantage estimators: LibTorch vs Eigen reference (interleaved, singl
         out.add("tokens", broadcast_to_tokens(r.advantages, mk));
         return out;
       });
-  on_every_backend([&](const auto& m) {
-    const auto r = m.values(tlr), v = m.values(h.values), mk = m.values(h.mask);
-    outputs out;
-    for (bool skip : {true, false}) {
-      const auto g = gae(r, v, mk, {.gamma = 0.9, .lambda = 0.8, .skip_masked = skip});
-      out.add("gae advantages", g.advantages);
-      out.add("gae returns", g.returns);
-    }
-    out.add("discounted", discounted_returns(r, mk, 0.7));
-    out.add("reinforce++", reinforce_pp_advantages(r, mk, 0.9));
-    const auto rm = remax_advantages(r, m.values(scores), mk);
-    out.add("remax", rm.advantages);
-    const auto kr = kl_shaped_rewards(m.values(scores), m.values(h.logprobs), m.values(h.ref_logprobs), mk,
-                                      {.beta = 0.1, .kl = {.estimator = kl_estimator::k3}, .position = score_position::first_pad});
-    out.add("kl rewards", kr.rewards);
-    out.add("kl", kr.kl);
-    out.add("rloo scores", kl_penalized_scores(m.values(scores), m.values(h.logprobs), m.values(h.ref_logprobs), mk, 0.05));
-    return out;
-  }, false);
+  on_every_backend(
+      [&](const auto& m) {
+        const auto r = m.values(tlr), v = m.values(h.values), mk = m.values(h.mask);
+        outputs out;
+        for (bool skip : {true, false}) {
+          const auto g = gae(r, v, mk, {.gamma = 0.9, .lambda = 0.8, .skip_masked = skip});
+          out.add("gae advantages", g.advantages);
+          out.add("gae returns", g.returns);
+        }
+        out.add("discounted", discounted_returns(r, mk, 0.7));
+        out.add("reinforce++", reinforce_pp_advantages(r, mk, 0.9));
+        const auto rm = remax_advantages(r, m.values(scores), mk);
+        out.add("remax", rm.advantages);
+        const auto kr = kl_shaped_rewards(
+            m.values(scores), m.values(h.logprobs), m.values(h.ref_logprobs), mk,
+            {.beta = 0.1, .kl = {.estimator = kl_estimator::k3}, .position = score_position::first_pad});
+        out.add("kl rewards", kr.rewards);
+        out.add("kl", kr.kl);
+        out.add("rloo scores",
+                kl_penalized_scores(m.values(scores), m.values(h.logprobs), m.values(h.ref_logprobs), mk, 0.05));
+        return out;
+      },
+      false);
   // pass@k needs groups of two or more
   const host_labels pairs{{6}, {0, 1, 2, 0, 1, 2}};
   const host_tensor ps{{6}, {0.1, 0.9, 0.3, 0.7, 0.2, 0.3}};
-  on_every_backend([&](const auto& m) {
-    outputs out;
-    out.add("passk", grpo_passk_advantages(m.values(ps), m.labels(pairs)));
-    return out;
-  }, false);
+  on_every_backend(
+      [&](const auto& m) {
+        outputs out;
+        out.add("passk", grpo_passk_advantages(m.values(ps), m.labels(pairs)));
+        return out;
+      },
+      false);
 }
 
 TEST_CASE("RL losses: LibTorch autograd through the forward equals the analytic backward", "[rl][torch][autograd]") {
@@ -206,12 +226,18 @@ TEST_CASE("RL losses: LibTorch autograd through the forward equals the analytic 
   const auto labels = to_torch(random_labels({4, 6}, 11, 91));
   const grpo_options o{.loss_type = grpo_loss_type::grpo, .beta = 0.04};
   const auto g = autograd_grad(logits, [&](const at::Tensor& z) {
-    grpo_batch<at::Tensor> b{.logprobs = token_logprobs(z, labels), .advantages = A, .completion_mask = mk,
-                             .old_logprobs = old, .ref_logprobs = ref};
+    grpo_batch<at::Tensor> b{.logprobs = token_logprobs(z, labels),
+                             .advantages = A,
+                             .completion_mask = mk,
+                             .old_logprobs = old,
+                             .ref_logprobs = ref};
     return grpo_loss(b, o).loss;
   });
-  const grpo_batch<at::Tensor> b{.logprobs = token_logprobs(logits, labels), .advantages = A, .completion_mask = mk,
-                                 .old_logprobs = old, .ref_logprobs = ref};
+  const grpo_batch<at::Tensor> b{.logprobs = token_logprobs(logits, labels),
+                                 .advantages = A,
+                                 .completion_mask = mk,
+                                 .old_logprobs = old,
+                                 .ref_logprobs = ref};
   require_agree("grpo to logits", token_logprobs_backward(logits, labels, grpo_loss_backward(b, o)), ops::to_host(g),
                 float64_tol);
   const auto ge = autograd_grad(logits, [&](const at::Tensor& z) { return entropy_bonus(z, mk); });

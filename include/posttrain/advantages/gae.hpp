@@ -67,9 +67,9 @@ gae_result<T> gae(const T& token_level_rewards, const T& values, const T& respon
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   detail::require_like(fn, "token_level_rewards", token_level_rewards, "values", values);
   const T r = ops::upcast(token_level_rewards), v = ops::upcast(values);
-  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards,
-                                                       "response_mask", response_mask)),
-                      0.0);
+  const T m = ops::ne(
+      ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards, "response_mask", response_mask)),
+      0.0);
   const std::int64_t B = ops::size(r, 0), len = ops::size(r, 1);
   T next_value = ops::full(r, {B, 1}, 0.0), last_adv = ops::full(r, {B, 1}, 0.0);
   std::vector<T> adv;
@@ -105,9 +105,9 @@ T discounted_returns(const T& token_level_rewards, const T& response_mask, doubl
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   const T r = ops::upcast(token_level_rewards);
-  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards,
-                                                       "response_mask", response_mask)),
-                      0.0);
+  const T m = ops::ne(
+      ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards, "response_mask", response_mask)),
+      0.0);
   const std::int64_t B = ops::size(r, 0), len = ops::size(r, 1);
   T running = ops::full(r, {B, 1}, 0.0);
   std::vector<T> out;

@@ -77,12 +77,12 @@ inline void check_group_options(std::string_view fn, const group_options& o) {
 /// Per-row statistics of each row's group, all [B].
 template <tensor T>
 struct group_stats {
-  T onehot;    ///< [B, G]
-  T count;     ///< n_g
-  T sum;       ///< Σ_g r
-  T mean;      ///< Σ_g r / n_g
-  T std;       ///< unbiased, 0 when n_g = 1
-  T all_equal; ///< 1 where max_g r == min_g r
+  T onehot;     ///< [B, G]
+  T count;      ///< n_g
+  T sum;        ///< Σ_g r
+  T mean;       ///< Σ_g r / n_g
+  T std;        ///< unbiased, 0 when n_g = 1
+  T all_equal;  ///< 1 where max_g r == min_g r
 };
 
 /// Validates group_index against scores [B] and returns the number of group ids G.
@@ -92,10 +92,12 @@ std::int64_t check_group_index(std::string_view fn, const T& scores, const index
   const dtype d = tr::index_dtype(group_index);
   if (!is_integer(d)) detail::fail(fn, "group_index must have an integer dtype (int64 or int32), got ", dtype_name(d));
   if (tr::index_device(group_index) != ops::device(scores))
-    detail::fail(fn, "group_index is on device ", tr::index_device(group_index), " but scores is on ", ops::device(scores));
+    detail::fail(fn, "group_index is on device ", tr::index_device(group_index), " but scores is on ",
+                 ops::device(scores));
   if (tr::index_shape(group_index) != shape_t{ops::size(scores, 0)})
     detail::fail(fn, "group_index has shape ", shape_string(tr::index_shape(group_index)), " but scores has shape ",
-         shape_string(ops::shape(scores)), "; expected one group id per row, shape [", ops::size(scores, 0), "]");
+                 shape_string(ops::shape(scores)), "; expected one group id per row, shape [", ops::size(scores, 0),
+                 "]");
   const auto ids = tr::index_to_host(group_index);
   std::int64_t g = 0;
   for (auto id : ids) {
@@ -109,14 +111,14 @@ std::int64_t check_group_index(std::string_view fn, const T& scores, const index
 template <tensor T>
 T per_group_sum(const T& onehot, const T& x) {
   const T per_group = ops::sum(ops::mul(onehot, ops::unsqueeze(x, 1)), 0);  // [G]
-  return ops::sum(ops::mul(onehot, ops::unsqueeze(per_group, 0)), 1);         // [B]
+  return ops::sum(ops::mul(onehot, ops::unsqueeze(per_group, 0)), 1);       // [B]
 }
 
 template <tensor T>
 T per_group_extreme(const T& onehot, const T& x, bool take_max) {
   const double inf = std::numeric_limits<double>::infinity();
-  const T filled = ops::where(onehot, ops::unsqueeze(x, 1), take_max ? -inf : inf);                      // [B, G]
-  const T per_group = take_max ? ops::max(filled, 0) : ops::min(filled, 0);                               // [G]
+  const T filled = ops::where(onehot, ops::unsqueeze(x, 1), take_max ? -inf : inf);  // [B, G]
+  const T per_group = take_max ? ops::max(filled, 0) : ops::min(filled, 0);          // [G]
   return ops::sum(ops::mul(onehot, ops::unsqueeze(ops::where(ops::gt(ops::sum(onehot, 0), 0.0), per_group, 0.0), 0)),
                   1);  // [B]
 }
@@ -149,7 +151,8 @@ T apply_group_policies(const T& adv, const T& raw, const group_stats<T>& st, sin
   const T single = ops::le(st.count, 1.0);
   T out = adv;
   if (ap == all_equal_policy::zero) out = ops::where(st.all_equal, 0.0, out);
-  out = ops::where(single, (sp == singleton_policy::raw && singleton_raw_allowed) ? raw : ops::full_like(raw, 0.0), out);
+  out =
+      ops::where(single, (sp == singleton_policy::raw && singleton_raw_allowed) ? raw : ops::full_like(raw, 0.0), out);
   return out;
 }
 
@@ -205,19 +208,20 @@ T grpo_advantages_multi(const T& rewards, const std::vector<double>& weights, co
   const std::int64_t B = ops::size(rewards, 0), K = ops::size(rewards, 1);
   if (static_cast<std::int64_t>(weights.size()) != K)
     detail::fail(fn, "weights has ", weights.size(), " entries but rewards has K = ", K, " columns (shape ",
-         detail::shape_string(ops::shape(rewards)), ")");
+                 detail::shape_string(ops::shape(rewards)), ")");
   for (double w : weights) detail::require_finite(fn, "weights", w);
   const T r = ops::upcast(rewards);
   const auto column = [&](std::int64_t k) { return ops::reshape(ops::slice(r, 1, k, 1), shape_t{B}); };
   if (mode == multi_reward::sum_then_normalize) {
     T total = ops::mul(column(0), weights[0]);
-    for (std::int64_t k = 1; k < K; ++k) total = ops::add(total, ops::mul(column(k), weights[static_cast<std::size_t>(k)]));
+    for (std::int64_t k = 1; k < K; ++k)
+      total = ops::add(total, ops::mul(column(k), weights[static_cast<std::size_t>(k)]));
     return grpo_advantages(total, group_index, opt).advantages;
   }
   T total = ops::mul(grpo_advantages(column(0), group_index, opt).advantages, weights[0]);
   for (std::int64_t k = 1; k < K; ++k)
-    total = ops::add(total,
-                     ops::mul(grpo_advantages(column(k), group_index, opt).advantages, weights[static_cast<std::size_t>(k)]));
+    total = ops::add(
+        total, ops::mul(grpo_advantages(column(k), group_index, opt).advantages, weights[static_cast<std::size_t>(k)]));
   return total;
 }
 
@@ -225,7 +229,8 @@ T grpo_advantages_multi(const T& rewards, const std::vector<double>& weights, co
 /// Equivalently n/(n-1) · (r_i - mean_g). scores [B] -> [B]. Singletons: the option (verl rloo_vectorized 0,
 /// verl rloo raw). Example (verl test vector scores [1.5, 3, 0.7, 2.3], index [0,0,1,1]): [-1.5, 1.5, -1.6, 1.6].
 template <tensor T>
-T rloo_advantages(const T& scores, const index_tensor_t<T>& group_index, singleton_policy singleton = singleton_policy::zero) {
+T rloo_advantages(const T& scores, const index_tensor_t<T>& group_index,
+                  singleton_policy singleton = singleton_policy::zero) {
   constexpr std::string_view fn = "rloo_advantages";
   const T s = detail::checked_scores(fn, scores);
   const auto st = detail::compute_group_stats(fn, s, group_index);
@@ -243,10 +248,12 @@ T opo_advantages(const T& scores, const T& response_mask, const index_tensor_t<T
   const T s = detail::checked_scores(fn, scores);
   detail::require_rank(fn, "response_mask", response_mask, 2, 2);
   if (ops::size(response_mask, 0) != ops::size(s, 0))
-    detail::fail(fn, "response_mask has shape ", detail::shape_string(ops::shape(response_mask)), " but scores has shape ",
-         detail::shape_string(ops::shape(s)), "; expected ", ops::size(s, 0), " rows");
+    detail::fail(fn, "response_mask has shape ", detail::shape_string(ops::shape(response_mask)),
+                 " but scores has shape ", detail::shape_string(ops::shape(s)), "; expected ", ops::size(s, 0),
+                 " rows");
   const auto st = detail::compute_group_stats(fn, s, group_index);
-  const T len = ops::sum(ops::to_dtype(ops::ne(ops::to_dtype(response_mask, ops::dtype_of(s)), 0.0), ops::dtype_of(s)), 1);
+  const T len =
+      ops::sum(ops::to_dtype(ops::ne(ops::to_dtype(response_mask, ops::dtype_of(s)), 0.0), ops::dtype_of(s)), 1);
   // baseline = Σ |o| r / Σ |o| over the group
   const T baseline = ops::div(detail::per_group_sum(st.onehot, ops::mul(len, s)),
                               ops::maximum(detail::per_group_sum(st.onehot, len), 1e-30));
@@ -265,7 +272,8 @@ T gpg_advantages(const T& scores, const index_tensor_t<T>& group_index, double f
   const auto st = detail::compute_group_stats(fn, s, group_index);
   const T alpha = ops::div(double(ops::size(s, 0)), ops::maximum(ops::sum_all(ops::ne(s, 0.0)), 1.0));
   const T adv = ops::div(ops::mul(ops::sub(s, st.mean), alpha), f_norm);
-  return detail::apply_group_policies(adv, ops::div(ops::mul(s, alpha), f_norm), st, singleton, all_equal_policy::formula);
+  return detail::apply_group_policies(adv, ops::div(ops::mul(s, alpha), f_norm), st, singleton,
+                                      all_equal_policy::formula);
 }
 
 /// GRPO pass@k (verl compute_grpo_passk_outcome_advantage; Chen et al. 2025 "Pass@k training"): in each
@@ -300,7 +308,7 @@ T broadcast_to_tokens(const T& advantages, const T& response_mask) {
   detail::require_rank("broadcast_to_tokens", "response_mask", response_mask, 2, 2);
   if (ops::size(response_mask, 0) != ops::size(advantages, 0))
     detail::fail("broadcast_to_tokens", "response_mask has shape ", detail::shape_string(ops::shape(response_mask)),
-         " but advantages has shape ", detail::shape_string(ops::shape(advantages)));
+                 " but advantages has shape ", detail::shape_string(ops::shape(advantages)));
   const T a = ops::upcast(advantages);
   return ops::where(ops::ne(ops::to_dtype(response_mask, ops::dtype_of(a)), 0.0), ops::unsqueeze(a, 1), 0.0);
 }
@@ -319,15 +327,15 @@ T reinforce_pp_advantages(const T& token_level_rewards, const T& response_mask, 
 /// (singletons per policy; verl: raw), broadcast to tokens, whitened over the batch. -> [B, T].
 template <tensor T>
 T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& response_mask,
-                                   const index_tensor_t<T>& group_index, singleton_policy singleton = singleton_policy::raw,
-                                   whiten_options whitening = {}) {
+                                   const index_tensor_t<T>& group_index,
+                                   singleton_policy singleton = singleton_policy::raw, whiten_options whitening = {}) {
   constexpr std::string_view fn = "reinforce_pp_baseline_advantages";
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   const T r = ops::upcast(token_level_rewards);
-  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards,
-                                                       "response_mask", response_mask)),
-                      0.0);
+  const T m = ops::ne(
+      ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards, "response_mask", response_mask)),
+      0.0);
   const T s = ops::sum(r, 1);
   const auto st = detail::compute_group_stats(fn, s, group_index);
   const T centred = detail::apply_group_policies(ops::sub(s, st.mean), s, st, singleton, all_equal_policy::formula);
@@ -350,12 +358,12 @@ remax_result<T> remax_advantages(const T& token_level_rewards, const T& reward_b
   detail::require_values(fn, "reward_baselines", reward_baselines);
   if (ops::shape(reward_baselines) != shape_t{ops::size(token_level_rewards, 0)})
     detail::fail(fn, "reward_baselines has shape ", detail::shape_string(ops::shape(reward_baselines)),
-         " but token_level_rewards has shape ", detail::shape_string(ops::shape(token_level_rewards)), "; expected [",
-         ops::size(token_level_rewards, 0), "]");
+                 " but token_level_rewards has shape ", detail::shape_string(ops::shape(token_level_rewards)),
+                 "; expected [", ops::size(token_level_rewards, 0), "]");
   const T r = ops::upcast(token_level_rewards);
-  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards,
-                                                       "response_mask", response_mask)),
-                      0.0);
+  const T m = ops::ne(
+      ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards, "response_mask", response_mask)),
+      0.0);
   const T rm = ops::where(m, r, 0.0);
   // reverse cumulative sum: Σ_{k≥t} = total - Σ_{k≤t} + r_t
   const T returns = ops::where(m, ops::add(ops::sub(ops::sum(rm, 1, true), ops::cumsum(rm, 1)), rm), 0.0);

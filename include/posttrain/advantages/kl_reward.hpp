@@ -45,8 +45,8 @@ struct kl_reward_result {
 /// scores [B], logprobs / ref_logprobs / response_mask [B, T] -> token-level rewards. Rows with no kept
 /// token receive their score only under first_pad (at position 0, as TRL).
 template <tensor T>
-kl_reward_result<T> kl_shaped_rewards(const T& scores, const T& logprobs, const T& ref_logprobs,
-                                      const T& response_mask, const kl_reward_options& opt = {}) {
+kl_reward_result<T> kl_shaped_rewards(const T& scores, const T& logprobs, const T& ref_logprobs, const T& response_mask,
+                                      const kl_reward_options& opt = {}) {
   constexpr std::string_view fn = "kl_shaped_rewards";
   detail::require_finite(fn, "options.beta", opt.beta);
   detail::require_values(fn, "logprobs", logprobs);
@@ -54,7 +54,7 @@ kl_reward_result<T> kl_shaped_rewards(const T& scores, const T& logprobs, const 
   detail::require_values(fn, "scores", scores);
   if (ops::shape(scores) != shape_t{ops::size(logprobs, 0)})
     detail::fail(fn, "scores has shape ", detail::shape_string(ops::shape(scores)), " but logprobs has shape ",
-         detail::shape_string(ops::shape(logprobs)), "; expected [", ops::size(logprobs, 0), "]");
+                 detail::shape_string(ops::shape(logprobs)), "; expected [", ops::size(logprobs, 0), "]");
   const T m0 = detail::checked_mask(fn, "logprobs", logprobs, "response_mask", response_mask);
   const T kl_raw = kl_penalty(logprobs, ref_logprobs, opt.kl);
   const T m = ops::ne(ops::to_dtype(m0, ops::dtype_of(kl_raw)), 0.0);
@@ -63,7 +63,8 @@ kl_reward_result<T> kl_shaped_rewards(const T& scores, const T& logprobs, const 
   // positions 0..T-1 per column, and the last kept position per row (-1 if none)
   const T pos = ops::sub(ops::cumsum(ops::full_like(kl, 1.0), 1), 1.0);
   const T last = ops::max(ops::where(m, pos, -1.0), 1, true);  // [B, 1]
-  const T target = opt.position == score_position::last_token ? last : ops::minimum(ops::add(last, 1.0), double(len - 1));
+  const T target =
+      opt.position == score_position::last_token ? last : ops::minimum(ops::add(last, 1.0), double(len - 1));
   const T at_score = ops::eq(pos, target);
   // r_t = -β kl_t + [t = t_score] score   (InstructGPT eq. 2)
   const T non_score = ops::mul(kl, -opt.beta);
@@ -83,7 +84,7 @@ T kl_penalized_scores(const T& scores, const T& logprobs, const T& ref_logprobs,
   detail::require_values(fn, "scores", scores);
   if (ops::shape(scores) != shape_t{ops::size(logprobs, 0)})
     detail::fail(fn, "scores has shape ", detail::shape_string(ops::shape(scores)), " but logprobs has shape ",
-         detail::shape_string(ops::shape(logprobs)), "; expected [", ops::size(logprobs, 0), "]");
+                 detail::shape_string(ops::shape(logprobs)), "; expected [", ops::size(logprobs, 0), "]");
   const T m0 = detail::checked_mask(fn, "logprobs", logprobs, "response_mask", response_mask);
   const T k = kl_penalty(logprobs, ref_logprobs, kl);
   // r = score - β Σ_t (logπ - logπ_ref)   (TRL RLOO)

@@ -81,11 +81,11 @@ struct grpo_options {
 
 template <tensor T>
 struct grpo_batch {
-  T logprobs;                                      ///< [B, T] current policy (differentiable)
-  T advantages;                                    ///< [B] or [B, T]
-  T completion_mask;                               ///< [B, T]
-  std::optional<T> old_logprobs = std::nullopt;    ///< [B, T]; empty: on-policy
-  std::optional<T> ref_logprobs = std::nullopt;    ///< [B, T]; required when beta != 0
+  T logprobs;                                    ///< [B, T] current policy (differentiable)
+  T advantages;                                  ///< [B] or [B, T]
+  T completion_mask;                             ///< [B, T]
+  std::optional<T> old_logprobs = std::nullopt;  ///< [B, T]; empty: on-policy
+  std::optional<T> ref_logprobs = std::nullopt;  ///< [B, T]; required when beta != 0
 };
 
 template <tensor T>
@@ -102,7 +102,10 @@ struct grpo_result {
 namespace detail {
 
 inline ppo_options grpo_policy_options(const grpo_options& o) {
-  return {.clip_low = o.epsilon, .clip_high = o.epsilon_high, .clip_c = o.clip_c, .delta = o.delta,
+  return {.clip_low = o.epsilon,
+          .clip_high = o.epsilon_high,
+          .clip_c = o.clip_c,
+          .delta = o.delta,
           .log_ratio_clamp = o.log_ratio_clamp};
 }
 
@@ -118,7 +121,8 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
   require_finite(fn, "options.beta", o.beta);
   require_finite(fn, "options.epsilon", o.epsilon);
   if (o.epsilon <= 0) detail::fail(fn, "options.epsilon must be > 0, got ", o.epsilon);
-  if (o.epsilon_high && !(*o.epsilon_high > 0)) detail::fail(fn, "options.epsilon_high must be > 0, got ", *o.epsilon_high);
+  if (o.epsilon_high && !(*o.epsilon_high > 0))
+    detail::fail(fn, "options.epsilon_high must be > 0, got ", *o.epsilon_high);
   const ppo_options po = grpo_policy_options(o);
   check_ppo_options(fn, po);
   check_kl_options(fn, o.kl);
@@ -134,10 +138,11 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
     A = ops::mul(ops::unsqueeze(A, 1), ops::full_like(lp, 1.0));
   } else if (ops::shape(A) != ops::shape(lp)) {
     detail::fail(fn, "advantages has shape ", shape_string(ops::shape(b.advantages)), " but logprobs has shape ",
-         shape_string(ops::shape(lp)), "; expected [", ops::size(lp, 0), "] or the shape of logprobs");
+                 shape_string(ops::shape(lp)), "; expected [", ops::size(lp, 0), "] or the shape of logprobs");
   }
   if (b.old_logprobs) require_like(fn, "logprobs", b.logprobs, "old_logprobs", *b.old_logprobs);
-  if (o.beta != 0 && !b.ref_logprobs) detail::fail(fn, "ref_logprobs is required when options.beta != 0 (got ", o.beta, ")");
+  if (o.beta != 0 && !b.ref_logprobs)
+    detail::fail(fn, "ref_logprobs is required when options.beta != 0 (got ", o.beta, ")");
   if (b.ref_logprobs) require_like(fn, "logprobs", b.logprobs, "ref_logprobs", *b.ref_logprobs);
   if (o.max_completion_length && *o.max_completion_length <= 0)
     detail::fail(fn, "options.max_completion_length must be > 0, got ", *o.max_completion_length);

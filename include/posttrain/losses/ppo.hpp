@@ -153,7 +153,8 @@ surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const
     d_rho = ops::where(neg_adv, ops::mul(d_rho, keep), d_rho);
   }
   T d_logratio = ops::mul(d_rho, ratio);
-  if (o.log_ratio_clamp) d_logratio = ops::mul(d_logratio, ops::mul(ops::ge(log_ratio_raw, -c), ops::le(log_ratio_raw, c)));
+  if (o.log_ratio_clamp)
+    d_logratio = ops::mul(d_logratio, ops::mul(ops::ge(log_ratio_raw, -c), ops::le(log_ratio_raw, c)));
   return {loss, d_logratio, ratio, l1, l2, clipped_max};
 }
 
@@ -188,24 +189,15 @@ ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, c
   const T clipfrac = masked_mean(ops::gt(s.l2, s.l1), m);
   T clipfrac_lower = ops::scalar_like(lp, 0.0);
   if (opt.clip_c)  // verl: masked_mean((clip_pg_losses1 > pg_losses3) * (A < 0))
-    clipfrac_lower =
-        masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip_c)), ops::lt(A, 0.0)), m);
+    clipfrac_lower = masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip_c)), ops::lt(A, 0.0)), m);
   const T dlogp = ops::sub(lp, old);
-  return {loss,
-          per_token,
-          s.ratio,
-          masked_mean(low, m),
-          masked_mean(high, m),
-          masked_mean(region, m),
-          clipfrac,
+  return {loss, per_token, s.ratio, masked_mean(low, m), masked_mean(high, m), masked_mean(region, m), clipfrac,
           clipfrac_lower,
           // verl ppo_kl = masked_mean(-negative_approx_kl) (k1)
           masked_mean(ops::neg(dlogp), m),
           // TRL PPO approxkl = 0.5 * (logprobs_diff ** 2).mean()
-          ops::mul(masked_mean(ops::square(dlogp), m), 0.5),
-          masked_mean(s.ratio, m),
-          detail::masked_extreme(s.ratio, m, false),
-          detail::masked_extreme(s.ratio, m, true)};
+          ops::mul(masked_mean(ops::square(dlogp), m), 0.5), masked_mean(s.ratio, m),
+          detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true)};
 }
 
 /// ∂(grad_loss · ppo_policy_loss(...).loss)/∂logprobs, [B, T] in logprobs' compute dtype.

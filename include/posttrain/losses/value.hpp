@@ -100,8 +100,7 @@ T value_loss_backward(const T& values, const T& old_values, const T& returns, co
   detail::check_value_options(fn, opt);
   const T m0 = detail::checked_value_inputs(fn, values, old_values, returns, response_mask);
   const T m = ops::ne(ops::upcast(m0), 0.0);
-  const auto s =
-      detail::value_surrogate(ops::upcast(values), ops::upcast(old_values), ops::upcast(returns), opt);
+  const auto s = detail::value_surrogate(ops::upcast(values), ops::upcast(old_values), ops::upcast(returns), opt);
   const T w = aggregation_weights(m, opt.agg, opt.normalizer);
   return ops::mul(ops::where(m, ops::mul(s.d_values, w), 0.0), grad_loss);
 }
@@ -112,10 +111,9 @@ template <tensor T>
 T entropy_bonus(const T& logits, const T& response_mask, aggregation agg = aggregation::token_mean,
                 std::optional<double> normalizer = std::nullopt) {
   const T h = entropy(logits);
-  return aggregate(h, ops::ne(detail::checked_mask("entropy_bonus", "entropy(logits)", h, "response_mask",
-                                                   response_mask),
-                              0.0),
-                   agg, normalizer);
+  return aggregate(
+      h, ops::ne(detail::checked_mask("entropy_bonus", "entropy(logits)", h, "response_mask", response_mask), 0.0), agg,
+      normalizer);
 }
 
 /// ∂(grad_loss · entropy_bonus)/∂logits, [B, T, V].
@@ -147,8 +145,8 @@ struct ppo_objective_result {
 /// loss = L_policy + vf_coef · L_value - entropy_coef · H (TRL PPOTrainer `loss = pg_loss + vf_coef * vf_loss`,
 /// torchtune PPOLoss, plus the usual entropy bonus). `logits` (optional) [B, T, V] give the entropy term.
 template <tensor T>
-ppo_objective_result<T> ppo_objective(const T& logprobs, const T& old_logprobs, const T& advantages,
-                                      const T& values, const T& old_values, const T& returns, const T& response_mask,
+ppo_objective_result<T> ppo_objective(const T& logprobs, const T& old_logprobs, const T& advantages, const T& values,
+                                      const T& old_values, const T& returns, const T& response_mask,
                                       const ppo_objective_options& opt = {}, const T* logits = nullptr) {
   detail::require_finite("ppo_objective", "options.vf_coef", opt.vf_coef);
   detail::require_finite("ppo_objective", "options.entropy_coef", opt.entropy_coef);
