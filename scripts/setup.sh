@@ -34,6 +34,7 @@ install_packages() {
   for p in "${missing[@]}"; do
     if apt-cache show "$p" >/dev/null 2>&1; then available+=("$p"); else echo "note: no package $p here; skipping it"; fi
   done
+  [ ${#available[@]} -eq 0 ] && return 0
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${available[@]}"
 }
 
