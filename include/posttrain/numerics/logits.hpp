@@ -7,7 +7,8 @@
 //     and the generic definition otherwise. The generic one stays as the thing the fused one
 //     is tested against.
 // Analytic backward functions come in pairs with the forwards (llm.c style).
-// Half-precision logits are computed and returned in float32.
+// Half-precision logits are computed in float32; values are returned in float32, gradients with
+// respect to logits in the logits' dtype (as every backward in posttrain).
 #pragma once
 
 #include <cstdint>
@@ -91,7 +92,7 @@ template <tensor T>
 T logsumexp_backward(const T& logits, const T& grad) {
   detail::require_logits("logsumexp_backward", "logits", logits);
   detail::require_row_grad("logsumexp_backward", logits, grad);
-  return ops::mul(softmax_last(logits), ops::unsqueeze(ops::upcast(grad), -1));
+  return ops::to_dtype(ops::mul(softmax_last(logits), ops::unsqueeze(ops::upcast(grad), -1)), ops::dtype_of(logits));
 }
 
 template <tensor T>
@@ -133,7 +134,7 @@ T token_logprobs_backward(const T& logits, const index_tensor_t<T>& labels, cons
   const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
   const T g = ops::mul(ops::upcast(grad), valid);                                  // [...]
   const T d = ops::sub(ops::one_hot(safe, ops::size(x, -1), x), softmax_last(x));  // [..., V]
-  return ops::mul(d, ops::unsqueeze(g, -1));
+  return ops::to_dtype(ops::mul(d, ops::unsqueeze(g, -1)), ops::dtype_of(logits));
 }
 
 /// Entropy of the token distribution, logits [..., V] -> [...]: H = -Σ_v p_v log p_v.
@@ -161,7 +162,7 @@ T entropy_backward(const T& logits, const T& grad) {
   const T p = ops::exp(ops::sub(xs, lse));
   const T h = ops::unsqueeze(entropy(x), -1);
   const T d = ops::neg(ops::mul(p, ops::add(logp, h)));
-  return ops::mul(d, ops::unsqueeze(ops::upcast(grad), -1));
+  return ops::to_dtype(ops::mul(d, ops::unsqueeze(ops::upcast(grad), -1)), ops::dtype_of(logits));
 }
 
 }  // namespace posttrain
