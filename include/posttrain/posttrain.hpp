@@ -26,3 +26,4 @@
 #include "posttrain/losses/grpo.hpp"
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/value.hpp"
+#include "posttrain/losses/distill.hpp"  // distillation (issue 6): KD divergences, temperature, hard-label mixing
