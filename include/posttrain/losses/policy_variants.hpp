@@ -1,0 +1,428 @@
+// posttrain/losses/policy_variants.hpp — the RL policy-loss variants beside PPO/GRPO: sequence-level
+// and geometric ratios, soft gates, stop-gradient importance weights, plain policy gradient; and the
+// off-policy controls TRL/verl put around them (rollout importance sampling, OPSM, top-entropy tokens).
+//
+// Inputs (verl/TRL names), [B, T]: logprobs (differentiable), old_logprobs (constants; empty = on-policy,
+// old = sg(logprobs)), advantages ([B] or [B, T]), response_mask; optional rollout_logprobs (the sampler's,
+// e.g. vLLM: TRL sampling_per_token_logps, verl rollout_log_probs) and entropies (per-token, for
+// top_entropy_quantile). lr_t = logprobs_t - old_logprobs_t, ρ_t = exp(lr_t), |o_i| = Σ_t m_{i,t}.
+//
+// Per-token losses L_t (the variant), each with its derivative D_t = ∂L_t/∂logprobs_t:
+//   ppo     max(-A ρ, -A clip(ρ, 1-ε_l, 1+ε_h)) (ppo.hpp; optional delta / dual-clip)
+//   gspo    ppo with ρ replaced by s_i = exp(Σ_t m lr_t / |o_i|) in its token-level gradient form
+//           s_{i,t} = sg(s_i)·π_t/sg(π_t) (Zheng et al. 2025 arXiv:2507.18071 eq. 13-14, GSPO-token;
+//           verl gspo; TRL importance_sampling_level="sequence"): value s_i, ∂s_{i,t}/∂logπ_t = s_i.
+//           With A constant per sequence it has the gradient of TRL's sequence form (shown in the tests).
+//   luspo   gspo per token, aggregated as Σ_i |o_i|·L_i / B (TRL loss_type="luspo": (L·|o|).mean())
+//   gmpo    -Ā_i · exp(Σ_t m·sgnA·min(sgnA·lr, sgnA·clip(lr, -ε_l, ε_h)) / |o_i|), Ā_i the row's mean
+//           advantage (Zhao et al. 2025 arXiv:2507.20673 eq. 7; verl policy_loss "geo_mean", lr clamped to ±20);
+//           the same value on every token of the row, so the gradient is spread over the row.
+//   cispo   -sg(clip(ρ))·A·logπ (MiniMax-M1 arXiv:2506.13585 eq. 4): TRL clamps ρ ≤ cispo_cap (its
+//           epsilon_high used as an absolute cap), verl clamps to [1-ε_l, 1+ε_h]; D = -clip(ρ)·A.
+//   sapo    -A · σ(τ(ρ-1))·4/τ, τ = τ+ for A > 0 else τ- (Gao et al. 2025 arXiv:2511.20347 eq. 5;
+//           TRL get_sapo_token_loss): D = -A·4σ(1-σ)·ρ, which is -A at ρ = 1 (the unclipped gradient).
+//   vespo   -sg(φ_i)·A·logπ, φ = exp(λ + k·log w - λ·w), w = exp(clamp(Σ_t m·clamp(lr, ±20), log 1e-8, 20)),
+//           (k, λ) = (k+, λ+) for A ≥ 0 else (k-, λ-) (TRL get_gamma_weights; φ(1) = 1).
+//   reinforce / gpg   -A·logπ (no ratio; GPG = verl compute_policy_loss_gpg, its advantages in
+//           advantages/group.hpp gpg_advantages).
+// Off-policy controls: constant factors c_t that multiply L_t before aggregation (TRL's order: the
+// aggregation's normaliser still counts every response token):
+//   rollout IS   r = exp(lr_old_vs_rollout) per token, exp(Σ) per sequence (TRL, verl "sequence") or
+//                exp(mean) (verl "geometric"); truncate: min(r, cap); mask: r where lower ≤ r ≤ cap, else 0
+//                (TRL vllm_importance_sampling_mode, cap 3.0; verl rollout_is, threshold 2.0). The log-ratio
+//                is clamped to ±20 first (verl's safety bound). cap = +inf leaves r unchanged.
+//   OPSM         keep a row unless A < 0 and Σ_t m(logπ_sampler - sg(logπ)) / |o| > δ (TRL off_policy_mask;
+//                DeepSeek-V3.2); the sampler is rollout_logprobs, else old_logprobs.
+//   top entropy  keep tokens with H ≥ quantile_{1-q}(H over valid tokens), linear interpolation as
+//                torch.quantile (TRL top_entropy_quantile q; q = 1 keeps every valid token).
+// Aggregation: any mode of aggregate.hpp with an optional global normaliser; presets follow TRL.
+// Not in grpo.hpp: grpo.hpp's objective adds β·KL and its presets to the PPO surrogate; these variants are
+// separate entry points (policy_variant_loss) with TRL-named presets (policy_variant_options::trl_cispo() ...),
+// so grpo.hpp stays unchanged. Add β·kl_penalty(...) yourself for a KL term.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "posttrain/detail/validate.hpp"
+#include "posttrain/losses/ppo.hpp"
+#include "posttrain/numerics/aggregate.hpp"
+#include "posttrain/numerics/masked.hpp"
+#include "posttrain/numerics/stable.hpp"
+#include "posttrain/tensor.hpp"
+
+namespace posttrain {
+
+enum class policy_variant { ppo, gspo, luspo, gmpo, cispo, sapo, vespo, reinforce, gpg };
+/// CISPO's bound on the stop-gradient weight: TRL `clamp(ρ, max=epsilon_high)`, or verl's [1-ε_l, 1+ε_h].
+enum class cispo_bound { trl_absolute, verl_two_sided };
+/// Where the rollout IS ratio is formed: per token, per sequence (product), geometric mean (verl).
+enum class is_level { token, sequence, geometric };
+/// truncate: min(r, cap) (TIS); mask: r inside [lower, cap], 0 outside (MIS / rejection).
+enum class is_mode { truncate, mask };
+
+struct rollout_is_options {
+  is_level level = is_level::sequence;  ///< TRL default "sequence_mask"
+  is_mode mode = is_mode::mask;
+  double cap = 3.0;  ///< TRL vllm_importance_sampling_cap 3.0; verl threshold 2.0; may be +inf
+  std::optional<double> lower = std::nullopt;  ///< mask mode's lower bound (verl: 1/threshold); empty: none
+  /// verl rollout_is defaults: token level, truncate, threshold 2.0.
+  static rollout_is_options verl() { return {.level = is_level::token, .mode = is_mode::truncate, .cap = 2.0}; }
+};
+
+struct policy_variant_options {
+  policy_variant variant = policy_variant::ppo;
+  /// ε_l, ε_h (ε_h empty = ε_l): the clip range of ppo/gspo/luspo, GMPO's log-space range, verl CISPO's band.
+  double clip_low = 0.2;
+  std::optional<double> clip_high = std::nullopt;
+  std::optional<double> clip_c = std::nullopt;  ///< dual-clip (ppo.hpp); ppo/gspo/luspo only
+  std::optional<double> delta = std::nullopt;   ///< TRL two-sided δ (ppo.hpp); ppo/gspo/luspo only
+  /// Clamp the log-ratio (token, or GSPO's sequence mean) to ±c before exp; verl gspo clamps at 10.
+  std::optional<double> log_ratio_clamp = std::nullopt;
+  /// TRL importance_sampling_level="sequence" for ppo/cispo/sapo (gspo/luspo are always sequence-level).
+  bool sequence_ratio = false;
+  cispo_bound cispo = cispo_bound::trl_absolute;
+  double cispo_cap = 5.0;  ///< TRL's absolute cap (its docs' recommended epsilon_high for cispo)
+  double sapo_temperature_pos = 1.0, sapo_temperature_neg = 1.05;                               ///< TRL defaults
+  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;  ///< TRL defaults
+  std::optional<rollout_is_options> rollout_is = std::nullopt;  ///< needs rollout_logprobs
+  std::optional<double> opsm_delta = std::nullopt;              ///< TRL off_policy_mask_threshold
+  std::optional<double> top_entropy_quantile = std::nullopt;    ///< TRL top_entropy_quantile (needs entropies)
+  aggregation agg = aggregation::token_mean;
+  std::optional<double> normalizer = std::nullopt;
+
+  // TRL GRPOTrainer presets (loss_type and its normaliser; pass the global token count as normalizer for
+  // the dapo-style ones to match TRL's num_items_in_batch).
+  static policy_variant_options trl_gspo() {
+    return {.variant = policy_variant::gspo,
+            .clip_low = 3e-4,
+            .clip_high = 4e-4,
+            .agg = aggregation::seq_mean_token_mean};  // GSPO paper §5.1 ε = 3e-4/4e-4, TRL docs
+  }
+  static policy_variant_options trl_luspo() {
+    return {.variant = policy_variant::luspo, .clip_low = 3e-4, .clip_high = 4e-4};
+  }
+  static policy_variant_options trl_cispo() { return {.variant = policy_variant::cispo}; }
+  static policy_variant_options trl_sapo() {
+    return {.variant = policy_variant::sapo, .agg = aggregation::seq_mean_token_mean};  // TRL: grpo normaliser
+  }
+  static policy_variant_options trl_vespo() { return {.variant = policy_variant::vespo}; }
+  static policy_variant_options verl_gmpo() {
+    return {.variant = policy_variant::gmpo,
+            .clip_low = 0.4,
+            .clip_high = 0.4,
+            .agg = aggregation::seq_mean_token_mean};  // verl geo_mean: mean over sequences, ε = 0.4
+  }
+};
+
+template <tensor T>
+struct policy_batch {
+  T logprobs;                                        ///< [B, T]
+  T advantages;                                      ///< [B] or [B, T]
+  T response_mask;                                   ///< [B, T]
+  std::optional<T> old_logprobs = std::nullopt;      ///< [B, T]; empty: on-policy
+  std::optional<T> rollout_logprobs = std::nullopt;  ///< [B, T] the sampler's log-probs
+  std::optional<T> entropies = std::nullopt;         ///< [B, T] per-token entropy
+};
+
+template <tensor T>
+struct policy_variant_result {
+  T loss;               ///< 0-d
+  T per_token_loss;     ///< [B, T] c_t·L_t (0 where masked)
+  T ratio;              ///< [B, T] the ratio the variant uses (ρ, s_i or GMPO's ρ̄_i broadcast)
+  T clip_ratio_low;     ///< TRL clip_ratio/low_mean on `ratio` (ppo/gspo/luspo)
+  T clip_ratio_high;    ///< TRL clip_ratio/high_mean
+  T clip_ratio_region;  ///< TRL clip_ratio/region_mean
+  T cispo_clip_ratio;   ///< TRL cispo_clip_ratio: (ρ > cap) & (A > 0); verl band: ρ outside it
+  T phi;                ///< [B, T] VESPO φ_i broadcast (1 for other variants)
+  T phi_mean;           ///< masked mean of φ
+  T is_weight;          ///< [B, T] rollout IS factor (1 without rollout_is)
+  T is_ratio_mean, is_ratio_min, is_ratio_max;  ///< raw rollout ratio statistics over valid tokens
+  T token_keep;                                 ///< [B, T] OPSM × top-entropy selection (0/1)
+};
+
+namespace detail {
+
+inline void check_variant_options(std::string_view fn, const policy_variant_options& o) {
+  check_ppo_options(fn, {.clip_low = o.clip_low,
+                         .clip_high = o.clip_high,
+                         .clip_c = o.clip_c,
+                         .delta = o.delta,
+                         .log_ratio_clamp = o.log_ratio_clamp,
+                         .normalizer = o.normalizer});
+  if (!(o.cispo_cap > 0)) fail(fn, "options.cispo_cap must be > 0, got ", o.cispo_cap);
+  if (!(o.sapo_temperature_pos > 0) || std::isinf(o.sapo_temperature_pos))
+    fail(fn, "options.sapo_temperature_pos must be finite and > 0, got ", o.sapo_temperature_pos);
+  if (!(o.sapo_temperature_neg > 0) || std::isinf(o.sapo_temperature_neg))
+    fail(fn, "options.sapo_temperature_neg must be finite and > 0, got ", o.sapo_temperature_neg);
+  require_finite(fn, "options.vespo_k_pos", o.vespo_k_pos);
+  require_finite(fn, "options.vespo_k_neg", o.vespo_k_neg);
+  if (!(o.vespo_lambda_pos > 0) || std::isinf(o.vespo_lambda_pos))
+    fail(fn, "options.vespo_lambda_pos must be finite and > 0, got ", o.vespo_lambda_pos);
+  if (!(o.vespo_lambda_neg > 0) || std::isinf(o.vespo_lambda_neg))
+    fail(fn, "options.vespo_lambda_neg must be finite and > 0, got ", o.vespo_lambda_neg);
+  if (o.rollout_is) {
+    if (!(o.rollout_is->cap > 0)) fail(fn, "options.rollout_is.cap must be > 0, got ", o.rollout_is->cap);
+    if (o.rollout_is->lower && !(*o.rollout_is->lower >= 0 && *o.rollout_is->lower < o.rollout_is->cap))
+      fail(fn, "options.rollout_is.lower must be in [0, cap), got ", *o.rollout_is->lower);
+  }
+  if (o.opsm_delta) require_finite(fn, "options.opsm_delta", *o.opsm_delta);
+  if (o.top_entropy_quantile && !(*o.top_entropy_quantile >= 0 && *o.top_entropy_quantile <= 1))
+    fail(fn, "options.top_entropy_quantile must be in [0, 1], got ", *o.top_entropy_quantile);
+}
+
+/// The q-quantile (0 ≤ q ≤ 1) of the values where mask != 0, linearly interpolated (torch.quantile's default).
+inline double linear_quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * double(v.size() - 1);
+  const auto lo = static_cast<std::size_t>(std::floor(pos));
+  const std::size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
+}
+
+/// Row mean over the mask, broadcast back to [B, T] (0 on empty rows).
+template <tensor T>
+T row_mean_b(const T& x, const T& m) {
+  const T s = ops::sum(ops::where(m, x, 0.0), 1, true);
+  const T n = ops::maximum(ops::sum(m, 1, true), 1.0);
+  return ops::mul(ops::div(s, n), ops::full_like(x, 1.0));
+}
+
+template <tensor T>
+struct variant_terms {
+  T mask, loss, d_logp, ratio, A, factor, phi, is_weight, is_raw, keep, lp;
+  bool spread = false;  ///< GMPO: d_logp is ∂g_i/∂logπ_t, the per-row loss g_i spread over the row
+  aggregation agg;
+  std::optional<double> normalizer;
+};
+
+template <tensor T>
+variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, const policy_variant_options& o) {
+  check_variant_options(fn, o);
+  require_values(fn, "logprobs", b.logprobs);
+  require_rank(fn, "logprobs", b.logprobs, 2, 2);
+  const T m = ops::ne(ops::upcast(checked_mask(fn, "logprobs", b.logprobs, "response_mask", b.response_mask)), 0.0);
+  const T lp = ops::upcast(b.logprobs);
+  require_values(fn, "advantages", b.advantages);
+  require_same_device(fn, "logprobs", b.logprobs, "advantages", b.advantages);
+  T A = ops::upcast(b.advantages);
+  if (ops::rank(A) == 1 && ops::size(A, 0) == ops::size(lp, 0)) {
+    A = ops::mul(ops::unsqueeze(A, 1), ops::full_like(lp, 1.0));
+  } else if (ops::shape(A) != ops::shape(lp)) {
+    fail(fn, "advantages has shape ", shape_string(ops::shape(b.advantages)), " but logprobs has shape ",
+         shape_string(ops::shape(lp)), "; expected [", ops::size(lp, 0), "] or the shape of logprobs");
+  }
+  if (b.old_logprobs) require_like(fn, "logprobs", b.logprobs, "old_logprobs", *b.old_logprobs);
+  if (b.rollout_logprobs) require_like(fn, "logprobs", b.logprobs, "rollout_logprobs", *b.rollout_logprobs);
+  if (b.entropies) require_like(fn, "logprobs", b.logprobs, "entropies", *b.entropies);
+  if (o.rollout_is && !b.rollout_logprobs) fail(fn, "rollout_logprobs is required when options.rollout_is is set");
+  if (o.top_entropy_quantile && !b.entropies)
+    fail(fn, "entropies is required when options.top_entropy_quantile is set");
+  if (o.opsm_delta && !b.rollout_logprobs && !b.old_logprobs)
+    fail(fn, "options.opsm_delta needs rollout_logprobs or old_logprobs (the sampler's log-probs)");
+
+  const T old = b.old_logprobs ? ops::upcast(*b.old_logprobs) : ops::detach(lp);
+  const T zero = ops::full_like(lp, 0.0), one = ops::full_like(lp, 1.0);
+  const T lr_tok = ops::where(m, ops::sub(lp, old), 0.0);  // masked: padding never reaches a ratio
+  const bool seq = o.variant == policy_variant::gspo || o.variant == policy_variant::luspo || o.sequence_ratio;
+  // GSPO eq. 7: log s_i = (1/|o_i|) Σ_t log ρ_t; token form: same value on every token, ∂/∂logπ_t = 1
+  // written sg(log s_i) + logπ_t - sg(logπ_t) (verl gspo) so autograd through it gives the token form
+  const T lr = seq ? ops::add(ops::detach(row_mean_b(lr_tok, m)), ops::sub(lp, ops::detach(lp))) : lr_tok;
+  const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
+  const T lr_c = o.log_ratio_clamp ? ops::clamp(lr, -c, c) : lr;
+  const T lr_pass = o.log_ratio_clamp ? ops::mul(ops::ge(lr, -c), ops::le(lr, c)) : one;
+  T ratio = ops::exp(lr_c);
+  const double eps_l = o.clip_low, eps_h = o.clip_high ? *o.clip_high : o.clip_low;
+  T loss = zero, d = zero, phi = one;
+  bool spread = false;
+  aggregation agg = o.agg;
+  std::optional<double> normalizer = o.normalizer;
+
+  switch (o.variant) {
+    case policy_variant::ppo:
+    case policy_variant::gspo:
+    case policy_variant::luspo: {
+      // ppo.hpp's surrogate on the (token or sequence) log-ratio, with old = 0
+      const auto s = ppo_surrogate(lr, zero, A,
+                                   ppo_options{.clip_low = o.clip_low,
+                                               .clip_high = o.clip_high,
+                                               .clip_c = o.clip_c,
+                                               .delta = o.delta,
+                                               .log_ratio_clamp = o.log_ratio_clamp});
+      loss = s.loss, d = s.d_logratio, ratio = s.ratio;
+      if (o.variant == policy_variant::luspo && !normalizer) {
+        // TRL luspo: (per_token_loss · |o_i|).mean() over the B rows = Σ m·L / B
+        agg = aggregation::seq_mean_token_sum;
+        normalizer = double(ops::size(lp, 0));
+      }
+      break;
+    }
+    case policy_variant::gmpo: {
+      // verl geo_mean: lr clamped to ±20; sgnA·min(sgnA·lr, sgnA·clip(lr, -ε_l, ε_h))
+      const T lr20 = ops::clamp(lr_tok, -20.0, 20.0);
+      const T in20 = ops::mul(ops::ge(lr_tok, -20.0), ops::le(lr_tok, 20.0));
+      const T sg = ops::sign(A);
+      const T x = ops::mul(sg, lr20), y = ops::mul(sg, ops::clamp(lr20, -eps_l, eps_h));
+      const T inside = ops::mul(ops::ge(lr20, -eps_l), ops::le(lr20, eps_h));
+      const T term = ops::mul(sg, ops::minimum(x, y));
+      // ∂term/∂lr = sgnA²·(share_x + share_y·inside), torch.minimum splitting ties
+      const T share_x = max_share(y, x), share_y = max_share(x, y);
+      const T dterm = ops::mul(ops::mul(ops::square(sg), ops::add(share_x, ops::mul(share_y, inside))), in20);
+      const T n = ops::maximum(ops::sum(m, 1, true), 1.0);  // [B, 1]
+      const T rho_bar = ops::mul(ops::exp(ops::div(ops::sum(ops::where(m, term, 0.0), 1, true), n)), one);
+      const T A_bar = row_mean_b(A, m);
+      loss = ops::neg(ops::mul(A_bar, rho_bar));              // -Ā_i ρ̄_i
+      d = ops::div(ops::mul(loss, dterm), ops::mul(n, one));  // ∂g_i/∂logπ_t
+      ratio = rho_bar;
+      spread = true;
+      break;
+    }
+    case policy_variant::cispo: {
+      const T w = o.cispo == cispo_bound::trl_absolute ? ops::minimum(ratio, o.cispo_cap)
+                                                       : ops::clamp(ratio, 1.0 - eps_l, 1.0 + eps_h);
+      // MiniMax-M1 eq. 4: -sg(clip ρ)·A·logπ
+      d = ops::neg(ops::mul(w, A));
+      loss = ops::mul(d, lp);
+      break;
+    }
+    case policy_variant::sapo: {
+      const T tau = ops::where(ops::gt(A, 0.0), ops::full_like(lp, o.sapo_temperature_pos),
+                               ops::full_like(lp, o.sapo_temperature_neg));
+      const T sgate = posttrain::sigmoid(ops::mul(tau, ops::sub(ratio, 1.0)));
+      // SAPO eq. 5: f(ρ) = σ(τ(ρ-1))·4/τ, f'(ρ) = 4σ(1-σ)
+      loss = ops::neg(ops::mul(A, ops::div(ops::mul(sgate, 4.0), tau)));
+      d = ops::mul(ops::neg(ops::mul(A, ops::mul(ops::mul(sgate, ops::sub(1.0, sgate)), 4.0))),
+                   ops::mul(ratio, lr_pass));
+      break;
+    }
+    case policy_variant::vespo: {
+      // TRL get_gamma_weights: w = exp(clamp(Σ m·clamp(lr, ±20), log 1e-8, 20)); log φ = λ + k log w - λ w
+      const T s = ops::sum(ops::where(m, ops::clamp(lr_tok, -20.0, 20.0), 0.0), 1, true);
+      const T log_w = ops::mul(ops::clamp(s, std::log(1e-8), 20.0), one);
+      const T nonneg = ops::ge(A, 0.0);
+      const T k = ops::where(nonneg, ops::full_like(lp, o.vespo_k_pos), ops::full_like(lp, o.vespo_k_neg));
+      const T lam = ops::where(nonneg, ops::full_like(lp, o.vespo_lambda_pos), ops::full_like(lp, o.vespo_lambda_neg));
+      phi = ops::exp(ops::sub(ops::add(lam, ops::mul(k, log_w)), ops::mul(lam, ops::exp(log_w))));
+      d = ops::neg(ops::mul(phi, A));
+      loss = ops::mul(d, lp);
+      ratio = ops::exp(log_w);
+      break;
+    }
+    case policy_variant::reinforce:
+    case policy_variant::gpg: {
+      // REINFORCE (Williams 1992) / verl gpg: -A·logπ
+      d = ops::neg(A);
+      loss = ops::mul(d, lp);
+      break;
+    }
+  }
+
+  // Off-policy factors (constants): rollout IS, OPSM, top-entropy selection
+  T is_w = one, is_raw = one, keep = one;
+  if (o.rollout_is) {
+    const auto& r = *o.rollout_is;
+    const T roll = ops::upcast(*b.rollout_logprobs);
+    const T lr_roll = ops::where(m, ops::sub(ops::detach(old), roll), 0.0);
+    T lri = lr_roll;
+    if (r.level == is_level::sequence) lri = ops::mul(ops::sum(lr_roll, 1, true), one);
+    if (r.level == is_level::geometric) lri = row_mean_b(lr_roll, m);
+    is_raw = ops::exp(ops::clamp(lri, -20.0, 20.0));  // verl SAFETY_BOUND
+    if (r.mode == is_mode::truncate) {
+      is_w = std::isinf(r.cap) ? is_raw : ops::minimum(is_raw, r.cap);
+    } else {
+      T ok = std::isinf(r.cap) ? one : ops::le(is_raw, r.cap);
+      if (r.lower) ok = ops::mul(ok, ops::ge(is_raw, *r.lower));
+      is_w = ops::mul(is_raw, ok);
+    }
+  }
+  if (o.opsm_delta) {
+    const T sampler = b.rollout_logprobs ? ops::upcast(*b.rollout_logprobs) : old;
+    const T kl = row_mean_b(ops::sub(sampler, ops::detach(lp)), m);
+    // TRL get_off_policy_mask: keep = (A ≥ 0) | (mean KL ≤ δ)
+    keep = ops::maximum(ops::ge(A, 0.0), ops::le(kl, *o.opsm_delta));
+  }
+  if (o.top_entropy_quantile) {
+    const T H = ops::upcast(*b.entropies);
+    const auto hv = ops::to_host(H), mv = ops::to_host(m);
+    std::vector<double> valid;
+    for (std::size_t i = 0; i < hv.size(); ++i)
+      if (mv[i] != 0) valid.push_back(hv[i]);
+    // TRL get_high_entropy_mask: torch.quantile(H[valid], 1 - q), keep H ≥ it
+    const double thr = linear_quantile(std::move(valid), 1.0 - *o.top_entropy_quantile);
+    keep = ops::mul(keep, ops::ge(H, thr));
+  }
+  keep = ops::mul(keep, m);
+  const T factor = ops::detach(ops::mul(is_w, keep));
+  return {m, loss, d, ratio, A, factor, phi, is_w, is_raw, keep, lp, spread, agg, normalizer};
+}
+
+}  // namespace detail
+
+/// A policy-loss variant (see the header comment). batch.logprobs etc.: [B, T].
+template <tensor T>
+policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const policy_variant_options& opt = {}) {
+  const auto t = detail::variant_compute("policy_variant_loss", batch, opt);
+  const T per_token = ops::where(t.mask, ops::mul(t.loss, t.factor), 0.0);
+  const T loss = aggregate(per_token, t.mask, t.agg, t.normalizer);
+  const double eps_l = opt.clip_low, eps_h = opt.clip_high ? *opt.clip_high : opt.clip_low;
+  const T& m = t.mask;
+  const T low = ops::mul(ops::lt(t.ratio, 1.0 - eps_l), ops::lt(t.A, 0.0));
+  const T high = ops::mul(ops::gt(t.ratio, 1.0 + eps_h), ops::gt(t.A, 0.0));
+  T cispo_clip = ops::full_like(t.lp, 0.0);
+  if (opt.variant == policy_variant::cispo) {
+    cispo_clip = opt.cispo == cispo_bound::trl_absolute
+                     ? ops::mul(ops::gt(t.ratio, opt.cispo_cap), ops::gt(t.A, 0.0))
+                     : ops::maximum(ops::lt(t.ratio, 1.0 - eps_l), ops::gt(t.ratio, 1.0 + eps_h));
+  }
+  return {loss,
+          per_token,
+          t.ratio,
+          masked_mean(low, m),
+          masked_mean(high, m),
+          masked_mean(ops::maximum(low, high), m),
+          masked_mean(cispo_clip, m),
+          t.phi,
+          masked_mean(t.phi, m),
+          t.is_weight,
+          masked_mean(t.is_raw, m),
+          detail::masked_extreme(t.is_raw, m, false),
+          detail::masked_extreme(t.is_raw, m, true),
+          t.keep};
+}
+
+/// ∂(grad_loss · policy_variant_loss(batch).loss)/∂logprobs, [B, T].
+template <tensor T>
+T policy_variant_loss_backward(const policy_batch<T>& batch, const policy_variant_options& opt = {},
+                               double grad_loss = 1.0) {
+  const auto t = detail::variant_compute("policy_variant_loss_backward", batch, opt);
+  const T w = ops::mul(aggregation_weights(t.mask, t.agg, t.normalizer), t.factor);  // ∂loss/∂L_t
+  if (!t.spread) return ops::mul(ops::where(t.mask, ops::mul(t.d_logp, w), 0.0), grad_loss);
+  // GMPO: L_t = g_i on every token of row i, so ∂loss/∂logπ_t = (Σ_{t'} w_{t'}) · ∂g_i/∂logπ_t
+  const T W = ops::mul(ops::sum(ops::where(t.mask, w, 0.0), 1, true), ops::full_like(t.lp, 1.0));
+  return ops::mul(ops::where(t.mask, ops::mul(t.d_logp, W), 0.0), grad_loss);
+}
+
+/// TRL get_high_entropy_mask: 1 where entropies ≥ the (1 - top_quantile) linear quantile of the valid
+/// entropies, and the token is valid. entropies, mask: [B, T] (or any shape).
+template <tensor T>
+T top_entropy_mask(const T& entropies, const T& mask, double top_quantile) {
+  constexpr std::string_view fn = "top_entropy_mask";
+  if (!(top_quantile >= 0 && top_quantile <= 1)) detail::fail(fn, "top_quantile must be in [0, 1], got ", top_quantile);
+  detail::require_values(fn, "entropies", entropies);
+  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "entropies", entropies, "mask", mask)), 0.0);
+  const T H = ops::upcast(entropies);
+  const auto hv = ops::to_host(H), mv = ops::to_host(m);
+  std::vector<double> valid;
+  for (std::size_t i = 0; i < hv.size(); ++i)
+    if (mv[i] != 0) valid.push_back(hv[i]);
+  const double thr = detail::linear_quantile(std::move(valid), 1.0 - top_quantile);
+  return ops::mul(ops::ge(H, thr), m);
+}
+
+}  // namespace posttrain
