@@ -287,7 +287,7 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
       const T w = o.cispo == cispo_bound::trl_absolute ? ops::minimum(ratio, o.cispo_cap)
                                                        : ops::clamp(ratio, 1.0 - eps_l, 1.0 + eps_h);
       // MiniMax-M1 eq. 4: -sg(clip ρ)·A·logπ
-      d = ops::neg(ops::mul(w, A));
+      d = ops::neg(ops::mul(ops::detach(w), A));  // sg: autograd sees only logπ
       loss = ops::mul(d, lp);
       break;
     }
@@ -309,6 +309,7 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
       const T k = ops::where(nonneg, ops::full_like(lp, o.vespo_k_pos), ops::full_like(lp, o.vespo_k_neg));
       const T lam = ops::where(nonneg, ops::full_like(lp, o.vespo_lambda_pos), ops::full_like(lp, o.vespo_lambda_neg));
       phi = ops::exp(ops::sub(ops::add(lam, ops::mul(k, log_w)), ops::mul(lam, ops::exp(log_w))));
+      phi = ops::detach(phi);  // TRL computes φ under no_grad
       d = ops::neg(ops::mul(phi, A));
       loss = ops::mul(d, lp);
       ratio = ops::exp(log_w);
