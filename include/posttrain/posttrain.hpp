@@ -27,3 +27,4 @@
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/value.hpp"
 #include "posttrain/losses/distill.hpp"  // distillation (issue 6): KD divergences, temperature, hard-label mixing
+#include "posttrain/losses/policy_variants.hpp"  // RL variants (issue 7): GSPO ... VESPO, rollout IS, OPSM
