@@ -23,8 +23,8 @@
 #include "posttrain/advantages/group.hpp"
 #include "posttrain/advantages/kl_reward.hpp"
 #include "posttrain/kl/controller.hpp"
+#include "posttrain/losses/distill.hpp"  // distillation (issue 6): KD divergences, temperature, hard-label mixing
 #include "posttrain/losses/grpo.hpp"
+#include "posttrain/losses/policy_variants.hpp"  // RL variants (issue 7): GSPO ... VESPO, rollout IS, OPSM
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/value.hpp"
-#include "posttrain/losses/distill.hpp"  // distillation (issue 6): KD divergences, temperature, hard-label mixing
-#include "posttrain/losses/policy_variants.hpp"  // RL variants (issue 7): GSPO ... VESPO, rollout IS, OPSM
