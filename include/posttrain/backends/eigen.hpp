@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "posttrain/error.hpp"
+#include "posttrain/kernels/logits_cpu.hpp"
 #include "posttrain/tensor.hpp"
 
 namespace posttrain {
@@ -440,55 +441,45 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     return out;
   }
 
-  // ---- fused overrides: one pass per row over the last dimension, in plain Eigen ----
+  // ---- fused overrides: posttrain::kernels (one online pass per row, vectorised, threaded) ----
 
-  /// log Σ_v exp(x_v) per row, max-shifted; a row of only -inf gives -inf.
+  /// log Σ_v exp(x_v) per row; a row of only -inf gives -inf.
   static T fused_logsumexp_last(const T& x) {
-    return per_row(x, [](const auto& row) {
-      const Scalar m = row.maxCoeff();
-      if (!std::isfinite(m)) return m;  // all -inf (or +inf / NaN present): the true value
-      return m + std::log((row - m).exp().sum());
-    });
+    T out = row_output(x, "fused_logsumexp_last");
+    kernels::logits_forward<Scalar>(x.data(), out.numel(), x.shape().back(), nullptr, 0, out.data(), nullptr, nullptr);
+    return out;
   }
 
   /// log softmax(x)[label] per row without materialising log_softmax, as (x_y - m) - log Σ_v e^{x_v - m}:
   /// x_y - logsumexp(x) would lose ulp(logsumexp), ~5e-4 in float32 at |x| = 1e4.
   static T fused_token_logprobs(const T& x, const index_tensor& labels) {
+    T out = row_output(x, "fused_token_logprobs");
     const std::int64_t v = x.shape().back();
-    T out = gather_last(x, labels);
-    for (std::int64_t r = 0; r < out.numel(); ++r) {
-      const auto row = x.values().segment(r * v, v);
-      const Scalar m = row.maxCoeff();
-      out.values()(r) -= m;  // a row of -inf (or with +inf / NaN) keeps x_y - m, its logsumexp being m
-      if (std::isfinite(m)) out.values()(r) -= std::log((row - m).exp().sum());
-    }
+    if (labels.shape() != out.shape())
+      detail::fail("fused_token_logprobs", "labels have shape ", detail::shape_string(labels.shape()),
+                   " but logits have shape ", detail::shape_string(x.shape()));
+    for (std::int64_t r = 0; r < labels.numel(); ++r)
+      if (labels.data()[r] < 0 || labels.data()[r] >= v)
+        detail::fail("fused_token_logprobs", "label ", labels.data()[r], " outside [0, ", v, ")");
+    kernels::logits_forward<Scalar>(x.data(), out.numel(), v, labels.data(), std::numeric_limits<std::int64_t>::min(),
+                                    nullptr, out.data(), nullptr);
     return out;
   }
 
   /// Entropy -Σ p log p per row; -inf logits (padding) contribute 0.
   static T fused_entropy_last(const T& x) {
-    return per_row(x, [](const auto& row) {
-      const Scalar m = row.maxCoeff();
-      if (!std::isfinite(m)) return Scalar(0);
-      const auto shifted = (row - m).eval();
-      const auto e = shifted.exp().eval();
-      const Scalar s = e.sum();
-      // H = log s - Σ e_v (x_v - m) / s, with e_v (x_v - m) := 0 where x_v = -inf.
-      const Scalar weighted = (shifted > -std::numeric_limits<Scalar>::infinity()).select(e * shifted, Scalar(0)).sum();
-      return std::log(s) - weighted / s;
-    });
+    T out = row_output(x, "fused_entropy_last");
+    kernels::logits_forward<Scalar>(x.data(), out.numel(), x.shape().back(), nullptr, 0, nullptr, nullptr, out.data());
+    return out;
   }
 
  private:
-  template <class F>
-  static T per_row(const T& x, F f) {
-    if (x.shape().empty()) detail::fail("eigen backend", "a row reduction needs rank >= 1");
-    const std::int64_t v = x.shape().back();
+  /// The [...] output of a reduction over the last dimension.
+  static T row_output(const T& x, const char* fn) {
+    if (x.shape().empty()) detail::fail(fn, "a row reduction needs rank >= 1");
     shape_t s = x.shape();
     s.pop_back();
-    T out(s);
-    for (std::int64_t r = 0; r < out.numel(); ++r) out.values()(r) = f(x.values().segment(r * v, v));
-    return out;
+    return T(s);
   }
 };
 

@@ -1,0 +1,233 @@
+// posttrain::kernels (the fused CPU kernels behind both backends' fused overrides) against the
+// generic compositions on the Eigen double reference: logsumexp, token log-probs and entropy in
+// double (float64_tol) and float32 (float32_tol against the double run on the same float-rounded
+// inputs), at V = 256000, logits of ±1e4 and -inf padding; closed forms for uniform rows; results
+// independent of the thread count; the fused cross-entropy forward + backward (into a buffer and in
+// place over the logits) and the general backward against posttrain's analytic backward functions.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "posttrain/backends/eigen.hpp"
+#include "posttrain/kernels/logits_cpu.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/numerics/logits.hpp"
+#include "support/data.hpp"
+#include "support/tolerances.hpp"
+
+using namespace posttrain;
+
+namespace {
+constexpr double inf = std::numeric_limits<double>::infinity();
+
+/// Restores the process-wide kernel thread count when a test ends.
+struct thread_guard {
+  ~thread_guard() { kernels::set_num_threads(0); }
+};
+
+template <class S>
+void require_close(const eigen_tensor<S>& got, const eigen_tensor<double>& want, test::tolerance tol) {
+  REQUIRE(got.shape() == want.shape());
+  for (std::int64_t i = 0; i < want.numel(); ++i) {
+    INFO("element " << i << ": got " << got.values()(i) << ", want " << want.values()(i));
+    REQUIRE(tol.accepts(static_cast<double>(got.values()(i)), want.values()(i)));
+  }
+}
+
+/// Random logits N(0, scale) with rows of ±1e4 (+ noise) and every 5th entry of row 2 at -inf.
+test::host_tensor hard_logits(std::int64_t rows, std::int64_t vocab, std::uint64_t seed, double scale = 3.0) {
+  auto h = test::random_normal({rows, vocab}, seed, scale);
+  for (std::int64_t v = 0; v < vocab; ++v) {
+    if (rows > 0) h.values[static_cast<std::size_t>(v)] += (v % 2 == 0 ? 1e4 : -1e4);
+    if (rows > 1) h.values[static_cast<std::size_t>(vocab + v)] += 1e4;
+    if (rows > 2 && v % 5 == 0) h.values[static_cast<std::size_t>(2 * vocab + v)] = -inf;
+  }
+  return h;
+}
+
+/// The same values rounded to float, as a host tensor in double.
+test::host_tensor rounded_to_float(test::host_tensor h) {
+  for (auto& v : h.values) v = static_cast<double>(static_cast<float>(v));
+  return h;
+}
+
+/// Labels in [0, V) that avoid -inf logits (their log-prob is -inf on both paths).
+test::host_labels finite_labels(const test::host_tensor& x, std::uint64_t seed) {
+  const std::int64_t vocab = x.shape.back();
+  auto l = test::random_labels({x.shape.front()}, vocab, seed);
+  for (std::size_t r = 0; r < l.values.size(); ++r)
+    while (std::isinf(x.values[r * static_cast<std::size_t>(vocab) + static_cast<std::size_t>(l.values[r])]))
+      l.values[r] = (l.values[r] + 1) % vocab;
+  return l;
+}
+
+template <class S>
+using tr = tensor_traits<eigen_tensor<S>>;
+}  // namespace
+
+TEST_CASE("kernels: fused logsumexp, token log-probs and entropy equal the generic compositions in double") {
+  // Vocabulary sizes around the block size (2048) so the running max rises in later blocks.
+  for (std::int64_t vocab : {1, 7, 2047, 2048, 2049, 5000}) {
+    INFO("V = " << vocab);
+    auto h = test::random_normal({4, 3, vocab}, 11 + static_cast<std::uint64_t>(vocab), 2.0);
+    // The largest logit in the last block of row 0 forces a rescale of (s, t).
+    h.values[static_cast<std::size_t>(vocab - 1)] = 9.0;
+    const auto x = test::to_eigen<double>(h);
+    const auto labels = test::to_eigen(test::random_labels({4, 3}, vocab, 5));
+    require_close(tr<double>::fused_logsumexp_last(x), generic::logsumexp_last(x), test::float64_tol);
+    require_close(tr<double>::fused_token_logprobs(x, labels), generic::token_logprobs(x, labels), test::float64_tol);
+    require_close(tr<double>::fused_entropy_last(x), generic::entropy_last(x), test::float64_tol);
+  }
+}
+
+TEST_CASE("kernels: float32 at V = 256000 with logits of +-1e4 and -inf padding is within float32_tol of double") {
+  const std::int64_t vocab = 256000;
+  const auto h = rounded_to_float(hard_logits(4, vocab, 3));
+  const auto xf = test::to_eigen<float>(h);
+  const auto xd = test::to_eigen<double>(h);
+  const auto labels = test::to_eigen(finite_labels(h, 9));
+  require_close(tr<float>::fused_logsumexp_last(xf), generic::logsumexp_last(xd), test::float32_tol);
+  require_close(tr<float>::fused_token_logprobs(xf, labels), generic::token_logprobs(xd, labels), test::float32_tol);
+  require_close(tr<float>::fused_entropy_last(xf), generic::entropy_last(xd), test::float32_tol);
+  // The public dispatchers take the fused path: same values.
+  require_close(token_logprobs(xf, labels), generic::token_logprobs(xd, labels), test::float32_tol);
+  require_close(entropy(xf), generic::entropy_last(xd), test::float32_tol);
+}
+
+TEST_CASE("kernels: uniform float32 rows at V = 256000 give the closed forms log V and -log V") {
+  // logsumexp(c·1_V) = c + log V, entropy = log V, log p = -log V; c = 1e4 tests the shift.
+  const std::int64_t vocab = 256000;
+  const double log_v = std::log(static_cast<double>(vocab));
+  for (double c : {0.0, 1e4, -1e4}) {
+    INFO("c = " << c);
+    const eigen_tensor<float> x({1, vocab}, static_cast<float>(c));
+    const eigen_index labels({1}, {vocab - 1});
+    CHECK(test::float32_tol.accepts(tr<float>::fused_logsumexp_last(x).values()(0), c + log_v));
+    CHECK(test::float32_tol.accepts(tr<float>::fused_entropy_last(x).values()(0), log_v));
+    CHECK(test::float32_tol.accepts(tr<float>::fused_token_logprobs(x, labels).values()(0), -log_v));
+  }
+}
+
+TEST_CASE("kernels: rows of only -inf give logsumexp -inf and entropy 0, -inf padding gives no NaN") {
+  for (std::int64_t vocab : {3, 3000}) {
+    eigen_tensor<float> x({2, vocab}, -std::numeric_limits<float>::infinity());
+    x(1, 0) = 0.0f;
+    x(1, 1) = 0.0f;  // two finite entries among -inf: log 2 and entropy log 2
+    const auto lse = tr<float>::fused_logsumexp_last(x);
+    const auto h = tr<float>::fused_entropy_last(x);
+    CHECK(lse(0) == -std::numeric_limits<float>::infinity());
+    CHECK(h(0) == 0.0f);
+    CHECK(test::float32_tol.accepts(lse(1), std::log(2.0)));
+    CHECK(test::float32_tol.accepts(h(1), std::log(2.0)));
+    const auto lp = tr<float>::fused_token_logprobs(x, eigen_index({2}, {0, 1}));
+    CHECK(test::float32_tol.accepts(lp(1), -std::log(2.0)));
+  }
+}
+
+TEST_CASE("kernels: results do not depend on the thread count (1 and 3 threads, bitwise)") {
+  thread_guard guard;
+  const std::int64_t rows = 6, vocab = 70000;  // every row is above the per-thread minimum
+  const auto h = hard_logits(rows, vocab, 21);
+  const auto x = test::to_eigen<float>(h);
+  const auto labels = test::to_eigen(finite_labels(h, 4));
+  std::vector<std::vector<float>> runs;
+  for (int threads : {1, 3}) {
+    kernels::set_num_threads(threads);
+    REQUIRE(kernels::num_threads() == threads);
+    std::vector<float> lse(rows), lp(rows), ent(rows), grad(static_cast<std::size_t>(rows * vocab));
+    kernels::logits_forward<float>(x.data(), rows, vocab, labels.data(), -100, lse.data(), lp.data(), ent.data());
+    kernels::cross_entropy_forward_backward<float>(x.data(), rows, vocab, labels.data(), {}, nullptr, grad.data(), 1.0);
+    std::vector<float> all = lse;
+    all.insert(all.end(), lp.begin(), lp.end());
+    all.insert(all.end(), ent.begin(), ent.end());
+    all.insert(all.end(), grad.begin(), grad.end());
+    runs.push_back(all);
+  }
+  REQUIRE(runs[0] == runs[1]);
+  kernels::set_num_threads(0);
+  CHECK(kernels::num_threads() >= 1);
+}
+
+TEST_CASE("kernels: fused cross-entropy forward and backward equal sft_loss and sft_loss_backward") {
+  const std::int64_t rows = 5;
+  for (std::int64_t vocab : {9, 3001}) {
+    for (double eps : {0.0, 0.1}) {
+      for (double z : {0.0, 1e-4}) {
+        INFO("V = " << vocab << ", label_smoothing = " << eps << ", z_loss = " << z);
+        auto h = test::random_normal({rows, vocab}, 31, 2.0);
+        auto lab = test::random_labels({rows}, vocab, 8);
+        lab.values[1] = -100;  // an ignored row: loss 0, gradient 0
+        const auto x = test::to_eigen<double>(h);
+        const auto labels = test::to_eigen(lab);
+        const sft_options opt{.label_smoothing = eps, .z_loss = z};
+        const auto want = sft_loss(x, labels, opt);
+        const auto want_grad = sft_loss_backward(x, labels, opt, 1.0);
+
+        const kernels::cross_entropy_options kopt{.ignore_index = -100, .label_smoothing = eps, .z_loss = z};
+        eigen_tensor<double> loss({rows}), grad({rows, vocab});
+        const std::int64_t n = 4;  // valid rows: the token mean divides by them
+        REQUIRE(kernels::cross_entropy_forward_backward<double>(x.data(), rows, vocab, labels.data(), kopt, loss.data(),
+                                                                grad.data(), 1.0 / n) == n);
+        require_close(loss, want.per_token_loss, test::float64_tol);
+        require_close(grad, want_grad, test::float64_tol);
+
+        // In place: the gradient overwrites the logits, same numbers.
+        eigen_tensor<double> inplace = x;
+        eigen_tensor<double> loss2({rows});
+        kernels::cross_entropy_forward_backward<double>(inplace.data(), rows, vocab, labels.data(), kopt, loss2.data(),
+                                                        inplace.data(), 1.0 / n);
+        require_close(inplace, want_grad, test::float64_tol);
+        require_close(loss2, want.per_token_loss, test::float64_tol);
+      }
+    }
+  }
+}
+
+TEST_CASE("kernels: float32 fused cross-entropy gradient at +-1e4 logits is within float32_tol of double") {
+  const std::int64_t rows = 3, vocab = 40000;
+  const auto h = rounded_to_float(hard_logits(rows, vocab, 17));
+  const auto labels = test::to_eigen(finite_labels(h, 2));
+  const auto xd = test::to_eigen<double>(h);
+  const auto want = sft_loss_backward(xd, labels, {}, 1.0);
+  eigen_tensor<float> xf = test::to_eigen<float>(h);
+  kernels::cross_entropy_forward_backward<float>(xf.data(), rows, vocab, labels.data(), {}, nullptr, xf.data(),
+                                                 1.0 / rows);
+  require_close(xf, want, test::float32_tol);
+}
+
+TEST_CASE("kernels: the general backward gives token_logprobs_backward, entropy_backward and logsumexp_backward") {
+  const std::int64_t rows = 4, vocab = 2500;
+  auto h = test::random_normal({rows, vocab}, 41, 2.0);
+  for (std::int64_t v = 0; v < vocab; v += 7) h.values[static_cast<std::size_t>(2 * vocab + v)] = -inf;
+  const auto x = test::to_eigen<double>(h);
+  const auto labels = test::to_eigen(finite_labels(h, 6));
+  const auto g = test::to_eigen<double>(test::random_normal({rows}, 42));
+  eigen_tensor<double> out({rows, vocab});
+
+  // d log p_y / dx = onehot - p: alpha = -g, b = -g.
+  kernels::logits_backward<double>(
+      x.data(), rows, vocab, labels.data(),
+      [&](std::int64_t r, const kernels::row_stats<double>&) {
+        return kernels::backward_coefficients{-g(r), 0.0, -g(r), 0.0};
+      },
+      out.data());
+  require_close(out, token_logprobs_backward(x, labels, g), test::float64_tol);
+
+  // dH/dx = -p (log p + H): alpha = -g·H, beta = -g.
+  kernels::logits_backward<double>(
+      x.data(), rows, vocab, nullptr,
+      [&](std::int64_t r, const kernels::row_stats<double>& st) {
+        return kernels::backward_coefficients{-g(r) * st.entropy(), -g(r), 0.0, 0.0};
+      },
+      out.data());
+  require_close(out, entropy_backward(x, g), test::float64_tol);
+
+  // d lse / dx = p: alpha = g.
+  kernels::logits_backward<double>(
+      x.data(), rows, vocab, nullptr,
+      [&](std::int64_t r, const kernels::row_stats<double>&) { return kernels::backward_coefficients{g(r)}; },
+      out.data());
+  require_close(out, logsumexp_backward(x, g), test::float64_tol);
+}
