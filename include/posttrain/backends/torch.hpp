@@ -12,12 +12,132 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "posttrain/error.hpp"
 #include "posttrain/tensor.hpp"
 
+// posttrain's fused CPU kernels are written with Eigen's packet math: LibTorch CPU tensors use them
+// when Eigen is on the include path (link posttrain::eigen too), and LibTorch's own ops otherwise.
+#if __has_include(<Eigen/Core>)
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "posttrain/kernels/logits_cpu.hpp"
+#define POSTTRAIN_TORCH_CPU_KERNELS 1
+#else
+#define POSTTRAIN_TORCH_CPU_KERNELS 0
+#endif
+
 namespace posttrain {
+
+#if POSTTRAIN_TORCH_CPU_KERNELS
+namespace detail::torch_kernels {
+
+/// The kernels read contiguous CPU float32/float64 buffers; anything else (CUDA, half types the
+/// algorithms have not upcast, strided views) takes LibTorch's own ops.
+inline bool usable(const at::Tensor& x) {
+  return x.device().is_cpu() && x.layout() == at::kStrided && x.is_contiguous() && x.dim() >= 1 && x.numel() > 0 &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+enum class output { logsumexp, logprob, entropy };
+
+/// One fused forward pass over the rows of x [..., V] (no autograd): the [...] result.
+inline at::Tensor forward(const at::Tensor& x, const at::Tensor& labels, output what) {
+  const std::int64_t v = x.size(-1);
+  at::Tensor out = at::empty(x.sizes().slice(0, static_cast<std::size_t>(x.dim() - 1)), x.options());
+  const std::int64_t rows = out.numel();
+  const std::int64_t* lab = labels.defined() && labels.numel() > 0 ? labels.data_ptr<std::int64_t>() : nullptr;
+  const auto run = [&](auto* xp, auto* op) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    kernels::logits_forward<S>(xp, rows, v, lab, std::numeric_limits<std::int64_t>::min(),
+                               what == output::logsumexp ? op : nullptr, what == output::logprob ? op : nullptr,
+                               what == output::entropy ? op : nullptr);
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>(), out.data_ptr<float>());
+  else
+    run(x.data_ptr<double>(), out.data_ptr<double>());
+  return out;
+}
+
+/// grad_x[r, v] = p·(α_r + β_r·log p) − b_r·[v = y_r] with the coefficients of `what` and the
+/// incoming gradient g [...] (the analytic backward, one read for the statistics, one read + write).
+inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& grad, output what) {
+  const std::int64_t v = x.size(-1);
+  at::Tensor out = at::empty_like(x);
+  const at::Tensor g = grad.to(at::kCPU, x.scalar_type()).contiguous();
+  const std::int64_t rows = g.numel();
+  const auto run = [&](auto* xp, auto* gp, auto* op) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    const std::int64_t* lab = labels.defined() && labels.numel() > 0 ? labels.data_ptr<std::int64_t>() : nullptr;
+    kernels::logits_backward<S>(
+        xp, rows, v, what == output::logprob ? lab : nullptr,
+        [&](std::int64_t r, const kernels::row_stats<S>& st) {
+          const double gr = static_cast<double>(gp[r]);
+          switch (what) {
+            case output::logsumexp: return kernels::backward_coefficients{gr, 0.0, 0.0, 0.0};
+            case output::logprob: return kernels::backward_coefficients{-gr, 0.0, -gr, 0.0};  // onehot - p
+            case output::entropy: return kernels::backward_coefficients{-gr * st.entropy(), -gr, 0.0, 0.0};
+          }
+          return kernels::backward_coefficients{};
+        },
+        op);
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>());
+  else
+    run(x.data_ptr<double>(), g.data_ptr<double>(), out.data_ptr<double>());
+  return out;
+}
+
+/// The same backward in LibTorch ops, differentiable again: used when the graph of the backward
+/// is being recorded (create_graph = true), where the kernel's raw output would cut it.
+inline at::Tensor backward_differentiable(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& grad,
+                                          output what) {
+  const at::Tensor g = grad.unsqueeze(-1);
+  const at::Tensor logp = at::log_softmax(x, -1);
+  const at::Tensor p = logp.exp();
+  switch (what) {
+    case output::logsumexp: return p * g;
+    case output::logprob: return (at::one_hot(labels, x.size(-1)).to(x.scalar_type()) - p) * g;
+    case output::entropy: {
+      const at::Tensor logp_safe =
+          at::where(x.gt(-std::numeric_limits<double>::infinity()), logp, at::zeros_like(logp));
+      const at::Tensor h = -(p * logp_safe).sum(-1, true);
+      return -(p * (logp_safe + h)) * g;
+    }
+  }
+  return {};
+}
+
+/// An autograd node around the fused forward whose backward is the analytic one.
+template <output What>
+struct fused_function : torch::autograd::Function<fused_function<What>> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels) {
+    ctx->save_for_backward({x, labels});
+    return torch_kernels::forward(x, labels, What);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad = at::GradMode::is_enabled() ? backward_differentiable(saved[0], saved[1], grads[0], What)
+                                                       : torch_kernels::backward(saved[0], saved[1], grads[0], What);
+    return {grad, at::Tensor()};
+  }
+};
+
+template <output What>
+at::Tensor apply(const at::Tensor& x, const at::Tensor& labels) {
+  // autograd::Function needs defined tensors: "no labels" travels as an empty index tensor.
+  if (x.requires_grad() && at::GradMode::is_enabled())
+    return fused_function<What>::apply(x, labels.defined() ? labels : at::empty({0}, at::kLong));
+  return torch_kernels::forward(x, labels, What);
+}
+
+}  // namespace detail::torch_kernels
+#endif
 
 template <>
 struct tensor_traits<at::Tensor> {
@@ -146,12 +266,44 @@ struct tensor_traits<at::Tensor> {
   static T concat(const std::vector<T>& parts, std::int64_t dim) { return at::cat(parts, dim); }
   static T cumsum(const T& x, std::int64_t dim) { return x.cumsum(dim); }
 
-  // ---- fused overrides (LibTorch's own kernels; autograd intact) ----
+  // ---- fused overrides ----
+  // Contiguous CPU float32/float64 logits go through posttrain::kernels (one pass per row; an
+  // autograd node with the analytic backward when they require grad); everything else (CUDA,
+  // strided views) through LibTorch's own kernels, autograd intact.
 
-  /// at::logsumexp reduces in one kernel and handles rows of -inf.
-  static T fused_logsumexp_last(const T& x) { return at::logsumexp(x, {-1}); }
-  /// TRL's selective log-softmax: gather(logits) - logsumexp(logits), no [N, V] log_softmax.
-  static T fused_token_logprobs(const T& x, const T& labels) { return gather_last(x, labels) - at::logsumexp(x, {-1}); }
+  /// logsumexp over the last dimension; rows of -inf give -inf.
+  static T fused_logsumexp_last(const T& x) {
+#if POSTTRAIN_TORCH_CPU_KERNELS
+    if (detail::torch_kernels::usable(x))
+      return detail::torch_kernels::apply<detail::torch_kernels::output::logsumexp>(x, T());
+#endif
+    return at::logsumexp(x, {-1});
+  }
+  /// TRL's selective log-softmax: log p(label) = (x_y - m) - log Σ e^{x - m}, no [N, V] log_softmax.
+  static T fused_token_logprobs(const T& x, const T& labels) {
+#if POSTTRAIN_TORCH_CPU_KERNELS
+    if (detail::torch_kernels::usable(x) && labels.device().is_cpu()) {
+      const T lab = labels.to(at::kLong).contiguous();
+      if (index_count_outside(lab, 0, x.size(-1), std::numeric_limits<std::int64_t>::min()) != 0)
+        detail::fail("fused_token_logprobs", "a label is outside [0, ", x.size(-1), ")");
+      return detail::torch_kernels::apply<detail::torch_kernels::output::logprob>(x, lab);
+    }
+#endif
+    return gather_last(x, labels) - at::logsumexp(x, {-1});
+  }
+  /// Entropy -Σ p log p over the last dimension; -inf logits contribute 0.
+  static T fused_entropy_last(const T& x) {
+#if POSTTRAIN_TORCH_CPU_KERNELS
+    if (detail::torch_kernels::usable(x))
+      return detail::torch_kernels::apply<detail::torch_kernels::output::entropy>(x, T());
+#endif
+    // Shift by the detached row max (0 for rows of -inf) so float32 keeps precision at large |x|.
+    const T m = at::amax(x, {-1}, true).detach();
+    const T xs = x - at::where(m.eq(-std::numeric_limits<double>::infinity()), at::zeros_like(m), m);
+    const T logp = xs - at::logsumexp(xs, {-1}, true);
+    const T logp_safe = at::where(x.gt(-std::numeric_limits<double>::infinity()), logp, at::zeros_like(logp));
+    return -(logp.exp() * logp_safe).sum(-1);
+  }
 };
 
 static_assert(tensor<at::Tensor>);
