@@ -1,0 +1,467 @@
+// posttrain's logits hot-path benchmarks (Google Benchmark), every candidate beside its baselines in
+// one process:
+//   floor      a streaming read (or read + write) of the same bytes, and an exp-throughput loop over
+//              the same element count; floor = max of the two (research/performance-anchors.md §5)
+//   naive      the LibTorch composition a C++ trainer writes (log_softmax + gather, softmax·log_softmax,
+//              cross_entropy + backward()), warm allocator (mallopt below), same thread count
+//   generic    posttrain::generic on the Eigen backend (float32), at fewer rows (it materialises
+//              several [N, V] temporaries with scalar broadcasting loops); its floor is scaled to its rows
+//   fused      posttrain::kernels directly (one pass), and posttrain's public API on LibTorch tensors
+// Scenarios: S1 log-prob + entropy (N=4096, V=151936; fp32, and bf16 on torch), S2 SFT cross-entropy
+// forward + backward (N=2048, V=128256, fp32). After the timings, peak memory: each case runs once in
+// a fresh child process (this binary with --peak-memory=CASE) that reports ru_maxrss (getrusage)
+// minus its resident set just before the call: the extra memory the operation needed.
+//
+//   posttrain_bench [--quick] [--threads=N] [Google Benchmark flags]
+// --quick: small shapes, one iteration each (a ctest smoke test, not a measurement).
+#include <benchmark/benchmark.h>
+#include <malloc.h>
+#include <sys/resource.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <Eigen/Core>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "posttrain/backends/eigen.hpp"
+#include "posttrain/backends/torch.hpp"
+#include "posttrain/kernels/logits_cpu.hpp"
+#include "posttrain/losses/sft.hpp"
+#include "posttrain/numerics/logits.hpp"
+
+namespace {
+
+using namespace posttrain;
+
+struct config {
+  bool quick = false;
+  int threads = 0;
+  std::int64_t s1_n = 4096, s1_v = 151936, s1_generic_n = 16;
+  std::int64_t s2_n = 2048, s2_v = 128256, s2_generic_n = 16;
+  int iterations = 3;
+};
+config cfg;
+
+/// Mean seconds per iteration of every case, for the summary table.
+std::map<std::string, double>& timings() {
+  static std::map<std::string, double> t;
+  return t;
+}
+
+template <class F>
+void timed(benchmark::State& state, const std::string& name, F&& body) {
+  double total = 0.0;
+  std::int64_t n = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    body();
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++n;
+  }
+  timings()[name] = total / static_cast<double>(std::max<std::int64_t>(n, 1));
+}
+
+// ---- inputs (built once per shape, reused across cases) ----------------------------------------
+
+at::Tensor logits_f32(std::int64_t n, std::int64_t v, std::uint64_t seed) {
+  at::manual_seed(seed);
+  return at::randn({n, v}, at::kFloat) * 3.0;
+}
+at::Tensor labels_for(std::int64_t n, std::int64_t v) { return at::randint(0, v, {n}, at::kLong); }
+
+struct s1_inputs {
+  at::Tensor x, x_bf16, y;
+  static s1_inputs& get() {
+    static s1_inputs in{[] {
+      s1_inputs s;
+      s.x = logits_f32(cfg.s1_n, cfg.s1_v, 1);
+      s.x_bf16 = s.x.to(at::kBFloat16);
+      s.y = labels_for(cfg.s1_n, cfg.s1_v);
+      return s;
+    }()};
+    return in;
+  }
+};
+
+struct s2_inputs {
+  at::Tensor x, y, grad;
+  static s2_inputs& get() {
+    static s2_inputs in{[] {
+      s2_inputs s;
+      s.x = logits_f32(cfg.s2_n, cfg.s2_v, 2);
+      s.y = labels_for(cfg.s2_n, cfg.s2_v);
+      s.grad = at::zeros_like(s.x);
+      return s;
+    }()};
+    return in;
+  }
+};
+
+// ---- floors ------------------------------------------------------------------------------------
+
+/// Sums `bytes` of a buffer, rows split over the kernels' threads (the one-read floor).
+double stream_read(const float* p, std::int64_t rows, std::int64_t cols) {
+  std::vector<double> part(static_cast<std::size_t>(rows));
+  kernels::parallel_rows(rows, cols, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t r = b; r < e; ++r)
+      part[static_cast<std::size_t>(r)] = Eigen::Map<const Eigen::ArrayXf>(p + r * cols, cols).sum();
+  });
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+/// Reads one buffer and writes another of the same size (the one-read-one-write floor).
+void stream_copy(const float* src, float* dst, std::int64_t rows, std::int64_t cols) {
+  kernels::parallel_rows(rows, cols, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t r = b; r < e; ++r)
+      Eigen::Map<Eigen::ArrayXf>(dst + r * cols, cols) = Eigen::Map<const Eigen::ArrayXf>(src + r * cols, cols) * 0.5f;
+  });
+}
+/// exp over rows·cols elements held in an L1-resident block: the exp-throughput floor.
+double exp_throughput(std::int64_t rows, std::int64_t cols) {
+  std::vector<double> part(static_cast<std::size_t>(rows));
+  kernels::parallel_rows(rows, cols, [&](std::int64_t b, std::int64_t e) {
+    Eigen::ArrayXf blk = Eigen::ArrayXf::LinSpaced(kernels::block_size, -8.0f, 0.0f);
+    Eigen::ArrayXf out(kernels::block_size);
+    for (std::int64_t r = b; r < e; ++r) {
+      double acc = 0;
+      for (std::int64_t c = 0; c < cols; c += kernels::block_size) {
+        const Eigen::Index n = static_cast<Eigen::Index>(std::min<std::int64_t>(kernels::block_size, cols - c));
+        out.head(n) = (blk.head(n) - static_cast<float>(c & 7)).exp();
+        acc += out.head(n).sum();
+      }
+      part[static_cast<std::size_t>(r)] = acc;
+    }
+  });
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+
+// ---- S1: log-prob + entropy --------------------------------------------------------------------
+
+void s1_floor_read(benchmark::State& st, bool bf16) {
+  auto& in = s1_inputs::get();
+  if (bf16) {
+    // bf16 bytes: half the fp32 read, as int16 pairs summed as floats (bandwidth, not values).
+    const auto* p = reinterpret_cast<const float*>(in.x_bf16.data_ptr<at::BFloat16>());
+    timed(st, bf16 ? "S1 bf16 floor: read" : "S1 floor: read",
+          [&] { benchmark::DoNotOptimize(stream_read(p, cfg.s1_n, cfg.s1_v / 2)); });
+  } else {
+    timed(st, "S1 floor: read",
+          [&] { benchmark::DoNotOptimize(stream_read(in.x.data_ptr<float>(), cfg.s1_n, cfg.s1_v)); });
+  }
+  st.SetBytesProcessed(st.iterations() * cfg.s1_n * cfg.s1_v * (bf16 ? 2 : 4));
+}
+void s1_floor_exp(benchmark::State& st) {
+  timed(st, "S1 floor: exp", [&] { benchmark::DoNotOptimize(exp_throughput(cfg.s1_n, cfg.s1_v)); });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n * cfg.s1_v);
+}
+void s1_naive(benchmark::State& st, bool bf16) {
+  auto& in = s1_inputs::get();
+  const at::Tensor& x = bf16 ? in.x_bf16 : in.x;
+  timed(st, bf16 ? "S1 bf16 naive LibTorch" : "S1 naive LibTorch", [&] {
+    const at::Tensor logp = at::log_softmax(x, -1, at::kFloat);
+    const at::Tensor lp = logp.gather(-1, in.y.unsqueeze(-1)).squeeze(-1);
+    const at::Tensor ent = -(logp.exp() * logp).sum(-1);
+    benchmark::DoNotOptimize(lp.data_ptr());
+    benchmark::DoNotOptimize(ent.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+void s1_posttrain_torch(benchmark::State& st, bool bf16) {
+  auto& in = s1_inputs::get();
+  const at::Tensor& x = bf16 ? in.x_bf16 : in.x;
+  timed(st, bf16 ? "S1 bf16 posttrain API on torch" : "S1 posttrain API on torch", [&] {
+    const at::Tensor lp = posttrain::token_logprobs(x, in.y);
+    const at::Tensor ent = posttrain::entropy(x);
+    benchmark::DoNotOptimize(lp.data_ptr());
+    benchmark::DoNotOptimize(ent.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+void s1_fused(benchmark::State& st) {
+  auto& in = s1_inputs::get();
+  std::vector<float> lp(static_cast<std::size_t>(cfg.s1_n)), ent(lp.size());
+  timed(st, "S1 fused kernel (one pass)", [&] {
+    kernels::logits_forward<float>(in.x.data_ptr<float>(), cfg.s1_n, cfg.s1_v, in.y.data_ptr<std::int64_t>(), -100,
+                                   nullptr, lp.data(), ent.data());
+    benchmark::DoNotOptimize(lp.data());
+  });
+  st.SetBytesProcessed(st.iterations() * cfg.s1_n * cfg.s1_v * 4);
+}
+void s1_generic(benchmark::State& st) {
+  auto& in = s1_inputs::get();
+  const std::int64_t n = cfg.s1_generic_n, v = cfg.s1_v;
+  eigen_tensor<float> x({n, v});
+  std::memcpy(x.data(), in.x.data_ptr<float>(), static_cast<std::size_t>(n * v) * sizeof(float));
+  eigen_index y({n});
+  std::memcpy(y.data(), in.y.data_ptr<std::int64_t>(), static_cast<std::size_t>(n) * sizeof(std::int64_t));
+  timed(st, "S1 posttrain generic (Eigen, few rows)", [&] {
+    const auto lp = generic::token_logprobs(x, y);
+    const auto ent = generic::entropy_last(x);
+    benchmark::DoNotOptimize(lp.data());
+    benchmark::DoNotOptimize(ent.data());
+  });
+  st.SetItemsProcessed(st.iterations() * n);
+}
+
+// ---- S2: SFT cross-entropy forward + backward --------------------------------------------------
+
+void s2_floor_copy(benchmark::State& st) {
+  auto& in = s2_inputs::get();
+  timed(st, "S2 floor: read+write",
+        [&] { stream_copy(in.x.data_ptr<float>(), in.grad.data_ptr<float>(), cfg.s2_n, cfg.s2_v); });
+  st.SetBytesProcessed(st.iterations() * cfg.s2_n * cfg.s2_v * 8);
+}
+void s2_floor_exp(benchmark::State& st) {
+  timed(st, "S2 floor: exp", [&] { benchmark::DoNotOptimize(exp_throughput(cfg.s2_n, cfg.s2_v)); });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n * cfg.s2_v);
+}
+void s2_naive(benchmark::State& st) {
+  auto& in = s2_inputs::get();
+  at::Tensor x = in.x.detach().clone().requires_grad_();
+  timed(st, "S2 naive LibTorch", [&] {
+    x.mutable_grad() = at::Tensor();
+    at::cross_entropy_loss(x, in.y).backward();
+    benchmark::DoNotOptimize(x.grad().data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n);
+}
+void s2_posttrain_torch(benchmark::State& st) {
+  auto& in = s2_inputs::get();
+  at::Tensor x = in.x.detach().clone().requires_grad_();
+  timed(st, "S2 posttrain sft_loss on torch + backward()", [&] {
+    x.mutable_grad() = at::Tensor();
+    posttrain::sft_loss(x, in.y).loss.backward();
+    benchmark::DoNotOptimize(x.grad().data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n);
+}
+void s2_fused(benchmark::State& st, bool in_place) {
+  auto& in = s2_inputs::get();
+  std::vector<float> loss(static_cast<std::size_t>(cfg.s2_n));
+  at::Tensor work = in.x.clone();
+  float* out = in_place ? work.data_ptr<float>() : in.grad.data_ptr<float>();
+  timed(st, in_place ? "S2 fused kernel, in place" : "S2 fused kernel, into a buffer", [&] {
+    // In place overwrites the logits: the next iteration differentiates the previous gradient,
+    // which costs the same (the kernel's work does not depend on the values).
+    kernels::cross_entropy_forward_backward<float>(in_place ? work.data_ptr<float>() : in.x.data_ptr<float>(), cfg.s2_n,
+                                                   cfg.s2_v, in.y.data_ptr<std::int64_t>(), {}, loss.data(), out,
+                                                   1.0 / static_cast<double>(cfg.s2_n));
+    benchmark::DoNotOptimize(loss.data());
+  });
+  st.SetBytesProcessed(st.iterations() * cfg.s2_n * cfg.s2_v * 8);
+}
+void s2_generic(benchmark::State& st) {
+  auto& in = s2_inputs::get();
+  const std::int64_t n = cfg.s2_generic_n, v = cfg.s2_v;
+  eigen_tensor<float> x({n, v});
+  std::memcpy(x.data(), in.x.data_ptr<float>(), static_cast<std::size_t>(n * v) * sizeof(float));
+  eigen_index y({n});
+  std::memcpy(y.data(), in.y.data_ptr<std::int64_t>(), static_cast<std::size_t>(n) * sizeof(std::int64_t));
+  timed(st, "S2 posttrain generic (Eigen, few rows)", [&] {
+    const auto r = sft_loss(x, y);
+    const auto g = sft_loss_backward(x, y);
+    benchmark::DoNotOptimize(r.loss.data());
+    benchmark::DoNotOptimize(g.data());
+  });
+  st.SetItemsProcessed(st.iterations() * n);
+}
+
+// ---- peak memory in a fresh child ----------------------------------------------------------------
+
+long resident_bytes() {
+  long pages = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return resident * sysconf(_SC_PAGESIZE);
+}
+long peak_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss * 1024L;
+}
+
+const std::vector<std::string> memory_cases = {"S2 naive LibTorch",
+                                               "S2 posttrain sft_loss on torch + backward()",
+                                               "S2 fused kernel, into a buffer",
+                                               "S2 fused kernel, in place",
+                                               "S1 naive LibTorch",
+                                               "S1 fused kernel (one pass)"};
+
+/// Runs one case once (inputs built and touched first) and prints the peak extra bytes.
+int run_peak_memory(const std::string& name) {
+  long before = 0;
+  if (name.rfind("S2", 0) == 0) {
+    auto& in = s2_inputs::get();
+    std::vector<float> loss(static_cast<std::size_t>(cfg.s2_n));
+    if (name == "S2 naive LibTorch" || name == "S2 posttrain sft_loss on torch + backward()") {
+      at::Tensor x = in.x.detach().requires_grad_();
+      in.grad = at::Tensor();  // not part of this case
+      before = resident_bytes();
+      if (name == "S2 naive LibTorch")
+        at::cross_entropy_loss(x, in.y).backward();
+      else
+        posttrain::sft_loss(x, in.y).loss.backward();
+    } else if (name == "S2 fused kernel, into a buffer") {
+      in.grad = at::Tensor();
+      before = resident_bytes();
+      at::Tensor grad = at::empty_like(in.x);  // the gradient is an output the caller needs
+      std::memset(grad.data_ptr<float>(), 0, static_cast<std::size_t>(grad.numel()) * sizeof(float));
+      kernels::cross_entropy_forward_backward<float>(in.x.data_ptr<float>(), cfg.s2_n, cfg.s2_v,
+                                                     in.y.data_ptr<std::int64_t>(), {}, loss.data(),
+                                                     grad.data_ptr<float>(), 1.0 / static_cast<double>(cfg.s2_n));
+    } else {
+      in.grad = at::Tensor();
+      before = resident_bytes();
+      kernels::cross_entropy_forward_backward<float>(in.x.data_ptr<float>(), cfg.s2_n, cfg.s2_v,
+                                                     in.y.data_ptr<std::int64_t>(), {}, loss.data(),
+                                                     in.x.data_ptr<float>(), 1.0 / static_cast<double>(cfg.s2_n));
+    }
+  } else {
+    auto& in = s1_inputs::get();
+    in.x_bf16 = at::Tensor();
+    before = resident_bytes();
+    if (name == "S1 naive LibTorch") {
+      const at::Tensor logp = at::log_softmax(in.x, -1);
+      const at::Tensor lp = logp.gather(-1, in.y.unsqueeze(-1)).squeeze(-1);
+      const at::Tensor ent = -(logp.exp() * logp).sum(-1);
+      benchmark::DoNotOptimize(ent.data_ptr());
+    } else {
+      std::vector<float> lp(static_cast<std::size_t>(cfg.s1_n)), ent(lp.size());
+      kernels::logits_forward<float>(in.x.data_ptr<float>(), cfg.s1_n, cfg.s1_v, in.y.data_ptr<std::int64_t>(), -100,
+                                     nullptr, lp.data(), ent.data());
+    }
+  }
+  std::printf("%ld\n", std::max(0L, peak_bytes() - before));
+  return 0;
+}
+
+double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
+
+void print_summary(const char* self) {
+  auto& t = timings();
+  const auto get = [&](const std::string& k) { return t.count(k) ? t[k] : 0.0; };
+  std::printf("\n=== summary (mean ms per call; threads = %d; floor = max(stream, exp)) ===\n", kernels::num_threads());
+  struct row {
+    std::string scenario, name;
+    double scale;  // rows of this case / rows of the scenario
+  };
+  const double g1 = static_cast<double>(cfg.s1_generic_n) / static_cast<double>(cfg.s1_n);
+  const double g2 = static_cast<double>(cfg.s2_generic_n) / static_cast<double>(cfg.s2_n);
+  const std::vector<row> rows = {{"S1", "S1 naive LibTorch", 1},
+                                 {"S1", "S1 posttrain generic (Eigen, few rows)", g1},
+                                 {"S1", "S1 posttrain API on torch", 1},
+                                 {"S1", "S1 fused kernel (one pass)", 1},
+                                 {"S1bf", "S1 bf16 naive LibTorch", 1},
+                                 {"S1bf", "S1 bf16 posttrain API on torch", 1},
+                                 {"S2", "S2 naive LibTorch", 1},
+                                 {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
+                                 {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
+                                 {"S2", "S2 fused kernel, into a buffer", 1},
+                                 {"S2", "S2 fused kernel, in place", 1}};
+  const double f1 = std::max(get("S1 floor: read"), get("S1 floor: exp"));
+  const double f1b = std::max(get("S1 bf16 floor: read"), get("S1 floor: exp"));
+  const double f2 = std::max(get("S2 floor: read+write"), get("S2 floor: exp"));
+  std::printf("S1 floor: read %.1f ms, exp %.1f ms -> %.1f ms | S1 bf16 floor: read %.1f ms -> %.1f ms\n",
+              1e3 * get("S1 floor: read"), 1e3 * get("S1 floor: exp"), 1e3 * f1, 1e3 * get("S1 bf16 floor: read"),
+              1e3 * f1b);
+  std::printf("S2 floor: read+write %.1f ms, exp %.1f ms -> %.1f ms\n", 1e3 * get("S2 floor: read+write"),
+              1e3 * get("S2 floor: exp"), 1e3 * f2);
+  std::printf("%-46s %12s %10s %14s\n", "case", "ms", "x floor", "speed-up vs naive");
+  for (const auto& r : rows) {
+    if (!t.count(r.name)) continue;
+    const double floor = (r.scenario == "S1" ? f1 : r.scenario == "S1bf" ? f1b : f2) * r.scale;
+    const std::string naive = r.scenario == "S1"     ? "S1 naive LibTorch"
+                              : r.scenario == "S1bf" ? "S1 bf16 naive LibTorch"
+                                                     : "S2 naive LibTorch";
+    // Per-row time, so the few-row generic path compares with the full-size naive one.
+    const double speedup = get(naive) / (get(r.name) / r.scale);
+    std::printf("%-46s %12.1f %10.2f %14.2f\n", r.name.c_str(), 1e3 * get(r.name), get(r.name) / floor, speedup);
+  }
+  // Peak memory: each case in a fresh process.
+  std::printf("\n=== peak extra memory (ru_maxrss - RSS before the call, fresh process per case) ===\n");
+  const double grad_bytes = static_cast<double>(cfg.s2_n * cfg.s2_v) * 4.0;
+  std::printf("S2 lower bound (the gradient buffer, in place: 0): %.1f MiB\n", mib(grad_bytes));
+  for (const auto& name : memory_cases) {
+    std::string cmd = std::string(self) + " --threads=" + std::to_string(kernels::num_threads()) +
+                      (cfg.quick ? " --quick" : "") + " '--peak-memory=" + name + "'";
+    double bytes = -1;
+    if (FILE* p = popen(cmd.c_str(), "r")) {
+      if (std::fscanf(p, "%lf", &bytes) != 1) bytes = -1;
+      pclose(p);
+    }
+    std::printf("%-46s %10.1f MiB\n", name.c_str(), mib(bytes));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // A warm allocator for every case: freed blocks stay in the heap instead of going back to the
+  // kernel, so repeated N x V temporaries do not pay fresh page faults (anchors §7).
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, -1);
+  mallopt(M_TOP_PAD, 64 << 20);
+
+  std::vector<char*> rest;
+  std::string peak_case;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick")
+      cfg.quick = true;
+    else if (a.rfind("--threads=", 0) == 0)
+      cfg.threads = std::atoi(a.c_str() + 10);
+    else if (a.rfind("--peak-memory=", 0) == 0)
+      peak_case = a.substr(14);
+    else
+      rest.push_back(argv[i]);
+  }
+  if (cfg.quick) {
+    cfg.s1_n = 16, cfg.s1_v = 4099, cfg.s1_generic_n = 4;
+    cfg.s2_n = 16, cfg.s2_v = 3001, cfg.s2_generic_n = 4;
+    cfg.iterations = 1;
+  }
+  kernels::set_num_threads(cfg.threads);
+  at::set_num_threads(kernels::num_threads());
+  if (!peak_case.empty()) return run_peak_memory(peak_case);
+
+  const auto reg = [](const std::string& name, auto fn) {
+    benchmark::RegisterBenchmark(name.c_str(), fn)
+        ->Iterations(cfg.iterations)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  };
+  reg("S1/floor_read", [](benchmark::State& s) { s1_floor_read(s, false); });
+  reg("S1/floor_read_bf16", [](benchmark::State& s) { s1_floor_read(s, true); });
+  reg("S1/floor_exp", s1_floor_exp);
+  reg("S1/naive_libtorch_fp32", [](benchmark::State& s) { s1_naive(s, false); });
+  reg("S1/posttrain_generic_eigen_fp32", s1_generic);
+  reg("S1/posttrain_api_torch_fp32", [](benchmark::State& s) { s1_posttrain_torch(s, false); });
+  reg("S1/fused_kernel_fp32", s1_fused);
+  reg("S1/naive_libtorch_bf16", [](benchmark::State& s) { s1_naive(s, true); });
+  reg("S1/posttrain_api_torch_bf16", [](benchmark::State& s) { s1_posttrain_torch(s, true); });
+  reg("S2/floor_read_write", s2_floor_copy);
+  reg("S2/floor_exp", s2_floor_exp);
+  reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);
+  reg("S2/posttrain_generic_eigen", s2_generic);
+  reg("S2/posttrain_sft_loss_torch_fwd_bwd", s2_posttrain_torch);
+  reg("S2/fused_kernel_buffer", [](benchmark::State& s) { s2_fused(s, false); });
+  reg("S2/fused_kernel_in_place", [](benchmark::State& s) { s2_fused(s, true); });
+
+  int n = static_cast<int>(rest.size());
+  benchmark::Initialize(&n, rest.data());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  print_summary(argv[0]);
+  return 0;
+}
