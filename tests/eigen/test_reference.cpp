@@ -38,7 +38,9 @@ TEST_CASE("SFT matches PyTorch's cross_entropy (golden, float64)", "[reference][
       {"label smoothing 0.1", {.label_smoothing = 0.1}, g::sft_smooth, &g::sft_smooth_grad},
       {"z-loss 1e-2", {.z_loss = 1e-2}, g::sft_zloss, &g::sft_zloss_grad},
       {"dft", {.dft = true}, g::sft_dft, &g::sft_dft_grad},
-      {"seq-mean-token-mean", {.reduction = aggregation::seq_mean_token_mean}, g::sft_seq_mean_token_mean,
+      {"seq-mean-token-mean",
+       {.reduction = aggregation::seq_mean_token_mean},
+       g::sft_seq_mean_token_mean,
        &g::sft_seq_mean_token_mean_grad},
   };
   for (const auto& c : cases) {

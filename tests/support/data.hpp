@@ -37,8 +37,8 @@ inline host_tensor random_normal(const shape_t& s, std::uint64_t seed, double st
 }
 
 /// Labels uniform in [0, vocab), with probability `ignore_fraction` set to ignore_index.
-inline host_labels random_labels(const shape_t& s, std::int64_t vocab, std::uint64_t seed,
-                                 double ignore_fraction = 0.0, std::int64_t ignore_index = -100) {
+inline host_labels random_labels(const shape_t& s, std::int64_t vocab, std::uint64_t seed, double ignore_fraction = 0.0,
+                                 std::int64_t ignore_index = -100) {
   std::mt19937_64 gen(seed);
   std::uniform_int_distribution<std::int64_t> label(0, vocab - 1);
   std::bernoulli_distribution ignore(ignore_fraction);
@@ -59,7 +59,8 @@ inline host_tensor random_mask(const shape_t& s, std::uint64_t seed, double keep
 template <class S>
 eigen_tensor<S> to_eigen(const host_tensor& h) {
   eigen_tensor<S> t(h.shape);
-  for (std::size_t i = 0; i < h.values.size(); ++i) t.values()(static_cast<Eigen::Index>(i)) = static_cast<S>(h.values[i]);
+  for (std::size_t i = 0; i < h.values.size(); ++i)
+    t.values()(static_cast<Eigen::Index>(i)) = static_cast<S>(h.values[i]);
   return t;
 }
 
