@@ -131,15 +131,7 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
   require_rank(fn, "logprobs", b.logprobs, 2, 2);
   const T m = ops::ne(ops::upcast(checked_mask(fn, "logprobs", b.logprobs, "completion_mask", b.completion_mask)), 0.0);
   const T lp = ops::upcast(b.logprobs);
-  require_values(fn, "advantages", b.advantages);
-  require_same_device(fn, "logprobs", b.logprobs, "advantages", b.advantages);
-  T A = ops::upcast(b.advantages);
-  if (ops::rank(A) == 1 && ops::size(A, 0) == ops::size(lp, 0)) {
-    A = ops::mul(ops::unsqueeze(A, 1), ops::full_like(lp, 1.0));
-  } else if (ops::shape(A) != ops::shape(lp)) {
-    detail::fail(fn, "advantages has shape ", shape_string(ops::shape(b.advantages)), " but logprobs has shape ",
-                 shape_string(ops::shape(lp)), "; expected [", ops::size(lp, 0), "] or the shape of logprobs");
-  }
+  T A = token_advantages(fn, b.advantages, lp);
   if (b.old_logprobs) require_like(fn, "logprobs", b.logprobs, "old_logprobs", *b.old_logprobs);
   if (o.beta != 0 && !b.ref_logprobs)
     detail::fail(fn, "ref_logprobs is required when options.beta != 0 (got ", o.beta, ")");

@@ -209,15 +209,7 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   require_rank(fn, "logprobs", b.logprobs, 2, 2);
   const T m = ops::ne(ops::upcast(checked_mask(fn, "logprobs", b.logprobs, "response_mask", b.response_mask)), 0.0);
   const T lp = ops::upcast(b.logprobs);
-  require_values(fn, "advantages", b.advantages);
-  require_same_device(fn, "logprobs", b.logprobs, "advantages", b.advantages);
-  T A = ops::upcast(b.advantages);
-  if (ops::rank(A) == 1 && ops::size(A, 0) == ops::size(lp, 0)) {
-    A = ops::mul(ops::unsqueeze(A, 1), ops::full_like(lp, 1.0));
-  } else if (ops::shape(A) != ops::shape(lp)) {
-    fail(fn, "advantages has shape ", shape_string(ops::shape(b.advantages)), " but logprobs has shape ",
-         shape_string(ops::shape(lp)), "; expected [", ops::size(lp, 0), "] or the shape of logprobs");
-  }
+  T A = token_advantages(fn, b.advantages, lp);
   if (b.old_logprobs) require_like(fn, "logprobs", b.logprobs, "old_logprobs", *b.old_logprobs);
   if (b.rollout_logprobs) require_like(fn, "logprobs", b.logprobs, "rollout_logprobs", *b.rollout_logprobs);
   if (b.entropies) require_like(fn, "logprobs", b.logprobs, "entropies", *b.entropies);

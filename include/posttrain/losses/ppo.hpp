@@ -214,4 +214,21 @@ T ppo_policy_loss_backward(const T& logprobs, const T& old_logprobs, const T& ad
   return ops::mul(ops::where(m, ops::mul(s.d_logratio, w), 0.0), grad_loss);
 }
 
+namespace detail {
+/// Advantages [B] (one per sequence, broadcast over tokens) or [B, T] (per token), checked against
+/// logprobs [B, T] and returned as [B, T] in the compute dtype.
+template <tensor T>
+T token_advantages(std::string_view fn, const T& advantages, const T& lp) {
+  require_values(fn, "advantages", advantages);
+  require_same_device(fn, "logprobs", lp, "advantages", advantages);
+  const T A = ops::upcast(advantages);
+  if (ops::rank(A) == 1 && ops::size(A, 0) == ops::size(lp, 0))
+    return ops::mul(ops::unsqueeze(A, 1), ops::full_like(lp, 1.0));
+  if (ops::shape(A) != ops::shape(lp))
+    fail(fn, "advantages has shape ", shape_string(ops::shape(advantages)), " but logprobs has shape ",
+         shape_string(ops::shape(lp)), "; expected [", ops::size(lp, 0), "] or the shape of logprobs");
+  return A;
+}
+}  // namespace detail
+
 }  // namespace posttrain
