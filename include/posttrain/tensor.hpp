@@ -19,6 +19,8 @@
 //
 // Optional fused overrides (detected with `requires`, generic composition as fallback):
 //   fused_logsumexp_last(x), fused_token_logprobs(logits, labels), fused_entropy_last(x)
+//   fused_kd_per_token(student, teacher, fused_kd_spec), fused_kd_backward(student, teacher, row_weight,
+//       fused_kd_spec): distillation divergences (losses/distill.hpp, detail/kd_fused.hpp)
 #pragma once
 
 #include <concepts>

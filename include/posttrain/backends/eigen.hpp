@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "posttrain/error.hpp"
+#include "posttrain/kernels/distill_cpu.hpp"
 #include "posttrain/kernels/logits_cpu.hpp"
 #include "posttrain/tensor.hpp"
 
@@ -473,7 +474,36 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     return out;
   }
 
+  /// Distillation divergence per row (losses/distill.hpp), one read of both logits:
+  /// student, teacher [..., V] -> [...]. See kernels/distill_cpu.hpp.
+  static T fused_kd_per_token(const T& student, const T& teacher, const fused_kd_spec& spec) {
+    T out = row_output(student, "fused_kd_per_token");
+    require_same_shape_kd(student, teacher, "fused_kd_per_token");
+    kernels::distill_forward_backward<Scalar>(student.data(), teacher.data(), out.numel(), student.shape().back(), spec,
+                                              out.data(), nullptr, nullptr);
+    return out;
+  }
+
+  /// row_weight[...]·d(scale·D)/d student_logits [..., V]; rows of weight 0 get 0.
+  static T fused_kd_backward(const T& student, const T& teacher, const T& row_weight, const fused_kd_spec& spec) {
+    const T rows = row_output(student, "fused_kd_backward");
+    require_same_shape_kd(student, teacher, "fused_kd_backward");
+    if (row_weight.shape() != rows.shape())
+      detail::fail("fused_kd_backward", "row_weight has shape ", detail::shape_string(row_weight.shape()),
+                   " but student_logits has shape ", detail::shape_string(student.shape()));
+    T out(student.shape());
+    kernels::distill_forward_backward<Scalar>(student.data(), teacher.data(), rows.numel(), student.shape().back(),
+                                              spec, nullptr, row_weight.data(), out.data());
+    return out;
+  }
+
  private:
+  static void require_same_shape_kd(const T& student, const T& teacher, const char* fn) {
+    if (student.shape() != teacher.shape())
+      detail::fail(fn, "teacher_logits has shape ", detail::shape_string(teacher.shape()),
+                   " but student_logits has shape ", detail::shape_string(student.shape()));
+  }
+
   /// The [...] output of a reduction over the last dimension.
   static T row_output(const T& x, const char* fn) {
     if (x.shape().empty()) detail::fail(fn, "a row reduction needs rank >= 1");

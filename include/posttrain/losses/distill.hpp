@@ -24,15 +24,26 @@
 // student is -inf where the teacher is not) +inf, their true value; torchtune instead drops such
 // columns. The JSD stays finite (m covers both). No input gives NaN.
 // Example: student [0, 0], teacher [0, ln 3] -> KL(p||q) = ¼ln(½) + ¾ln(3/2) = 0.130812.
+//
+// Fused path: a backend with tensor_traits<T>::fused_kd_per_token / fused_kd_backward (the Eigen
+// backend, through kernels/distill_cpu.hpp: one read of each row of both logits) computes the
+// divergence and its student gradient for forward_kl, forward_cross_entropy, reverse_kl,
+// symmetric_kl and jsd at β = 0 or 1; jsd with 0 < β < 1 stays on the generic composition (its
+// log-mixture needs normalised p and q). The hard-label cross-entropy of α-mixing always uses
+// token_logprobs (itself fused on such backends) and the generic softmax - onehot gradient.
+// posttrain::generic:: holds the unfused versions of every entry point (the fused ones are tested
+// against them). LibTorch tensors take the generic path (a torch override is not written yet).
 #pragma once
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string_view>
 #include <utility>
 
+#include "posttrain/detail/kd_fused.hpp"
 #include "posttrain/detail/validate.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/logits.hpp"
@@ -204,7 +215,10 @@ kd_value_grad<T> kd_divergence_parts(const T& s, const T& t, const distill_optio
     case kd_divergence::symmetric_kl: {
       // torchtune SymmetricKLLoss: r·forward + (1 - r)·reverse
       const double w = o.symmetric_ratio;
-      r.value = ops::add(ops::mul(forward(), w), ops::mul(reverse(), 1.0 - w));
+      // A term of weight 0 is left out: 0·(+inf) would be NaN where that KL is infinite.
+      r.value = w == 1.0   ? forward()
+                : w == 0.0 ? reverse()
+                           : ops::add(ops::mul(forward(), w), ops::mul(reverse(), 1.0 - w));
       if (want_grad) r.grad = ops::add(ops::mul(ops::sub(q.p, p.p), w), ops::mul(reverse_grad(), 1.0 - w));
       break;
     }
@@ -248,19 +262,97 @@ inline double kd_scale(const distill_options& o) {
   return o.scale_by_temperature_squared ? o.temperature * o.temperature : 1.0;
 }
 
+/// The fused kernel's description of the options, or none where only the generic path applies.
+inline std::optional<fused_kd_spec> fused_kd_spec_for(const distill_options& o) {
+  fused_kd_spec spec{fused_kd_kind::forward_kl, o.symmetric_ratio, o.temperature, kd_scale(o)};
+  switch (o.divergence) {
+    case kd_divergence::forward_kl: return spec;
+    case kd_divergence::forward_cross_entropy: spec.kind = fused_kd_kind::forward_cross_entropy; return spec;
+    case kd_divergence::reverse_kl: spec.kind = fused_kd_kind::reverse_kl; return spec;
+    case kd_divergence::symmetric_kl: spec.kind = fused_kd_kind::symmetric_kl; return spec;
+    case kd_divergence::jsd:
+      if (o.beta == 0.0) return spec;  // KL(teacher || student)
+      if (o.beta == 1.0) {             // KL(student || teacher)
+        spec.kind = fused_kd_kind::reverse_kl;
+        return spec;
+      }
+      return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+template <class T>
+concept has_fused_kd = requires(const T& x, const fused_kd_spec& spec) {
+  { tensor_traits<T>::fused_kd_per_token(x, x, spec) } -> std::same_as<T>;
+  { tensor_traits<T>::fused_kd_backward(x, x, x, spec) } -> std::same_as<T>;
+};
+
+/// scale·D_t [...] in the compute dtype: the backend's fused kernel when it has one (and allow_fused),
+/// else the generic composition.
+template <tensor T>
+T kd_values(const T& student, const T& teacher, const distill_options& o, bool allow_fused) {
+  if constexpr (has_fused_kd<T>) {
+    if (const auto spec = fused_kd_spec_for(o); allow_fused && spec) {
+      const T s = ops::upcast(student);
+      return tensor_traits<T>::fused_kd_per_token(s, ops::to_dtype(ops::upcast(teacher), ops::dtype_of(s)), *spec);
+    }
+  }
+  const auto [s, t] = kd_tempered(student, teacher, o.temperature);
+  const T d = kd_divergence_parts(s, t, o, false).value;
+  return o.scale_by_temperature_squared ? ops::mul(d, kd_scale(o)) : d;
+}
+
+/// The fused gradient row_weight[...]·d(scale·D)/d student [..., V] (compute dtype), or none when
+/// the backend has no fused kernel for these options.
+template <tensor T>
+std::optional<T> kd_fused_grad(const T& student, const T& teacher, const T& row_weight, const distill_options& o,
+                               bool allow_fused) {
+  if constexpr (has_fused_kd<T>) {
+    if (const auto spec = fused_kd_spec_for(o); allow_fused && spec) {
+      const T s = ops::upcast(student);
+      return tensor_traits<T>::fused_kd_backward(s, ops::to_dtype(ops::upcast(teacher), ops::dtype_of(s)),
+                                                 ops::to_dtype(row_weight, ops::dtype_of(s)), *spec);
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace detail
 
 /// The per-token divergence D_t (× τ² when asked) between softmax(student/τ) and softmax(teacher/τ):
 /// [..., V] x2 -> [...] in the compute dtype. Only the divergence options are read. Differentiable.
 /// Example: student [0, 0], teacher [0, ln 3], reverse_kl -> ½ln(½/¼) + ½ln(½/¾) = 0.143841.
 template <tensor T>
-T kd_per_token(const T& student_logits, const T& teacher_logits, const distill_options& opt = {}) {
+T kd_per_token(const T& student_logits, const T& teacher_logits, const distill_options& opt = {});
+
+namespace detail {
+template <tensor T>
+T kd_per_token_impl(const T& student_logits, const T& teacher_logits, const distill_options& opt, bool allow_fused) {
   constexpr std::string_view fn = "kd_per_token";
-  detail::check_distill_options(fn, opt);
-  detail::check_distill_logits(fn, student_logits, teacher_logits);
-  const auto [s, t] = detail::kd_tempered(student_logits, teacher_logits, opt.temperature);
-  const T d = detail::kd_divergence_parts(s, t, opt, false).value;
-  return opt.scale_by_temperature_squared ? ops::mul(d, detail::kd_scale(opt)) : d;
+  check_distill_options(fn, opt);
+  check_distill_logits(fn, student_logits, teacher_logits);
+  return kd_values(student_logits, teacher_logits, opt, allow_fused);
+}
+
+template <tensor T>
+T kd_per_token_backward_impl(const T& student_logits, const T& teacher_logits, const T& grad,
+                             const distill_options& opt, bool allow_fused) {
+  constexpr std::string_view fn = "kd_per_token_backward";
+  check_distill_options(fn, opt);
+  check_distill_logits(fn, student_logits, teacher_logits);
+  require_row_grad(fn, student_logits, grad, "grad", "student_logits");
+  if (auto g = kd_fused_grad(student_logits, teacher_logits, ops::upcast(grad), opt, allow_fused))
+    return ops::to_dtype(*g, ops::dtype_of(student_logits));
+  const auto [s, t] = kd_tempered(student_logits, teacher_logits, opt.temperature);
+  const T d = kd_divergence_parts(s, t, opt, true).grad;
+  const T g = ops::mul(ops::mul(d, kd_scale(opt) / opt.temperature), ops::unsqueeze(ops::upcast(grad), -1));
+  return ops::to_dtype(g, ops::dtype_of(student_logits));
+}
+}  // namespace detail
+
+template <tensor T>
+T kd_per_token(const T& student_logits, const T& teacher_logits, const distill_options& opt) {
+  return detail::kd_per_token_impl(student_logits, teacher_logits, opt, true);
 }
 
 /// Gradient of kd_per_token w.r.t. student_logits (the teacher is constant): grad[...] · dD/dx
@@ -268,14 +360,7 @@ T kd_per_token(const T& student_logits, const T& teacher_logits, const distill_o
 template <tensor T>
 T kd_per_token_backward(const T& student_logits, const T& teacher_logits, const T& grad,
                         const distill_options& opt = {}) {
-  constexpr std::string_view fn = "kd_per_token_backward";
-  detail::check_distill_options(fn, opt);
-  detail::check_distill_logits(fn, student_logits, teacher_logits);
-  detail::require_row_grad(fn, student_logits, grad, "grad", "student_logits");
-  const auto [s, t] = detail::kd_tempered(student_logits, teacher_logits, opt.temperature);
-  const T d = detail::kd_divergence_parts(s, t, opt, true).grad;
-  const T g = ops::mul(ops::mul(d, detail::kd_scale(opt) / opt.temperature), ops::unsqueeze(ops::upcast(grad), -1));
-  return ops::to_dtype(g, ops::dtype_of(student_logits));
+  return detail::kd_per_token_backward_impl(student_logits, teacher_logits, grad, opt, true);
 }
 
 namespace detail {
@@ -306,11 +391,8 @@ T checked_token_mask(std::string_view fn, const T& student, const T& mask, const
 /// Forward shared by the labelled and the masked entry: valid [...] 0/1, ce [...] or none.
 template <tensor T>
 distill_result<T> distill_forward(const T& student, const T& teacher, const T& valid, const std::optional<T>& ce,
-                                  const distill_options& o) {
-  const auto [s, t] = kd_tempered(student, teacher, o.temperature);
-  T kd = kd_divergence_parts(s, t, o, false).value;  // [...]
-  if (o.scale_by_temperature_squared) kd = ops::mul(kd, kd_scale(o));
-  kd = ops::where(valid, kd, 0.0);
+                                  const distill_options& o, bool allow_fused) {
+  T kd = ops::where(valid, kd_values(student, teacher, o, allow_fused), 0.0);  // [...]
   T tok = o.alpha == 0.0 ? kd : ops::mul(kd, 1.0 - o.alpha);
   if (ce && o.alpha > 0.0) tok = ops::add(tok, ops::mul(*ce, o.alpha));
   tok = ops::where(valid, tok, 0.0);
@@ -326,13 +408,86 @@ distill_result<T> distill_forward(const T& student, const T& teacher, const T& v
 /// d loss / d student_logits for the shared forward; `ce_grad` is d CE/dx [..., V] or none.
 template <tensor T>
 T distill_backward(const T& student, const T& teacher, const T& valid, const std::optional<T>& ce_grad,
-                   const distill_options& o, double grad_loss) {
+                   const distill_options& o, double grad_loss, bool allow_fused) {
+  if constexpr (has_fused_kd<T>) {
+    if (allow_fused && fused_kd_spec_for(o)) {
+      const T w = ops::mul(aggregation_weights(valid, o.reduction, o.normalizer), grad_loss);  // [...]
+      // The kernel gives rows of weight 0 (masked) an exact 0, as the where() below does.
+      T g = *kd_fused_grad(student, teacher, ops::where(valid, ops::mul(w, 1.0 - o.alpha), 0.0), o, true);
+      if (ce_grad && o.alpha > 0.0)
+        g = ops::add(g, ops::where(ops::unsqueeze(valid, -1),
+                                   ops::mul(*ce_grad, ops::unsqueeze(ops::mul(w, o.alpha), -1)), 0.0));
+      return ops::to_dtype(g, ops::dtype_of(student));
+    }
+  }
   const auto [s, t] = kd_tempered(student, teacher, o.temperature);
   T d = ops::mul(kd_divergence_parts(s, t, o, true).grad, (1.0 - o.alpha) * kd_scale(o) / o.temperature);
   if (ce_grad && o.alpha > 0.0) d = ops::add(d, ops::mul(*ce_grad, o.alpha));
   const T w = ops::mul(aggregation_weights(valid, o.reduction, o.normalizer), grad_loss);  // [...]
   const T g = ops::where(ops::unsqueeze(valid, -1), ops::mul(d, ops::unsqueeze(w, -1)), 0.0);
   return ops::to_dtype(g, ops::dtype_of(student));
+}
+
+}  // namespace detail
+
+namespace detail {
+
+template <tensor T>
+distill_result<T> distill_loss_impl(const T& student_logits, const T& teacher_logits, const index_tensor_t<T>& labels,
+                                    const distill_options& opt, bool allow_fused) {
+  constexpr std::string_view fn = "distill_loss";
+  check_distill_options(fn, opt);
+  check_distill_logits(fn, student_logits, teacher_logits);
+  require_labels(fn, student_logits, labels, opt.ignore_index, "student_logits", "labels");
+  check_distill_reduction(fn, student_logits, opt);
+  const T x = ops::upcast(student_logits);
+  const T valid = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, x);
+  const T ce = ops::neg(token_logprobs(x, labels, opt.ignore_index));  // -log p(label), 0 where ignored
+  return distill_forward(student_logits, teacher_logits, valid, std::optional<T>(ce), opt, allow_fused);
+}
+
+template <tensor T>
+T distill_loss_backward_impl(const T& student_logits, const T& teacher_logits, const index_tensor_t<T>& labels,
+                             const distill_options& opt, double grad_loss, bool allow_fused) {
+  constexpr std::string_view fn = "distill_loss_backward";
+  check_distill_options(fn, opt);
+  check_distill_logits(fn, student_logits, teacher_logits);
+  require_labels(fn, student_logits, labels, opt.ignore_index, "student_logits", "labels");
+  check_distill_reduction(fn, student_logits, opt);
+  require_finite(fn, "grad_loss", grad_loss);
+  const T x = ops::upcast(student_logits);
+  const T valid = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, x);
+  std::optional<T> ce_grad;
+  if (opt.alpha > 0.0) {
+    const auto safe = tensor_traits<T>::index_replace(labels, opt.ignore_index, 0);
+    ce_grad = ops::sub(softmax_last(x), ops::one_hot(safe, ops::size(x, -1), x));  // d(-log p_y)/dx
+  }
+  return distill_backward(student_logits, teacher_logits, valid, ce_grad, opt, grad_loss, allow_fused);
+}
+
+template <tensor T>
+distill_result<T> distill_loss_masked_impl(const T& student_logits, const T& teacher_logits, const T& mask,
+                                           const distill_options& opt, bool allow_fused) {
+  constexpr std::string_view fn = "distill_loss_masked";
+  check_distill_options(fn, opt);
+  if (opt.alpha != 0.0) fail(fn, "options.alpha must be 0 without labels (got ", opt.alpha, ")");
+  check_distill_logits(fn, student_logits, teacher_logits);
+  check_distill_reduction(fn, student_logits, opt);
+  const T valid = checked_token_mask(fn, student_logits, mask, ops::upcast(student_logits));
+  return distill_forward(student_logits, teacher_logits, valid, std::optional<T>(), opt, allow_fused);
+}
+
+template <tensor T>
+T distill_loss_masked_backward_impl(const T& student_logits, const T& teacher_logits, const T& mask,
+                                    const distill_options& opt, double grad_loss, bool allow_fused) {
+  constexpr std::string_view fn = "distill_loss_masked_backward";
+  check_distill_options(fn, opt);
+  if (opt.alpha != 0.0) fail(fn, "options.alpha must be 0 without labels (got ", opt.alpha, ")");
+  check_distill_logits(fn, student_logits, teacher_logits);
+  check_distill_reduction(fn, student_logits, opt);
+  require_finite(fn, "grad_loss", grad_loss);
+  const T valid = checked_token_mask(fn, student_logits, mask, ops::upcast(student_logits));
+  return distill_backward(student_logits, teacher_logits, valid, std::optional<T>(), opt, grad_loss, allow_fused);
 }
 
 }  // namespace detail
@@ -345,15 +500,7 @@ T distill_backward(const T& student, const T& teacher, const T& valid, const std
 template <tensor T>
 distill_result<T> distill_loss(const T& student_logits, const T& teacher_logits, const index_tensor_t<T>& labels,
                                const distill_options& opt = {}) {
-  constexpr std::string_view fn = "distill_loss";
-  detail::check_distill_options(fn, opt);
-  detail::check_distill_logits(fn, student_logits, teacher_logits);
-  detail::require_labels(fn, student_logits, labels, opt.ignore_index, "student_logits", "labels");
-  detail::check_distill_reduction(fn, student_logits, opt);
-  const T x = ops::upcast(student_logits);
-  const T valid = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, x);
-  const T ce = ops::neg(token_logprobs(x, labels, opt.ignore_index));  // -log p(label), 0 where ignored
-  return detail::distill_forward(student_logits, teacher_logits, valid, std::optional<T>(ce), opt);
+  return detail::distill_loss_impl(student_logits, teacher_logits, labels, opt, true);
 }
 
 /// d distill_loss / d student_logits [..., V] (student logits' dtype), times grad_loss:
@@ -361,20 +508,7 @@ distill_result<T> distill_loss(const T& student_logits, const T& teacher_logits,
 template <tensor T>
 T distill_loss_backward(const T& student_logits, const T& teacher_logits, const index_tensor_t<T>& labels,
                         const distill_options& opt = {}, double grad_loss = 1.0) {
-  constexpr std::string_view fn = "distill_loss_backward";
-  detail::check_distill_options(fn, opt);
-  detail::check_distill_logits(fn, student_logits, teacher_logits);
-  detail::require_labels(fn, student_logits, labels, opt.ignore_index, "student_logits", "labels");
-  detail::check_distill_reduction(fn, student_logits, opt);
-  detail::require_finite(fn, "grad_loss", grad_loss);
-  const T x = ops::upcast(student_logits);
-  const T valid = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, x);
-  std::optional<T> ce_grad;
-  if (opt.alpha > 0.0) {
-    const auto safe = tensor_traits<T>::index_replace(labels, opt.ignore_index, 0);
-    ce_grad = ops::sub(softmax_last(x), ops::one_hot(safe, ops::size(x, -1), x));  // d(-log p_y)/dx
-  }
-  return detail::distill_backward(student_logits, teacher_logits, valid, ce_grad, opt, grad_loss);
+  return detail::distill_loss_backward_impl(student_logits, teacher_logits, labels, opt, grad_loss, true);
 }
 
 /// Distillation loss under an explicit token mask [...] (on-policy distillation, where there are no
@@ -382,27 +516,48 @@ T distill_loss_backward(const T& student_logits, const T& teacher_logits, const 
 template <tensor T>
 distill_result<T> distill_loss_masked(const T& student_logits, const T& teacher_logits, const T& mask,
                                       const distill_options& opt = {}) {
-  constexpr std::string_view fn = "distill_loss_masked";
-  detail::check_distill_options(fn, opt);
-  if (opt.alpha != 0.0) detail::fail(fn, "options.alpha must be 0 without labels (got ", opt.alpha, ")");
-  detail::check_distill_logits(fn, student_logits, teacher_logits);
-  detail::check_distill_reduction(fn, student_logits, opt);
-  const T valid = detail::checked_token_mask(fn, student_logits, mask, ops::upcast(student_logits));
-  return detail::distill_forward(student_logits, teacher_logits, valid, std::optional<T>(), opt);
+  return detail::distill_loss_masked_impl(student_logits, teacher_logits, mask, opt, true);
 }
 
 /// d distill_loss_masked / d student_logits [..., V], times grad_loss.
 template <tensor T>
 T distill_loss_masked_backward(const T& student_logits, const T& teacher_logits, const T& mask,
                                const distill_options& opt = {}, double grad_loss = 1.0) {
-  constexpr std::string_view fn = "distill_loss_masked_backward";
-  detail::check_distill_options(fn, opt);
-  if (opt.alpha != 0.0) detail::fail(fn, "options.alpha must be 0 without labels (got ", opt.alpha, ")");
-  detail::check_distill_logits(fn, student_logits, teacher_logits);
-  detail::check_distill_reduction(fn, student_logits, opt);
-  detail::require_finite(fn, "grad_loss", grad_loss);
-  const T valid = detail::checked_token_mask(fn, student_logits, mask, ops::upcast(student_logits));
-  return detail::distill_backward(student_logits, teacher_logits, valid, std::optional<T>(), opt, grad_loss);
+  return detail::distill_loss_masked_backward_impl(student_logits, teacher_logits, mask, opt, grad_loss, true);
 }
+
+/// The unfused compositions of every entry point above (the reference the fused path is tested
+/// against; any backend gets these when it has no fused_kd_* override).
+namespace generic {
+template <tensor T>
+T kd_per_token(const T& student_logits, const T& teacher_logits, const distill_options& opt = {}) {
+  return detail::kd_per_token_impl(student_logits, teacher_logits, opt, false);
+}
+template <tensor T>
+T kd_per_token_backward(const T& student_logits, const T& teacher_logits, const T& grad,
+                        const distill_options& opt = {}) {
+  return detail::kd_per_token_backward_impl(student_logits, teacher_logits, grad, opt, false);
+}
+template <tensor T>
+distill_result<T> distill_loss(const T& student_logits, const T& teacher_logits, const index_tensor_t<T>& labels,
+                               const distill_options& opt = {}) {
+  return detail::distill_loss_impl(student_logits, teacher_logits, labels, opt, false);
+}
+template <tensor T>
+T distill_loss_backward(const T& student_logits, const T& teacher_logits, const index_tensor_t<T>& labels,
+                        const distill_options& opt = {}, double grad_loss = 1.0) {
+  return detail::distill_loss_backward_impl(student_logits, teacher_logits, labels, opt, grad_loss, false);
+}
+template <tensor T>
+distill_result<T> distill_loss_masked(const T& student_logits, const T& teacher_logits, const T& mask,
+                                      const distill_options& opt = {}) {
+  return detail::distill_loss_masked_impl(student_logits, teacher_logits, mask, opt, false);
+}
+template <tensor T>
+T distill_loss_masked_backward(const T& student_logits, const T& teacher_logits, const T& mask,
+                               const distill_options& opt = {}, double grad_loss = 1.0) {
+  return detail::distill_loss_masked_backward_impl(student_logits, teacher_logits, mask, opt, grad_loss, false);
+}
+}  // namespace generic
 
 }  // namespace posttrain
