@@ -317,7 +317,10 @@ TEST_CASE("Every variant's backward vs finite differences", "[rl][variants][grad
           o.sapo_temperature_neg = 3.0;
         }
         if (extras == 3) {  // row-constant factors, sequence-level ratios
-          o.rollout_is = rollout_is_options{.level = is_level::sequence, .mode = is_mode::truncate, .cap = 1.1};
+          // VESPO takes the rollout ratio inside φ, per token only (TRL)
+          o.rollout_is = rollout_is_options{.level = v == policy_variant::vespo ? is_level::token : is_level::sequence,
+                                            .mode = is_mode::truncate,
+                                            .cap = 1.1};
           o.opsm_delta = 0.05;
           o.sequence_ratio = true;
         }

@@ -12,11 +12,21 @@
 //              max_completion_length defaults to the padded T)
 //     dapo     Σ m·L / N_tokens of the whole generation batch        (Yu et al. 2025 "DAPO" eq. 8; TRL's default;
 //              pass the global count as `normalizer`, otherwise the local count is used, = bnpo)
-// Extension point: a variant is a preset (how tokens are weighed) plus a ratio (how ρ is formed). The
-// token-level ratio ρ_t = exp(logπ_t - logπ_old,t) is the only one here; the sequence-level (GSPO) and
-// off-policy corrections (issue: sequence-level/off-policy variants) add a ratio kind to grpo_options and
-// a case to detail::grpo_ratio, leaving the surrogate, the KL term and the presets unchanged.
-// Without old_logprobs the step is on-policy: old = sg(logprobs), ρ = 1 with gradient -A.
+//   the policy-variant presets (TRL loss_type; the surrogate replaced by policy_variants.hpp's term):
+//     cispo    -sg(min(ρ, ε_high))·A·logπ, ε_high the absolute cap (TRL: epsilon_high, which defaults to
+//              epsilon; its docs recommend 5.0), normaliser as dapo
+//     sapo     -A·σ(τ(ρ-1))·4/τ, normaliser as grpo
+//     luspo    the GSPO sequence ratio (always: the LUSPO paper's setup, TRL warns otherwise), Σ m·L / B
+//              (TRL (L·|o_i|).mean() with L one value per row); β·kl_t joins each token under the same
+//              weights. TRL with beta != 0 broadcasts the [B, 1] loss to [B, T] and takes the unmasked mean
+//              over B·T, counting padding's KL and rescaling the policy term by |o_i|/T; not reproduced.
+//     vespo    -sg(φ_i)·A·logπ (TRL get_gamma_weights), normaliser as dapo; a rollout ratio enters φ
+//   importance_sampling_level = sequence (TRL): ρ becomes GSPO's s_i = exp(mean_t lr) in its token form, so
+//   grpo + sequence is GSPO (TRL's recommended pairing); cispo/sapo take s_i too; vespo ignores it.
+//   Off-policy controls as policy_variants.hpp, in TRL's order: the policy term is multiplied by the OPSM mask,
+//   the top-entropy mask and the rollout IS weight (not for vespo), then β·kl_t is added (never multiplied).
+// Each preset equals policy_variant_loss with the matching options plus β·aggregate(kl) under the same
+// aggregation (tested). Without old_logprobs the step is on-policy: old = sg(logprobs), ρ = 1 with gradient -A.
 // The gradient goes to logprobs; for logits chain token_logprobs_backward(logits, labels, grad).
 #pragma once
 
@@ -26,6 +36,7 @@
 
 #include "posttrain/detail/validate.hpp"
 #include "posttrain/kl/estimators.hpp"
+#include "posttrain/losses/policy_variants.hpp"
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/masked.hpp"
@@ -33,7 +44,9 @@
 
 namespace posttrain {
 
-enum class grpo_loss_type { grpo, bnpo, dr_grpo, dapo };
+enum class grpo_loss_type { grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo };
+/// TRL importance_sampling_level: the ratio per token, or GSPO's per-sequence ratio.
+enum class grpo_is_level { token, sequence };
 
 constexpr const char* grpo_loss_type_name(grpo_loss_type t) {
   switch (t) {
@@ -41,6 +54,10 @@ constexpr const char* grpo_loss_type_name(grpo_loss_type t) {
     case grpo_loss_type::bnpo: return "bnpo";
     case grpo_loss_type::dr_grpo: return "dr_grpo";
     case grpo_loss_type::dapo: return "dapo";
+    case grpo_loss_type::cispo: return "cispo";
+    case grpo_loss_type::sapo: return "sapo";
+    case grpo_loss_type::luspo: return "luspo";
+    case grpo_loss_type::vespo: return "vespo";
   }
   return "?";
 }
@@ -48,10 +65,14 @@ constexpr const char* grpo_loss_type_name(grpo_loss_type t) {
 /// The aggregation each preset uses (the normaliser is resolved in grpo_loss).
 constexpr aggregation grpo_aggregation(grpo_loss_type t) {
   switch (t) {
-    case grpo_loss_type::grpo: return aggregation::seq_mean_token_mean;
-    case grpo_loss_type::bnpo: return aggregation::token_mean;
+    case grpo_loss_type::grpo:
+    case grpo_loss_type::sapo: return aggregation::seq_mean_token_mean;
+    case grpo_loss_type::bnpo:
+    case grpo_loss_type::dapo:
+    case grpo_loss_type::cispo:
+    case grpo_loss_type::vespo: return aggregation::token_mean;
     case grpo_loss_type::dr_grpo: return aggregation::seq_mean_token_sum_norm;
-    case grpo_loss_type::dapo: return aggregation::token_mean;
+    case grpo_loss_type::luspo: return aggregation::seq_mean_token_sum;  // normaliser B (grpo_loss)
   }
   return aggregation::token_mean;
 }
@@ -74,18 +95,31 @@ struct grpo_options {
   bool bias_corrected_kl = false;
   /// dr_grpo's L in B · L (TRL max_completion_length); empty: the padded length T.
   std::optional<std::int64_t> max_completion_length = std::nullopt;
-  /// A global normaliser overriding the preset's local one (dapo: global token count; grpo: global
-  /// sequence count; dr_grpo: the whole divisor).
+  /// A global normaliser overriding the preset's local one (dapo/cispo/vespo: global token count
+  /// (TRL num_items_in_batch / num_processes); grpo/sapo: global sequence count; dr_grpo: the whole divisor;
+  /// luspo: the global number of rows).
   std::optional<double> normalizer = std::nullopt;
+  /// TRL importance_sampling_level (default "token").
+  grpo_is_level importance_sampling_level = grpo_is_level::token;
+  /// TRL sapo_temperature_pos/neg, vespo_k_pos/lambda_pos/k_neg/lambda_neg (their defaults).
+  double sapo_temperature_pos = 1.0, sapo_temperature_neg = 1.05;
+  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
+  /// TRL vllm_importance_sampling_correction/_mode/_clip_min/_clip_max (needs batch.rollout_logprobs).
+  std::optional<rollout_is_options> rollout_is = std::nullopt;
+  /// TRL off_policy_mask_threshold (OPSM); top_entropy_quantile (needs batch.entropies).
+  std::optional<double> opsm_delta = std::nullopt;
+  std::optional<double> top_entropy_quantile = std::nullopt;
 };
 
 template <tensor T>
 struct grpo_batch {
-  T logprobs;                                    ///< [B, T] current policy (differentiable)
-  T advantages;                                  ///< [B] or [B, T]
-  T completion_mask;                             ///< [B, T]
-  std::optional<T> old_logprobs = std::nullopt;  ///< [B, T]; empty: on-policy
-  std::optional<T> ref_logprobs = std::nullopt;  ///< [B, T]; required when beta != 0
+  T logprobs;                                        ///< [B, T] current policy (differentiable)
+  T advantages;                                      ///< [B] or [B, T]
+  T completion_mask;                                 ///< [B, T]
+  std::optional<T> old_logprobs = std::nullopt;      ///< [B, T]; empty: on-policy
+  std::optional<T> ref_logprobs = std::nullopt;      ///< [B, T]; required when beta != 0
+  std::optional<T> rollout_logprobs = std::nullopt;  ///< [B, T] the sampler's (TRL sampling_per_token_logps)
+  std::optional<T> entropies = std::nullopt;         ///< [B, T] per-token entropy (top_entropy_quantile)
 };
 
 template <tensor T>
@@ -97,6 +131,14 @@ struct grpo_result {
   T clip_ratio_high;    ///< TRL clip_ratio/high_mean
   T clip_ratio_region;  ///< TRL clip_ratio/region_mean
   T ratio_mean;         ///< masked mean of ρ
+  /// TRL clip_ratio/low_min and clip_ratio/high_max: min / max over rows of the row's low / high clip fraction
+  /// (token level: rows with a token; sequence level: every row; 0 when no row qualifies).
+  T clip_ratio_low_min, clip_ratio_high_max;
+  T cispo_clip_ratio;    ///< TRL cispo_clip_ratio: mean of (ρ > ε_high) & (A > 0) (0 for other loss types)
+  T vespo_phi_seq_mean;  ///< TRL vespo/phi_seq_mean: mean of φ_i over the B rows (1 for other loss types)
+  /// TRL sampling/importance_sampling_ratio/{min,mean,max}: of the truncated / masked rollout ratio, over the
+  /// valid tokens (token level) or over the B rows (sequence / geometric level); 1 without rollout_is.
+  T is_ratio_min, is_ratio_mean, is_ratio_max;
 };
 
 namespace detail {
@@ -109,10 +151,33 @@ inline ppo_options grpo_policy_options(const grpo_options& o) {
           .log_ratio_clamp = o.log_ratio_clamp};
 }
 
+/// The policy_variants.hpp options each preset runs (aggregation is grpo_loss's).
+inline policy_variant_options grpo_variant_options(const grpo_options& o) {
+  policy_variant_options v;
+  switch (o.loss_type) {
+    case grpo_loss_type::cispo: v.variant = policy_variant::cispo; break;
+    case grpo_loss_type::sapo: v.variant = policy_variant::sapo; break;
+    case grpo_loss_type::luspo: v.variant = policy_variant::luspo; break;
+    case grpo_loss_type::vespo: v.variant = policy_variant::vespo; break;
+    default: v.variant = policy_variant::ppo; break;
+  }
+  v.clip_low = o.epsilon, v.clip_high = o.epsilon_high, v.clip_c = o.clip_c, v.delta = o.delta;
+  v.log_ratio_clamp = o.log_ratio_clamp;
+  v.sequence_ratio = o.importance_sampling_level == grpo_is_level::sequence;
+  // TRL cispo: clamp(coef_1, max=epsilon_high), epsilon_high defaulting to epsilon
+  v.cispo = cispo_bound::trl_absolute;
+  v.cispo_cap = o.epsilon_high ? *o.epsilon_high : o.epsilon;
+  v.sapo_temperature_pos = o.sapo_temperature_pos, v.sapo_temperature_neg = o.sapo_temperature_neg;
+  v.vespo_k_pos = o.vespo_k_pos, v.vespo_lambda_pos = o.vespo_lambda_pos;
+  v.vespo_k_neg = o.vespo_k_neg, v.vespo_lambda_neg = o.vespo_lambda_neg;
+  v.rollout_is = o.rollout_is, v.opsm_delta = o.opsm_delta, v.top_entropy_quantile = o.top_entropy_quantile;
+  return v;
+}
+
 template <tensor T>
 struct grpo_terms {
-  T mask, loss, d_logp, kl, A;
-  surrogate_terms<T> pg;
+  T mask, loss, d_logp, kl, A, coef1, phi, is_weight;
+  bool seq_level = false;  ///< the ratio is one per sequence (TRL then logs per-sequence metrics)
   std::optional<double> normalizer;
 };
 
@@ -138,22 +203,35 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
   if (b.ref_logprobs) require_like(fn, "logprobs", b.logprobs, "ref_logprobs", *b.ref_logprobs);
   if (o.max_completion_length && *o.max_completion_length <= 0)
     detail::fail(fn, "options.max_completion_length must be > 0, got ", *o.max_completion_length);
+  const bool seq_level = o.importance_sampling_level == grpo_is_level::sequence || o.loss_type == grpo_loss_type::luspo;
+  if (o.bias_corrected_kl && seq_level)
+    detail::fail(fn,
+                 "options.bias_corrected_kl needs importance_sampling_level token (the sequence ratio's KL correction "
+                 "spreads its gradient over the row; not implemented)");
+  // The policy term: policy_variants.hpp's variant, times its constant factor (IS, OPSM, top-entropy)
+  const policy_batch<T> pb{b.logprobs,     b.advantages,       b.completion_mask,
+                           b.old_logprobs, b.rollout_logprobs, b.entropies};
+  const auto v = variant_compute(fn, pb, grpo_variant_options(o));
+  T loss = ops::mul(v.loss, v.factor), d = ops::mul(v.d_logp, v.factor), kl = ops::full_like(lp, 0.0);
+  // TRL coef_1 = exp(log_importance_weights): per token, or the row's mean log-ratio (sequence level)
   const T old = b.old_logprobs ? ops::upcast(*b.old_logprobs) : ops::detach(lp);
-  auto pg = ppo_surrogate(lp, old, A, po);
-  T loss = pg.loss, d = pg.d_logratio, kl = ops::full_like(lp, 0.0);
+  const T lr_tok = ops::where(m, ops::sub(ops::detach(lp), old), 0.0);
+  const T lr = seq_level ? row_mean_b(lr_tok, m) : lr_tok;
+  const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
+  const T coef1 = ops::exp(o.log_ratio_clamp ? ops::clamp(lr, -c, c) : lr);
   if (o.beta != 0) {
     const T ref = ops::upcast(*b.ref_logprobs);
     kl = kl_penalty(lp, ref, o.kl);
     T dkl = kl_penalty_backward(lp, ref, ops::full_like(lp, 1.0), o.kl);
     if (o.bias_corrected_kl) {
-      // TRL use_bias_correction_kl: per_token_kl * coef_1; d(kl·ρ) = dkl·ρ + kl·dρ
-      const T dratio = o.log_ratio_clamp ? ops::mul(pg.ratio, ops::mul(ops::ge(ops::sub(lp, old), -*o.log_ratio_clamp),
-                                                                       ops::le(ops::sub(lp, old), *o.log_ratio_clamp)))
-                                         : pg.ratio;
-      dkl = ops::add(ops::mul(dkl, pg.ratio), ops::mul(kl, dratio));
-      kl = ops::mul(kl, pg.ratio);
+      // TRL use_bias_correction_kl: per_token_kl * coef_1; d(kl·ρ) = dkl·ρ + kl·dρ (ρ not detached, as TRL)
+      const T lr_raw = ops::sub(lp, old);
+      const T dratio = o.log_ratio_clamp ? ops::mul(coef1, ops::mul(ops::ge(lr_raw, -c), ops::le(lr_raw, c))) : coef1;
+      const T ratio = ops::exp(o.log_ratio_clamp ? ops::clamp(lr_raw, -c, c) : lr_raw);  // carries autograd
+      dkl = ops::add(ops::mul(dkl, coef1), ops::mul(kl, dratio));
+      kl = ops::mul(kl, ratio);
     }
-    // L_t = surrogate + β·kl_t   (TRL: per_token_loss = per_token_loss + beta * per_token_kl)
+    // L_t = c_t·policy_t + β·kl_t   (TRL: per_token_loss = per_token_loss + beta * per_token_kl, after the masks)
     loss = ops::add(loss, ops::mul(kl, o.beta));
     d = ops::add(d, ops::mul(dkl, o.beta));
   }
@@ -163,7 +241,26 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
     const double len = o.max_completion_length ? double(*o.max_completion_length) : double(ops::size(lp, 1));
     normalizer = double(ops::size(lp, 0)) * len;
   }
-  return {m, loss, d, kl, A, pg, normalizer};
+  // TRL luspo: (per_token_loss · |o_i|).mean() over the B rows = Σ m·L / B
+  if (o.loss_type == grpo_loss_type::luspo && !normalizer) normalizer = double(ops::size(lp, 0));
+  return {m, loss, d, kl, A, coef1, v.phi, v.is_weight, seq_level && ops::rank(b.advantages) == 1, normalizer};
+}
+
+/// TRL global_masked_mean: over valid tokens, or over the B rows when x is one value per row (sequence level).
+template <tensor T>
+T grpo_metric_mean(const T& x, const T& m, bool per_row) {
+  return per_row ? ops::div(ops::sum_all(x), double(ops::numel(x))) : masked_mean(x, m);
+}
+
+/// TRL nanmin / nanmax of masked_seq_mean(x) over rows: rows with a token (token level) or every row.
+template <tensor T>
+T grpo_row_extreme(const T& x, const T& m, bool per_row, bool take_max) {
+  const T count = ops::sum(m, 1, true);  // [B, 1]
+  if (per_row)
+    return masked_extreme(ops::div(ops::sum(x, 1, true), double(ops::size(x, 1))), ops::full_like(count, 1.0),
+                          take_max);
+  return masked_extreme(ops::div(ops::sum(ops::where(m, x, 0.0), 1, true), ops::maximum(count, 1.0)),
+                        ops::gt(count, 0.0), take_max);
 }
 
 }  // namespace detail
@@ -172,18 +269,47 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
 template <tensor T>
 grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {}) {
   const auto t = detail::grpo_compute("grpo_loss", batch, opt);
-  const T per_token = ops::where(t.mask, t.loss, 0.0);
-  const T loss = aggregate(per_token, t.mask, grpo_aggregation(opt.loss_type), t.normalizer);
+  const T& m = t.mask;
+  const T per_token = ops::where(m, t.loss, 0.0);
+  const T loss = aggregate(per_token, m, grpo_aggregation(opt.loss_type), t.normalizer);
   const double eps_high = opt.epsilon_high ? *opt.epsilon_high : opt.epsilon;
-  const T low = ops::mul(ops::lt(t.pg.ratio, 1.0 - opt.epsilon), ops::lt(t.A, 0.0));
-  const T high = ops::mul(ops::gt(t.pg.ratio, 1.0 + eps_high), ops::gt(t.A, 0.0));
+  // TRL: is_low_clipped = (coef_1 < 1 - ε_low) & (A < 0), is_high_clipped = (coef_1 > 1 + ε_high) & (A > 0)
+  const T low = ops::mul(ops::lt(t.coef1, 1.0 - opt.epsilon), ops::lt(t.A, 0.0));
+  const T high = ops::mul(ops::gt(t.coef1, 1.0 + eps_high), ops::gt(t.A, 0.0));
+  const bool rows = t.seq_level;
+  T cispo_clip = ops::scalar_like(per_token, 0.0), phi_mean = ops::scalar_like(per_token, 1.0);
+  // TRL: is_cispo_clipped = (coef_1 > epsilon_high) & (advantages > 0)
+  if (opt.loss_type == grpo_loss_type::cispo)
+    cispo_clip = detail::grpo_metric_mean(ops::mul(ops::gt(t.coef1, eps_high), ops::gt(t.A, 0.0)), m, rows);
+  // TRL vespo/phi_seq_mean: φ is [B, 1] with per-sequence advantages
+  if (opt.loss_type == grpo_loss_type::vespo)
+    phi_mean = detail::grpo_metric_mean(t.phi, m, ops::rank(batch.advantages) == 1);
+  // TRL sampling/importance_sampling_ratio/*: token modes over valid tokens, sequence modes over rows
+  T is_min = ops::scalar_like(per_token, 1.0), is_mean = is_min, is_max = is_min;
+  if (opt.rollout_is) {
+    if (opt.rollout_is->level == is_level::token) {
+      is_min = detail::masked_extreme(t.is_weight, m, false), is_max = detail::masked_extreme(t.is_weight, m, true);
+      is_mean = masked_mean(t.is_weight, m);
+    } else {
+      const T row = ops::max(t.is_weight, 1, true), all = ops::full_like(row, 1.0);  // one value per row
+      is_min = detail::masked_extreme(row, all, false), is_max = detail::masked_extreme(row, all, true);
+      is_mean = ops::div(ops::sum_all(row), double(ops::size(row, 0)));
+    }
+  }
   return {loss,
           per_token,
-          masked_mean(t.kl, t.mask),
-          masked_mean(low, t.mask),
-          masked_mean(high, t.mask),
-          masked_mean(ops::maximum(low, high), t.mask),
-          masked_mean(t.pg.ratio, t.mask)};
+          masked_mean(t.kl, m),
+          detail::grpo_metric_mean(low, m, rows),
+          detail::grpo_metric_mean(high, m, rows),
+          detail::grpo_metric_mean(ops::maximum(low, high), m, rows),
+          masked_mean(t.coef1, m),
+          detail::grpo_row_extreme(low, m, rows, false),
+          detail::grpo_row_extreme(high, m, rows, true),
+          cispo_clip,
+          phi_mean,
+          is_min,
+          is_mean,
+          is_max};
 }
 
 /// ∂(grad_loss · grpo_loss(batch).loss)/∂logprobs, [B, T].

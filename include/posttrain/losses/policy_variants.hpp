@@ -25,12 +25,25 @@
 //           (k, λ) = (k+, λ+) for A ≥ 0 else (k-, λ-) (TRL get_gamma_weights; φ(1) = 1).
 //   reinforce / gpg   -A·logπ (no ratio; GPG = verl compute_policy_loss_gpg, its advantages in
 //           advantages/group.hpp gpg_advantages).
+//   clip_cov  ppo's max(L1, L2)·(1 - sel_t) (Cui et al. 2025 arXiv:2505.22617 "The Entropy Mechanism of RL for
+//           Reasoning LMs" §4, Clip-Cov; verl compute_policy_loss_clip_cov): cov_t = (A_t - Ā)(logπ_t - mean logπ),
+//           means over every valid token of the batch; candidates: valid, lb < cov < ub and not already clipped
+//           by PPO (L2 > L1); sel = max(⌊clip_cov_ratio·N_valid⌋, 1) of them. verl zeroes the selected tokens'
+//           loss (value and gradient), they stay in the normaliser. verl draws them with torch.randperm (the
+//           global RNG, so a run is not reproducible); here the draw is a seeded splitmix64 Fisher-Yates over the
+//           candidates in row-major order (cov_seed), or the largest covariances (cov_rule = top).
+//   kl_cov  -A·ρ + sel_t·kl_cov_coef·|lr_t| (same paper, KL-Cov; verl compute_policy_loss_kl_cov: no clipping):
+//           sel = the max(⌊kl_cov_ratio·N_valid⌋, 1) valid tokens of largest cov (torch.topk; ties here go to
+//           the lower row-major index); D = -A·ρ + sel·coef·sign(lr).
+//           The selection is a constant of the step (it only picks tokens), so D ignores it, like autograd.
 // Off-policy controls: constant factors c_t that multiply L_t before aggregation (TRL's order: the
 // aggregation's normaliser still counts every response token):
 //   rollout IS   r = exp(lr_old_vs_rollout) per token, exp(Σ) per sequence (TRL, verl "sequence") or
-//                exp(mean) (verl "geometric"); truncate: min(r, cap); mask: r where lower ≤ r ≤ cap, else 0
-//                (TRL vllm_importance_sampling_mode, cap 3.0; verl rollout_is, threshold 2.0). The log-ratio
-//                is clamped to ±20 first (verl's safety bound). cap = +inf leaves r unchanged.
+//                exp(mean) (verl "geometric"); truncate: clamp(r, lower, cap); mask: r where lower ≤ r ≤ cap,
+//                else 0 (TRL vllm_importance_sampling_mode with clip_min/clip_max, cap 3.0; verl rollout_is,
+//                threshold 2.0). The log-ratio is clamped to ±20 first (verl's safety bound). cap = +inf
+//                leaves r unchanged. VESPO takes r inside φ instead of as a factor (TRL get_gamma_weights:
+//                log w += Σ_t m·clamp(log r_t, log 1e-8, 20), token level only, the loss not multiplied by r).
 //   OPSM         keep a row unless A < 0 and Σ_t m(logπ_sampler - sg(logπ)) / |o| > δ (TRL off_policy_mask;
 //                DeepSeek-V3.2); the sampler is rollout_logprobs, else old_logprobs.
 //   top entropy  keep tokens with H ≥ quantile_{1-q}(H over valid tokens), linear interpolation as
@@ -58,7 +71,10 @@
 
 namespace posttrain {
 
-enum class policy_variant { ppo, gspo, luspo, gmpo, cispo, sapo, vespo, reinforce, gpg };
+enum class policy_variant { ppo, gspo, luspo, gmpo, cispo, sapo, vespo, reinforce, gpg, clip_cov, kl_cov };
+/// How Clip-Cov / KL-Cov pick tokens among the candidates: a seeded uniform draw (verl clip_cov's randperm)
+/// or the largest covariances (verl kl_cov's topk).
+enum class cov_rule { random, top };
 /// CISPO's bound on the stop-gradient weight: TRL `clamp(ρ, max=epsilon_high)`, or verl's [1-ε_l, 1+ε_h].
 enum class cispo_bound { trl_absolute, verl_two_sided };
 /// Where the rollout IS ratio is formed: per token, per sequence (product), geometric mean (verl).
@@ -70,7 +86,9 @@ struct rollout_is_options {
   is_level level = is_level::sequence;  ///< TRL default "sequence_mask"
   is_mode mode = is_mode::mask;
   double cap = 3.0;  ///< TRL vllm_importance_sampling_cap 3.0; verl threshold 2.0; may be +inf
-  std::optional<double> lower = std::nullopt;  ///< mask mode's lower bound (verl: 1/threshold); empty: none
+  /// Lower bound: mask mode drops r < lower (verl: 1/threshold), truncate mode raises r to it (TRL
+  /// vllm_importance_sampling_clip_min); empty: none.
+  std::optional<double> lower = std::nullopt;
   /// verl rollout_is defaults: token level, truncate, threshold 2.0.
   static rollout_is_options verl() { return {.level = is_level::token, .mode = is_mode::truncate, .cap = 2.0}; }
 };
@@ -84,12 +102,20 @@ struct policy_variant_options {
   std::optional<double> delta = std::nullopt;   ///< TRL two-sided δ (ppo.hpp); ppo/gspo/luspo only
   /// Clamp the log-ratio (token, or GSPO's sequence mean) to ±c before exp; verl gspo clamps at 10.
   std::optional<double> log_ratio_clamp = std::nullopt;
-  /// TRL importance_sampling_level="sequence" for ppo/cispo/sapo (gspo/luspo are always sequence-level).
+  /// TRL importance_sampling_level="sequence" for ppo/cispo/sapo (gspo/luspo are always sequence-level;
+  /// clip_cov/kl_cov always token-level, as verl).
   bool sequence_ratio = false;
   cispo_bound cispo = cispo_bound::trl_absolute;
   double cispo_cap = 5.0;  ///< TRL's absolute cap (its docs' recommended epsilon_high for cispo)
   double sapo_temperature_pos = 1.0, sapo_temperature_neg = 1.05;                               ///< TRL defaults
   double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;  ///< TRL defaults
+  /// Clip-Cov (verl policy_loss.clip_cov_ratio 2e-4, clip_cov_lb 1.0, clip_cov_ub 5.0).
+  double clip_cov_ratio = 2e-4, clip_cov_lb = 1.0, clip_cov_ub = 5.0;
+  /// KL-Cov (verl policy_loss.kl_cov_ratio 2e-4, ppo_kl_coef 1.0).
+  double kl_cov_ratio = 2e-4, kl_cov_coef = 1.0;
+  /// Selection rule; empty: verl's (clip_cov random, kl_cov top). cov_seed seeds the random draw.
+  std::optional<cov_rule> cov_selection = std::nullopt;
+  std::uint64_t cov_seed = 0;
   std::optional<rollout_is_options> rollout_is = std::nullopt;  ///< needs rollout_logprobs
   std::optional<double> opsm_delta = std::nullopt;              ///< TRL off_policy_mask_threshold
   std::optional<double> top_entropy_quantile = std::nullopt;    ///< TRL top_entropy_quantile (needs entropies)
@@ -144,6 +170,8 @@ struct policy_variant_result {
   T is_weight;          ///< [B, T] rollout IS factor (1 without rollout_is)
   T is_ratio_mean, is_ratio_min, is_ratio_max;  ///< raw rollout ratio statistics over valid tokens
   T token_keep;                                 ///< [B, T] OPSM × top-entropy selection (0/1)
+  T cov_selected;                               ///< [B, T] Clip-Cov / KL-Cov selected tokens (0/1)
+  T cov_selected_frac;  ///< masked mean of cov_selected (verl clip_cov logs it as actor/pg_clipfrac)
 };
 
 namespace detail {
@@ -166,8 +194,18 @@ inline void check_variant_options(std::string_view fn, const policy_variant_opti
     fail(fn, "options.vespo_lambda_pos must be finite and > 0, got ", o.vespo_lambda_pos);
   if (!(o.vespo_lambda_neg > 0) || std::isinf(o.vespo_lambda_neg))
     fail(fn, "options.vespo_lambda_neg must be finite and > 0, got ", o.vespo_lambda_neg);
+  if (!(o.clip_cov_ratio > 0 && o.clip_cov_ratio <= 1))
+    fail(fn, "options.clip_cov_ratio must be in (0, 1], got ", o.clip_cov_ratio);
+  if (std::isnan(o.clip_cov_lb) || std::isnan(o.clip_cov_ub) || !(o.clip_cov_lb < o.clip_cov_ub))
+    fail(fn, "options.clip_cov_lb must be < options.clip_cov_ub, got ", o.clip_cov_lb, " and ", o.clip_cov_ub);
+  if (!(o.kl_cov_ratio > 0 && o.kl_cov_ratio <= 1))
+    fail(fn, "options.kl_cov_ratio must be in (0, 1], got ", o.kl_cov_ratio);
+  if (!(o.kl_cov_coef >= 0) || std::isinf(o.kl_cov_coef))
+    fail(fn, "options.kl_cov_coef must be finite and >= 0, got ", o.kl_cov_coef);
   if (o.rollout_is) {
     if (!(o.rollout_is->cap > 0)) fail(fn, "options.rollout_is.cap must be > 0, got ", o.rollout_is->cap);
+    if (o.variant == policy_variant::vespo && o.rollout_is->level != is_level::token)
+      fail(fn, "options.rollout_is.level must be token for vespo (TRL puts the per-token ratio inside phi)");
     if (o.rollout_is->lower && !(*o.rollout_is->lower >= 0 && *o.rollout_is->lower < o.rollout_is->cap))
       fail(fn, "options.rollout_is.lower must be in [0, cap), got ", *o.rollout_is->lower);
   }
@@ -194,9 +232,45 @@ T row_mean_b(const T& x, const T& m) {
   return ops::mul(ops::div(s, n), ops::full_like(x, 1.0));
 }
 
+/// splitmix64 (Steele, Lea, Flood 2014): the seeded generator of Clip-Cov's random draw (integer-only, so a
+/// seed picks the same tokens on every platform and backend).
+inline std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/// k of the candidate tokens (cand != 0) of a [B, T] batch, chosen on the host by `rule`, as a 0/1 tensor like
+/// cov. top: largest cov first, ties to the lower row-major index; random: the first k of a Fisher-Yates shuffle
+/// of the candidates (row-major) driven by splitmix64(seed). Building the mask costs O(k·B·T).
+template <tensor T>
+T cov_select(const T& cov, const T& cand, std::size_t k, cov_rule rule, std::uint64_t seed) {
+  const auto cv = ops::to_host(cov), ok = ops::to_host(cand);
+  std::vector<std::size_t> idx;
+  for (std::size_t i = 0; i < ok.size(); ++i)
+    if (ok[i] != 0) idx.push_back(i);
+  k = std::min(k, idx.size());
+  const auto kk = static_cast<std::ptrdiff_t>(k);
+  if (rule == cov_rule::top) {
+    std::partial_sort(idx.begin(), idx.begin() + kk, idx.end(),
+                      [&](std::size_t a, std::size_t b) { return cv[a] > cv[b] || (cv[a] == cv[b] && a < b); });
+  } else {
+    std::uint64_t state = seed;
+    for (std::size_t i = 0; i < k; ++i) std::swap(idx[i], idx[i + splitmix64(state) % (idx.size() - i)]);
+  }
+  const T one = ops::full_like(cov, 1.0);
+  const T row = ops::sub(ops::cumsum(one, 0), 1.0), col = ops::sub(ops::cumsum(one, 1), 1.0);  // [B, T] indices
+  const auto width = static_cast<std::size_t>(ops::size(cov, 1));
+  T sel = ops::full_like(cov, 0.0);
+  for (std::size_t i = 0; i < k; ++i)
+    sel = ops::add(sel, ops::mul(ops::eq(row, double(idx[i] / width)), ops::eq(col, double(idx[i] % width))));
+  return sel;
+}
+
 template <tensor T>
 struct variant_terms {
-  T mask, loss, d_logp, ratio, A, factor, phi, is_weight, is_raw, keep, lp;
+  T mask, loss, d_logp, ratio, A, factor, phi, is_weight, is_raw, keep, lp, cov_sel;
   bool spread = false;  ///< GMPO: d_logp is ∂g_i/∂logπ_t, the per-row loss g_i spread over the row
   aggregation agg;
   std::optional<double> normalizer;
@@ -222,7 +296,9 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   const T old = b.old_logprobs ? ops::upcast(*b.old_logprobs) : ops::detach(lp);
   const T zero = ops::full_like(lp, 0.0), one = ops::full_like(lp, 1.0);
   const T lr_tok = ops::where(m, ops::sub(lp, old), 0.0);  // masked: padding never reaches a ratio
-  const bool seq = o.variant == policy_variant::gspo || o.variant == policy_variant::luspo || o.sequence_ratio;
+  const bool cov = o.variant == policy_variant::clip_cov || o.variant == policy_variant::kl_cov;  // token-level (verl)
+  const bool seq =
+      o.variant == policy_variant::gspo || o.variant == policy_variant::luspo || (o.sequence_ratio && !cov);
   // GSPO eq. 7: log s_i = (1/|o_i|) Σ_t log ρ_t; token form: same value on every token, ∂/∂logπ_t = 1
   // written sg(log s_i) + logπ_t - sg(logπ_t) (verl gspo) so autograd through it gives the token form
   const T lr = seq ? ops::add(ops::detach(row_mean_b(lr_tok, m)), ops::sub(lp, ops::detach(lp))) : lr_tok;
@@ -231,7 +307,32 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   const T lr_pass = o.log_ratio_clamp ? ops::mul(ops::ge(lr, -c), ops::le(lr, c)) : one;
   T ratio = ops::exp(lr_c);
   const double eps_l = o.clip_low, eps_h = o.clip_high ? *o.clip_high : o.clip_low;
-  T loss = zero, d = zero, phi = one;
+  // Rollout IS (constants): TRL vllm_importance_sampling_ratio / verl rollout_is_weights
+  T is_w = one, is_raw = one, log_is = zero;
+  if (o.rollout_is) {
+    const auto& r = *o.rollout_is;
+    const T roll = ops::upcast(*b.rollout_logprobs);
+    const T lr_roll = ops::where(m, ops::sub(ops::detach(old), roll), 0.0);
+    T lri = lr_roll;
+    if (r.level == is_level::sequence) lri = ops::mul(ops::sum(lr_roll, 1, true), one);
+    if (r.level == is_level::geometric) lri = row_mean_b(lr_roll, m);
+    const T lri_c = ops::clamp(lri, -20.0, 20.0);  // verl SAFETY_BOUND
+    is_raw = ops::exp(lri_c);
+    const double lo = r.lower ? *r.lower : 0.0;
+    if (r.mode == is_mode::truncate) {
+      // TRL *_truncate: clamp(r, clip_min, clip_max); log r likewise clamped
+      is_w = std::isinf(r.cap) ? is_raw : ops::minimum(is_raw, r.cap);
+      if (r.lower) is_w = ops::maximum(is_w, lo);
+      log_is = ops::clamp(lri_c, r.lower ? std::log(lo) : -21.0, std::isinf(r.cap) ? 21.0 : std::log(r.cap));
+    } else {
+      // TRL *_mask: r outside [clip_min, clip_max] set to 0 (log 0 -> VESPO's floor log 1e-8)
+      T ok = std::isinf(r.cap) ? one : ops::le(is_raw, r.cap);
+      if (r.lower) ok = ops::mul(ok, ops::ge(is_raw, lo));
+      is_w = ops::mul(is_raw, ok);
+      log_is = ops::where(ok, lri_c, std::log(1e-8));
+    }
+  }
+  T loss = zero, d = zero, phi = one, cov_sel = zero;
   bool spread = false;
   aggregation agg = o.agg;
   std::optional<double> normalizer = o.normalizer;
@@ -295,7 +396,10 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
     }
     case policy_variant::vespo: {
       // TRL get_gamma_weights: w = exp(clamp(Σ m·clamp(lr, ±20), log 1e-8, 20)); log φ = λ + k log w - λ w
-      const T s = ops::sum(ops::where(m, ops::clamp(lr_tok, -20.0, 20.0), 0.0), 1, true);
+      T s = ops::sum(ops::where(m, ops::clamp(lr_tok, -20.0, 20.0), 0.0), 1, true);
+      // TRL: with a rollout ratio r_t, log w += Σ_t clamp(log r_t, log 1e-8, 20) (π_old/π_sampler per token)
+      if (o.rollout_is)
+        s = ops::add(s, ops::sum(ops::where(m, ops::clamp(log_is, std::log(1e-8), 20.0), 0.0), 1, true));
       const T log_w = ops::mul(ops::clamp(s, std::log(1e-8), 20.0), one);
       const T nonneg = ops::ge(A, 0.0);
       const T k = ops::where(nonneg, ops::full_like(lp, o.vespo_k_pos), ops::full_like(lp, o.vespo_k_neg));
@@ -314,26 +418,45 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
       loss = ops::mul(d, lp);
       break;
     }
-  }
-
-  // Off-policy factors (constants): rollout IS, OPSM, top-entropy selection
-  T is_w = one, is_raw = one, keep = one;
-  if (o.rollout_is) {
-    const auto& r = *o.rollout_is;
-    const T roll = ops::upcast(*b.rollout_logprobs);
-    const T lr_roll = ops::where(m, ops::sub(ops::detach(old), roll), 0.0);
-    T lri = lr_roll;
-    if (r.level == is_level::sequence) lri = ops::mul(ops::sum(lr_roll, 1, true), one);
-    if (r.level == is_level::geometric) lri = row_mean_b(lr_roll, m);
-    is_raw = ops::exp(ops::clamp(lri, -20.0, 20.0));  // verl SAFETY_BOUND
-    if (r.mode == is_mode::truncate) {
-      is_w = std::isinf(r.cap) ? is_raw : ops::minimum(is_raw, r.cap);
-    } else {
-      T ok = std::isinf(r.cap) ? one : ops::le(is_raw, r.cap);
-      if (r.lower) ok = ops::mul(ok, ops::ge(is_raw, *r.lower));
-      is_w = ops::mul(is_raw, ok);
+    case policy_variant::clip_cov:
+    case policy_variant::kl_cov: {
+      // Cui et al. 2025 §4 / verl: cov_t = (A_t - masked_mean A)·(logπ_t - masked_mean logπ) over valid tokens
+      const T cov =
+          ops::mul(ops::sub(A, masked_mean(A, m)), ops::sub(ops::detach(lp), masked_mean(ops::detach(lp), m)));
+      const double n_valid = ops::item(ops::sum_all(m));
+      const bool clip = o.variant == policy_variant::clip_cov;
+      const cov_rule rule = o.cov_selection ? *o.cov_selection : clip ? cov_rule::random : cov_rule::top;
+      // verl: max(int(ratio · N_valid), 1) tokens (none when there is no valid token)
+      const auto k =
+          n_valid > 0
+              ? std::max<std::size_t>(
+                    static_cast<std::size_t>(std::floor((clip ? o.clip_cov_ratio : o.kl_cov_ratio) * n_valid)), 1)
+              : std::size_t{0};
+      if (clip) {
+        const auto s = ppo_surrogate(
+            lr, zero, A,
+            ppo_options{.clip_low = o.clip_low, .clip_high = o.clip_high, .log_ratio_clamp = o.log_ratio_clamp});
+        // verl clip_cov: candidates are valid, not clipped by PPO (L2 > L1), with lb < cov < ub
+        const T cand = ops::mul(ops::mul(m, ops::le(s.l2, s.l1)),
+                                ops::mul(ops::gt(cov, o.clip_cov_lb), ops::lt(cov, o.clip_cov_ub)));
+        cov_sel = cov_select(cov, cand, k, rule, o.cov_seed);
+        // verl: pg_losses = max(L1, L2) · corr, corr = 0 on the selected tokens
+        const T corr = ops::sub(1.0, cov_sel);
+        loss = ops::mul(s.loss, corr), d = ops::mul(s.d_logratio, corr), ratio = s.ratio;
+      } else {
+        cov_sel = cov_select(cov, m, k, rule, o.cov_seed);
+        // verl kl_cov: -A·ρ, plus ppo_kl_coef·|logπ - logπ_old| on the selected tokens
+        const T pg = ops::neg(ops::mul(A, ratio));
+        loss = ops::add(pg, ops::mul(cov_sel, ops::mul(ops::abs(lr), o.kl_cov_coef)));
+        d = ops::add(ops::mul(pg, lr_pass), ops::mul(cov_sel, ops::mul(ops::sign(lr), o.kl_cov_coef)));
+      }
+      break;
     }
   }
+
+  // Off-policy factors (constants): OPSM, top-entropy selection
+
+  T keep = one;
   if (o.opsm_delta) {
     const T sampler = b.rollout_logprobs ? ops::upcast(*b.rollout_logprobs) : old;
     const T kl = row_mean_b(ops::sub(sampler, ops::detach(lp)), m);
@@ -351,8 +474,9 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
     keep = ops::mul(keep, ops::ge(H, thr));
   }
   keep = ops::mul(keep, m);
-  const T factor = ops::detach(ops::mul(is_w, keep));
-  return {m, loss, d, ratio, A, factor, phi, is_w, is_raw, keep, lp, spread, agg, normalizer};
+  // TRL: VESPO's rollout ratio lives in φ, the loss is not multiplied by it
+  const T factor = ops::detach(o.variant == policy_variant::vespo ? keep : ops::mul(is_w, keep));
+  return {m, loss, d, ratio, A, factor, phi, is_w, is_raw, keep, lp, cov_sel, spread, agg, normalizer};
 }
 
 }  // namespace detail
@@ -386,7 +510,9 @@ policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const
           masked_mean(t.is_raw, m),
           detail::masked_extreme(t.is_raw, m, false),
           detail::masked_extreme(t.is_raw, m, true),
-          t.keep};
+          t.keep,
+          t.cov_sel,
+          masked_mean(t.cov_sel, m)};
 }
 
 /// ∂(grad_loss · policy_variant_loss(batch).loss)/∂logprobs, [B, T].
