@@ -1,7 +1,10 @@
-// The torch backend's fused overrides on CPU float32/float64 tensors (posttrain::kernels behind an
-// autograd node) against LibTorch's own composition (log_softmax + gather, logsumexp, softmax ·
-// log_softmax) and its autograd gradients, and against the Eigen double reference; a strided view
-// takes the fallback path and agrees; create_graph = true keeps the backward differentiable.
+// The torch backend's fused overrides (posttrain::kernels behind an autograd node) against LibTorch's
+// own composition in double (log_softmax + gather, logsumexp, softmax · log_softmax) and its
+// autograd gradients, and against the Eigen double reference, on every path of torch.hpp: kernel
+// (contiguous CPU float32/float64), rows (bfloat16/float16 and strided views, per-row upcast) and
+// chunked (LibTorch ops on row chunks: the CUDA path, forced on CPU here with several chunk sizes);
+// sft_loss_backward's fused override against generic::sft_loss_backward. The CUDA test cases run
+// the same checks on a GPU and are skipped (with a warning) where none is present.
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
@@ -11,6 +14,7 @@
 
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
+#include "posttrain/losses/sft.hpp"
 #include "posttrain/numerics/logits.hpp"
 #include "support/data.hpp"
 #include "support/tolerances.hpp"
@@ -85,7 +89,7 @@ TEST_CASE("torch kernels: autograd gradients equal LibTorch autograd through log
 }
 
 TEST_CASE(
-    "torch kernels: a strided view takes LibTorch's path and agrees, create_graph keeps the backward differentiable") {
+    "torch kernels: a strided view takes the rows path and agrees, create_graph keeps the backward differentiable") {
   const auto h = random_normal({4, 600}, 23, 2.0);
   const at::Tensor x = to_torch(h, at::kDouble);
   const at::Tensor view = x.t().contiguous().t();  // same values, column-major strides
@@ -101,4 +105,249 @@ TEST_CASE(
   const at::Tensor p = at::softmax(x, -1);
   const at::Tensor pu = (p * u).sum(-1, true);
   require_close(hvp, p * u - p * pu, float64_tol);
+}
+
+// ---- chunked and rows paths ----------------------------------------------------------------------
+
+namespace {
+using torch_backend::logits_path;
+
+/// Sets the path and chunk rows for one scope (process-wide knobs), restoring the defaults after.
+struct path_scope {
+  path_scope(logits_path p, std::int64_t rows) {
+    torch_backend::force_logits_path(p);
+    torch_backend::set_chunk_rows(rows);
+  }
+  ~path_scope() {
+    torch_backend::force_logits_path(logits_path::automatic);
+    torch_backend::set_chunk_rows(0);
+  }
+  path_scope(const path_scope&) = delete;
+  path_scope& operator=(const path_scope&) = delete;
+};
+
+struct path_case {
+  logits_path path;
+  std::int64_t chunk_rows;
+  std::string name() const {
+    return path == logits_path::automatic ? "automatic"
+           : path == logits_path::rows    ? "rows"
+                                          : "chunked, " + std::to_string(chunk_rows) + " rows per chunk";
+  }
+};
+/// Every path with chunks of one row, an odd count, and more rows than the inputs have.
+const std::vector<path_case> all_paths = {{logits_path::automatic, 0},
+                                          {logits_path::rows, 0},
+                                          {logits_path::chunked, 1},
+                                          {logits_path::chunked, 3},
+                                          {logits_path::chunked, 1000}};
+
+/// Logits [2, 5, v] scaled by 3: row 0 has -inf at every third entry (padding), row 1 holds
+/// +-1e4, row 2 a -inf everywhere except two entries; labels never point at -inf.
+host_tensor hard_logits(std::int64_t v, std::uint64_t seed) {
+  auto h = random_normal({2, 5, v}, seed, 3.0);
+  const double inf = std::numeric_limits<double>::infinity();
+  for (std::int64_t j = 1; j < v; j += 3) h.values[static_cast<std::size_t>(j)] = -inf;
+  for (std::int64_t j = 0; j < v; ++j) h.values[static_cast<std::size_t>(v + j)] = j % 2 ? 1e4 : -1e4 + 3.0 * j / v;
+  for (std::int64_t j = 2; j < v; ++j) h.values[static_cast<std::size_t>(2 * v + j)] = -inf;
+  return h;
+}
+at::Tensor labels_avoiding_inf(std::int64_t v, std::uint64_t seed) {
+  at::Tensor y = to_torch(random_labels({2, 5}, v, seed));
+  y[0][0] = 0;  // row 0: index 0 is finite (the -inf are at 1, 4, 7, ...)
+  y[0][2] = 1;  // row 2: only 0 and 1 are finite
+  return y;
+}
+
+/// logsumexp, token_logprobs and entropy of x (any dtype, device, strides) against LibTorch's
+/// composition in double on the same (rounded) values; results are float32 for half inputs.
+void check_values(const at::Tensor& x, const at::Tensor& labels, const std::string& what) {
+  INFO(what);
+  const libtorch_reference ref(x.detach(), labels);
+  const at::ScalarType want_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const tolerance tol = want_type == at::kDouble ? float64_tol : float32_tol;
+  const at::Tensor lse = logsumexp(x), lp = token_logprobs(x, labels), ent = entropy(x);
+  CHECK(lse.scalar_type() == want_type);
+  CHECK(lp.scalar_type() == want_type);
+  CHECK(ent.scalar_type() == want_type);
+  CHECK(lse.device() == x.device());
+  require_close(lse, ref.lse, tol);
+  require_close(lp, ref.logprob, tol);
+  require_close(ent, ref.entropy, tol);
+}
+
+/// The gradients of w·lse, w·lp and w·H through posttrain (analytic backward), one backward each,
+/// against LibTorch autograd in double on the same values; the gradient is in x's dtype. (One at a
+/// time: autograd sums the gradients of several uses of a half leaf in the half dtype, which adds a
+/// rounding per use, a property of that sum and not of the backward under test.)
+void check_grads(const at::Tensor& x_in, const at::Tensor& labels, const std::string& what) {
+  const at::Tensor w = to_torch(random_normal(labels.sizes().vec(), 31)).to(x_in.device());
+  for (int which = 0; which < 3; ++which) {
+    INFO(what << ", gradient of " << (which == 0 ? "logsumexp" : which == 1 ? "token_logprobs" : "entropy"));
+    const auto objective = [&](const at::Tensor& lse, const at::Tensor& lp, const at::Tensor& ent) {
+      return (w * (which == 0 ? lse : which == 1 ? lp : ent).to(at::kDouble)).sum();
+    };
+    at::Tensor x = x_in.detach().requires_grad_();  // the same view (strides kept)
+    objective(logsumexp(x), token_logprobs(x, labels), entropy(x)).backward();
+    const at::Tensor got = x.grad();
+    CHECK(got.scalar_type() == x_in.scalar_type());
+    at::Tensor xr = x_in.detach().to(at::kDouble).requires_grad_();
+    const libtorch_reference ref(xr, labels);
+    objective(ref.lse, ref.logprob, ref.entropy).backward();
+    require_close(got, xr.grad(), output_tolerance(dtype_of(x_in.scalar_type())));
+  }
+}
+
+/// sft_loss_backward through the fused override against generic::sft_loss_backward in double on the
+/// same values, for ignore_index, label smoothing, z-loss, DFT and aggregation modes.
+void check_sft_backward(const at::Tensor& x, const at::Tensor& labels_in, const std::string& what) {
+  at::Tensor labels = labels_in.clone();
+  labels.view({-1})[1] = -100;
+  labels.view({-1})[4] = -100;
+  const at::Tensor xd = x.detach().to(at::kDouble);
+  struct option_case {
+    const char* name;
+    sft_options o;
+  };
+  const std::vector<option_case> cases = {
+      {"plain", {}},
+      {"smoothing 0.1 + z 1e-3, sum", {.label_smoothing = 0.1, .z_loss = 1e-3, .reduction = aggregation::sum}},
+      {"dft", {.dft = true}},
+      {"dft + smoothing + z, seq_mean_token_mean",
+       {.label_smoothing = 0.2, .z_loss = 1e-4, .reduction = aggregation::seq_mean_token_mean, .dft = true}},
+      {"token_mean over a normalizer 37", {.normalizer = 37.0}},
+  };
+  for (const auto& c : cases) {
+    INFO(what << ", " << c.name);
+    const at::Tensor got = sft_loss_backward(x, labels, c.o, 0.7);
+    CHECK(got.scalar_type() == x.scalar_type());
+    const at::Tensor want = generic::sft_loss_backward(xd, labels, c.o, 0.7);
+    require_close(got, want, output_tolerance(dtype_of(x.scalar_type())));
+  }
+}
+
+/// Every check on `device`: half dtypes, float32/float64, strided views, every path.
+void check_all_paths(const at::Device& device) {
+  const std::int64_t v = 257;
+  const host_tensor h = hard_logits(v, 41);
+  const at::Tensor labels = labels_avoiding_inf(v, 42).to(device);
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble}) {
+    const at::Tensor x = to_torch(h, dt).to(device);
+    // Views: rows inside a wider buffer (leading dims merge), a transposed batch (they do not),
+    // and a column-major copy (element stride != 1).
+    const at::Tensor wide = to_torch(random_normal({2, 5, v + 6}, 43), dt).to(device);
+    wide.narrow(-1, 0, v).copy_(x);
+    const at::Tensor row_strided = wide.narrow(-1, 0, v);
+    const at::Tensor transposed = x.transpose(0, 1).contiguous().transpose(0, 1);
+    const at::Tensor col_major = x.reshape({10, v}).t().contiguous().t().reshape({2, 5, v});
+    REQUIRE_FALSE(row_strided.is_contiguous());
+    REQUIRE_FALSE(transposed.is_contiguous());
+    for (const auto& pc : all_paths) {
+      const path_scope scope(pc.path, pc.chunk_rows);
+      const std::string name = std::string(c10::toString(dt)) + " on " + device.str() + ", " + pc.name();
+      check_values(x, labels, name + ", contiguous");
+      check_values(row_strided, labels, name + ", rows inside a wider buffer");
+      check_values(transposed, labels, name + ", transposed batch");
+      check_values(col_major.is_contiguous() ? x : col_major, labels.reshape({2, 5}), name + ", column-major");
+      check_grads(x, labels, name + ", contiguous");
+      check_grads(transposed, labels, name + ", transposed batch");
+      check_sft_backward(x, labels, name);
+      check_sft_backward(row_strided, labels, name + ", rows inside a wider buffer");
+    }
+  }
+}
+}  // namespace
+
+TEST_CASE(
+    "torch kernels: every path (rows, chunked with 1, 3, 1000 rows per chunk) on CPU, half and full dtypes, "
+    "strided views, -inf padding and +-1e4 logits equal LibTorch in double") {
+  check_all_paths(at::Device(at::kCPU));
+}
+
+TEST_CASE("torch kernels: the chunked and rows paths forced on contiguous float32 equal the kernel path") {
+  const std::int64_t v = 1999;
+  const at::Tensor x = to_torch(hard_logits(v, 51), at::kFloat);
+  const at::Tensor labels = labels_avoiding_inf(v, 52);
+  const at::Tensor lse = logsumexp(x), lp = token_logprobs(x, labels), ent = entropy(x);
+  const at::Tensor g = sft_loss_backward(x, labels, {.label_smoothing = 0.1, .z_loss = 1e-3});
+  for (const auto& pc : all_paths) {
+    INFO(pc.name());
+    const path_scope scope(pc.path, pc.chunk_rows);
+    if (pc.path == logits_path::chunked) {
+      require_close(logsumexp(x), lse, float32_tol);
+      require_close(token_logprobs(x, labels), lp, float32_tol);
+      require_close(entropy(x), ent, float32_tol);
+      require_close(sft_loss_backward(x, labels, {.label_smoothing = 0.1, .z_loss = 1e-3}), g, float32_tol);
+    } else {
+      // The rows path runs the same kernel on the same row: bitwise equal.
+      CHECK(at::equal(logsumexp(x), lse));
+      CHECK(at::equal(token_logprobs(x, labels), lp));
+      CHECK(at::equal(entropy(x), ent));
+      CHECK(at::equal(sft_loss_backward(x, labels, {.label_smoothing = 0.1, .z_loss = 1e-3}), g));
+    }
+  }
+}
+
+TEST_CASE("torch kernels: bfloat16 rows of V = 70000 with padding and +-1e4 through the rows and chunked paths") {
+  const std::int64_t v = 70000;
+  const at::Tensor x = to_torch(hard_logits(v, 61), at::kBFloat16).narrow(0, 0, 1);  // [1, 5, v]
+  const at::Tensor labels = labels_avoiding_inf(v, 62).narrow(0, 0, 1);
+  for (const auto& pc : std::vector<path_case>{{logits_path::rows, 0}, {logits_path::chunked, 2}}) {
+    const path_scope scope(pc.path, pc.chunk_rows);
+    check_values(x, labels, pc.name());
+    check_grads(x, labels, pc.name());
+  }
+}
+
+TEST_CASE("torch kernels: sft_loss on bfloat16 logits equals sft_loss on their float64 values") {
+  const std::int64_t v = 300;
+  const at::Tensor x = to_torch(hard_logits(v, 71), at::kBFloat16);
+  const at::Tensor labels = labels_avoiding_inf(v, 72);
+  for (const sft_options& o : {sft_options{}, sft_options{.label_smoothing = 0.1, .z_loss = 1e-3, .dft = true}}) {
+    const auto got = sft_loss(x, labels, o);
+    const auto want = sft_loss(x.to(at::kDouble), labels, o);
+    CHECK(got.loss.scalar_type() == at::kFloat);
+    require_close(got.loss, want.loss, float32_tol);
+    require_close(got.per_token_loss, want.per_token_loss, float32_tol);
+    require_close(got.token_accuracy, want.token_accuracy, float32_tol);
+    require_close(got.entropy, want.entropy, float32_tol);
+  }
+}
+
+TEST_CASE("torch kernels: the chunk-size knobs (rows override bytes, bytes set the rows, defaults restore)") {
+  CHECK(torch_backend::chunk_bytes() == torch_backend::default_chunk_bytes);
+  CHECK(torch_backend::chunk_rows(1024) == torch_backend::default_chunk_bytes / 4096);
+  torch_backend::set_chunk_bytes(4 * 1000 * 10);
+  CHECK(torch_backend::chunk_rows(1000) == 10);
+  CHECK(torch_backend::chunk_rows(1 << 30) == 1);  // never 0
+  torch_backend::set_chunk_rows(7);
+  CHECK(torch_backend::chunk_rows(1000) == 7);
+  torch_backend::set_chunk_rows(0);
+  torch_backend::set_chunk_bytes(0);
+  CHECK(torch_backend::chunk_bytes() == torch_backend::default_chunk_bytes);
+}
+
+// Catch2 v2 has no SKIP: without a CUDA device these cases WARN "SKIPPED" and return.
+TEST_CASE("torch kernels CUDA: every path check on a CUDA device (SKIPPED without CUDA)") {
+  if (!torch::cuda::is_available()) {
+    WARN("SKIPPED: no CUDA device (torch::cuda::is_available() is false); the chunked path ran on CPU above");
+    return;
+  }
+  check_all_paths(at::Device(at::kCUDA));
+}
+
+TEST_CASE("torch kernels CUDA: bfloat16 V = 151936 rows, chunked, vs double (SKIPPED without CUDA)") {
+  if (!torch::cuda::is_available()) {
+    WARN("SKIPPED: no CUDA device (torch::cuda::is_available() is false)");
+    return;
+  }
+  const std::int64_t v = 151936;
+  const at::Tensor x = to_torch(hard_logits(v, 81), at::kBFloat16).to(at::kCUDA);
+  const at::Tensor labels = labels_avoiding_inf(v, 82).to(at::kCUDA);
+  for (std::int64_t rows : {0, 3}) {
+    const path_scope scope(logits_path::automatic, rows);
+    check_values(x, labels, "chunk rows " + std::to_string(rows));
+    check_grads(x, labels, "chunk rows " + std::to_string(rows));
+    check_sft_backward(x, labels, "chunk rows " + std::to_string(rows));
+  }
 }

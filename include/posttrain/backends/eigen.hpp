@@ -474,6 +474,36 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     return out;
   }
 
+  /// sft_loss_backward's gradient, one statistics pass and one gradient pass per row
+  /// (kernels::cross_entropy_coefficients); rows whose label is ignore_index get 0.
+  static T fused_ce_backward(const T& x, const index_tensor& labels, const T& row_weights, const ce_backward_args& a) {
+    T out(x.shape());
+    const std::int64_t v = x.shape().back(), rows = x.numel() / std::max<std::int64_t>(v, 1);
+    if (labels.numel() != rows || row_weights.numel() != rows)
+      detail::fail("fused_ce_backward", "labels and row weights need one value per row of logits ",
+                   detail::shape_string(x.shape()));
+    const Scalar* xp = x.data();
+    const std::int64_t* yp = labels.data();
+    const Scalar* wp = row_weights.data();
+    Scalar* op = out.data();
+    kernels::parallel_rows(rows, v, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t r = begin; r < end; ++r) {
+        const Scalar* row = xp + r * v;
+        Scalar* o = op + r * v;
+        const std::int64_t y = yp[r];
+        if (y == a.ignore_index) {
+          std::fill(o, o + v, Scalar(0));
+          continue;
+        }
+        const auto st = kernels::reduce_row(row, v);
+        const auto k = kernels::cross_entropy_coefficients(st, row[y], v, static_cast<double>(wp[r]), a.label_smoothing,
+                                                           a.z_loss, a.dft);
+        kernels::write_row_backward(row, v, st, k, y, o);
+      }
+    });
+    return out;
+  }
+
   /// Distillation divergence per row (losses/distill.hpp), one read of both logits:
   /// student, teacher [..., V] -> [...]. See kernels/distill_cpu.hpp.
   static T fused_kd_per_token(const T& student, const T& teacher, const fused_kd_spec& spec) {

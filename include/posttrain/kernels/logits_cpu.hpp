@@ -210,6 +210,18 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
   if (label >= 0 && label < vocab) out[label] -= static_cast<S>(k.b);
 }
 
+/// Coefficients of sft_loss_backward's row gradient (the SFT cross-entropy with its options):
+///   weight·[(f + 2z·lse)·p − f·(1−ε)·onehot(y) − f·ε/V],   f = sg(p_y) with DFT (arXiv:2508.05629
+/// eq. 8; the z-loss term is not weighted by it), f = 1 otherwise; weight = d loss / d ℓ_row.
+template <class S>
+backward_coefficients cross_entropy_coefficients(const row_stats<S>& st, S x_label, std::int64_t vocab, double weight,
+                                                 double label_smoothing, double z_loss, bool dft) {
+  const double f = dft ? std::exp(static_cast<double>(x_label - st.m) - st.log_s) : 1.0;
+  const double z_term = z_loss > 0.0 ? 2.0 * z_loss * st.logsumexp() : 0.0;
+  return {weight * (f + z_term), 0.0, weight * f * (1.0 - label_smoothing),
+          weight * f * label_smoothing / static_cast<double>(vocab)};
+}
+
 /// Backward over rows: out[r, v] = p_rv·(alpha_r + beta_r·log p_rv) − b_r·[v = y_r] − c_r, with the
 /// coefficients from coeff(r, row_stats) (labels may be null: no one-hot term). `out` may equal
 /// `logits` (in-place gradient). One read for the statistics and one read + write for the gradient,

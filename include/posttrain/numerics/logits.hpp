@@ -34,6 +34,16 @@ T shift_by_row_max(const T& x) {
   return ops::sub(x, ops::where(ops::eq(m, -inf), 0.0, m));
 }
 
+/// The logits a fused override receives: half inputs are upcast to a float32 copy first, unless
+/// the backend's overrides read half tensors themselves (tensor_traits<T>::fused_reads_half).
+template <tensor T>
+T fused_input(const T& logits) {
+  if constexpr (requires { requires tensor_traits<T>::fused_reads_half; })
+    return logits;
+  else
+    return ops::upcast(logits);
+}
+
 }  // namespace detail
 
 namespace generic {
@@ -80,11 +90,10 @@ T softmax_last(const T& logits);
 template <tensor T>
 T logsumexp(const T& logits) {
   detail::require_logits("logsumexp", "logits", logits);
-  const T x = ops::upcast(logits);
-  if constexpr (requires { tensor_traits<T>::fused_logsumexp_last(x); })
-    return tensor_traits<T>::fused_logsumexp_last(x);
+  if constexpr (requires { tensor_traits<T>::fused_logsumexp_last(logits); })
+    return tensor_traits<T>::fused_logsumexp_last(detail::fused_input(logits));
   else
-    return generic::logsumexp_last(x);
+    return generic::logsumexp_last(ops::upcast(logits));
 }
 
 /// Backward of logsumexp: grad_logits[..., v] = grad[...] * softmax(logits)[..., v].
@@ -110,14 +119,13 @@ template <tensor T>
 T token_logprobs(const T& logits, const index_tensor_t<T>& labels, std::int64_t ignore_index = default_ignore_index) {
   detail::require_logits("token_logprobs", "logits", logits);
   detail::require_labels("token_logprobs", logits, labels, ignore_index);
-  const T x = ops::upcast(logits);
   const auto safe = tensor_traits<T>::index_replace(labels, ignore_index, 0);
-  const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
   T lp;
-  if constexpr (requires { tensor_traits<T>::fused_token_logprobs(x, safe); })
-    lp = tensor_traits<T>::fused_token_logprobs(x, safe);
+  if constexpr (requires { tensor_traits<T>::fused_token_logprobs(logits, safe); })
+    lp = tensor_traits<T>::fused_token_logprobs(detail::fused_input(logits), safe);
   else
-    lp = generic::token_logprobs(x, safe);
+    lp = generic::token_logprobs(ops::upcast(logits), safe);
+  const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, lp);
   return ops::where(valid, lp, 0.0);
 }
 
@@ -142,11 +150,10 @@ T token_logprobs_backward(const T& logits, const index_tensor_t<T>& labels, cons
 template <tensor T>
 T entropy(const T& logits) {
   detail::require_logits("entropy", "logits", logits);
-  const T x = ops::upcast(logits);
-  if constexpr (requires { tensor_traits<T>::fused_entropy_last(x); })
-    return tensor_traits<T>::fused_entropy_last(x);
+  if constexpr (requires { tensor_traits<T>::fused_entropy_last(logits); })
+    return tensor_traits<T>::fused_entropy_last(detail::fused_input(logits));
   else
-    return generic::entropy_last(x);
+    return generic::entropy_last(ops::upcast(logits));
 }
 
 /// Backward of entropy: dH/dx_v = -p_v (log p_v + H); -inf logits get 0.
