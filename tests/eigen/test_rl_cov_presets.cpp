@@ -508,3 +508,30 @@ TEST_CASE("Clip-Cov, KL-Cov and GRPO presets: errors name the argument", "[rl][v
   CHECK_THROWS_WITH(grpo_loss(grpo_batch<E>{w.lp, w.A, w.m, w.old, std::nullopt, std::nullopt, w.lp}, ot),
                     Contains("top_entropy_quantile"));
 }
+
+TEST_CASE("ppo_policy_loss: TRL's clip_ratio low_min / high_max and the entropy metric", "[rl][ppo][metrics]") {
+  // the metrics case's rows: high = (ρ > 1.2) & (A > 0) row 0 -> 2/3; low = (ρ < 0.8) & (A < 0) row 1 -> 1/2
+  const E lp = test::make({3, 3}, {-1.0, -2.0, -0.5, -1.2, -0.3, -0.9, -1, -1, -1});
+  const E old = test::make({3, 3}, {-1.5, -1.9, -0.8, -0.8, -0.35, -0.9, -1, -1, -1});
+  const E m = test::make({3, 3}, {1, 1, 1, 1, 1, 0, 0, 0, 0});
+  const E A = test::make({3, 3}, {1, 1, 1, -1, -1, -1, 0.5, 0.5, 0.5});
+  const E H = test::make({3, 3}, {0.5, 1.0, 1.5, 2.0, 3.0, 99, 99, 99, 99});
+  const auto r = ppo_policy_loss(lp, old, A, m, {}, std::optional<E>(H));
+  test::check_value("low_min (rows with a token: 0, 1/2)", r.clip_ratio_low_min, 0.0, tol);
+  test::check_value("high_max", r.clip_ratio_high_max, 2.0 / 3, tol);
+  test::check_value("entropy (masked mean)", r.entropy, 8.0 / 5, tol);
+  // the same numbers as grpo_loss's dapo preset
+  const auto g = grpo_loss(grpo_batch<E>{lp, test::vec({1.0, -1.0, 0.5}), m, old}, {.loss_type = grpo_loss_type::dapo});
+  test::check_same("= grpo low_min", r.clip_ratio_low_min, g.clip_ratio_low_min, tol);
+  test::check_same("= grpo high_max", r.clip_ratio_high_max, g.clip_ratio_high_max, tol);
+  // rank-1 inputs are one row: low_min = low_mean, high_max = high_mean; no entropies -> 0
+  const E lp1 = test::vec({-1.0, -2.0, -0.5, -1.2}), old1 = test::vec({-1.5, -1.9, -0.8, -0.8});
+  const E A1 = test::vec({1, 1, -1, -1}), m1 = test::vec({1, 1, 1, 1});
+  const auto r1 = ppo_policy_loss(lp1, old1, A1, m1);
+  test::check_same("rank 1 low", r1.clip_ratio_low_min, r1.clip_ratio_low, tol);
+  test::check_same("rank 1 high", r1.clip_ratio_high_max, r1.clip_ratio_high, tol);
+  test::check_value("rank 1 high value (e^0.5 > 1.2)", r1.clip_ratio_high_max, 1.0 / 4, tol);
+  test::check_value("no entropies", r1.entropy, 0.0, tol);
+  CHECK_THROWS_WITH(ppo_policy_loss(lp, old, A, m, {}, std::optional<E>(test::make({3, 2}, {0, 0, 0, 0, 0, 0}))),
+                    Contains("entropies"));
+}

@@ -220,3 +220,22 @@ TEST_CASE("GRPO presets: LibTorch autograd through the forward equals the analyt
       }
   }
 }
+
+TEST_CASE("ppo_policy_loss row clip metrics and entropy: LibTorch vs Eigen", "[rl][ppo][metrics][torch]") {
+  for (double spread : {0.35, 2.0}) {
+    const variant_host h(4, 6, 700, spread);
+    INFO("spread " << spread);
+    on_every_backend(
+        [&](const auto& mk) {
+          using Tn = std::decay_t<decltype(mk.values(h.lp))>;
+          const auto r = ppo_policy_loss(mk.values(h.lp), mk.values(h.old), mk.values(h.At), mk.values(h.m),
+                                         ppo_options{.clip_high = 0.28}, std::optional<Tn>(mk.values(h.H)));
+          outputs out;
+          out.add("clip_ratio_low_min", r.clip_ratio_low_min);
+          out.add("clip_ratio_high_max", r.clip_ratio_high_max);
+          out.add("entropy", r.entropy);
+          return out;
+        },
+        false);
+  }
+}

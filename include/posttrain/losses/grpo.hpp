@@ -252,17 +252,6 @@ T grpo_metric_mean(const T& x, const T& m, bool per_row) {
   return per_row ? ops::div(ops::sum_all(x), double(ops::numel(x))) : masked_mean(x, m);
 }
 
-/// TRL nanmin / nanmax of masked_seq_mean(x) over rows: rows with a token (token level) or every row.
-template <tensor T>
-T grpo_row_extreme(const T& x, const T& m, bool per_row, bool take_max) {
-  const T count = ops::sum(m, 1, true);  // [B, 1]
-  if (per_row)
-    return masked_extreme(ops::div(ops::sum(x, 1, true), double(ops::size(x, 1))), ops::full_like(count, 1.0),
-                          take_max);
-  return masked_extreme(ops::div(ops::sum(ops::where(m, x, 0.0), 1, true), ops::maximum(count, 1.0)),
-                        ops::gt(count, 0.0), take_max);
-}
-
 }  // namespace detail
 
 /// The GRPO objective. See the header comment for the per-token loss and the presets.
@@ -303,8 +292,8 @@ grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {
           detail::grpo_metric_mean(high, m, rows),
           detail::grpo_metric_mean(ops::maximum(low, high), m, rows),
           masked_mean(t.coef1, m),
-          detail::grpo_row_extreme(low, m, rows, false),
-          detail::grpo_row_extreme(high, m, rows, true),
+          detail::row_mean_extreme(low, m, rows, false),
+          detail::row_mean_extreme(high, m, rows, true),
           cispo_clip,
           phi_mean,
           is_min,

@@ -78,6 +78,11 @@ struct ppo_policy_result {
   T ratio_mean;  ///< masked mean of ρ (TRL val/ratio, torchtune ratios)
   T ratio_min;   ///< min of ρ over kept tokens (0 if none)
   T ratio_max;   ///< max of ρ over kept tokens (0 if none)
+  /// TRL clip_ratio/low_min and clip_ratio/high_max: min / max over the rows that have a token of the row's
+  /// low / high clip fraction ([N] inputs are one row; 0 when no row has a token).
+  T clip_ratio_low_min, clip_ratio_high_max;
+  /// TRL `entropy` / verl actor/entropy: masked mean of the per-token entropies passed in (0 when none are).
+  T entropy;
 };
 
 namespace detail {
@@ -166,15 +171,35 @@ T masked_extreme(const T& x, const T& m, bool take_max) {
   return ops::where(ops::gt(ops::sum_all(m), 0.0), v, 0.0);
 }
 
+/// TRL nanmin / nanmax over rows of masked_seq_mean(x) = Σ_t m·x / Σ_t m: the rows with a token (their
+/// 0/0 is NaN and skipped), or, with per_row, every row of an x that is one value per row (TRL's [B, 1]
+/// sequence-level tensors). x, m: [B, T]; an [N] input is one row.
+template <tensor T>
+T row_mean_extreme(const T& x, const T& m, bool per_row, bool take_max) {
+  if (ops::rank(x) == 1) return masked_mean(x, m);  // one row; 0 when it has no token
+  const T count = ops::sum(m, 1, true);             // [B, 1]
+  if (per_row)
+    return masked_extreme(ops::div(ops::sum(x, 1, true), double(ops::size(x, 1))), ops::full_like(count, 1.0),
+                          take_max);
+  return masked_extreme(ops::div(ops::sum(ops::where(m, x, 0.0), 1, true), ops::maximum(count, 1.0)),
+                        ops::gt(count, 0.0), take_max);
+}
+
 }  // namespace detail
 
-/// PPO clipped policy loss. logprobs, old_logprobs, advantages, response_mask: [B, T] or [N].
+/// PPO clipped policy loss. logprobs, old_logprobs, advantages, response_mask: [B, T] or [N]; optional
+/// entropies (per-token, same shape) only feed the `entropy` metric.
 template <tensor T>
 ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, const T& advantages,
-                                     const T& response_mask, const ppo_options& opt = {}) {
+                                     const T& response_mask, const ppo_options& opt = {},
+                                     const std::optional<T>& entropies = std::nullopt) {
   constexpr std::string_view fn = "ppo_policy_loss";
   detail::check_ppo_options(fn, opt);
   const T m0 = detail::checked_policy_inputs(fn, logprobs, old_logprobs, advantages, response_mask);
+  if (entropies) {
+    detail::require_values(fn, "entropies", *entropies);
+    detail::require_like(fn, "logprobs", logprobs, "entropies", *entropies);
+  }
   const T lp = ops::upcast(logprobs), old = ops::upcast(old_logprobs), A = ops::upcast(advantages);
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::ppo_surrogate(lp, old, A, opt);
@@ -197,7 +222,10 @@ ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, c
           masked_mean(ops::neg(dlogp), m),
           // TRL PPO approxkl = 0.5 * (logprobs_diff ** 2).mean()
           ops::mul(masked_mean(ops::square(dlogp), m), 0.5), masked_mean(s.ratio, m),
-          detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true)};
+          detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true),
+          // TRL: nanmin(masked_seq_mean(is_low_clipped)), nanmax(masked_seq_mean(is_high_clipped))
+          detail::row_mean_extreme(low, m, false, false), detail::row_mean_extreme(high, m, false, true),
+          entropies ? masked_mean(ops::upcast(*entropies), m) : ops::scalar_like(lp, 0.0)};
 }
 
 /// ∂(grad_loss · ppo_policy_loss(...).loss)/∂logprobs, [B, T] in logprobs' compute dtype.
