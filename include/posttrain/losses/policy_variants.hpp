@@ -49,9 +49,8 @@
 //   top entropy  keep tokens with H ≥ quantile_{1-q}(H over valid tokens), linear interpolation as
 //                torch.quantile (TRL top_entropy_quantile q; q = 1 keeps every valid token).
 // Aggregation: any mode of aggregate.hpp with an optional global normaliser; presets follow TRL.
-// Not in grpo.hpp: grpo.hpp's objective adds β·KL and its presets to the PPO surrogate; these variants are
-// separate entry points (policy_variant_loss) with TRL-named presets (policy_variant_options::trl_cispo() ...),
-// so grpo.hpp stays unchanged. Add β·kl_penalty(...) yourself for a KL term.
+// TRL's presets of these variants (cispo, sapo, luspo, vespo, sequence-level GSPO) also run inside grpo_loss
+// (grpo.hpp), which adds β·KL per token and TRL's normalisers; here, add β·kl_penalty(...) yourself.
 #pragma once
 
 #include <algorithm>
