@@ -63,10 +63,11 @@ struct linear_ce_totals {
   std::int64_t num_valid = 0;  ///< rows whose label is not ignore_index
 };
 
-/// Bytes of the chunk's logits buffer the default chunk size aims at: 128 MiB (measured on S3,
-/// benchmarks/README.md: fewer, larger chunks cut the passes over ∂W, which is read and written
-/// once per chunk; 64 MiB chunks cost ~5% more time on S3).
-inline constexpr std::int64_t default_chunk_bytes = std::int64_t{128} << 20;
+/// Bytes of the chunk's logits buffer the default chunk size aims at: 64 MiB (110 rows at
+/// V = 151936 in float32). Larger chunks mean fewer passes over ∂W (read and written once per
+/// chunk) but a larger buffer; on the 2-core test machine 64 and 128 MiB chunks ran S3-shaped
+/// problems at about the same speed and 256 MiB ones slower (benchmarks/README.md).
+inline constexpr std::int64_t default_chunk_bytes = std::int64_t{64} << 20;
 
 /// Rows per chunk so that chunk x vocab elements of `element_size` bytes fill default_chunk_bytes
 /// (at least 1 row).

@@ -46,7 +46,7 @@ struct fused_linear_ce_options {
   aggregation reduction = aggregation::token_mean;
   /// Optional global divisor (TRL's num_items_in_batch for token_mean).
   std::optional<double> normalizer = std::nullopt;
-  /// Rows per chunk (> 0); unset: kernels::default_chunk_rows(V, element size) (~128 MiB of logits).
+  /// Rows per chunk (> 0); unset: kernels::default_chunk_rows(V, element size) (~64 MiB of logits).
   std::optional<std::int64_t> chunk_rows = std::nullopt;
 };
 

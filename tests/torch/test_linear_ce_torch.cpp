@@ -1,0 +1,229 @@
+// Fused linear cross-entropy on LibTorch (backends/torch_linear_ce.hpp): loss.backward() through the
+// autograd function against LibTorch's own autograd through the naive composition
+// at::matmul(hidden, headᵀ) + at::cross_entropy_loss (plus z·lse² built from at::logsumexp), in
+// float64 (float64_tol) and float32 (float32_tol); bfloat16 inputs against the float64 composition
+// on the same bf16-rounded values (loss: float32_tol, bf16 gradients: bfloat16_output_tol);
+// strided views; the chunked LibTorch-op path (the CUDA path, run here on CPU) at several chunk
+// sizes; scaled grad_output; the raw _and_grad call; and every rejected input.
+#include <torch/torch.h>
+
+#include <catch2/catch.hpp>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "posttrain/backends/torch.hpp"
+#include "posttrain/backends/torch_linear_ce.hpp"
+#include "support/data.hpp"
+#include "support/tolerances.hpp"
+
+using namespace posttrain;
+using Catch::Matchers::Contains;
+
+namespace {
+
+/// Every element of got within tol of want (want in double).
+void require_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, test::tolerance tol) {
+  REQUIRE(got.sizes() == want.sizes());
+  const at::Tensor g = got.detach().to(at::kDouble).contiguous().reshape({-1});
+  const at::Tensor w = want.detach().to(at::kDouble).contiguous().reshape({-1});
+  const double* gp = g.data_ptr<double>();
+  const double* wp = w.data_ptr<double>();
+  for (std::int64_t i = 0; i < g.numel(); ++i) {
+    INFO(what << " element " << i << ": got " << gp[i] << ", want " << wp[i]);
+    REQUIRE(tol.accepts(gp[i], wp[i]));
+  }
+}
+
+struct naive_result {
+  at::Tensor loss, grad_hidden, grad_head, logprobs, entropy;
+};
+
+/// LibTorch's own composition in float64 with autograd: logits = X·Wᵀ, cross_entropy (+ z·lse²).
+naive_result naive(const at::Tensor& hidden, const at::Tensor& head, const at::Tensor& labels,
+                   const fused_linear_ce_options& o, double grad_out = 1.0) {
+  const at::Tensor x = hidden.detach().to(at::kDouble).requires_grad_();
+  const at::Tensor w = head.detach().to(at::kDouble).requires_grad_();
+  const std::int64_t h = w.size(1);
+  const at::Tensor y = labels.reshape({-1});
+  const at::Tensor logits = at::matmul(x.reshape({-1, h}), w.t());  // [N, V]
+  at::Tensor tok = at::cross_entropy_loss(logits, y, {}, at::Reduction::None, o.ignore_index, o.label_smoothing);
+  const at::Tensor keep = y.ne(o.ignore_index).to(at::kDouble);
+  if (o.z_loss > 0.0) tok = tok + o.z_loss * at::logsumexp(logits, {1}).pow(2) * keep;
+  const double count = o.normalizer                      ? *o.normalizer
+                       : o.reduction == aggregation::sum ? 1.0
+                                                         : std::max(1.0, keep.sum().item<double>());
+  const at::Tensor loss = tok.sum() / count;
+  (loss * grad_out).backward();
+  const at::Tensor logp = at::log_softmax(logits.detach(), 1);
+  const at::Tensor safe = at::where(y.ne(o.ignore_index), y, at::zeros_like(y));
+  const at::Tensor lp = logp.gather(1, safe.unsqueeze(1)).squeeze(1) * keep;
+  const at::Tensor ent = -(logp.exp() * logp).sum(1);
+  return {loss.detach(), x.grad(), w.grad(), lp.reshape(labels.sizes()), ent.reshape(labels.sizes())};
+}
+
+struct problem {
+  at::Tensor hidden, head, labels;
+};
+problem make_problem(std::int64_t n, std::int64_t h, std::int64_t v, std::uint64_t seed, double ignore,
+                     at::ScalarType dt) {
+  const auto x = test::random_normal({n, h}, seed), w = test::random_normal({v, h}, seed + 1, 0.3);
+  const auto y = test::random_labels({n}, v, seed + 2, ignore);
+  return {torch::tensor(x.values, torch::kDouble).reshape({n, h}).to(dt),
+          torch::tensor(w.values, torch::kDouble).reshape({v, h}).to(dt), torch::tensor(y.values, torch::kLong)};
+}
+
+/// The autograd loss and grads of the fused function against the naive composition.
+void check_autograd(const problem& p, const fused_linear_ce_options& o, test::tolerance value_tol,
+                    test::tolerance grad_tol, double grad_out = 1.0) {
+  const at::Tensor x = p.hidden.detach().clone().requires_grad_();
+  const at::Tensor w = p.head.detach().clone().requires_grad_();
+  const auto r = fused_linear_cross_entropy(x, w, p.labels, o);
+  CHECK_FALSE(r.entropy.requires_grad());
+  CHECK_FALSE(r.logprobs.requires_grad());
+  (r.loss * grad_out).backward();
+  const naive_result want = naive(p.hidden, p.head, p.labels, o, grad_out);
+  require_close("loss", r.loss, want.loss, value_tol);
+  require_close("logprobs", r.logprobs, want.logprobs, value_tol);
+  require_close("entropy", r.entropy, want.entropy, value_tol);
+  REQUIRE(x.grad().scalar_type() == p.hidden.scalar_type());
+  require_close("hidden.grad", x.grad(), want.grad_hidden, grad_tol);
+  require_close("head.grad", w.grad(), want.grad_head, grad_tol);
+}
+
+}  // namespace
+
+TEST_CASE("torch linear CE: loss.backward() equals autograd through matmul + cross_entropy (float32 and float64)",
+          "[linear_ce]") {
+  // V = 1031: several vocabulary tiles with a ragged last one; 30% of the labels ignored.
+  fused_linear_ce_options o;
+  double grad_out = 1.0;
+  SECTION("token mean") {}
+  SECTION("label smoothing 0.1, chunks of 3 rows") {
+    o.label_smoothing = 0.1;
+    o.chunk_rows = 3;
+  }
+  SECTION("z-loss 1e-3, chunks of 1 row") {
+    o.z_loss = 1e-3;
+    o.chunk_rows = 1;
+  }
+  SECTION("sum, grad_output 2.5") {
+    o.reduction = aggregation::sum;
+    grad_out = 2.5;
+  }
+  SECTION("normalizer 40, grad_output -0.5") {
+    o.normalizer = 40.0;
+    grad_out = -0.5;
+  }
+  for (auto dt : {at::kDouble, at::kFloat}) {
+    INFO("dtype " << dt);
+    const auto tol = dt == at::kDouble ? test::float64_tol : test::float32_tol;
+    check_autograd(make_problem(13, 24, 1031, 5, 0.3, dt), o, tol, tol, grad_out);
+  }
+}
+
+TEST_CASE("torch linear CE: bfloat16 inputs are computed in float32, gradients returned in bfloat16", "[linear_ce]") {
+  // The reference runs in float64 on the same bf16-rounded values: the loss is float32 work
+  // (float32_tol); the gradients carry bf16's rounding on top (bfloat16_output_tol).
+  const auto p = make_problem(11, 16, 600, 7, 0.2, at::kBFloat16);
+  fused_linear_ce_options o;
+  o.label_smoothing = 0.1;
+  check_autograd(p, o, test::float32_tol, test::bfloat16_output_tol);
+  // The chunked LibTorch-op path (the CUDA path) on the same bf16 inputs.
+  const auto g = posttrain::detail::torch_linear_ce::chunked_ops(p.hidden, p.head, p.labels, o, true, true, 1.0);
+  const naive_result want = naive(p.hidden, p.head, p.labels, o);
+  REQUIRE(g[5].scalar_type() == at::kBFloat16);
+  require_close("chunked ops loss", g[0], want.loss, test::float32_tol);
+  require_close("chunked ops grad hidden", g[5], want.grad_hidden, test::bfloat16_output_tol);
+  require_close("chunked ops grad head", g[6], want.grad_head, test::bfloat16_output_tol);
+}
+
+TEST_CASE("torch linear CE: strided views and [B, T, H] hidden states", "[linear_ce]") {
+  // hidden: every other column of a [2, 5, 2H] tensor (non-contiguous, rank 3); head: the
+  // transpose of a [H, V] tensor (column-major). Both are made contiguous before the kernel.
+  const std::int64_t h = 12, v = 500;
+  at::manual_seed(3);
+  const at::Tensor base = at::randn({2, 5, 2 * h}, at::kDouble);
+  const at::Tensor hidden = base.slice(2, 0, 2 * h, 2);
+  const at::Tensor head = (0.3 * at::randn({h, v}, at::kDouble)).t();
+  REQUIRE_FALSE(hidden.is_contiguous());
+  REQUIRE_FALSE(head.is_contiguous());
+  const at::Tensor labels = at::randint(0, v, {2, 5}, at::kLong);
+  labels[1][2] = -100;
+  const problem p{hidden, head, labels};
+  check_autograd(p, {}, test::float64_tol, test::float64_tol);
+  // The leaf's gradient has the leaf's shape.
+  const at::Tensor x = hidden.detach().clone().requires_grad_();
+  fused_linear_cross_entropy(x, head, labels).loss.backward();
+  CHECK(x.grad().sizes() == x.sizes());
+}
+
+TEST_CASE("torch linear CE: the chunked LibTorch-op path (used off CPU) equals the naive composition", "[linear_ce]") {
+  const auto p = make_problem(9, 10, 700, 9, 0.3, at::kDouble);
+  fused_linear_ce_options o;
+  o.z_loss = 1e-3;
+  o.label_smoothing = 0.05;
+  const naive_result want = naive(p.hidden, p.head, p.labels, o);
+  for (std::int64_t chunk : {1, 3, 9, 100}) {
+    INFO("chunk_rows " << chunk);
+    o.chunk_rows = chunk;
+    const auto g = posttrain::detail::torch_linear_ce::chunked_ops(p.hidden, p.head, p.labels, o, true, true, 1.0);
+    require_close("loss", g[0], want.loss, test::float64_tol);
+    require_close("logprobs", g[2], want.logprobs, test::float64_tol);
+    require_close("entropy", g[3], want.entropy, test::float64_tol);
+    require_close("grad hidden", g[5], want.grad_hidden, test::float64_tol);
+    require_close("grad head", g[6], want.grad_head, test::float64_tol);
+  }
+  if (torch::cuda::is_available()) {
+    const at::Tensor x = p.hidden.to(at::kCUDA).requires_grad_(), w = p.head.to(at::kCUDA).requires_grad_();
+    fused_linear_cross_entropy(x, w, p.labels.to(at::kCUDA), o).loss.backward();
+    require_close("CUDA hidden.grad", x.grad().cpu(), want.grad_hidden, test::float64_tol);
+    require_close("CUDA head.grad", w.grad().cpu(), want.grad_head, test::float64_tol);
+  }
+}
+
+TEST_CASE("torch linear CE: the raw _and_grad call, no-grad forward, only one input requiring grad", "[linear_ce]") {
+  const auto p = make_problem(8, 6, 300, 11, 0.25, at::kFloat);
+  const naive_result want = naive(p.hidden, p.head, p.labels, {}, 0.3);
+  const auto g = fused_linear_cross_entropy_and_grad(p.hidden, p.head, p.labels, {}, 0.3);
+  require_close("raw grad hidden", g.grad_hidden, want.grad_hidden, test::float32_tol);
+  require_close("raw grad head", g.grad_head, want.grad_head, test::float32_tol);
+  {
+    at::NoGradGuard no_grad;
+    const auto r = fused_linear_cross_entropy(p.hidden.clone().requires_grad_(), p.head, p.labels);
+    CHECK_FALSE(r.loss.requires_grad());
+    require_close("no-grad loss", r.loss, want.loss, test::float32_tol);
+  }
+  // Only the head trains (a frozen trunk): head.grad matches, the hidden states get none.
+  const at::Tensor w = p.head.clone().requires_grad_();
+  fused_linear_cross_entropy(p.hidden, w, p.labels).loss.backward();
+  require_close("head-only grad", w.grad() * 0.3, want.grad_head, test::float32_tol);
+}
+
+namespace {
+void expect_error(const std::function<void()>& call, const std::vector<std::string>& parts) {
+  CHECK_THROWS_AS(call(), posttrain::error);
+  CHECK_THROWS_WITH(call(), Catch::Matchers::StartsWith("posttrain::fused_linear_cross_entropy: "));
+  for (const auto& part : parts) CHECK_THROWS_WITH(call(), Contains(part));
+}
+}  // namespace
+
+TEST_CASE("torch linear CE rejects invalid inputs, naming the argument", "[linear_ce][errors]") {
+  const auto p = make_problem(4, 3, 7, 13, 0.0, at::kFloat);
+  const auto call = [](at::Tensor x, at::Tensor w, at::Tensor y, fused_linear_ce_options o = {}) {
+    return [=] { (void)fused_linear_cross_entropy(x, w, y, o); };
+  };
+  fused_linear_ce_options chunk0, smooth1;
+  chunk0.chunk_rows = 0;
+  smooth1.label_smoothing = 1.0;
+  expect_error(call(p.hidden, p.head.to(at::kDouble), p.labels), {"head", "float64", "float32"});
+  expect_error(call(p.hidden, p.head, p.labels.to(at::kFloat)), {"labels", "integer"});
+  expect_error(call(p.hidden, p.head, p.labels.slice(0, 0, 3)), {"labels", "[3]", "[4]"});
+  expect_error(call(p.hidden, p.head.slice(1, 0, 2), p.labels), {"head", "[7, 2]", "[V, 3]"});
+  expect_error(call(p.hidden, p.head, torch::tensor({0, 1, 7, 2}, torch::kLong)), {"labels", "outside [0, 7)"});
+  expect_error(call(p.hidden.to(at::kInt), p.head.to(at::kInt), p.labels), {"hidden", "floating"});
+  expect_error(call(p.hidden[0], p.head, p.labels), {"hidden", "rank"});
+  expect_error(call(p.hidden, p.head, p.labels, chunk0), {"options.chunk_rows"});
+  expect_error(call(p.hidden, p.head, p.labels, smooth1), {"options.label_smoothing"});
+}
