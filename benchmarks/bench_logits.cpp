@@ -8,14 +8,19 @@
 //              several [N, V] temporaries with scalar broadcasting loops); its floor is scaled to its rows
 //   fused      posttrain::kernels directly (one pass), and posttrain's public API on LibTorch tensors
 // Scenarios: S1 log-prob + entropy (N=4096, V=151936; fp32, and bf16 on torch), S2 SFT cross-entropy
-// forward + backward (N=2048, V=128256, fp32). After the timings, peak memory: each case runs once in
+// forward + backward (N=2048, V=128256, fp32). Where torch::cuda::is_available() (checked at run
+// time), the same scenarios also run on the GPU: naive LibTorch vs posttrain's chunked path, each
+// call followed by torch::cuda::synchronize(), floor = a read (S2: read + write) of the same bytes by
+// LibTorch's own kernels. After the timings, peak memory: each case runs once in
 // a fresh child process (this binary with --peak-memory=CASE) that resets its resident high-water
 // mark after building the inputs and reports VmHWM minus the resident set just before the call.
 //
-//   posttrain_bench [--quick] [--threads=N] [Google Benchmark flags]
+//   posttrain_bench [--quick] [--threads=N] [--no-peak-memory] [Google Benchmark flags]
 // --quick: small shapes, one iteration each (a ctest smoke test, not a measurement).
+// --no-peak-memory: skip the fresh-process memory runs (e.g. with --benchmark_filter=cuda).
 #include <benchmark/benchmark.h>
 #include <malloc.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -40,6 +45,7 @@ using namespace posttrain;
 
 struct config {
   bool quick = false;
+  bool peak_memory = true;
   int threads = 0;
   std::int64_t s1_n = 4096, s1_v = 151936, s1_generic_n = 16;
   std::int64_t s2_n = 2048, s2_v = 128256, s2_generic_n = 16;
@@ -243,6 +249,16 @@ void s2_posttrain_torch(benchmark::State& st) {
   });
   st.SetItemsProcessed(st.iterations() * cfg.s2_n);
 }
+void s2_posttrain_torch_fused_backward(benchmark::State& st) {
+  auto& in = s2_inputs::get();
+  timed(st, "S2 posttrain sft_loss + sft_loss_backward on torch", [&] {
+    const at::Tensor loss = posttrain::sft_loss(in.x, in.y).loss;
+    const at::Tensor g = posttrain::sft_loss_backward(in.x, in.y);  // fused_ce_backward: one pass per row
+    benchmark::DoNotOptimize(loss.data_ptr());
+    benchmark::DoNotOptimize(g.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n);
+}
 void s2_fused(benchmark::State& st, bool in_place) {
   auto& in = s2_inputs::get();
   std::vector<float> loss(static_cast<std::size_t>(cfg.s2_n));
@@ -272,6 +288,100 @@ void s2_generic(benchmark::State& st) {
     benchmark::DoNotOptimize(g.data());
   });
   st.SetItemsProcessed(st.iterations() * n);
+}
+
+// ---- CUDA (runs only where torch::cuda::is_available(); NOT verified in this repository's CI) -----
+
+struct cuda_inputs {
+  at::Tensor x1, x1_bf16, y1, x2, y2, buf2;
+  static cuda_inputs& get() {
+    static cuda_inputs in{[] {
+      cuda_inputs c;
+      auto& s1 = s1_inputs::get();
+      auto& s2 = s2_inputs::get();
+      c.x1 = s1.x.to(at::kCUDA);
+      c.x1_bf16 = s1.x_bf16.to(at::kCUDA);
+      c.y1 = s1.y.to(at::kCUDA);
+      c.x2 = s2.x.to(at::kCUDA);
+      c.y2 = s2.y.to(at::kCUDA);
+      c.buf2 = at::empty_like(c.x2);
+      torch::cuda::synchronize();
+      return c;
+    }()};
+    return in;
+  }
+};
+template <class F>
+void timed_cuda(benchmark::State& st, const std::string& name, F&& body) {
+  body();  // warm-up: the caching allocator and kernel loads
+  torch::cuda::synchronize();
+  timed(st, name, [&] {
+    body();
+    torch::cuda::synchronize();
+  });
+}
+void cuda_s1_floor(benchmark::State& st, bool bf16) {
+  auto& in = cuda_inputs::get();
+  const at::Tensor& x = bf16 ? in.x1_bf16 : in.x1;
+  timed_cuda(st, bf16 ? "S1 CUDA bf16 floor: read" : "S1 CUDA floor: read",
+             [&] { benchmark::DoNotOptimize(x.sum().data_ptr()); });
+  st.SetBytesProcessed(st.iterations() * cfg.s1_n * cfg.s1_v * (bf16 ? 2 : 4));
+}
+void cuda_s1_naive(benchmark::State& st, bool bf16) {
+  auto& in = cuda_inputs::get();
+  const at::Tensor& x = bf16 ? in.x1_bf16 : in.x1;
+  timed_cuda(st, bf16 ? "S1 CUDA bf16 naive LibTorch" : "S1 CUDA naive LibTorch", [&] {
+    const at::Tensor logp = at::log_softmax(x, -1, at::kFloat);
+    const at::Tensor lp = logp.gather(-1, in.y1.unsqueeze(-1)).squeeze(-1);
+    const at::Tensor ent = -(logp.exp() * logp).sum(-1);
+    benchmark::DoNotOptimize(lp.data_ptr());
+    benchmark::DoNotOptimize(ent.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+void cuda_s1_posttrain(benchmark::State& st, bool bf16) {
+  auto& in = cuda_inputs::get();
+  const at::Tensor& x = bf16 ? in.x1_bf16 : in.x1;
+  timed_cuda(st, bf16 ? "S1 CUDA bf16 posttrain chunked" : "S1 CUDA posttrain chunked", [&] {
+    const at::Tensor lp = posttrain::token_logprobs(x, in.y1);
+    const at::Tensor ent = posttrain::entropy(x);
+    benchmark::DoNotOptimize(lp.data_ptr());
+    benchmark::DoNotOptimize(ent.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+void cuda_s2_floor(benchmark::State& st) {
+  auto& in = cuda_inputs::get();
+  timed_cuda(st, "S2 CUDA floor: read+write", [&] { at::mul_out(in.buf2, in.x2, 0.5); });
+  st.SetBytesProcessed(st.iterations() * cfg.s2_n * cfg.s2_v * 8);
+}
+void cuda_s2_naive(benchmark::State& st) {
+  auto& in = cuda_inputs::get();
+  at::Tensor x = in.x2.detach().clone().requires_grad_();
+  timed_cuda(st, "S2 CUDA naive LibTorch", [&] {
+    x.mutable_grad() = at::Tensor();
+    at::cross_entropy_loss(x, in.y2).backward();
+    benchmark::DoNotOptimize(x.grad().data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n);
+}
+void cuda_s2_posttrain(benchmark::State& st, bool autograd) {
+  auto& in = cuda_inputs::get();
+  at::Tensor x = in.x2.detach().clone().requires_grad_(autograd);
+  timed_cuda(
+      st, autograd ? "S2 CUDA posttrain sft_loss + backward()" : "S2 CUDA posttrain sft_loss + sft_loss_backward", [&] {
+        if (autograd) {
+          x.mutable_grad() = at::Tensor();
+          posttrain::sft_loss(x, in.y2).loss.backward();
+          benchmark::DoNotOptimize(x.grad().data_ptr());
+        } else {
+          const at::Tensor loss = posttrain::sft_loss(x, in.y2).loss;
+          const at::Tensor g = posttrain::sft_loss_backward(x, in.y2);
+          benchmark::DoNotOptimize(loss.data_ptr());
+          benchmark::DoNotOptimize(g.data_ptr());
+        }
+      });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n);
 }
 
 // ---- peak memory in a fresh child ----------------------------------------------------------------
@@ -309,7 +419,8 @@ const std::vector<std::string> memory_cases = {"S2 naive LibTorch",
                                                "S2 fused kernel, into a buffer",
                                                "S2 fused kernel, in place",
                                                "S1 naive LibTorch",
-                                               "S1 fused kernel (one pass)"};
+                                               "S1 fused kernel (one pass)",
+                                               "S1 bf16 posttrain API on torch"};
 
 /// Runs one case once (inputs built and touched first) and prints the peak extra bytes.
 int run_peak_memory(const std::string& name) {
@@ -342,9 +453,16 @@ int run_peak_memory(const std::string& name) {
     }
   } else {
     auto& in = s1_inputs::get();
-    in.x_bf16 = at::Tensor();
+    if (name == "S1 bf16 posttrain API on torch")
+      in.x = at::Tensor();  // only the bf16 logits are this case's input
+    else
+      in.x_bf16 = at::Tensor();
     before = reset_peak();
-    if (name == "S1 naive LibTorch") {
+    if (name == "S1 bf16 posttrain API on torch") {
+      const at::Tensor lp = posttrain::token_logprobs(in.x_bf16, in.y);
+      const at::Tensor ent = posttrain::entropy(in.x_bf16);
+      benchmark::DoNotOptimize(ent.data_ptr());
+    } else if (name == "S1 naive LibTorch") {
       const at::Tensor logp = at::log_softmax(in.x, -1);
       const at::Tensor lp = logp.gather(-1, in.y.unsqueeze(-1)).squeeze(-1);
       const at::Tensor ent = -(logp.exp() * logp).sum(-1);
@@ -380,6 +498,7 @@ void print_summary(const char* self) {
                                  {"S2", "S2 naive LibTorch", 1},
                                  {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
                                  {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
+                                 {"S2", "S2 posttrain sft_loss + sft_loss_backward on torch", 1},
                                  {"S2", "S2 fused kernel, into a buffer", 1},
                                  {"S2", "S2 fused kernel, in place", 1}};
   const double f1 = std::max(get("S1 floor: read"), get("S1 floor: exp"));
@@ -401,7 +520,31 @@ void print_summary(const char* self) {
     const double speedup = get(naive) / (get(r.name) / r.scale);
     std::printf("%-46s %12.1f %10.2f %14.2f\n", r.name.c_str(), 1e3 * get(r.name), get(r.name) / floor, speedup);
   }
+  if (t.count("S1 CUDA floor: read")) {
+    std::printf("\n=== CUDA (mean ms per call incl. synchronize; floor = LibTorch's read / read+write) ===\n");
+    struct cuda_row {
+      const char *name, *floor, *naive;
+    };
+    const std::vector<cuda_row> cuda_rows = {
+        {"S1 CUDA naive LibTorch", "S1 CUDA floor: read", "S1 CUDA naive LibTorch"},
+        {"S1 CUDA posttrain chunked", "S1 CUDA floor: read", "S1 CUDA naive LibTorch"},
+        {"S1 CUDA bf16 naive LibTorch", "S1 CUDA bf16 floor: read", "S1 CUDA bf16 naive LibTorch"},
+        {"S1 CUDA bf16 posttrain chunked", "S1 CUDA bf16 floor: read", "S1 CUDA bf16 naive LibTorch"},
+        {"S2 CUDA naive LibTorch", "S2 CUDA floor: read+write", "S2 CUDA naive LibTorch"},
+        {"S2 CUDA posttrain sft_loss + backward()", "S2 CUDA floor: read+write", "S2 CUDA naive LibTorch"},
+        {"S2 CUDA posttrain sft_loss + sft_loss_backward", "S2 CUDA floor: read+write", "S2 CUDA naive LibTorch"}};
+    std::printf("floors: S1 read %.3f ms, S1 bf16 read %.3f ms, S2 read+write %.3f ms\n",
+                1e3 * get("S1 CUDA floor: read"), 1e3 * get("S1 CUDA bf16 floor: read"),
+                1e3 * get("S2 CUDA floor: read+write"));
+    std::printf("%-46s %12s %10s %14s\n", "case", "ms", "x floor", "speed-up vs naive");
+    for (const auto& r : cuda_rows) {
+      if (!t.count(r.name)) continue;
+      std::printf("%-46s %12.3f %10.2f %14.2f\n", r.name, 1e3 * get(r.name), get(r.name) / get(r.floor),
+                  get(r.naive) / get(r.name));
+    }
+  }
   // Peak memory: each case in a fresh process.
+  if (!cfg.peak_memory) return;
   std::printf("\n=== peak extra memory (VmHWM - RSS before the call, HWM reset first, fresh process per case) ===\n");
   const double grad_bytes = static_cast<double>(cfg.s2_n * cfg.s2_v) * 4.0;
   std::printf("S2 lower bound (the gradient buffer, in place: 0): %.1f MiB\n", mib(grad_bytes));
@@ -432,6 +575,8 @@ int main(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--quick")
       cfg.quick = true;
+    else if (a == "--no-peak-memory")
+      cfg.peak_memory = false;
     else if (a.rfind("--threads=", 0) == 0)
       cfg.threads = std::atoi(a.c_str() + 10);
     else if (a.rfind("--peak-memory=", 0) == 0)
@@ -470,6 +615,21 @@ int main(int argc, char** argv) {
   reg("S2/posttrain_sft_loss_torch_fwd_bwd", s2_posttrain_torch);
   reg("S2/fused_kernel_buffer", [](benchmark::State& s) { s2_fused(s, false); });
   reg("S2/fused_kernel_in_place", [](benchmark::State& s) { s2_fused(s, true); });
+  reg("S2/posttrain_sft_loss_fused_backward_torch", s2_posttrain_torch_fused_backward);
+  if (torch::cuda::is_available()) {
+    reg("S1/cuda_floor_read_fp32", [](benchmark::State& s) { cuda_s1_floor(s, false); });
+    reg("S1/cuda_floor_read_bf16", [](benchmark::State& s) { cuda_s1_floor(s, true); });
+    reg("S1/cuda_naive_libtorch_fp32", [](benchmark::State& s) { cuda_s1_naive(s, false); });
+    reg("S1/cuda_posttrain_chunked_fp32", [](benchmark::State& s) { cuda_s1_posttrain(s, false); });
+    reg("S1/cuda_naive_libtorch_bf16", [](benchmark::State& s) { cuda_s1_naive(s, true); });
+    reg("S1/cuda_posttrain_chunked_bf16", [](benchmark::State& s) { cuda_s1_posttrain(s, true); });
+    reg("S2/cuda_floor_read_write", cuda_s2_floor);
+    reg("S2/cuda_naive_libtorch_ce_fwd_bwd", cuda_s2_naive);
+    reg("S2/cuda_posttrain_sft_loss_autograd", [](benchmark::State& s) { cuda_s2_posttrain(s, true); });
+    reg("S2/cuda_posttrain_sft_loss_fused_backward", [](benchmark::State& s) { cuda_s2_posttrain(s, false); });
+  } else {
+    std::printf("CUDA cases skipped: torch::cuda::is_available() is false\n");
+  }
 
   int n = static_cast<int>(rest.size());
   benchmark::Initialize(&n, rest.data());
