@@ -262,6 +262,13 @@ inline double kd_scale(const distill_options& o) {
   return o.scale_by_temperature_squared ? o.temperature * o.temperature : 1.0;
 }
 
+/// g in dtype d without a copy of an [..., V] gradient when it already has that dtype.
+template <tensor T>
+T same_dtype_or_cast(T g, dtype d) {
+  if (ops::dtype_of(g) == d) return g;
+  return ops::to_dtype(g, d);
+}
+
 /// The fused kernel's description of the options, or none where only the generic path applies.
 inline std::optional<fused_kd_spec> fused_kd_spec_for(const distill_options& o) {
   fused_kd_spec spec{fused_kd_kind::forward_kl, o.symmetric_ratio, o.temperature, kd_scale(o)};
@@ -342,7 +349,7 @@ T kd_per_token_backward_impl(const T& student_logits, const T& teacher_logits, c
   check_distill_logits(fn, student_logits, teacher_logits);
   require_row_grad(fn, student_logits, grad, "grad", "student_logits");
   if (auto g = kd_fused_grad(student_logits, teacher_logits, ops::upcast(grad), opt, allow_fused))
-    return ops::to_dtype(*g, ops::dtype_of(student_logits));
+    return same_dtype_or_cast(std::move(*g), ops::dtype_of(student_logits));
   const auto [s, t] = kd_tempered(student_logits, teacher_logits, opt.temperature);
   const T d = kd_divergence_parts(s, t, opt, true).grad;
   const T g = ops::mul(ops::mul(d, kd_scale(opt) / opt.temperature), ops::unsqueeze(ops::upcast(grad), -1));
@@ -417,7 +424,7 @@ T distill_backward(const T& student, const T& teacher, const T& valid, const std
       if (ce_grad && o.alpha > 0.0)
         g = ops::add(g, ops::where(ops::unsqueeze(valid, -1),
                                    ops::mul(*ce_grad, ops::unsqueeze(ops::mul(w, o.alpha), -1)), 0.0));
-      return ops::to_dtype(g, ops::dtype_of(student));
+      return same_dtype_or_cast(std::move(g), ops::dtype_of(student));
     }
   }
   const auto [s, t] = kd_tempered(student, teacher, o.temperature);
