@@ -11,6 +11,7 @@
 #   scripts/gpu_check.sh prepare      # here, once: fills .gpu-deps/prefix (about 11 MiB)
 #   device run: command "scripts/gpu_check.sh run", carry [".gpu-deps"], timeout_s 600
 #   scripts/gpu_check.sh local        # here: the same configure/build/run against the system LibTorch
+#   scripts/gpu_check.sh checks       # steps 3-5 only, on an existing build (POSTTRAIN_GPU_BUILD_DIR)
 #
 # `run` (about 8 minutes on the H200's 16 cores, each step under its own timeout):
 #   1. configure build-gpu against the PyTorch that `python3 -c 'import torch;print(torch.utils.
@@ -43,7 +44,8 @@ prepare() {
   # the /usr layout is kept under the prefix.
   cp -r /usr/include/eigen3 "$DEPS/include/" && mkdir -p "$DEPS/share/eigen3" &&
     cp -r /usr/share/eigen3/cmake "$DEPS/share/eigen3/" || return 1
-  cp -r /usr/include/catch2 "$DEPS/include/" && cp -r /usr/lib/cmake/Catch2 "$DEPS/lib/cmake/" || return 1
+  cp -r /usr/include/catch2 "$DEPS/include/" && cp -r /usr/lib/cmake/Catch2 "$DEPS/lib/cmake/" &&
+    cp /usr/lib/libCatch2WithMain.a "$DEPS/lib/" || return 1
   cp -r /usr/include/benchmark "$DEPS/include/" && cp -r /usr/lib/$arch/cmake/benchmark "$DEPS/lib/$arch/cmake/" &&
     cp -a /usr/lib/$arch/libbenchmark.so* /usr/lib/$arch/libbenchmark_main.a "$DEPS/lib/$arch/" || return 1
   grep -qx '/.gpu-deps/' .git/info/exclude 2>/dev/null || echo '/.gpu-deps/' >>.git/info/exclude
@@ -112,8 +114,9 @@ case $MODE in
     [ -d "$DEPS" ] || prepare || exit 1
     configure_build "${TORCH_PREFIX:-}" && run_checks
     ;;
+  checks) run_checks ;;
   *)
-    echo "usage: scripts/gpu_check.sh [prepare|run|local]" >&2
+    echo "usage: scripts/gpu_check.sh [prepare|run|local|checks]" >&2
     exit 2
     ;;
 esac
