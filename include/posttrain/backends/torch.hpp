@@ -2,7 +2,9 @@
 //
 // Every operation is a LibTorch op, so autograd flows through every posttrain loss: call
 // `result.loss.backward()` as with any torch expression. bfloat16/float16 inputs are computed in
-// float32 by the algorithms (ops::upcast), as TRL and verl upcast logits before a loss.
+// float32, as TRL and verl upcast logits before a loss: by the algorithms (ops::upcast), except
+// that the logits primitives below read half logits themselves, row by row or chunk by chunk,
+// without a whole float32 copy (see torch_backend).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,8 +49,10 @@ namespace posttrain {
 ///            is upcast to float32 (float64 stays float64), reduced, and written into the [N]
 ///            result (or the [N, V] gradient, in the logits' dtype). Peak extra memory is a few
 ///            chunk-sized float32 temporaries, never an N x V float32 copy.
+/// The chunk knobs below size the chunked path only (the rows path holds one row per thread).
 /// Half inputs give float32 results (the gradient is in the logits' dtype), as the generic path's
-/// upcast does. NOT VERIFIED ON A GPU: the chunked path is device-agnostic LibTorch code, tested on
+/// upcast does; a backward recorded with create_graph = true uses whole-tensor LibTorch ops (one
+/// float32 copy for half logits). NOT VERIFIED ON A GPU: the chunked path is device-agnostic LibTorch code, tested on
 /// CPU (forced with force_logits_path) and by CUDA tests that skip when no device is present.
 namespace torch_backend {
 
