@@ -136,3 +136,132 @@ TEST_CASE("distill torch: a float32 student with a bfloat16 teacher and a bool m
   CHECK(r.loss.scalar_type() == at::kFloat);
   require_agree("loss", r.loss, ops::to_host(ref.loss), float32_tol);
 }
+
+namespace {
+/// The fused divergences (jsd only at β = 0 and 1): every option set the torch kernel path takes.
+struct fused_case {
+  kd_divergence d;
+  double beta;
+};
+constexpr fused_case fused_cases[] = {{kd_divergence::forward_kl, 0.5}, {kd_divergence::forward_cross_entropy, 0.5},
+                                      {kd_divergence::reverse_kl, 0.5}, {kd_divergence::symmetric_kl, 0.5},
+                                      {kd_divergence::jsd, 0.0},        {kd_divergence::jsd, 1.0}};
+
+/// Whether t was produced by backends/torch_distill.hpp's autograd node (the kernel path).
+bool from_kd_kernel(const at::Tensor& t) {
+  return t.grad_fn() && t.grad_fn()->name().find("kd_function") != std::string::npos;
+}
+}  // namespace
+
+TEST_CASE("distill torch: the fused kernel path against the generic reference", "[distill][fused]") {
+  const shape_t s{2, 3, 13};
+  const shape_t rows{2, 3};
+  for (auto st : {at::kFloat, at::kDouble}) {
+    const tolerance tol = st == at::kFloat ? float32_tol : float64_tol;
+    for (std::int64_t pad : {0, 3}) {
+      const host_tensor x = round_through(with_padding(random_normal(s, 431, 2.0), pad), st);
+      const host_tensor y = round_through(with_padding(random_normal(s, 432, 2.0), pad), st);
+      const host_tensor w = round_through(random_normal(rows, 433), st);
+      const host_tensor mask = random_mask(rows, 434);
+      const at::Tensor tx = to_torch(x, st), ty = to_torch(y, st), tw = to_torch(w, st), tm = to_torch(mask, st);
+      const auto ex = to_eigen<double>(x), ey = to_eigen<double>(y), ew = to_eigen<double>(w),
+                 em = to_eigen<double>(mask);
+      for (const auto& c : fused_cases) {
+        for (double tau : {0.5, 1.0, 2.0}) {
+          for (bool tau2 : {false, true}) {
+            INFO(kd_divergence_name(c.d) << " beta " << c.beta << " tau " << tau << " tau2 " << tau2 << " pad " << pad
+                                         << " dtype " << c10::toString(st));
+            const distill_options o{.divergence = c.d,
+                                    .beta = c.beta,
+                                    .symmetric_ratio = 0.3,
+                                    .temperature = tau,
+                                    .scale_by_temperature_squared = tau2};
+            require_agree("kd_per_token", kd_per_token(tx, ty, o), ops::to_host(generic::kd_per_token(ex, ey, o)), tol);
+            require_agree("kd_per_token_backward", kd_per_token_backward(tx, ty, tw, o),
+                          ops::to_host(generic::kd_per_token_backward(ex, ey, ew, o)), tol);
+            const auto r = distill_loss_masked(tx, ty, tm, o);
+            const auto ref = generic::distill_loss_masked(ex, ey, em, o);
+            require_agree("masked loss", r.loss, ops::to_host(ref.loss), tol);
+            require_agree("masked per_token_loss", r.per_token_loss, ops::to_host(ref.per_token_loss), tol);
+            require_agree("masked backward", distill_loss_masked_backward(tx, ty, tm, o, 0.5),
+                          ops::to_host(generic::distill_loss_masked_backward(ex, ey, em, o, 0.5)), tol);
+
+            // Autograd: the kernel's node (a test that fails when the override is not dispatched)
+            // against LibTorch autograd through the generic composition, same dtype.
+            at::Tensor leaf = tx.detach().clone().requires_grad_();
+            const at::Tensor v = kd_per_token(leaf, ty, o);
+            CHECK(from_kd_kernel(v));
+            (v * tw).sum().backward();
+            const at::Tensor gen =
+                autograd_grad(tx, [&](const at::Tensor& p) { return (generic::kd_per_token(p, ty, o) * tw).sum(); });
+            CHECK(leaf.grad().scalar_type() == st);
+            CHECK(all_finite(leaf.grad()));
+            require_agree("autograd kd_per_token", leaf.grad(), ops::to_host(gen), tol);
+            const at::Tensor gl =
+                autograd_grad(tx, [&](const at::Tensor& p) { return distill_loss_masked(p, ty, tm, o).loss; });
+            const at::Tensor gl_ref =
+                autograd_grad(tx, [&](const at::Tensor& p) { return generic::distill_loss_masked(p, ty, tm, o).loss; });
+            require_agree("autograd distill_loss_masked", gl, ops::to_host(gl_ref), tol);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("distill torch: tensors the kernel does not take keep the generic path", "[distill][fused]") {
+  const shape_t s{4, 10};
+  const host_tensor x = random_normal(s, 441, 2.0), y = random_normal(s, 442, 2.0), w = random_normal({4}, 443);
+  const at::Tensor tx = to_torch(x), ty = to_torch(y), tw = to_torch(w);
+  const distill_options o{.divergence = kd_divergence::symmetric_kl, .symmetric_ratio = 0.6, .temperature = 2.0};
+  const std::vector<double> ref_grad =
+      ops::to_host(generic::kd_per_token_backward(to_eigen<double>(x), to_eigen<double>(y), to_eigen<double>(w), o));
+
+  SECTION("a strided view") {
+    // The transpose of a [V, N] tensor holds the same values as [N, V] but is not contiguous.
+    const at::Tensor xt = tx.t().contiguous().t();
+    REQUIRE_FALSE(xt.is_contiguous());
+    at::Tensor leaf = xt.detach().clone().t().contiguous().t().requires_grad_();
+    const at::Tensor v = kd_per_token(leaf, ty, o);
+    CHECK_FALSE(from_kd_kernel(v));
+    (v * tw).sum().backward();
+    require_agree("strided autograd", leaf.grad(), ref_grad, float64_tol);
+  }
+  SECTION("a teacher that requires grad gets the generic path's gradient") {
+    at::Tensor sl = tx.detach().clone().requires_grad_(), tl = ty.detach().clone().requires_grad_();
+    const at::Tensor v = kd_per_token(sl, tl, o);
+    CHECK_FALSE(from_kd_kernel(v));
+    (v * tw).sum().backward();
+    require_agree("student grad", sl.grad(), ref_grad, float64_tol);
+    REQUIRE(tl.grad().defined());
+    at::Tensor sr = tx.detach().clone().requires_grad_(), tr = ty.detach().clone().requires_grad_();
+    (generic::kd_per_token(sr, tr, o) * tw).sum().backward();
+    require_agree("teacher grad", tl.grad(), ops::to_host(tr.grad()), float64_tol);
+  }
+  SECTION("create_graph = true: second derivatives equal the generic composition's") {
+    const auto second = [&](bool fused) {
+      at::Tensor leaf = tx.detach().clone().requires_grad_();
+      const at::Tensor v = fused ? kd_per_token(leaf, ty, o) : generic::kd_per_token(leaf, ty, o);
+      CHECK(from_kd_kernel(v) == fused);
+      const at::Tensor g = torch::autograd::grad({(v * tw).sum()}, {leaf}, {}, true, true)[0];
+      require_agree("first derivative", g, ref_grad, float64_tol);
+      return torch::autograd::grad({(g * g).sum()}, {leaf})[0];
+    };
+    const at::Tensor h = second(true);
+    CHECK(all_finite(h));
+    require_agree("second derivative", h, ops::to_host(second(false)), float64_tol);
+  }
+  SECTION("bfloat16 logits") {
+    const host_tensor xb = round_through(x, at::kBFloat16), yb = round_through(y, at::kBFloat16);
+    at::Tensor leaf = to_torch(xb, at::kBFloat16).requires_grad_();
+    const at::Tensor v = kd_per_token(leaf, to_torch(yb, at::kBFloat16), o);
+    CHECK(v.scalar_type() == at::kFloat);
+    require_agree("bf16 values", v, ops::to_host(generic::kd_per_token(to_eigen<double>(xb), to_eigen<double>(yb), o)),
+                  float32_tol);
+    (v * tw.to(at::kFloat)).sum().backward();
+    CHECK(leaf.grad().scalar_type() == at::kBFloat16);
+    const std::vector<double> ref = ops::to_host(
+        generic::kd_per_token_backward(to_eigen<double>(xb), to_eigen<double>(yb), to_eigen<double>(w), o));
+    require_agree("bf16 grad", leaf.grad(), ref, output_tolerance(dtype::bfloat16));
+  }
+}

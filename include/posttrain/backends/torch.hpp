@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "posttrain/detail/kd_fused.hpp"
 #include "posttrain/error.hpp"
 #include "posttrain/tensor.hpp"
 
@@ -683,8 +684,15 @@ struct tensor_traits<at::Tensor> {
   static T fused_ce_backward(const T& x, const T& labels, const T& row_weights, const ce_backward_args& a) {
     return detail::torch_kernels::ce_backward(x.detach(), labels, row_weights.detach(), a);
   }
+  /// Distillation per row (losses/distill.hpp) and its student gradient: contiguous CPU float32/64
+  /// through kernels/distill_cpu.hpp (inside an autograd node), else the generic composition.
+  /// Defined in backends/torch_distill.hpp (included below).
+  static T fused_kd_per_token(const T& student, const T& teacher, const fused_kd_spec& spec);
+  static T fused_kd_backward(const T& student, const T& teacher, const T& row_weight, const fused_kd_spec& spec);
 };
 
 static_assert(tensor<at::Tensor>);
 
 }  // namespace posttrain
+
+#include "posttrain/backends/torch_distill.hpp"

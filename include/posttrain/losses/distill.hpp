@@ -32,7 +32,7 @@
 // log-mixture needs normalised p and q). The hard-label cross-entropy of α-mixing always uses
 // token_logprobs (itself fused on such backends) and the generic softmax - onehot gradient.
 // posttrain::generic:: holds the unfused versions of every entry point (the fused ones are tested
-// against them). LibTorch tensors take the generic path (a torch override is not written yet).
+// against them). LibTorch: backends/torch_distill.hpp (the kernel for contiguous CPU float32/64).
 #pragma once
 
 #include <cmath>
