@@ -4,7 +4,12 @@
 //    every divergence, temperatures 0.5/1/2 (with and without τ²), hard-label mixing, ignored labels,
 //    explicit masks, the sequence aggregation modes and -inf vocabulary-padding columns;
 //  * LibTorch autograd through the forward equals the analytic backward (float64), NaN-free with
-//    -inf padding.
+//    -inf padding;
+//  * the fused kernel path (backends/torch_distill.hpp, float32/float64 contiguous CPU) against
+//    posttrain::generic:: on Eigen double for every fused divergence (jsd at β = 0 and 1), τ and τ²,
+//    masks and padding, its autograd node (checked by name, so the test fails if the override is not
+//    dispatched) against LibTorch autograd through the generic composition; strided views, a teacher
+//    requiring grad, create_graph = true and bfloat16 logits keep the generic results.
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
