@@ -47,6 +47,7 @@
 #include <string>
 #include <vector>
 
+#include "peak_memory.hpp"
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/kernels/distill_cpu.hpp"
@@ -489,32 +490,8 @@ bool quick_check() {
 
 // ---- peak memory -----------------------------------------------------------------------------------
 
-long resident_now() {
-  long pages = 0, resident = 0;
-  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    std::fclose(f);
-  }
-  return resident * sysconf(_SC_PAGESIZE);
-}
-long high_water_mark() {
-  long kib = -1;
-  if (FILE* f = std::fopen("/proc/self/status", "r")) {
-    char line[256];
-    while (std::fgets(line, sizeof line, f))
-      if (std::sscanf(line, "VmHWM: %ld kB", &kib) == 1) break;
-    std::fclose(f);
-  }
-  return kib * 1024L;
-}
-/// Restarts VmHWM at the current resident set (/proc/self/clear_refs "5", Linux >= 4.0).
-long restart_high_water_mark() {
-  if (FILE* f = std::fopen("/proc/self/clear_refs", "w")) {
-    std::fputs("5", f);
-    std::fclose(f);
-  }
-  return resident_now();
-}
+using posttrain_bench::peak_bytes;
+using posttrain_bench::reset_peak;
 
 const std::vector<std::string> memory_cases = {"S5 naive LibTorch",
                                                "S5 posttrain API on torch + backward()",
@@ -533,18 +510,18 @@ void run_peak_memory(const std::string& name) {
     in.grad = at::Tensor();  // only the buffer case allocates its gradient, inside the measurement
     if (name == "S5 naive LibTorch" || name == "S5 posttrain API on torch + backward()") {
       at::Tensor x = in.policy.detach().requires_grad_();
-      before = restart_high_water_mark();
+      before = reset_peak();
       if (name == "S5 naive LibTorch")
         s5_naive_step(x, in.reference, in.labels);
       else
         s5_api_step(x, in.reference, in.labels);
     } else if (name == "S5 fused kernels, into a buffer") {
-      before = restart_high_water_mark();
+      before = reset_peak();
       at::Tensor g = at::empty_like(in.policy);  // the gradient is an output the caller needs
       s5_fused_step(in.policy.data_ptr<float>(), in.reference.data_ptr<float>(), in.labels.data_ptr<std::int64_t>(),
                     g.data_ptr<float>());
     } else {
-      before = restart_high_water_mark();
+      before = reset_peak();
       s5_fused_step(in.policy.data_ptr<float>(), in.reference.data_ptr<float>(), in.labels.data_ptr<std::int64_t>(),
                     in.policy.data_ptr<float>());
     }
@@ -555,23 +532,23 @@ void run_peak_memory(const std::string& name) {
         weight(value.size(), 1.0f / static_cast<float>(cfg().kd_n));
     if (name == "KD naive LibTorch") {
       at::Tensor x = view(in.student).detach().requires_grad_();
-      before = restart_high_water_mark();
+      before = reset_peak();
       kd_naive_step(x, view(in.teacher));
     } else if (name == "KD posttrain API on Eigen (fused override)") {
-      before = restart_high_water_mark();
+      before = reset_peak();
       const auto r = distill_loss_masked(in.student, in.teacher, in.mask);
       const auto g = distill_loss_masked_backward(in.student, in.teacher, in.mask);
       benchmark::DoNotOptimize(g.data());
     } else if (name == "KD fused kernel, into a buffer") {
-      before = restart_high_water_mark();
+      before = reset_peak();
       eigen_tensor<float> g({cfg().kd_n, cfg().kd_vocab});
       kd_fused_step(in, g.data(), value, weight);
     } else {
-      before = restart_high_water_mark();
+      before = reset_peak();
       kd_fused_step(in, in.student.data(), value, weight);
     }
   }
-  std::printf("%ld\n", std::max(0L, high_water_mark() - before));
+  std::printf("%ld\n", std::max(0L, peak_bytes() - before));
 }
 
 double mib(double bytes) { return bytes / (1024.0 * 1024.0); }

@@ -34,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "peak_memory.hpp"
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/backends/torch_linear_ce.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
@@ -229,32 +230,8 @@ void bench_naive(benchmark::State& st, const std::string& sc) {
 
 // ---- peak memory in a fresh child ----------------------------------------------------------------
 
-long resident_bytes() {
-  long pages = 0, resident = 0;
-  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    std::fclose(f);
-  }
-  return resident * sysconf(_SC_PAGESIZE);
-}
-long peak_bytes() {
-  long kib = -1;
-  if (FILE* f = std::fopen("/proc/self/status", "r")) {
-    char line[256];
-    while (std::fgets(line, sizeof line, f))
-      if (std::sscanf(line, "VmHWM: %ld kB", &kib) == 1) break;
-    std::fclose(f);
-  }
-  return kib * 1024L;
-}
-/// Restarts the high-water mark at the current RSS (Linux >= 4.0), so set-up is not counted.
-long reset_peak() {
-  if (FILE* f = std::fopen("/proc/self/clear_refs", "w")) {
-    std::fputs("5", f);
-    std::fclose(f);
-  }
-  return resident_bytes();
-}
+using posttrain_bench::peak_bytes;
+using posttrain_bench::reset_peak;
 
 const std::vector<std::string> memory_cases = {
     "S3 fused kernel", "S3 posttrain API on torch + backward()", "S3 naive LibTorch (naive_n rows)",

@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "peak_memory.hpp"
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/kernels/logits_cpu.hpp"
@@ -386,33 +387,8 @@ void cuda_s2_posttrain(benchmark::State& st, bool autograd) {
 
 // ---- peak memory in a fresh child ----------------------------------------------------------------
 
-long resident_bytes() {
-  long pages = 0, resident = 0;
-  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    std::fclose(f);
-  }
-  return resident * sysconf(_SC_PAGESIZE);
-}
-/// Resident high-water mark (VmHWM); reset_peak() restarts it at the current RSS (Linux >= 4.0,
-/// /proc/self/clear_refs "5"), so the input set-up's own temporaries are not counted.
-long peak_bytes() {
-  long kib = -1;
-  if (FILE* f = std::fopen("/proc/self/status", "r")) {
-    char line[256];
-    while (std::fgets(line, sizeof line, f))
-      if (std::sscanf(line, "VmHWM: %ld kB", &kib) == 1) break;
-    std::fclose(f);
-  }
-  return kib * 1024L;
-}
-long reset_peak() {
-  if (FILE* f = std::fopen("/proc/self/clear_refs", "w")) {
-    std::fputs("5", f);
-    std::fclose(f);
-  }
-  return resident_bytes();
-}
+using posttrain_bench::peak_bytes;
+using posttrain_bench::reset_peak;
 
 const std::vector<std::string> memory_cases = {"S2 naive LibTorch",
                                                "S2 posttrain sft_loss on torch + backward()",
