@@ -56,6 +56,7 @@
 #include "posttrain/losses/dpo.hpp"
 #include "posttrain/losses/sequence_logps.hpp"
 #include "posttrain/numerics/logits.hpp"
+#include "timing.hpp"
 
 namespace {
 
@@ -103,18 +104,7 @@ std::map<std::string, double>& timings() {
   return t;
 }
 
-template <class F>
-void timed(benchmark::State& state, const std::string& name, F&& body) {
-  double total = 0.0;
-  std::int64_t n = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    body();
-    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    ++n;
-  }
-  timings()[name] = total / static_cast<double>(std::max<std::int64_t>(n, 1));
-}
+using posttrain_bench::timed;
 
 // ---- floors --------------------------------------------------------------------------------------
 
@@ -270,20 +260,20 @@ at::Tensor s5_api_step(const at::Tensor& x, const at::Tensor& reference, const a
 void s5_floor(benchmark::State& st) {
   auto& in = s5();
   const std::int64_t rows = cfg().rows(), v = cfg().vocab;
-  timed(st, "S5 floor: read+read+write", [&] {
+  timed(st, timings(), "S5 floor: read+read+write", [&] {
     benchmark::DoNotOptimize(read_read_write(in.reference.data_ptr<float>(), in.policy.data_ptr<float>(),
                                              in.grad.data_ptr<float>(), rows, v));
   });
   st.SetBytesProcessed(st.iterations() * rows * v * 12);
 }
 void s5_floor_exp(benchmark::State& st) {
-  timed(st, "S5 floor: exp", [&] { benchmark::DoNotOptimize(exp_loop(2 * cfg().rows(), cfg().vocab)); });
+  timed(st, timings(), "S5 floor: exp", [&] { benchmark::DoNotOptimize(exp_loop(2 * cfg().rows(), cfg().vocab)); });
   st.SetItemsProcessed(st.iterations() * 2 * cfg().rows() * cfg().vocab);
 }
 void s5_naive(benchmark::State& st) {
   auto& in = s5();
   at::Tensor x = in.policy.detach().requires_grad_();
-  timed(st, "S5 naive LibTorch", [&] {
+  timed(st, timings(), "S5 naive LibTorch", [&] {
     x.mutable_grad() = at::Tensor();
     benchmark::DoNotOptimize(s5_naive_step(x, in.reference, in.labels).data_ptr());
     benchmark::DoNotOptimize(x.grad().data_ptr());
@@ -294,7 +284,7 @@ void s5_naive(benchmark::State& st) {
 void s5_api_torch(benchmark::State& st) {
   auto& in = s5();
   at::Tensor x = in.policy.detach().requires_grad_();
-  timed(st, "S5 posttrain API on torch + backward()", [&] {
+  timed(st, timings(), "S5 posttrain API on torch + backward()", [&] {
     x.mutable_grad() = at::Tensor();
     benchmark::DoNotOptimize(s5_api_step(x, in.reference, in.labels).data_ptr());
     benchmark::DoNotOptimize(x.grad().data_ptr());
@@ -318,7 +308,7 @@ void s5_generic(benchmark::State& st) {
       y.data()[s * t + k] = in.labels[src][k].item<std::int64_t>();
     }
   }
-  timed(st, "S5 posttrain generic (Eigen, 16 rows)", [&] {
+  timed(st, timings(), "S5 posttrain generic (Eigen, 16 rows)", [&] {
     const auto pol = ops::sum(generic::token_logprobs(x, y), 1);  // [2gp]
     const auto rf = ops::sum(generic::token_logprobs(ref, y), 1);
     preference_batch<eigen_tensor<float>> batch{ops::slice(pol, 0, 0, gp), ops::slice(pol, 0, gp, gp)};
@@ -335,7 +325,7 @@ void s5_generic(benchmark::State& st) {
 void s5_fused(benchmark::State& st, bool in_place) {
   auto& in = s5();
   float* out = in_place ? in.policy.data_ptr<float>() : in.grad.data_ptr<float>();
-  timed(st, in_place ? "S5 fused kernels, in place" : "S5 fused kernels, into a buffer", [&] {
+  timed(st, timings(), in_place ? "S5 fused kernels, in place" : "S5 fused kernels, into a buffer", [&] {
     // In place overwrites the policy logits: later iterations differentiate the previous gradient,
     // which costs the same (the kernels' work does not depend on the values).
     benchmark::DoNotOptimize(s5_fused_step(in.policy.data_ptr<float>(), in.reference.data_ptr<float>(),
@@ -388,19 +378,19 @@ at::Tensor kd_naive_step(const at::Tensor& x, const at::Tensor& teacher) {
 void kd_floor(benchmark::State& st) {
   auto& in = kd();
   const std::int64_t n = cfg().kd_n, v = cfg().kd_vocab;
-  timed(st, "KD floor: read+read+write",
+  timed(st, timings(), "KD floor: read+read+write",
         [&] { benchmark::DoNotOptimize(read_read_write(in.teacher.data(), in.student.data(), in.grad.data(), n, v)); });
   st.SetBytesProcessed(st.iterations() * n * v * 12);
 }
 void kd_floor_exp(benchmark::State& st) {
-  timed(st, "KD floor: exp", [&] { benchmark::DoNotOptimize(exp_loop(2 * cfg().kd_n, cfg().kd_vocab)); });
+  timed(st, timings(), "KD floor: exp", [&] { benchmark::DoNotOptimize(exp_loop(2 * cfg().kd_n, cfg().kd_vocab)); });
   st.SetItemsProcessed(st.iterations() * 2 * cfg().kd_n * cfg().kd_vocab);
 }
 void kd_naive(benchmark::State& st) {
   auto& in = kd();
   at::Tensor x = view(in.student).detach().requires_grad_();
   const at::Tensor t = view(in.teacher);
-  timed(st, "KD naive LibTorch", [&] {
+  timed(st, timings(), "KD naive LibTorch", [&] {
     x.mutable_grad() = at::Tensor();
     benchmark::DoNotOptimize(kd_naive_step(x, t).data_ptr());
     benchmark::DoNotOptimize(x.grad().data_ptr());
@@ -414,7 +404,7 @@ void kd_generic(benchmark::State& st) {
   eigen_tensor<float> x({n, v}), t({n, v}), mask({n}, 1.0f);
   std::memcpy(x.data(), in.student.data(), static_cast<std::size_t>(n * v) * 4);
   std::memcpy(t.data(), in.teacher.data(), static_cast<std::size_t>(n * v) * 4);
-  timed(st, "KD posttrain generic (Eigen, 16 rows)", [&] {
+  timed(st, timings(), "KD posttrain generic (Eigen, 16 rows)", [&] {
     const auto r = generic::distill_loss_masked(x, t, mask);
     const auto g = generic::distill_loss_masked_backward(x, t, mask);
     benchmark::DoNotOptimize(r.loss.data());
@@ -424,7 +414,7 @@ void kd_generic(benchmark::State& st) {
 }
 void kd_api_eigen(benchmark::State& st) {
   auto& in = kd();
-  timed(st, "KD posttrain API on Eigen (fused override)", [&] {
+  timed(st, timings(), "KD posttrain API on Eigen (fused override)", [&] {
     const auto r = distill_loss_masked(in.student, in.teacher, in.mask);
     const auto g = distill_loss_masked_backward(in.student, in.teacher, in.mask);
     benchmark::DoNotOptimize(r.loss.data());
@@ -444,7 +434,7 @@ void kd_fused(benchmark::State& st, bool in_place) {
   std::vector<float> value(static_cast<std::size_t>(cfg().kd_n)),
       weight(value.size(), 1.0f / static_cast<float>(cfg().kd_n));
   float* out = in_place ? in.student.data() : in.grad.data();
-  timed(st, in_place ? "KD fused kernel, in place" : "KD fused kernel, into a buffer",
+  timed(st, timings(), in_place ? "KD fused kernel, in place" : "KD fused kernel, into a buffer",
         [&] { benchmark::DoNotOptimize(kd_fused_step(in, out, value, weight)); });
   st.SetItemsProcessed(st.iterations() * cfg().kd_n);
   if (in_place) kd_slot().reset();

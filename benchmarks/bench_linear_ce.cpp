@@ -39,6 +39,7 @@
 #include "posttrain/backends/torch_linear_ce.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
+#include "timing.hpp"
 
 namespace {
 
@@ -93,18 +94,7 @@ std::map<std::string, double>& timings() {
   return t;
 }
 
-template <class F>
-void timed(benchmark::State& state, const std::string& name, F&& body) {
-  double total = 0.0;
-  std::int64_t n = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    body();
-    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    ++n;
-  }
-  timings()[name] = total / static_cast<double>(std::max<std::int64_t>(n, 1));
-}
+using posttrain_bench::timed;
 
 // ---- inputs (built once per scenario) -----------------------------------------------------------
 
@@ -177,7 +167,7 @@ void bench_gemm(benchmark::State& st, const std::string& sc) {
   const shape& s = shape_of(sc);
   std::vector<float> z(static_cast<std::size_t>(s.n * s.v), 0.001f), dx(static_cast<std::size_t>(s.n * s.h)),
       dw(static_cast<std::size_t>(s.v * s.h));
-  timed(st, sc + " gemm alone (Eigen, 3 GEMMs)",
+  timed(st, timings(), sc + " gemm alone (Eigen, 3 GEMMs)",
         [&] { gemm_alone(in.x.data_ptr<float>(), in.w.data_ptr<float>(), z.data(), dx.data(), dw.data(), s); });
   st.counters["GFLOPS"] =
       benchmark::Counter(flops(s, s.n) * static_cast<double>(st.iterations()) / 1e9, benchmark::Counter::kIsRate);
@@ -188,7 +178,7 @@ void bench_fused(benchmark::State& st, const std::string& sc) {
   const shape& s = shape_of(sc);
   std::vector<float> dx(static_cast<std::size_t>(s.n * s.h)), dw(static_cast<std::size_t>(s.v * s.h), 0.0f),
       loss(static_cast<std::size_t>(s.n)), lp(loss.size()), ent(loss.size());
-  timed(st, sc + " fused kernel", [&] {
+  timed(st, timings(), sc + " fused kernel", [&] {
     // ∂W accumulates across iterations: the same work as into a zeroed buffer.
     const auto t = kernels::linear_cross_entropy<float>(
         in.x.data_ptr<float>(), in.w.data_ptr<float>(), s.n, s.h, s.v, in.y.data_ptr<std::int64_t>(), {},
@@ -202,7 +192,7 @@ void bench_fused(benchmark::State& st, const std::string& sc) {
 void bench_torch_api(benchmark::State& st, const std::string& sc) {
   auto& in = inputs::get(sc);
   const at::Tensor x = in.x.detach().requires_grad_(), w = in.w.detach().requires_grad_();
-  timed(st, sc + " posttrain API on torch + backward()", [&] {
+  timed(st, timings(), sc + " posttrain API on torch + backward()", [&] {
     x.mutable_grad() = at::Tensor();
     w.mutable_grad() = at::Tensor();
     posttrain::fused_linear_cross_entropy(x, w, in.y).loss.backward();
@@ -220,7 +210,7 @@ void bench_naive(benchmark::State& st, const std::string& sc) {
   const at::Tensor x = in.x.slice(0, 0, s.naive_n).detach().clone().requires_grad_();
   const at::Tensor w = in.w.detach().requires_grad_();
   const at::Tensor y = in.y.slice(0, 0, s.naive_n).clone();
-  timed(st, sc + " naive LibTorch (naive_n rows)", [&] {
+  timed(st, timings(), sc + " naive LibTorch (naive_n rows)", [&] {
     x.mutable_grad() = at::Tensor();
     w.mutable_grad() = at::Tensor();
     naive_step(x, w, y);

@@ -39,6 +39,7 @@
 #include "posttrain/kernels/logits_cpu.hpp"
 #include "posttrain/losses/sft.hpp"
 #include "posttrain/numerics/logits.hpp"
+#include "timing.hpp"
 
 namespace {
 
@@ -60,18 +61,7 @@ std::map<std::string, double>& timings() {
   return t;
 }
 
-template <class F>
-void timed(benchmark::State& state, const std::string& name, F&& body) {
-  double total = 0.0;
-  std::int64_t n = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    body();
-    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    ++n;
-  }
-  timings()[name] = total / static_cast<double>(std::max<std::int64_t>(n, 1));
-}
+using posttrain_bench::timed;
 
 // ---- inputs (built once per shape, reused across cases) ----------------------------------------
 
@@ -157,22 +147,22 @@ void s1_floor_read(benchmark::State& st, bool bf16) {
   if (bf16) {
     // bf16 bytes: half the fp32 read, as int16 pairs summed as floats (bandwidth, not values).
     const auto* p = reinterpret_cast<const float*>(in.x_bf16.data_ptr<at::BFloat16>());
-    timed(st, bf16 ? "S1 bf16 floor: read" : "S1 floor: read",
+    timed(st, timings(), bf16 ? "S1 bf16 floor: read" : "S1 floor: read",
           [&] { benchmark::DoNotOptimize(stream_read(p, cfg.s1_n, cfg.s1_v / 2)); });
   } else {
-    timed(st, "S1 floor: read",
+    timed(st, timings(), "S1 floor: read",
           [&] { benchmark::DoNotOptimize(stream_read(in.x.data_ptr<float>(), cfg.s1_n, cfg.s1_v)); });
   }
   st.SetBytesProcessed(st.iterations() * cfg.s1_n * cfg.s1_v * (bf16 ? 2 : 4));
 }
 void s1_floor_exp(benchmark::State& st) {
-  timed(st, "S1 floor: exp", [&] { benchmark::DoNotOptimize(exp_throughput(cfg.s1_n, cfg.s1_v)); });
+  timed(st, timings(), "S1 floor: exp", [&] { benchmark::DoNotOptimize(exp_throughput(cfg.s1_n, cfg.s1_v)); });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n * cfg.s1_v);
 }
 void s1_naive(benchmark::State& st, bool bf16) {
   auto& in = s1_inputs::get();
   const at::Tensor& x = bf16 ? in.x_bf16 : in.x;
-  timed(st, bf16 ? "S1 bf16 naive LibTorch" : "S1 naive LibTorch", [&] {
+  timed(st, timings(), bf16 ? "S1 bf16 naive LibTorch" : "S1 naive LibTorch", [&] {
     const at::Tensor logp = at::log_softmax(x, -1, at::kFloat);
     const at::Tensor lp = logp.gather(-1, in.y.unsqueeze(-1)).squeeze(-1);
     const at::Tensor ent = -(logp.exp() * logp).sum(-1);
@@ -184,7 +174,7 @@ void s1_naive(benchmark::State& st, bool bf16) {
 void s1_posttrain_torch(benchmark::State& st, bool bf16) {
   auto& in = s1_inputs::get();
   const at::Tensor& x = bf16 ? in.x_bf16 : in.x;
-  timed(st, bf16 ? "S1 bf16 posttrain API on torch" : "S1 posttrain API on torch", [&] {
+  timed(st, timings(), bf16 ? "S1 bf16 posttrain API on torch" : "S1 posttrain API on torch", [&] {
     const at::Tensor lp = posttrain::token_logprobs(x, in.y);
     const at::Tensor ent = posttrain::entropy(x);
     benchmark::DoNotOptimize(lp.data_ptr());
@@ -195,7 +185,7 @@ void s1_posttrain_torch(benchmark::State& st, bool bf16) {
 void s1_fused(benchmark::State& st) {
   auto& in = s1_inputs::get();
   std::vector<float> lp(static_cast<std::size_t>(cfg.s1_n)), ent(lp.size());
-  timed(st, "S1 fused kernel (one pass)", [&] {
+  timed(st, timings(), "S1 fused kernel (one pass)", [&] {
     kernels::logits_forward<float>(in.x.data_ptr<float>(), cfg.s1_n, cfg.s1_v, in.y.data_ptr<std::int64_t>(), -100,
                                    nullptr, lp.data(), ent.data());
     benchmark::DoNotOptimize(lp.data());
@@ -209,7 +199,7 @@ void s1_generic(benchmark::State& st) {
   std::memcpy(x.data(), in.x.data_ptr<float>(), static_cast<std::size_t>(n * v) * sizeof(float));
   eigen_index y({n});
   std::memcpy(y.data(), in.y.data_ptr<std::int64_t>(), static_cast<std::size_t>(n) * sizeof(std::int64_t));
-  timed(st, "S1 posttrain generic (Eigen, few rows)", [&] {
+  timed(st, timings(), "S1 posttrain generic (Eigen, few rows)", [&] {
     const auto lp = generic::token_logprobs(x, y);
     const auto ent = generic::entropy_last(x);
     benchmark::DoNotOptimize(lp.data());
@@ -222,18 +212,18 @@ void s1_generic(benchmark::State& st) {
 
 void s2_floor_copy(benchmark::State& st) {
   auto& in = s2_inputs::get();
-  timed(st, "S2 floor: read+write",
+  timed(st, timings(), "S2 floor: read+write",
         [&] { stream_copy(in.x.data_ptr<float>(), in.grad.data_ptr<float>(), cfg.s2_n, cfg.s2_v); });
   st.SetBytesProcessed(st.iterations() * cfg.s2_n * cfg.s2_v * 8);
 }
 void s2_floor_exp(benchmark::State& st) {
-  timed(st, "S2 floor: exp", [&] { benchmark::DoNotOptimize(exp_throughput(cfg.s2_n, cfg.s2_v)); });
+  timed(st, timings(), "S2 floor: exp", [&] { benchmark::DoNotOptimize(exp_throughput(cfg.s2_n, cfg.s2_v)); });
   st.SetItemsProcessed(st.iterations() * cfg.s2_n * cfg.s2_v);
 }
 void s2_naive(benchmark::State& st) {
   auto& in = s2_inputs::get();
   at::Tensor x = in.x.detach().clone().requires_grad_();
-  timed(st, "S2 naive LibTorch", [&] {
+  timed(st, timings(), "S2 naive LibTorch", [&] {
     x.mutable_grad() = at::Tensor();
     at::cross_entropy_loss(x, in.y).backward();
     benchmark::DoNotOptimize(x.grad().data_ptr());
@@ -243,7 +233,7 @@ void s2_naive(benchmark::State& st) {
 void s2_posttrain_torch(benchmark::State& st) {
   auto& in = s2_inputs::get();
   at::Tensor x = in.x.detach().clone().requires_grad_();
-  timed(st, "S2 posttrain sft_loss on torch + backward()", [&] {
+  timed(st, timings(), "S2 posttrain sft_loss on torch + backward()", [&] {
     x.mutable_grad() = at::Tensor();
     posttrain::sft_loss(x, in.y).loss.backward();
     benchmark::DoNotOptimize(x.grad().data_ptr());
@@ -252,7 +242,7 @@ void s2_posttrain_torch(benchmark::State& st) {
 }
 void s2_posttrain_torch_fused_backward(benchmark::State& st) {
   auto& in = s2_inputs::get();
-  timed(st, "S2 posttrain sft_loss + sft_loss_backward on torch", [&] {
+  timed(st, timings(), "S2 posttrain sft_loss + sft_loss_backward on torch", [&] {
     const at::Tensor loss = posttrain::sft_loss(in.x, in.y).loss;
     const at::Tensor g = posttrain::sft_loss_backward(in.x, in.y);  // fused_ce_backward: one pass per row
     benchmark::DoNotOptimize(loss.data_ptr());
@@ -265,7 +255,7 @@ void s2_fused(benchmark::State& st, bool in_place) {
   std::vector<float> loss(static_cast<std::size_t>(cfg.s2_n));
   at::Tensor work = in.x.clone();
   float* out = in_place ? work.data_ptr<float>() : in.grad.data_ptr<float>();
-  timed(st, in_place ? "S2 fused kernel, in place" : "S2 fused kernel, into a buffer", [&] {
+  timed(st, timings(), in_place ? "S2 fused kernel, in place" : "S2 fused kernel, into a buffer", [&] {
     // In place overwrites the logits: the next iteration differentiates the previous gradient,
     // which costs the same (the kernel's work does not depend on the values).
     kernels::cross_entropy_forward_backward<float>(in_place ? work.data_ptr<float>() : in.x.data_ptr<float>(), cfg.s2_n,
@@ -282,7 +272,7 @@ void s2_generic(benchmark::State& st) {
   std::memcpy(x.data(), in.x.data_ptr<float>(), static_cast<std::size_t>(n * v) * sizeof(float));
   eigen_index y({n});
   std::memcpy(y.data(), in.y.data_ptr<std::int64_t>(), static_cast<std::size_t>(n) * sizeof(std::int64_t));
-  timed(st, "S2 posttrain generic (Eigen, few rows)", [&] {
+  timed(st, timings(), "S2 posttrain generic (Eigen, few rows)", [&] {
     const auto r = sft_loss(x, y);
     const auto g = sft_loss_backward(x, y);
     benchmark::DoNotOptimize(r.loss.data());
@@ -316,7 +306,7 @@ template <class F>
 void timed_cuda(benchmark::State& st, const std::string& name, F&& body) {
   body();  // warm-up: the caching allocator and kernel loads
   torch::cuda::synchronize();
-  timed(st, name, [&] {
+  timed(st, timings(), name, [&] {
     body();
     torch::cuda::synchronize();
   });
