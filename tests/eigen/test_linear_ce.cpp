@@ -19,30 +19,22 @@
 #include "posttrain/numerics/logits.hpp"
 #include "support/data.hpp"
 #include "support/finite_difference.hpp"
+#include "support/linear_eigen.hpp"
 #include "support/tolerances.hpp"
 
 using namespace posttrain;
 using Catch::Matchers::Contains;
 using tensor_d = eigen_tensor<double>;
-using matrix_d = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using test::as_matrix;
+using test::cast;
+using test::expect_error;
+using test::from_matrix;
+using test::matrix_d;
+using test::require_close;
+using test::rounded_to_float;
+using test::thread_guard;
 
 namespace {
-
-struct thread_guard {
-  ~thread_guard() { kernels::set_num_threads(0); }
-};
-
-/// A rank-2 [rows, cols] tensor as a row-major Eigen matrix.
-matrix_d as_matrix(const tensor_d& t) {
-  const auto& s = t.shape();
-  const std::int64_t cols = s.back(), rows = t.numel() / cols;
-  return Eigen::Map<const matrix_d>(t.data(), rows, cols);
-}
-tensor_d from_matrix(const matrix_d& m, shape_t shape) {
-  tensor_d t(std::move(shape));
-  Eigen::Map<matrix_d>(t.data(), m.rows(), m.cols()) = m;
-  return t;
-}
 
 /// The unfused reference in double: Z = X·Wᵀ, the SFT loss on Z and the chain rule.
 struct reference {
@@ -74,15 +66,6 @@ reference unfused(const tensor_d& hidden, const tensor_d& head, const eigen_inde
 }
 
 template <class S>
-void require_close(const std::string& what, const eigen_tensor<S>& got, const tensor_d& want, test::tolerance tol) {
-  REQUIRE(got.shape() == want.shape());
-  for (std::int64_t i = 0; i < want.numel(); ++i) {
-    INFO(what << " element " << i << ": got " << got.values()(i) << ", want " << want.values()(i));
-    REQUIRE(tol.accepts(static_cast<double>(got.values()(i)), want.values()(i)));
-  }
-}
-
-template <class S>
 void require_matches(const fused_linear_ce_gradients<eigen_tensor<S>>& got, const reference& want,
                      test::tolerance tol) {
   INFO("loss " << got.result.loss.values()(0) << " vs " << want.loss);
@@ -104,18 +87,6 @@ problem make_problem(std::int64_t rows, std::int64_t h, std::int64_t v, std::uin
   return {test::to_eigen<double>(test::random_normal({rows, h}, seed)),
           test::to_eigen<double>(test::random_normal({v, h}, seed + 1, w_scale)),
           test::to_eigen(test::random_labels({rows}, v, seed + 2, ignore))};
-}
-
-template <class S>
-eigen_tensor<S> cast(const tensor_d& t) {
-  eigen_tensor<S> out(t.shape());
-  out.values() = t.values().template cast<S>();
-  return out;
-}
-tensor_d rounded_to_float(const tensor_d& t) {
-  tensor_d out(t.shape());
-  out.values() = t.values().cast<float>().cast<double>();
-  return out;
 }
 
 }  // namespace
@@ -248,16 +219,6 @@ TEST_CASE("fused linear CE in float32 agrees with the double reference", "[linea
   const auto got = fused_linear_cross_entropy_and_grad(cast<float>(x), cast<float>(w), p.labels, o);
   require_matches(got, unfused(x, w, p.labels, o), test::float32_tol);
 }
-
-namespace {
-void expect_error(const std::function<void()>& call, const std::string& function,
-                  const std::vector<std::string>& parts) {
-  INFO("expected posttrain::" << function << " to reject its input, naming: " << Catch::Detail::stringify(parts));
-  CHECK_THROWS_AS(call(), posttrain::error);
-  CHECK_THROWS_WITH(call(), Catch::Matchers::StartsWith("posttrain::" + function + ": "));
-  for (const auto& part : parts) CHECK_THROWS_WITH(call(), Contains(part));
-}
-}  // namespace
 
 TEST_CASE("fused linear CE rejects invalid inputs, naming the argument", "[linear_ce][errors]") {
   const auto p = make_problem(4, 3, 7, 81);

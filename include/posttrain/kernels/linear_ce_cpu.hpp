@@ -23,6 +23,7 @@
 // thread count, so results are bitwise independent of it (Eigen's GEMM blocking, and hence its
 // summation order, depends only on the operand shapes). If the caller compiles with -fopenmp,
 // Eigen's GEMM also starts its own threads inside ours: set Eigen::setNbThreads(1) there.
+// The chunk/tile/GEMM driver (linear_chunks below) is shared with kernels/linear_logprobs_cpu.hpp.
 #pragma once
 
 #include <Eigen/Core>
@@ -103,6 +104,80 @@ void parallel_tiles(std::int64_t tiles, F&& f) {
 
 }  // namespace detail
 
+/// The chunk/tile driver shared by the fused linear kernels (this file's linear_cross_entropy and
+/// kernels/linear_logprobs_cpu.hpp): for each chunk of `chunk` rows starting at c0 (C rows),
+///   1. Z_c = logit_scale·X_c·Wᵀ into a [C, V] buffer, tile by tile of the vocabulary;
+///   2. rows(c0, C, Z_c) does the per-row work and returns whether gradients flow from this
+///      chunk; if so it has overwritten Z_c with G_c = ∂L/∂Z_c (of the unscaled X·Wᵀ);
+///   3. then ∂X_c = G_c·W is written into grad_hidden (when not null) and ∂W += G_cᵀ·X_c into
+///      grad_head (when not null).
+/// When rows returns false, grad_hidden's chunk is left untouched (the caller fills it).
+template <class S, class Rows>
+void linear_chunks(const S* hidden, const S* head, std::int64_t rows, std::int64_t hidden_size, std::int64_t vocab,
+                   std::int64_t chunk_rows, S logit_scale, S* grad_hidden, S* grad_head, Rows&& process) {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
+  using row_matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using const_map = Eigen::Map<const row_matrix, 0, Eigen::OuterStride<>>;
+  using map = Eigen::Map<row_matrix, 0, Eigen::OuterStride<>>;
+  using array = Eigen::Array<S, Eigen::Dynamic, 1>;
+
+  if (rows <= 0 || vocab <= 0) return;
+  const std::int64_t H = hidden_size, V = vocab;
+  const std::int64_t chunk = std::min(rows, chunk_rows > 0 ? chunk_rows : default_chunk_rows(V, sizeof(S)));
+
+  // Fixed vocabulary tiles (see the file comment): width ⌈V / vocab_tiles⌉, at least min_tile_columns.
+  const std::int64_t tile_width = std::max(min_tile_columns, (V + vocab_tiles - 1) / vocab_tiles);
+  const std::int64_t tiles = (V + tile_width - 1) / tile_width;
+
+  // The chunk's logits, then its gradient in place: [chunk, V]. Partial ∂X_c per tile: [tiles, chunk, H].
+  const std::unique_ptr<S[]> logits(new S[static_cast<std::size_t>(chunk * V)]);
+  const std::unique_ptr<S[]> partial(grad_hidden && tiles > 1 ? new S[static_cast<std::size_t>(tiles * chunk * H)]
+                                                              : nullptr);
+
+  for (std::int64_t c0 = 0; c0 < rows; c0 += chunk) {
+    const std::int64_t C = std::min(chunk, rows - c0);
+    const const_map Xc(hidden + c0 * H, C, H, Eigen::OuterStride<>(H));  // [C, H]
+
+    // 1. Z_c = scale·X_c·Wᵀ, tile by tile of the vocabulary (the scale is GEMM's alpha).   [C, V]
+    detail::parallel_tiles(tiles, [&](std::int64_t t) {
+      const std::int64_t v0 = t * tile_width, vn = std::min(tile_width, V - v0);
+      const const_map Wt(head + v0 * H, vn, H, Eigen::OuterStride<>(H));  // [vn, H]
+      map Zt(logits.get() + v0, C, vn, Eigen::OuterStride<>(V));          // [C, vn] inside [C, V]
+      if (logit_scale == S(1))
+        Zt.noalias() = Xc * Wt.transpose();
+      else
+        Zt.noalias() = logit_scale * (Xc * Wt.transpose());
+    });
+
+    // 2. The caller's per-row pass (statistics, outputs, G_c over Z_c).
+    if (!process(c0, C, logits.get())) continue;
+    if (!grad_hidden && !grad_head) continue;
+
+    // 3. Per tile: P_t = G_c[:, V_t]·W[V_t] ([C, H]) and ∂W[V_t] += G_c[:, V_t]ᵀ·X_c ([vn, H]).
+    S* dX = grad_hidden ? grad_hidden + c0 * H : nullptr;
+    detail::parallel_tiles(tiles, [&](std::int64_t t) {
+      const std::int64_t v0 = t * tile_width, vn = std::min(tile_width, V - v0);
+      const const_map Gt(logits.get() + v0, C, vn, Eigen::OuterStride<>(V));  // [C, vn]
+      const const_map Wt(head + v0 * H, vn, H, Eigen::OuterStride<>(H));      // [vn, H]
+      if (dX) {
+        map Pt(tiles > 1 ? partial.get() + t * C * H : dX, C, H, Eigen::OuterStride<>(H));
+        Pt.noalias() = Gt * Wt;
+      }
+      if (grad_head) {
+        map dWt(grad_head + v0 * H, vn, H, Eigen::OuterStride<>(H));
+        dWt.noalias() += Gt.transpose() * Xc;
+      }
+    });
+    // ∂X_c = Σ_t P_t, in tile order (independent of the thread count).
+    if (dX && tiles > 1) {
+      Eigen::Map<array> acc(dX, static_cast<Eigen::Index>(C * H));
+      acc = Eigen::Map<const array>(partial.get(), static_cast<Eigen::Index>(C * H));
+      for (std::int64_t t = 1; t < tiles; ++t)
+        acc += Eigen::Map<const array>(partial.get() + t * C * H, static_cast<Eigen::Index>(C * H));
+    }
+  }
+}
+
 /// Fused linear cross-entropy forward (+ gradients when requested) over X [rows, hidden_size],
 /// W [vocab, hidden_size], labels [rows] (each in [0, vocab) or == ignore_index; the caller
 /// validates). grad_scale is d L / d ℓ_r for every non-ignored row. Returns Σ ℓ_r and the count
@@ -112,45 +187,22 @@ linear_ce_totals linear_cross_entropy(const S* hidden, const S* head, std::int64
                                       std::int64_t vocab, const std::int64_t* labels, const linear_ce_options& opt,
                                       double grad_scale, const linear_ce_buffers<S>& out) {
   static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
-  using row_matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using const_map = Eigen::Map<const row_matrix, 0, Eigen::OuterStride<>>;
-  using map = Eigen::Map<row_matrix, 0, Eigen::OuterStride<>>;
   using array = Eigen::Array<S, Eigen::Dynamic, 1>;
 
   linear_ce_totals totals;
   if (rows <= 0 || vocab <= 0) return totals;
-  const std::int64_t H = hidden_size, V = vocab;
+  const std::int64_t V = vocab;
   const bool want_grad = out.grad_hidden != nullptr || out.grad_head != nullptr;
   const std::int64_t chunk = std::min(rows, opt.chunk_rows > 0 ? opt.chunk_rows : default_chunk_rows(V, sizeof(S)));
   const double eps = opt.label_smoothing, z = opt.z_loss;
-
-  // Fixed vocabulary tiles (see the file comment): width ⌈V / vocab_tiles⌉, at least min_tile_columns.
-  const std::int64_t tile_width = std::max(min_tile_columns, (V + vocab_tiles - 1) / vocab_tiles);
-  const std::int64_t tiles = (V + tile_width - 1) / tile_width;
-
-  // The chunk's logits, then its gradient in place: [chunk, V]. Partial ∂X_c per tile: [tiles, chunk, H].
-  const std::unique_ptr<S[]> logits(new S[static_cast<std::size_t>(chunk * V)]);
-  const std::unique_ptr<S[]> partial(out.grad_hidden && tiles > 1 ? new S[static_cast<std::size_t>(tiles * chunk * H)]
-                                                                  : nullptr);
   std::vector<double> row_loss(static_cast<std::size_t>(chunk));
 
-  for (std::int64_t c0 = 0; c0 < rows; c0 += chunk) {
-    const std::int64_t C = std::min(chunk, rows - c0);
-    const const_map Xc(hidden + c0 * H, C, H, Eigen::OuterStride<>(H));  // [C, H]
-
-    // 1. Z_c = X_c·Wᵀ, tile by tile of the vocabulary.                      [C, V]
-    detail::parallel_tiles(tiles, [&](std::int64_t t) {
-      const std::int64_t v0 = t * tile_width, vn = std::min(tile_width, V - v0);
-      const const_map Wt(head + v0 * H, vn, H, Eigen::OuterStride<>(H));  // [vn, H]
-      map Zt(logits.get() + v0, C, vn, Eigen::OuterStride<>(V));          // [C, vn] inside [C, V]
-      Zt.noalias() = Xc * Wt.transpose();
-    });
-
-    // 2. One pass per row: statistics, outputs, and the row's gradient over its logits.
+  // One pass per row of the chunk's logits: statistics, outputs, and the row's gradient over its logits.
+  const auto rows_of_chunk = [&](std::int64_t c0, std::int64_t C, S* logits) {
     parallel_rows(C, V, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t r = begin; r < end; ++r) {
         const std::int64_t i = c0 + r;
-        S* x = logits.get() + r * V;
+        S* x = logits + r * V;
         const std::int64_t y = labels[i];
         const bool ignored = y == opt.ignore_index;
         const row_stats<S> st = reduce_row(x, V);
@@ -189,31 +241,9 @@ linear_ce_totals linear_cross_entropy(const S* hidden, const S* head, std::int64
       totals.loss_sum += row_loss[static_cast<std::size_t>(r)];
       totals.num_valid += labels[c0 + r] != opt.ignore_index ? 1 : 0;
     }
-    if (!want_grad) continue;
-
-    // 3. Per tile: P_t = G_c[:, V_t]·W[V_t] ([C, H]) and ∂W[V_t] += G_c[:, V_t]ᵀ·X_c ([vn, H]).
-    S* dX = out.grad_hidden ? out.grad_hidden + c0 * H : nullptr;
-    detail::parallel_tiles(tiles, [&](std::int64_t t) {
-      const std::int64_t v0 = t * tile_width, vn = std::min(tile_width, V - v0);
-      const const_map Gt(logits.get() + v0, C, vn, Eigen::OuterStride<>(V));  // [C, vn]
-      const const_map Wt(head + v0 * H, vn, H, Eigen::OuterStride<>(H));      // [vn, H]
-      if (dX) {
-        map Pt(tiles > 1 ? partial.get() + t * C * H : dX, C, H, Eigen::OuterStride<>(H));
-        Pt.noalias() = Gt * Wt;
-      }
-      if (out.grad_head) {
-        map dWt(out.grad_head + v0 * H, vn, H, Eigen::OuterStride<>(H));
-        dWt.noalias() += Gt.transpose() * Xc;
-      }
-    });
-    // ∂X_c = Σ_t P_t, in tile order (independent of the thread count).
-    if (dX && tiles > 1) {
-      Eigen::Map<array> acc(dX, static_cast<Eigen::Index>(C * H));
-      acc = Eigen::Map<const array>(partial.get(), static_cast<Eigen::Index>(C * H));
-      for (std::int64_t t = 1; t < tiles; ++t)
-        acc += Eigen::Map<const array>(partial.get() + t * C * H, static_cast<Eigen::Index>(C * H));
-    }
-  }
+    return want_grad;
+  };
+  linear_chunks<S>(hidden, head, rows, hidden_size, V, chunk, S(1), out.grad_hidden, out.grad_head, rows_of_chunk);
   return totals;
 }
 

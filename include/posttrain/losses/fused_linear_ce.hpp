@@ -81,12 +81,11 @@ inline void check_fused_linear_ce_options(std::string_view fn, const fused_linea
 }
 
 /// hidden [..., H] and head [V, H]: floating, non-empty, same dtype and device; labels [...] integer,
-/// each in [0, V) or ignore_index.
+/// each in [0, V) or ignore_index. (Shared with losses/fused_linear_logprobs.hpp.)
 template <tensor T>
-void check_fused_linear_ce(std::string_view fn, const T& hidden, const T& head, const index_tensor_t<T>& labels,
-                           const fused_linear_ce_options& o) {
+void check_fused_linear_inputs(std::string_view fn, const T& hidden, const T& head, const index_tensor_t<T>& labels,
+                               std::int64_t ignore_index) {
   using tr = tensor_traits<T>;
-  check_fused_linear_ce_options(fn, o);
   require_values(fn, "hidden", hidden);
   require_values(fn, "head", head);
   require_rank(fn, "hidden", hidden, 2, 8);
@@ -106,10 +105,17 @@ void check_fused_linear_ce(std::string_view fn, const T& hidden, const T& head, 
   if (tr::index_shape(labels) != expected)
     fail(fn, "labels has shape ", shape_string(tr::index_shape(labels)), " but hidden has shape ", shape_string(hs),
          "; expected labels of shape ", shape_string(expected));
-  const std::int64_t bad = tr::index_count_outside(labels, 0, ws[0], o.ignore_index);
+  const std::int64_t bad = tr::index_count_outside(labels, 0, ws[0], ignore_index);
   if (bad > 0)
     fail(fn, "labels has ", bad, " value(s) outside [0, ", ws[0], ") (the head's rows) that are not ignore_index (",
-         o.ignore_index, ")");
+         ignore_index, ")");
+}
+
+template <tensor T>
+void check_fused_linear_ce(std::string_view fn, const T& hidden, const T& head, const index_tensor_t<T>& labels,
+                           const fused_linear_ce_options& o) {
+  check_fused_linear_ce_options(fn, o);
+  check_fused_linear_inputs(fn, hidden, head, labels, o.ignore_index);
 }
 
 /// d loss / d ℓ_t for every counted token: 1/n (see the file comment for n).
