@@ -5,7 +5,12 @@
 // Formula, options and outputs: losses/fused_linear_ce.hpp. The loss is a torch::autograd::Function
 // whose forward computes the loss and both gradients chunk by chunk (Liger's scheme) and saves only
 // the gradients; backward scales them by grad_output. Peak extra memory beside the gradients is one
-// chunk of logits (~64 MiB by default, options.chunk_rows), never [N, V]. Per-token outputs
+// chunk of logits (~64 MiB by default, options.chunk_rows), never [N, V].
+// The gradients are handed to autograd without a copy: unless the graph is retained, backward
+// gives up its reference, so AccumulateGrad adopts the tensor as .grad when .grad is unset (and
+// adds it in place otherwise), and a grad_output other than 1 scales it in place. On CPU the
+// gradients live on transparent huge pages (backends/torch_memory.hpp): a fresh [V, H] gradient
+// every step then costs ~0.1 s instead of seconds of page faults. Per-token outputs
 // (per_token_loss, logprobs, entropy, num_tokens) are forward-only (marked non-differentiable).
 // Double backward (create_graph) is not supported: the saved gradients are constants.
 //
@@ -22,12 +27,14 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "posttrain/backends/torch.hpp"
+#include "posttrain/backends/torch_memory.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
 
@@ -57,8 +64,8 @@ inline parts on_cpu(const at::Tensor& hidden, const at::Tensor& head, const at::
   r[1] = at::empty(labels.sizes(), opts);
   r[2] = at::empty(labels.sizes(), opts);
   r[3] = at::empty(labels.sizes(), opts);
-  if (grad_hidden) r[5] = at::empty(hidden.sizes(), opts);
-  if (grad_head) r[6] = at::zeros({v, h}, opts);  // the kernel accumulates into it
+  if (grad_hidden) r[5] = large_cpu_empty(hidden.sizes(), opts);
+  if (grad_head) r[6] = large_cpu_zeros({v, h}, opts);  // the kernel accumulates into it
   const auto run = [&](auto tag) {
     using S = decltype(tag);
     kernels::linear_ce_buffers<S> out{r[1].data_ptr<S>(), r[2].data_ptr<S>(), r[3].data_ptr<S>(),
@@ -143,29 +150,39 @@ inline parts compute(const at::Tensor& hidden, const at::Tensor& head, const at:
   return chunked_ops(hidden, head, labels, o, grad_hidden, grad_head, grad_loss);
 }
 
-/// The autograd node: gradients computed in forward and saved; backward scales them.
+/// The autograd node: gradients computed in forward and kept in saved_data (not
+/// save_for_backward, whose references live until backward returns); backward scales them.
 struct function : torch::autograd::Function<function> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& hidden,
                                                 const at::Tensor& head, const at::Tensor& labels,
                                                 const fused_linear_ce_options& o) {
     const bool gh = ctx->needs_input_grad(0), gw = ctx->needs_input_grad(1);
     parts r = compute(hidden, head, labels, o, gh, gw);
-    ctx->save_for_backward({r[5], r[6]});
+    if (r[5].defined()) ctx->saved_data["grad_hidden"] = r[5];
+    if (r[6].defined()) ctx->saved_data["grad_head"] = r[6];
     ctx->mark_non_differentiable({r[1], r[2], r[3], r[4]});
     return {r[0], r[1], r[2], r[3], r[4]};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
+    // With retain_graph the gradients must survive for the next backward: they are shared (and
+    // copied by AccumulateGrad) or scaled out of place. Otherwise this is the last use: the
+    // reference is dropped so the caller holds the only one.
+    const bool keep = torch::autograd::get_current_graph_task_keep_graph();
     const at::Tensor& g = grads[0];  // d out / d loss, 0-d
     // Liger skips the multiply when grad_output is exactly 1 (the usual loss.backward()).
     const bool one = g.defined() && g.item<double>() == 1.0;
-    const auto scale = [&](const at::Tensor& t) -> at::Tensor {
-      if (!t.defined()) return t;
+    const auto take = [&](const char* name) -> at::Tensor {
+      const auto it = ctx->saved_data.find(name);
+      if (it == ctx->saved_data.end()) return {};
+      at::Tensor t = it->second.toTensor();
+      if (!keep) ctx->saved_data.erase(it);
       if (!g.defined()) return at::zeros_like(t);
-      return one ? t : t * g.to(t.scalar_type());
+      if (one) return t;
+      return keep ? t * g.to(t.scalar_type()) : t.mul_(g.to(t.scalar_type()));
     };
-    return {scale(saved[0]), scale(saved[1]), at::Tensor(), at::Tensor()};
+    at::Tensor grad_hidden = take("grad_hidden"), grad_head = take("grad_head");
+    return {std::move(grad_hidden), std::move(grad_head), at::Tensor(), at::Tensor()};
   }
 };
 
