@@ -231,3 +231,83 @@ TEST_CASE("kernels: the general backward gives token_logprobs_backward, entropy_
       out.data());
   require_close(out, logsumexp_backward(x, g), test::float64_tol);
 }
+
+namespace {
+/// Rows that stress the kept-exponential gradient: row 0's first 4100 logits are -inf (two whole
+/// blocks before any finite one), row 1 rises steadily (every block raises the running max, so
+/// every block is rescaled), row 2 has its max in the first block, row 3 is -inf but for its
+/// last entry.
+test::host_tensor block_edge_logits(std::int64_t vocab, std::uint64_t seed) {
+  auto h = test::random_normal({4, vocab}, seed, 2.0);
+  for (std::int64_t v = 0; v < vocab; ++v) {
+    auto at = [&](std::int64_t r) -> double& { return h.values[static_cast<std::size_t>(r * vocab + v)]; };
+    if (v < 4100) at(0) = -inf;
+    at(1) += 30.0 * static_cast<double>(v) / static_cast<double>(vocab);
+    if (v == 5) at(2) += 40.0;
+    if (v + 1 < vocab) at(3) = -inf;
+  }
+  return h;
+}
+}  // namespace
+
+TEST_CASE("kernels: gradients from kept exponentials across -inf blocks and rising maxima equal the generic path") {
+  const std::int64_t vocab = 9000;  // 5 blocks, the last one ragged
+  const auto h = rounded_to_float(block_edge_logits(vocab, 61));
+  auto lab = finite_labels(h, 3);
+  const auto labels = test::to_eigen(lab);
+  const auto xd = test::to_eigen<double>(h);
+  const sft_options opt{.label_smoothing = 0.1, .z_loss = 1e-4};
+  const auto want_loss = sft_loss(xd, labels, opt).per_token_loss;
+  const auto want_grad = generic::sft_loss_backward(xd, labels, opt, 1.0);
+  const kernels::cross_entropy_options kopt{.ignore_index = -100, .label_smoothing = 0.1, .z_loss = 1e-4};
+  const auto g = test::to_eigen<double>(test::random_normal({4}, 62));
+  const auto want_lp_grad = token_logprobs_backward(xd, labels, g);
+  const auto run = [&](auto tag, test::tolerance tol) {
+    using S = decltype(tag);
+    INFO((sizeof(S) == 4 ? "float32" : "float64"));
+    const eigen_tensor<S> x = test::to_eigen<S>(h);
+    eigen_tensor<S> loss({4}), grad({4, vocab});
+    kernels::cross_entropy_forward_backward<S>(x.data(), 4, vocab, labels.data(), kopt, loss.data(), grad.data(), 0.25);
+    require_close(loss, want_loss, tol);
+    require_close(grad, want_grad, tol);
+    eigen_tensor<S> inplace = x;
+    kernels::cross_entropy_forward_backward<S>(inplace.data(), 4, vocab, labels.data(), kopt, loss.data(),
+                                               inplace.data(), 0.25);
+    require_close(inplace, want_grad, tol);
+    require_close(loss, want_loss, tol);
+    // The general backward into a buffer (kept exponentials) with a β = 0 form.
+    kernels::logits_backward<S>(
+        x.data(), 4, vocab, labels.data(),
+        [&](std::int64_t r, const kernels::row_stats<S>&) {
+          return kernels::backward_coefficients{-g(r), 0.0, -g(r), 0.0};
+        },
+        grad.data());
+    require_close(grad, want_lp_grad, tol);
+  };
+  run(double{}, test::float64_tol);
+  run(float{}, test::float32_tol);
+}
+
+TEST_CASE("kernels: a NaN logit makes its row's outputs NaN (among finite, -inf and +inf logits)") {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), finf = std::numeric_limits<float>::infinity();
+  for (std::int64_t vocab : {5, 3000, 5000}) {
+    for (std::int64_t where : {std::int64_t{0}, vocab / 2, vocab - 1}) {
+      INFO("V = " << vocab << ", NaN at " << where);
+      eigen_tensor<float> x({3, vocab}, 0.5f);
+      for (std::int64_t v = 0; v < vocab; ++v) x(1, v) = -finf;  // row 1: -inf but the NaN
+      x(2, vocab / 3) = finf;                                    // row 2: +inf and the NaN
+      for (std::int64_t r = 0; r < 3; ++r) x(r, where) = nan;
+      const std::vector<std::int64_t> labels = {(where + 1) % vocab, (where + 1) % vocab, (where + 1) % vocab};
+      std::vector<float> lse(3), lp(3), ent(3), grad(static_cast<std::size_t>(3 * vocab));
+      kernels::logits_forward<float>(x.data(), 3, vocab, labels.data(), -100, lse.data(), lp.data(), ent.data());
+      kernels::cross_entropy_forward_backward<float>(x.data(), 3, vocab, labels.data(), {}, nullptr, grad.data(), 1.0);
+      for (std::size_t r = 0; r < 3; ++r) {
+        INFO("row " << r);
+        CHECK(std::isnan(lse[r]));
+        CHECK(std::isnan(ent[r]));
+        CHECK(std::isnan(lp[r]));
+        CHECK(std::isnan(grad[r * static_cast<std::size_t>(vocab)]));
+      }
+    }
+  }
+}
