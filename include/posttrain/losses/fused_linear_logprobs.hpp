@@ -23,7 +23,7 @@
 //   auto r = posttrain::ppo_policy_loss(lp, old_logprobs, advantages, response_mask);
 //   auto loss = r.loss - 0.01 * posttrain::masked_mean(ent, response_mask);  // verl's entropy bonus
 //   loss.backward();                      // hidden.grad(), lm_head.weight().grad() without [N, V] logits
-// GRPO the same way: grpo_loss({.logprobs = lp, .advantages = adv, .completion_mask = mask}).
+// GRPO the same way: grpo_loss(grpo_batch<at::Tensor>{.logprobs = lp, .advantages = adv, .completion_mask = mask}).
 // Closed form: X = 0 gives uniform logits, so lp = -log V and H = log V (any W, any τ).
 //
 // Eigen (this header): fused_linear_logprobs(...) (forward) and fused_linear_logprobs_backward(...).
