@@ -122,6 +122,20 @@ TEST_CASE("fused linear logprobs: a small vocabulary in one tile, no ignored lab
   check_against_unfused(make_problem({6}, 3, 17, 15, 0.0, 1.0), o, {1, 4, 6, 7});
 }
 
+TEST_CASE("fused linear logprobs: logits of magnitude ~1e3 and a small temperature stay exact", "[linear_logprobs]") {
+  // W ~ N(0, 30): logits X·Wᵀ/τ of spread ~ 30·√8/0.25 ≈ 340 and max ~1e3, so p is nearly one-hot:
+  // the kernel shifts by the row max before exp (no overflow, log p exact near the max).
+  fused_linear_logprobs_options o;
+  o.temperature = 0.25;
+  const auto p = make_problem({9}, 8, 700, 17, 0.2, 30.0);
+  check_against_unfused(p, o, {4});
+  const auto f = fused_linear_logprobs(p.hidden, p.head, p.labels, o);
+  for (std::int64_t i = 0; i < 9; ++i) {
+    CHECK(std::isfinite(f.logprobs.values()(i)));
+    CHECK(std::isfinite(f.entropy.values()(i)));
+  }
+}
+
 TEST_CASE("fused linear logprobs: hidden [B, T, H] with labels [B, T]", "[linear_logprobs]") {
   const auto p = make_problem({2, 5}, 6, 300, 21, 0.2, 0.4);
   fused_linear_logprobs_options o;
