@@ -18,6 +18,7 @@
 // This file does not touch main(): it reads the command line (--quick, --threads=N,
 // --flce-peak-memory=CASE) from /proc/self/cmdline when its benchmarks are registered at start-up.
 #include <benchmark/benchmark.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -265,12 +266,99 @@ int run_peak_memory(const std::string& name) {
   return 0;
 }
 
+// ---- CUDA (runs only where torch::cuda::is_available(); NOT verified in this repository's CI) -----
+// The same scenarios on the GPU in float32 and bfloat16: cuBLAS's three GEMMs alone (the floor),
+// the naive at::matmul + at::cross_entropy_loss + backward() at full N, and posttrain's API, whose
+// CUDA path is the chunked LibTorch-op algorithm (backends/torch_linear_ce.hpp). Each call is
+// followed by torch::cuda::synchronize(); one untimed call first warms the caching allocator.
+
+struct cuda_inputs {
+  at::Tensor x, w, y;
+  static cuda_inputs& get(const std::string& scenario, bool bf16) {
+    static std::map<std::string, cuda_inputs> all;
+    const std::string key = scenario + (bf16 ? "bf16" : "fp32");
+    auto it = all.find(key);
+    if (it != all.end()) return it->second;
+    const inputs& in = inputs::get(scenario);
+    const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kFloat;
+    cuda_inputs c{in.x.to(at::kCUDA, dt), in.w.to(at::kCUDA, dt), in.y.to(at::kCUDA)};
+    torch::cuda::synchronize();
+    return all.emplace(key, std::move(c)).first->second;
+  }
+};
+std::string cuda_name(const std::string& sc, bool bf16, const std::string& what) {
+  return sc + " CUDA " + (bf16 ? "bf16 " : "fp32 ") + what;
+}
+template <class F>
+void timed_cuda(benchmark::State& st, const std::string& name, F&& body) {
+  body();
+  torch::cuda::synchronize();
+  timed(st, timings(), name, [&] {
+    body();
+    torch::cuda::synchronize();
+  });
+}
+void cuda_gemm(benchmark::State& st, const std::string& sc, bool bf16) {
+  auto& in = cuda_inputs::get(sc, bf16);
+  timed_cuda(st, cuda_name(sc, bf16, "3 GEMMs (cuBLAS)"), [&] {
+    const at::Tensor z = at::matmul(in.x, in.w.t());  // [N, V], stands in for G below
+    const at::Tensor gx = at::matmul(z, in.w);        // [N, H]
+    const at::Tensor gw = at::matmul(z.t(), in.x);    // [V, H]
+    benchmark::DoNotOptimize(gx.data_ptr());
+    benchmark::DoNotOptimize(gw.data_ptr());
+  });
+}
+void cuda_naive(benchmark::State& st, const std::string& sc, bool bf16) {
+  auto& in = cuda_inputs::get(sc, bf16);
+  const at::Tensor x = in.x.detach().requires_grad_(), w = in.w.detach().requires_grad_();
+  timed_cuda(st, cuda_name(sc, bf16, "naive LibTorch"), [&] {
+    x.mutable_grad() = at::Tensor();
+    w.mutable_grad() = at::Tensor();
+    at::cross_entropy_loss(at::matmul(x, w.t()), in.y).backward();
+    benchmark::DoNotOptimize(w.grad().data_ptr());
+  });
+}
+void cuda_api(benchmark::State& st, const std::string& sc, bool bf16) {
+  auto& in = cuda_inputs::get(sc, bf16);
+  const at::Tensor x = in.x.detach().requires_grad_(), w = in.w.detach().requires_grad_();
+  timed_cuda(st, cuda_name(sc, bf16, "posttrain API + backward()"), [&] {
+    x.mutable_grad() = at::Tensor();
+    w.mutable_grad() = at::Tensor();
+    posttrain::fused_linear_cross_entropy(x, w, in.y).loss.backward();
+    benchmark::DoNotOptimize(w.grad().data_ptr());
+  });
+}
+
+/// The CUDA cases' summary (only where they ran): ms per call, ratio to the GEMMs, speed-up over naive.
+void print_cuda_summary() {
+  auto& t = timings();
+  bool header = false;
+  for (const std::string sc : {"S3", "S4"}) {
+    for (const bool bf16 : {false, true}) {
+      const std::string g = cuda_name(sc, bf16, "3 GEMMs (cuBLAS)");
+      if (!t.count(g)) continue;
+      if (!header) {
+        std::printf("\n=== CUDA fused linear cross-entropy (mean ms per call, synchronised) ===\n");
+        header = true;
+      }
+      const std::string naive = cuda_name(sc, bf16, "naive LibTorch");
+      for (const std::string c : {"3 GEMMs (cuBLAS)", "naive LibTorch", "posttrain API + backward()"}) {
+        const std::string name = cuda_name(sc, bf16, c);
+        if (!t.count(name)) continue;
+        std::printf("  %-52s %10.2f ms %8.2fx gemm %8.2fx faster than naive\n", name.c_str(), t[name] * 1e3,
+                    t[name] / t[g], t.count(naive) ? t[naive] / t[name] : 0.0);
+      }
+    }
+  }
+}
+
 double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
 
 /// This file's summary, printed at exit after main's (only when its cases ran).
 void print_summary() {
   auto& t = timings();
   if (t.empty()) return;
+  print_cuda_summary();
   const auto get = [&](const std::string& k) { return t.count(k) ? t[k] : 0.0; };
   std::printf("\n=== fused linear cross-entropy (S3/S4, float32, threads = %d; mean s per call) ===\n",
               kernels::num_threads());
@@ -340,6 +428,22 @@ const bool registered = [] {
     reg(sc + "/fused_kernel_fp32", bench_fused, sc, c.iterations);
     reg(sc + "/posttrain_api_torch_fwd_bwd", bench_torch_api, sc, c.iterations);
     reg(sc + "/naive_libtorch_matmul_ce_fwd_bwd_few_rows", bench_naive, sc, 1);
+  }
+  if (torch::cuda::is_available()) {
+    for (const std::string sc : {"S3", "S4"}) {
+      for (const bool bf16 : {false, true}) {
+        const std::string dt = bf16 ? "_bf16" : "_fp32";
+        const auto add = [&](const std::string& name, void (*fn)(benchmark::State&, const std::string&, bool)) {
+          benchmark::RegisterBenchmark(name.c_str(), fn, sc, bf16)
+              ->Iterations(c.quick ? 1 : 5)
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime();
+        };
+        add(sc + "/cuda_gemm_alone" + dt, cuda_gemm);
+        add(sc + "/cuda_naive_libtorch" + dt, cuda_naive);
+        add(sc + "/cuda_posttrain_api" + dt, cuda_api);
+      }
+    }
   }
   timings();  // constructed before the handler is registered, so still alive when it runs
   std::atexit(print_summary);

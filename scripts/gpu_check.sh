@@ -21,8 +21,9 @@
 #   2. build posttrain_torch_tests and posttrain_bench;
 #   3. run the torch kernel tests (the "torch kernels CUDA" cases run on the GPU; on a machine
 #      without CUDA they print SKIPPED), then the whole torch suite;
-#   4. run the S1/S2 benchmarks' CUDA cases (naive LibTorch vs posttrain's chunked path, each call
-#      followed by torch::cuda::synchronize) at full size, no peak-memory children;
+#   4. run the S1-S4 benchmarks' CUDA cases (naive LibTorch vs posttrain's chunked path; S3/S4 also
+#      cuBLAS's three GEMMs alone, fp32 and bf16; each call followed by torch::cuda::synchronize)
+#      at full size, no peak-memory children;
 #   5. print a summary; logs go to $OUT (the device tool brings them back) or build-gpu/logs.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -92,8 +93,8 @@ run_checks() {
   timeout 150 "$tests" >"$LOGS/torch_tests.log" 2>&1
   local trc=$?
   tail -3 "$LOGS/torch_tests.log"
-  step "S1/S2 benchmarks, CUDA cases"
-  timeout 150 "$bench" --no-peak-memory --benchmark_filter=cuda >"$LOGS/bench.log" 2>&1
+  step "S1-S4 benchmarks, CUDA cases"
+  timeout 200 "$bench" --no-peak-memory --benchmark_filter=cuda >"$LOGS/bench.log" 2>&1
   local brc=$?
   sed -n '/=== CUDA/,$p' "$LOGS/bench.log"
   step "summary"
