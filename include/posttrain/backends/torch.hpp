@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "posttrain/backends/torch_memory.hpp"
 #include "posttrain/detail/kd_fused.hpp"
 #include "posttrain/error.hpp"
 #include "posttrain/tensor.hpp"
@@ -313,6 +314,7 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
     const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
     kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
       std::vector<S> buf;
+      std::vector<S> block_max(static_cast<std::size_t>(kernels::blocks_per_row(v)));
       for (std::int64_t r = begin; r < end; ++r) {
         const std::int64_t g = b.offset + r;
         Src* o = out + g * v;
@@ -321,11 +323,18 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
           continue;
         }
         const S* row = load_row<Src, S>(base + r * rs, cs, v, buf);
-        const kernels::row_stats<S> st = kernels::reduce_row(row, v);
-        const kernels::backward_coefficients k = coeff(g, row, st);
         if constexpr (std::is_same_v<Src, S>) {
-          kernels::write_row_backward(row, v, st, k, label(g), o);
+          // The statistics pass keeps its exponentials in the output row; a β = 0 gradient
+          // (cross-entropy, log-prob, logsumexp) rescales them: one exp per logit.
+          const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), true);
+          const kernels::backward_coefficients k = coeff(g, row, st);
+          if (k.beta == 0.0)
+            kernels::write_row_backward_kept(o, v, st, block_max.data(), k, label(g), o);
+          else
+            kernels::write_row_backward(row, v, st, k, label(g), o);
         } else {
+          const kernels::row_stats<S> st = kernels::reduce_row(row, v);
+          const kernels::backward_coefficients k = coeff(g, row, st);
           // row is buf: the gradient overwrites it in place, then narrows to the logits' dtype.
           S* w = buf.data();
           kernels::write_row_backward(row, v, st, k, label(g), w);
@@ -378,7 +387,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& labels, output 
 /// incoming gradient g [...] (the analytic backward), in x's dtype: one read for the statistics,
 /// one read + write, per row (kernel/rows paths) or per chunk (chunked path).
 inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& grad, output what) {
-  at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous
+  at::Tensor out = large_cpu_empty(x.sizes(), x.options());  // contiguous; huge pages when large on CPU
   if (out.numel() == 0) return out;
   const at::ScalarType c = compute_type(x);
   const at::Tensor g = grad.to(x.device(), c).contiguous().view({-1});
@@ -427,7 +436,7 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
 ///   w·[(f + 2z·lse)·p − f·(1−ε)·onehot(y) − f·ε/V], f = sg(p_y) with DFT else 1; 0 where y is ignored.
 inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& weights,
                               const ce_backward_args& a) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = large_cpu_empty(x.sizes(), x.options());  // huge pages when large on CPU
   if (out.numel() == 0) return out;
   const at::ScalarType c = compute_type(x);
   const std::int64_t v = x.size(-1);
