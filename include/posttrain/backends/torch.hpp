@@ -23,7 +23,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "posttrain/backends/torch_memory.hpp"
 #include "posttrain/detail/kd_fused.hpp"
 #include "posttrain/error.hpp"
 #include "posttrain/tensor.hpp"
@@ -387,7 +386,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& labels, output 
 /// incoming gradient g [...] (the analytic backward), in x's dtype: one read for the statistics,
 /// one read + write, per row (kernel/rows paths) or per chunk (chunked path).
 inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& grad, output what) {
-  at::Tensor out = large_cpu_empty(x.sizes(), x.options());  // contiguous; huge pages when large on CPU
+  at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous
   if (out.numel() == 0) return out;
   const at::ScalarType c = compute_type(x);
   const at::Tensor g = grad.to(x.device(), c).contiguous().view({-1});
@@ -436,7 +435,7 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
 ///   w·[(f + 2z·lse)·p − f·(1−ε)·onehot(y) − f·ε/V], f = sg(p_y) with DFT else 1; 0 where y is ignored.
 inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& weights,
                               const ce_backward_args& a) {
-  at::Tensor out = large_cpu_empty(x.sizes(), x.options());  // huge pages when large on CPU
+  at::Tensor out = at::empty(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   const at::ScalarType c = compute_type(x);
   const std::int64_t v = x.size(-1);

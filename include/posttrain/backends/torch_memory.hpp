@@ -7,7 +7,11 @@
 // linear cross-entropy that fill it. Asking the kernel for 2 MiB pages (madvise(MADV_HUGEPAGE);
 // the usual Linux setting `transparent_hugepage/enabled = madvise` grants them only on request)
 // cuts the faults 512-fold: the same 2 GiB took 80 ms after the first call (benchmarks/README.md).
-// Only posttrain's own large CPU outputs use this; LibTorch's allocator is left alone.
+// Only posttrain's own large CPU outputs use this (the fused linear cross-entropy's gradients);
+// LibTorch's allocator is left alone. Measured on the test VM (benchmarks/README.md): the S4 API
+// step went from ~2x to ~1.1x its GEMMs with the head gradient on huge pages, while the 1 GiB
+// logits gradient of the S2 torch backward was no faster (slower in two of three runs), so that one
+// stays on at::empty.
 //
 // The tensor owns its mapping (torch::from_blob with a deleter that unmaps it), so it behaves as
 // any other CPU tensor (autograd can adopt it as .grad, in-place ops work), except that its
