@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "posttrain/backends/torch.hpp"
+#include "posttrain/backends/torch_memory.hpp"
 #include "posttrain/kernels/linear_logprobs_cpu.hpp"
 #include "posttrain/losses/fused_linear_logprobs.hpp"
 
@@ -152,8 +153,10 @@ inline std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tens
   at::NoGradGuard no_grad;
   const auto [cdt, h, v, n, y, opts] = sizes(hidden, head, labels);
   at::Tensor gx, gw;
-  if (want_hidden) gx = at::zeros({n, h}, opts);
-  if (want_head) gw = at::zeros({v, h}, opts);  // accumulated into
+  // On CPU, large gradients on transparent huge pages (backends/torch_memory.hpp: a fresh [V, H]
+  // head gradient per step otherwise costs seconds of page faults on the test VM).
+  if (want_hidden) gx = large_cpu_zeros({n, h}, opts);
+  if (want_head) gw = large_cpu_zeros({v, h}, opts);  // accumulated into
   const at::Tensor a = upstream(g_lp, cdt), b = upstream(g_ent, cdt);
   if ((want_hidden || want_head) && (a.defined() || b.defined())) {
     if (use_kernel(hidden, head)) {
