@@ -15,10 +15,10 @@
 // of `block_size` elements is reduced per lane and the block totals are added in double, so
 // float32 sums over V = 256000 stay within a few ulp of the double result (a plain sequential
 // float sum loses ~1e-4). A backward into a separate buffer keeps the statistics pass's
-// exponentials there and rescales them per block (one exp per logit instead of two). Differences are taken against the row max first, so
-// |logits| ~ 1e4 keeps full float32 precision (x - logsumexp(x) would lose ulp(1e4) ~ 5e-4).
-// -inf logits (vocabulary padding) contribute 0 and get gradient 0; a row of only -inf gives
-// logsumexp -inf, entropy 0; a row containing NaN gives NaN; +inf gives logsumexp +inf.
+// exponentials there and rescales them per block (one exp per logit instead of two). Differences are taken against the
+// row max first, so |logits| ~ 1e4 keeps full float32 precision (x - logsumexp(x) would lose ulp(1e4) ~ 5e-4). -inf
+// logits (vocabulary padding) contribute 0 and get gradient 0; a row of only -inf gives logsumexp -inf, entropy 0; a
+// row containing NaN gives NaN; +inf gives logsumexp +inf.
 //
 // Threads: rows are split into contiguous ranges over `num_threads()` std::threads (default: the
 // hardware's cores; `set_num_threads(n)` changes it process-wide, 0 restores the default). A row
