@@ -79,10 +79,11 @@ int main() {
   const auto a = pt::grpo_advantages(rw, pt::eigen_index({B}, group), {.eps = std_eps});
   const pt::grpo_batch<E> batch{.logprobs = E({B, T}, new_lp),
                                 .advantages = a.advantages,
-                                .completion_mask = E({B, T}, mask),
+                                .response_mask = E({B, T}, mask),
                                 .old_logprobs = E({B, T}, old_lp),
                                 .ref_logprobs = E({B, T}, ref_lp)};
-  const pt::grpo_options opt{.loss_type = pt::grpo_loss_type::dapo, .beta = beta, .epsilon = eps};
+  // clip_options::trl(epsilon) sets clip.clip_low from TRL's epsilon
+  const pt::grpo_options opt{.loss_type = pt::grpo_loss_type::dapo, .beta = beta, .clip = pt::clip_options::trl(eps)};
   const auto res = pt::grpo_loss(batch, opt);
   const auto grad = pt::ops::to_host(pt::grpo_loss_backward(batch, opt));
   const auto adv_e = pt::ops::to_host(a.advantages);
@@ -100,7 +101,7 @@ int main() {
     auto lp = f(new_lp, {B, T}).requires_grad_();
     const pt::grpo_batch<torch::Tensor> tb{.logprobs = lp,
                                            .advantages = at.advantages,
-                                           .completion_mask = f(mask, {B, T}),
+                                           .response_mask = f(mask, {B, T}),
                                            .old_logprobs = f(old_lp, {B, T}),
                                            .ref_logprobs = f(ref_lp, {B, T})};
     const auto tr = pt::grpo_loss(tb, opt);

@@ -24,7 +24,10 @@
 #include "posttrain/advantages/kl_reward.hpp"
 #include "posttrain/kl/controller.hpp"
 #include "posttrain/losses/distill.hpp"  // distillation (issue 6): KD divergences, temperature, hard-label mixing
+#include "posttrain/losses/clip.hpp"  // the clip range shared by PPO, the policy variants and GRPO
 #include "posttrain/losses/grpo.hpp"
-#include "posttrain/losses/policy_variants.hpp"  // RL variants (issue 7): GSPO ... VESPO, rollout IS, OPSM
+#include "posttrain/losses/off_policy.hpp"       // rollout importance sampling, OPSM
+#include "posttrain/losses/policy_variants.hpp"  // RL variants (issue 7): GSPO ... VESPO, Clip-Cov, KL-Cov
 #include "posttrain/losses/ppo.hpp"
+#include "posttrain/losses/token_selection.hpp"  // top-entropy mask, Clip-Cov / KL-Cov covariance selection
 #include "posttrain/losses/value.hpp"

@@ -244,7 +244,7 @@ TEST_CASE("Clip-Cov and KL-Cov: random batches, counts and finite differences", 
     for (auto rule : {cov_rule::random, cov_rule::top})
       for (aggregation agg : {aggregation::token_mean, aggregation::seq_mean_token_mean, aggregation::sum})
         for (double ratio : {2e-4, 0.1, 0.3}) {
-          policy_variant_options o{.variant = v, .clip_low = 0.2, .clip_high = 0.28, .agg = agg};
+          policy_variant_options o{.variant = v, .clip = {.clip_low = 0.2, .clip_high = 0.28}, .reduction = agg};
           o.clip_cov_ratio = o.kl_cov_ratio = ratio;
           o.clip_cov_lb = -0.2, o.clip_cov_ub = 0.8, o.kl_cov_coef = 0.3;
           o.cov_selection = rule, o.cov_seed = 7;
@@ -267,7 +267,7 @@ TEST_CASE("Clip-Cov and KL-Cov: random batches, counts and finite differences", 
         }
   // per-token advantages and a log-ratio clamp
   for (auto v : {policy_variant::clip_cov, policy_variant::kl_cov}) {
-    policy_variant_options o{.variant = v, .log_ratio_clamp = 0.3};
+    policy_variant_options o{.variant = v, .clip = {.log_ratio_clamp = 0.3}};
     o.clip_cov_ratio = o.kl_cov_ratio = 0.2;
     o.clip_cov_lb = -0.5;
     auto f = [&](const E& x) {
@@ -333,7 +333,7 @@ TEST_CASE("GRPO presets cispo, sapo, luspo, vespo, gspo against TRL's loops", "[
     for (double beta : {0.0, 0.04})
       for (double eps_high : {0.28, 5.0}) {
         INFO(p.name << " sequence " << p.sequence << " beta " << beta << " eps_high " << eps_high);
-        grpo_options o{.loss_type = p.type, .beta = beta, .epsilon_high = eps_high};
+        grpo_options o{.loss_type = p.type, .beta = beta, .clip = {.clip_high = eps_high}};
         o.importance_sampling_level = p.sequence ? grpo_is_level::sequence : grpo_is_level::token;
         if (p.type == grpo_loss_type::grpo || p.type == grpo_loss_type::sapo) o.normalizer = B;
         const grpo_batch<E> b{in.lp, in.A, in.m, in.old, in.ref};
@@ -368,20 +368,22 @@ TEST_CASE("Each GRPO preset is its policy variant plus beta times the aggregated
     return v;
   };
   const policy_variant_options gspo{
-      .variant = policy_variant::gspo, .clip_high = 0.28, .agg = aggregation::seq_mean_token_mean};
+      .variant = policy_variant::gspo, .clip = {.clip_high = 0.28}, .reduction = aggregation::seq_mean_token_mean};
   for (const preset& p :
        {preset{grpo_loss_type::cispo, with_cap(0.28), grpo_is_level::token},
         preset{grpo_loss_type::sapo, policy_variant_options::trl_sapo(), grpo_is_level::token},
         preset{grpo_loss_type::sapo, seq(policy_variant_options::trl_sapo()), grpo_is_level::sequence},
-        preset{grpo_loss_type::luspo, {.variant = policy_variant::luspo, .clip_high = 0.28}, grpo_is_level::sequence},
+        preset{grpo_loss_type::luspo,
+               {.variant = policy_variant::luspo, .clip = {.clip_high = 0.28}},
+               grpo_is_level::sequence},
         preset{grpo_loss_type::vespo, policy_variant_options::trl_vespo(), grpo_is_level::token},
         preset{grpo_loss_type::grpo, gspo, grpo_is_level::sequence}})
     for (int extras = 0; extras < 3; ++extras) {
-      grpo_options o{.loss_type = p.type, .beta = beta, .epsilon_high = 0.28};
+      grpo_options o{.loss_type = p.type, .beta = beta, .clip = {.clip_high = 0.28}};
       o.importance_sampling_level = p.level;
       auto v = p.v;
       if (p.type != grpo_loss_type::luspo && p.type != grpo_loss_type::grpo && p.type != grpo_loss_type::sapo)
-        v.clip_high = 0.28;
+        v.clip.clip_high = 0.28;
       if (extras >= 1) {
         o.rollout_is = v.rollout_is =
             rollout_is_options{.level = is_level::token, .mode = is_mode::truncate, .cap = 1.3};
@@ -397,7 +399,7 @@ TEST_CASE("Each GRPO preset is its policy variant plus beta times the aggregated
       const aggregation agg = grpo_aggregation(p.type);
       std::optional<double> norm = o.normalizer;
       if (p.type == grpo_loss_type::luspo && !norm) norm = 5.0;  // TRL luspo: the B rows
-      v.agg = agg;
+      v.reduction = agg;
       if (p.type == grpo_loss_type::luspo) v.normalizer = norm;
       const E kl = kl_penalty(in.lp, in.ref);
       const auto r = grpo_loss(b, o);
@@ -419,10 +421,10 @@ TEST_CASE("GRPO preset metrics as TRL logs them", "[rl][grpo][presets][metrics]"
   const E m = test::make({3, 3}, {1, 1, 1, 1, 1, 0, 0, 0, 0});
   const E A = test::vec({1.0, -1.0, 0.5});
   // cispo, cap ε_high = 1.2: (ρ > 1.2) & (A > 0): token 0 (e^0.5 = 1.65), token 2 (e^0.3 = 1.35) -> 2 / 5
-  auto r = grpo_loss(grpo_batch<E>{lp, A, m, old}, {.loss_type = grpo_loss_type::cispo, .epsilon_high = 1.2});
+  auto r = grpo_loss(grpo_batch<E>{lp, A, m, old}, {.loss_type = grpo_loss_type::cispo, .clip = {.clip_high = 1.2}});
   test::check_value("cispo_clip_ratio", r.cispo_clip_ratio, 2.0 / 5, tol);
   // sequence level: coef_1 per row = e^{0.7/3}, e^{-0.35/2}, e^0 = 1.26, 0.84, 1; over the 3 rows: row 0 -> 1/3
-  grpo_options os{.loss_type = grpo_loss_type::cispo, .epsilon_high = 1.2};
+  grpo_options os{.loss_type = grpo_loss_type::cispo, .clip = {.clip_high = 1.2}};
   os.importance_sampling_level = grpo_is_level::sequence;
   test::check_value("cispo_clip_ratio, sequence", grpo_loss(grpo_batch<E>{lp, A, m, old}, os).cispo_clip_ratio, 1.0 / 3,
                     tol);

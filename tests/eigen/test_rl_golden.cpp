@@ -19,7 +19,7 @@ E bt(const std::vector<double>& v) { return test::make({g::B, g::T}, v); }
 
 TEST_CASE("PPO policy and value loss match verl compute_policy_loss / compute_value_loss", "[rl][golden]") {
   const auto tol = test::float64_tol;
-  const ppo_options o{.clip_low = 0.2, .clip_high = 0.28, .clip_c = 3.0, .log_ratio_clamp = 20.0};
+  const ppo_options o{.clip = {.clip_low = 0.2, .clip_high = 0.28, .clip_c = 3.0, .log_ratio_clamp = 20.0}};
   const auto lp = bt(g::logprobs), old = bt(g::old_logprobs), A = bt(g::advantages), m = bt(g::mask);
   const auto r = ppo_policy_loss(lp, old, A, m, o);
   test::check_value("pg_loss", r.loss, g::verl_pg_loss, tol);
@@ -53,10 +53,10 @@ TEST_CASE("GRPO objective matches TRL GRPOTrainer for every loss type", "[rl][go
   const auto tol = test::float64_tol;
   const grpo_batch<E> b{.logprobs = bt(g::logprobs),
                         .advantages = test::vec(g::trl_seq_advantages),
-                        .completion_mask = bt(g::mask),
+                        .response_mask = bt(g::mask),
                         .old_logprobs = bt(g::old_logprobs),
                         .ref_logprobs = bt(g::ref_logprobs)};
-  const grpo_options base{.beta = 0.04, .epsilon = 0.2, .epsilon_high = 0.28, .delta = 1.5};
+  const grpo_options base{.beta = 0.04, .clip = {.clip_low = 0.2, .clip_high = 0.28, .delta = 1.5}};
   const struct {
     grpo_loss_type type;
     double loss;

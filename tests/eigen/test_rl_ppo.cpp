@@ -81,26 +81,30 @@ TEST_CASE("PPO variants by hand: clip-higher, dual-clip, delta, log-ratio clamp,
   const auto lr = [](double ratio) { return test::vec({std::log(ratio)}); };
   // ratio 1.25, A = 1: symmetric ε = 0.2 clips to -1.2; clip_high 0.28 leaves -1.25 (DAPO)
   test::check_value("sym", ppo_policy_loss(lr(1.25), zero, one, one).loss, -1.2, tol);
-  test::check_value("clip-higher", ppo_policy_loss(lr(1.25), zero, one, one, {.clip_high = 0.28}).loss, -1.25, tol);
+  test::check_value("clip-higher", ppo_policy_loss(lr(1.25), zero, one, one, {.clip = {.clip_high = 0.28}}).loss, -1.25,
+                    tol);
   // ratio 0.7, A = -1: clipped at 1 - ε_low = 0.8 -> max(0.7, 0.8) = 0.8, low-clipped
-  auto r = ppo_policy_loss(lr(0.7), zero, test::vec({-1.0}), one, {.clip_high = 0.28});
+  auto r = ppo_policy_loss(lr(0.7), zero, test::vec({-1.0}), one, {.clip = {.clip_high = 0.28}});
   test::check_value("low clip", r.loss, 0.8, tol);
   test::check_value("clip_ratio_low", r.clip_ratio_low, 1.0, tol);
   test::check_value("clip_ratio_region", r.clip_ratio_region, 1.0, tol);
   // dual-clip (Ye et al. 2019): ratio 5, A = -1: max(5, 1.2) = 5, min(5, c = 3) = 3, gradient 0
   const auto neg = test::vec({-1.0});
   test::check_value("no dual", ppo_policy_loss(lr(5.0), zero, neg, one).loss, 5.0, tol);
-  r = ppo_policy_loss(lr(5.0), zero, neg, one, {.clip_c = 3.0});
+  r = ppo_policy_loss(lr(5.0), zero, neg, one, {.clip = {.clip_c = 3.0}});
   test::check_value("dual", r.loss, 3.0, tol);
   test::check_value("pg_clipfrac_lower", r.pg_clipfrac_lower, 1.0, tol);
-  test::check_value("dual grad", ppo_policy_loss_backward(lr(5.0), zero, neg, one, {.clip_c = 3.0}), 0.0, tol);
+  test::check_value("dual grad", ppo_policy_loss_backward(lr(5.0), zero, neg, one, {.clip = {.clip_c = 3.0}}), 0.0,
+                    tol);
   test::check_value("no dual grad = -A·ρ", ppo_policy_loss_backward(lr(5.0), zero, neg, one), 5.0, tol);
   // TRL delta: the unclipped ratio is capped at δ = 2 -> max(2, 1.2) = 2
-  test::check_value("delta", ppo_policy_loss(lr(5.0), zero, neg, one, {.delta = 2.0}).loss, 2.0, tol);
+  test::check_value("delta", ppo_policy_loss(lr(5.0), zero, neg, one, {.clip = {.delta = 2.0}}).loss, 2.0, tol);
   // log-ratio clamp 20: log ρ = 30 behaves as 20, gradient 0
   const auto big = test::vec({30.0});
-  test::check_value("clamp", ppo_policy_loss(big, zero, neg, one, {.log_ratio_clamp = 20.0}).loss, std::exp(20.0), tol);
-  test::check_value("clamp grad", ppo_policy_loss_backward(big, zero, neg, one, {.log_ratio_clamp = 20.0}), 0.0, tol);
+  test::check_value("clamp", ppo_policy_loss(big, zero, neg, one, {.clip = {.log_ratio_clamp = 20.0}}).loss,
+                    std::exp(20.0), tol);
+  test::check_value("clamp grad", ppo_policy_loss_backward(big, zero, neg, one, {.clip = {.log_ratio_clamp = 20.0}}),
+                    0.0, tol);
   // metrics over a mask: dlogp = [0.1, -0.3, (masked 9)]
   const auto lp = test::vec({0.1, -0.3, 9.0});
   const auto o3 = test::vec({0.0, 0.0, 0.0});
@@ -117,28 +121,28 @@ TEST_CASE("PPO variants by hand: clip-higher, dual-clip, delta, log-ratio clamp,
 
 TEST_CASE("PPO: clip-higher with clip_low = clip_high reduces to PPO; verl preset", "[rl][ppo]") {
   const auto in = random_rl(4, 6, 11);
-  const auto a = ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask, {.clip_low = 0.15});
-  const auto b =
-      ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask, {.clip_low = 0.15, .clip_high = 0.15});
+  const auto a = ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask, {.clip = {.clip_low = 0.15}});
+  const auto b = ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask,
+                                 {.clip = {.clip_low = 0.15, .clip_high = 0.15}});
   test::check_same("loss", b.loss, a.loss, test::float64_tol);
   test::check_same("per token", b.per_token_loss, a.per_token_loss, test::float64_tol);
   const auto v = ppo_options::verl();
-  CHECK(v.clip_c == 3.0);
-  CHECK(v.log_ratio_clamp == 20.0);
+  CHECK(v.clip.clip_c == 3.0);
+  CHECK(v.clip.log_ratio_clamp == 20.0);
 }
 
 TEST_CASE("PPO policy backward vs finite differences: every option and aggregation mode", "[rl][ppo][fd]") {
   const auto in = random_rl(4, 5, 21);
   const std::vector<ppo_options> variants = {{},
-                                             {.clip_high = 0.28},
-                                             {.clip_c = 3.0},
-                                             {.delta = 1.5},
-                                             {.clip_low = 0.1, .clip_c = 2.0, .delta = 1.3},
-                                             {.log_ratio_clamp = 0.3}};
+                                             {.clip = {.clip_high = 0.28}},
+                                             {.clip = {.clip_c = 3.0}},
+                                             {.clip = {.delta = 1.5}},
+                                             {.clip = {.clip_low = 0.1, .clip_c = 2.0, .delta = 1.3}},
+                                             {.clip = {.log_ratio_clamp = 0.3}}};
   for (const auto& base : variants)
     for (auto mode : all_modes) {
       auto o = base;
-      o.agg = mode;
+      o.reduction = mode;
       const auto g = ppo_policy_loss_backward(in.logprobs, in.old_logprobs, in.advantages, in.mask, o, 1.7);
       test::check_gradient(
           std::string("ppo ") + aggregation_name(mode), g,
@@ -170,7 +174,7 @@ TEST_CASE("PPO aggregation invariance: micro-batch sums with the global normalis
     if (mode == aggregation::token_mean) norm = tokens;
     if (mode == aggregation::seq_mean_token_sum || mode == aggregation::seq_mean_token_mean) norm = seqs;
     if (mode == aggregation::seq_mean_token_sum_norm) norm = double(B * T);
-    const ppo_options whole_o{.clip_c = 3.0, .agg = mode};
+    const ppo_options whole_o{.clip = {.clip_c = 3.0}, .reduction = mode};
     ppo_options split_o = whole_o;
     split_o.normalizer = norm;
     const double whole = ops::item(ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask, whole_o).loss);
@@ -212,7 +216,7 @@ TEST_CASE("Value loss by hand and vs finite differences", "[rl][value]") {
   const auto in = random_rl(4, 5, 41);
   for (auto mode : all_modes)
     for (std::optional<double> clip : {std::optional<double>{0.2}, std::optional<double>{}}) {
-      const value_options o{.clip = clip, .agg = mode};
+      const value_options o{.clip = clip, .reduction = mode};
       test::check_gradient(
           std::string("value ") + aggregation_name(mode),
           value_loss_backward(in.logprobs, in.old_logprobs, in.advantages, in.mask, o),
@@ -246,7 +250,7 @@ TEST_CASE("GRPO presets by hand (TRL GRPOTrainer normalisers)", "[rl][grpo]") {
   const auto lp = test::make({2, 3}, {-1, -2, -3, -0.5, -1.5, -2.5});
   const auto A = test::vec({1.0, -2.0});
   const auto m = test::make({2, 3}, {1, 1, 0, 1, 1, 1});
-  const grpo_batch<E> b{.logprobs = lp, .advantages = A, .completion_mask = m};
+  const grpo_batch<E> b{.logprobs = lp, .advantages = A, .response_mask = m};
   const auto loss = [&](grpo_options o) { return ops::item(grpo_loss(b, o).loss); };
   CHECK(test::float64_tol.accepts(loss({.loss_type = grpo_loss_type::grpo}), (-1.0 + 2.0) / 2));
   CHECK(test::float64_tol.accepts(loss({.loss_type = grpo_loss_type::bnpo}), (-2.0 + 6.0) / 5));
@@ -275,23 +279,21 @@ TEST_CASE("GRPO loss: equals ppo_policy_loss at beta 0; backward vs finite diffe
   const auto in = random_rl(4, 5, 61);
   const grpo_batch<E> b{.logprobs = in.logprobs,
                         .advantages = in.advantages,
-                        .completion_mask = in.mask,
+                        .response_mask = in.mask,
                         .old_logprobs = in.old_logprobs,
                         .ref_logprobs = in.ref_logprobs};
-  const auto g = grpo_loss(b, {.loss_type = grpo_loss_type::bnpo, .epsilon_high = 0.28});
-  const auto p = ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask, {.clip_high = 0.28});
+  const auto g = grpo_loss(b, {.loss_type = grpo_loss_type::bnpo, .clip = {.clip_high = 0.28}});
+  const auto p = ppo_policy_loss(in.logprobs, in.old_logprobs, in.advantages, in.mask, {.clip = {.clip_high = 0.28}});
   test::check_same("= ppo", g.loss, p.loss, test::float64_tol);
   test::check_same("clip_ratio_region", g.clip_ratio_region, p.clip_ratio_region, test::float64_tol);
   const std::vector<grpo_options> variants = {
       {.loss_type = grpo_loss_type::grpo, .beta = 0.04},
       {.loss_type = grpo_loss_type::bnpo, .beta = 0.1, .kl = {.estimator = kl_estimator::k2}},
       {.loss_type = grpo_loss_type::dr_grpo, .beta = 0.04, .max_completion_length = 8},
-      {.loss_type = grpo_loss_type::dapo, .beta = 0.04, .epsilon_high = 0.28, .bias_corrected_kl = true},
+      {.loss_type = grpo_loss_type::dapo, .beta = 0.04, .clip = {.clip_high = 0.28}, .bias_corrected_kl = true},
       {.loss_type = grpo_loss_type::dapo,
        .beta = 0.02,
-       .delta = 1.4,
-       .clip_c = 3.0,
-       .log_ratio_clamp = 0.4,
+       .clip = {.clip_c = 3.0, .delta = 1.4, .log_ratio_clamp = 0.4},
        .kl = kl_options::verl_low_var_kl(),
        .bias_corrected_kl = true,
        .normalizer = 7.0}};
@@ -334,18 +336,19 @@ TEST_CASE("RL losses reject bad input naming the argument", "[rl][errors]") {
   CHECK_THROWS_WITH(ppo_policy_loss(x, y, x, x), Contains("old_logprobs"));
   CHECK_THROWS_WITH(ppo_policy_loss(x, x, y, x), Contains("advantages"));
   CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, y), Contains("response_mask"));
-  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip_low = 0.0}), Contains("clip_low"));
-  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip_high = -0.1}), Contains("clip_high"));
-  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip_c = 1.0}), Contains("clip_c"));
-  CHECK_THROWS_WITH(ppo_policy_loss_backward(x, x, x, x, {.clip_c = 0.5}), Contains("clip_c"));
-  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.delta = 1.0}), Contains("delta"));
+  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip = {.clip_low = 0.0}}), Contains("clip_low"));
+  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip = {.clip_high = -0.1}}), Contains("clip_high"));
+  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip = {.clip_c = 1.0}}), Contains("clip_c"));
+  CHECK_THROWS_WITH(ppo_policy_loss_backward(x, x, x, x, {.clip = {.clip_c = 0.5}}), Contains("clip_c"));
+  CHECK_THROWS_WITH(ppo_policy_loss(x, x, x, x, {.clip = {.delta = 1.0}}), Contains("delta"));
   CHECK_THROWS_WITH(value_loss(x, x, y, x), Contains("returns"));
   CHECK_THROWS_WITH(value_loss(x, x, x, x, {.clip = 0.0}), Contains("clip"));
-  const grpo_batch<E> b{.logprobs = x, .advantages = test::vec({1, 2, 3}), .completion_mask = x};
+  const grpo_batch<E> b{.logprobs = x, .advantages = test::vec({1, 2, 3}), .response_mask = x};
   CHECK_THROWS_WITH(grpo_loss(b), Contains("advantages"));
-  const grpo_batch<E> b2{.logprobs = x, .advantages = x, .completion_mask = x};
+  const grpo_batch<E> b2{.logprobs = x, .advantages = x, .response_mask = x};
   CHECK_THROWS_WITH(grpo_loss(b2, {.beta = 0.1}), Contains("ref_logprobs"));
-  CHECK_THROWS_WITH(grpo_loss(b2, {.epsilon = -1}), Contains("options.epsilon"));
+  CHECK_THROWS_WITH(grpo_loss(b2, {.clip = {.clip_low = -1}}),
+                    Contains("options.clip.clip_low") && Contains("TRL epsilon"));
   CHECK_THROWS_WITH(grpo_loss(b2, {.loss_type = grpo_loss_type::dr_grpo, .max_completion_length = 0}),
                     Contains("max_completion_length"));
 }

@@ -67,11 +67,12 @@ TEST_CASE("GSPO and LUSPO by hand: sequence ratio from the mean token log-ratio"
   const double eps = 0.2;
   auto ppo = [&](double s, double a) { return std::max(-a * s, -a * std::clamp(s, 1 - eps, 1 + eps)); };
   policy_batch<E> b{lp, A, m, old};
-  auto r = policy_variant_loss(b, {.variant = policy_variant::gspo, .agg = aggregation::seq_mean_token_mean});
+  auto r = policy_variant_loss(b, {.variant = policy_variant::gspo, .reduction = aggregation::seq_mean_token_mean});
   test::check_value("gspo seq-mean-token-mean", r.loss, (ppo(s0, 1.5) + ppo(s1, -0.5)) / 2, tol);
   test::check_values("gspo ratio", r.ratio, {s0, s0, s0, s1, s1, s1}, tol);
   // clipped: ε = 0.05 -> s0 clipped at 1.05 (A > 0), s1 clipped at 0.95 (A < 0: max picks -A·0.95)
-  r = policy_variant_loss(b, {.variant = policy_variant::gspo, .clip_low = 0.05, .agg = aggregation::token_mean});
+  r = policy_variant_loss(
+      b, {.variant = policy_variant::gspo, .clip = {.clip_low = 0.05}, .reduction = aggregation::token_mean});
   const double want = (3 * (-1.5 * 1.05) + 2 * (0.5 * 0.95)) / 5;
   test::check_value("gspo token-mean clipped", r.loss, want, tol);
   test::check_value("gspo clip high", r.clip_ratio_high, 3.0 / 5, tol);
@@ -94,7 +95,7 @@ TEST_CASE("GSPO and LUSPO by hand: sequence ratio from the mean token log-ratio"
       return tot / 2;
     };
     const auto g = policy_variant_loss_backward(
-        b, {.variant = policy_variant::gspo, .clip_low = e, .agg = aggregation::seq_mean_token_mean});
+        b, {.variant = policy_variant::gspo, .clip = {.clip_low = e}, .reduction = aggregation::seq_mean_token_mean});
     test::check_gradient("gspo token form vs TRL sequence form", g, trl_seq, lp);
   }
 }
@@ -104,15 +105,15 @@ TEST_CASE("GSPO with one token per sequence equals token-level PPO", "[rl][varia
   in.m = test::make({5, 1}, {1, 1, 1, 1, 1});
   for (aggregation agg : {aggregation::token_mean, aggregation::seq_mean_token_mean, aggregation::sum}) {
     const auto A = ops::reshape(in.A, {5, 1});
-    const auto p = ppo_policy_loss(in.lp, in.old, A, in.m, {.agg = agg});
-    const auto g =
-        policy_variant_loss(policy_batch<E>{in.lp, in.A, in.m, in.old}, {.variant = policy_variant::gspo, .agg = agg});
+    const auto p = ppo_policy_loss(in.lp, in.old, A, in.m, {.reduction = agg});
+    const auto g = policy_variant_loss(policy_batch<E>{in.lp, in.A, in.m, in.old},
+                                       {.variant = policy_variant::gspo, .reduction = agg});
     test::check_same("loss", g.loss, p.loss, tol);
     test::check_same("ratio", g.ratio, p.ratio, tol);
     test::check_same("grad",
                      policy_variant_loss_backward(policy_batch<E>{in.lp, in.A, in.m, in.old},
-                                                  {.variant = policy_variant::gspo, .agg = agg}),
-                     ppo_policy_loss_backward(in.lp, in.old, A, in.m, {.agg = agg}), tol);
+                                                  {.variant = policy_variant::gspo, .reduction = agg}),
+                     ppo_policy_loss_backward(in.lp, in.old, A, in.m, {.reduction = agg}), tol);
   }
 }
 
@@ -151,7 +152,7 @@ TEST_CASE("CISPO by hand: TRL absolute cap and verl band, gradient vs REINFORCE"
   want = 0;
   for (int i = 0; i < 4; ++i) want += -std::clamp(rho[i], 0.8, 1.28) * a[i] * l[i] / 4;
   const policy_variant_options verl{
-      .variant = policy_variant::cispo, .clip_high = 0.28, .cispo = cispo_bound::verl_two_sided};
+      .variant = policy_variant::cispo, .clip = {.clip_high = 0.28}, .cispo = cispo_bound::verl_two_sided};
   r = policy_variant_loss(b, verl);
   test::check_value("cispo verl", r.loss, want, tol);
   test::check_value("cispo verl clip ratio", r.cispo_clip_ratio, 3.0 / 4, tol);
@@ -306,7 +307,7 @@ TEST_CASE("Every variant's backward vs finite differences", "[rl][variants][grad
     for (aggregation agg :
          {aggregation::token_mean, aggregation::seq_mean_token_mean, aggregation::seq_mean_token_sum}) {
       for (int extras = 0; extras < 4; ++extras) {
-        policy_variant_options o{.variant = v, .clip_low = 0.15, .clip_high = 0.25, .agg = agg};
+        policy_variant_options o{.variant = v, .clip = {.clip_low = 0.15, .clip_high = 0.25}, .reduction = agg};
         if (extras == 1)
           o.rollout_is = rollout_is_options{.level = is_level::token, .mode = is_mode::truncate, .cap = 1.2};
         if (extras == 2) {
@@ -343,16 +344,16 @@ TEST_CASE("Every variant's backward vs finite differences", "[rl][variants][grad
   // per-token advantages, dual-clip and delta on the PPO path, log-ratio clamp on GSPO
   const E A2 = test::to_eigen<double>(test::random_normal({4, 5}, 99, 1.0));
   for (const policy_variant_options& o :
-       {policy_variant_options{.variant = policy_variant::ppo, .clip_c = 3.0, .delta = 1.3},
+       {policy_variant_options{.variant = policy_variant::ppo, .clip = {.clip_c = 3.0, .delta = 1.3}},
         policy_variant_options{
-            .variant = policy_variant::gmpo, .clip_low = 0.1, .agg = aggregation::seq_mean_token_mean},
-        policy_variant_options{.variant = policy_variant::sapo, .log_ratio_clamp = 0.2}}) {
+            .variant = policy_variant::gmpo, .clip = {.clip_low = 0.1}, .reduction = aggregation::seq_mean_token_mean},
+        policy_variant_options{.variant = policy_variant::sapo, .clip = {.log_ratio_clamp = 0.2}}}) {
     auto f = [&](const E& x) { return ops::item(policy_variant_loss(policy_batch<E>{x, A2, in.m, in.old}, o).loss); };
     test::check_gradient("per-token A", policy_variant_loss_backward(policy_batch<E>{in.lp, A2, in.m, in.old}, o, 1.0),
                          f, in.lp);
   }
   // GSPO's log-ratio clamp (verl clamps log s ≤ 10) with A per sequence
-  const policy_variant_options og{.variant = policy_variant::gspo, .log_ratio_clamp = 0.1};
+  const policy_variant_options og{.variant = policy_variant::gspo, .clip = {.log_ratio_clamp = 0.1}};
   auto fg = [&](const E& x) { return ops::item(policy_variant_loss(policy_batch<E>{x, in.A, in.m, in.old}, og).loss); };
   test::check_gradient("gspo clamp", policy_variant_loss_backward(policy_batch<E>{in.lp, in.A, in.m, in.old}, og), fg,
                        in.lp);

@@ -42,23 +42,22 @@ struct rl_host {
   }
 };
 
-const std::vector<ppo_options> ppo_variants = {{},
-                                               {.clip_high = 0.28, .agg = aggregation::seq_mean_token_mean},
-                                               {.clip_c = 3.0, .agg = aggregation::seq_mean_token_sum},
-                                               {.delta = 1.3, .agg = aggregation::seq_mean_token_sum_norm},
-                                               {.clip_low = 0.1, .log_ratio_clamp = 0.3, .agg = aggregation::sum},
-                                               ppo_options::verl()};
+const std::vector<ppo_options> ppo_variants = {
+    {},
+    {.clip = {.clip_high = 0.28}, .reduction = aggregation::seq_mean_token_mean},
+    {.clip = {.clip_c = 3.0}, .reduction = aggregation::seq_mean_token_sum},
+    {.clip = {.delta = 1.3}, .reduction = aggregation::seq_mean_token_sum_norm},
+    {.clip = {.clip_low = 0.1, .log_ratio_clamp = 0.3}, .reduction = aggregation::sum},
+    ppo_options::verl()};
 
 const std::vector<grpo_options> grpo_variants = {
     {.loss_type = grpo_loss_type::grpo, .beta = 0.04},
     {.loss_type = grpo_loss_type::bnpo, .beta = 0.1, .kl = {.estimator = kl_estimator::k2}},
     {.loss_type = grpo_loss_type::dr_grpo, .beta = 0.04, .max_completion_length = 9},
-    {.loss_type = grpo_loss_type::dapo, .beta = 0.04, .epsilon_high = 0.28, .bias_corrected_kl = true},
+    {.loss_type = grpo_loss_type::dapo, .beta = 0.04, .clip = {.clip_high = 0.28}, .bias_corrected_kl = true},
     {.loss_type = grpo_loss_type::dapo,
      .beta = 0.02,
-     .delta = 1.4,
-     .clip_c = 3.0,
-     .log_ratio_clamp = 0.4,
+     .clip = {.clip_c = 3.0, .delta = 1.4, .log_ratio_clamp = 0.4},
      .kl = kl_options::verl_low_var_kl(),
      .bias_corrected_kl = true,
      .normalizer = 7.0}};
@@ -98,7 +97,7 @@ TEST_CASE("Value loss and GRPO objective: LibTorch vs Eigen reference", "[rl][to
   for (auto mode : all_modes)
     on_every_backend(
         [&](const auto& m) {
-          const value_options o{.agg = mode};
+          const value_options o{.reduction = mode};
           const auto V = m.values(h.values), Vo = m.values(h.old_values), R = m.values(h.returns),
                      mk = m.values(h.mask);
           const auto r = value_loss(V, Vo, R, mk, o);
@@ -118,7 +117,7 @@ TEST_CASE("Value loss and GRPO objective: LibTorch vs Eigen reference", "[rl][to
             using T = decltype(m.values(h.logprobs));
             grpo_batch<T> b{.logprobs = m.values(h.logprobs),
                             .advantages = m.values(seq_adv ? h.seq_adv : h.advantages),
-                            .completion_mask = m.values(h.mask),
+                            .response_mask = m.values(h.mask),
                             .old_logprobs = m.values(h.old_logprobs),
                             .ref_logprobs = m.values(h.ref_logprobs)};
             if (seq_adv) b.advantages = ops::slice(b.advantages, 0, 0, 4);
@@ -205,14 +204,14 @@ TEST_CASE("RL losses: LibTorch autograd through the forward equals the analytic 
     require_agree("ppo autograd", ppo_policy_loss_backward(lp, old, A, mk, o), ops::to_host(g), float64_tol);
   }
   for (auto mode : all_modes) {
-    const value_options o{.agg = mode};
+    const value_options o{.reduction = mode};
     const auto V = to_torch(h.values), Vo = to_torch(h.old_values), R = to_torch(h.returns);
     const auto g = autograd_grad(V, [&](const at::Tensor& x) { return value_loss(x, Vo, R, mk, o).loss; });
     require_agree("value autograd", value_loss_backward(V, Vo, R, mk, o), ops::to_host(g), float64_tol);
   }
   for (const auto& o : grpo_variants)
     for (bool on_policy : {false, true}) {
-      grpo_batch<at::Tensor> b{.logprobs = lp, .advantages = A, .completion_mask = mk, .ref_logprobs = ref};
+      grpo_batch<at::Tensor> b{.logprobs = lp, .advantages = A, .response_mask = mk, .ref_logprobs = ref};
       if (!on_policy) b.old_logprobs = old;
       const auto g = autograd_grad(lp, [&](const at::Tensor& x) {
         auto bx = b;
@@ -228,14 +227,14 @@ TEST_CASE("RL losses: LibTorch autograd through the forward equals the analytic 
   const auto g = autograd_grad(logits, [&](const at::Tensor& z) {
     grpo_batch<at::Tensor> b{.logprobs = token_logprobs(z, labels),
                              .advantages = A,
-                             .completion_mask = mk,
+                             .response_mask = mk,
                              .old_logprobs = old,
                              .ref_logprobs = ref};
     return grpo_loss(b, o).loss;
   });
   const grpo_batch<at::Tensor> b{.logprobs = token_logprobs(logits, labels),
                                  .advantages = A,
-                                 .completion_mask = mk,
+                                 .response_mask = mk,
                                  .old_logprobs = old,
                                  .ref_logprobs = ref};
   require_agree("grpo to logits", token_logprobs_backward(logits, labels, grpo_loss_backward(b, o)), ops::to_host(g),

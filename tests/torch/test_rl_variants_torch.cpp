@@ -50,14 +50,14 @@ std::vector<policy_variant_options> cases() {
        {policy_variant::ppo, policy_variant::gspo, policy_variant::luspo, policy_variant::gmpo, policy_variant::cispo,
         policy_variant::sapo, policy_variant::vespo, policy_variant::reinforce, policy_variant::gpg})
     for (auto agg : {aggregation::token_mean, aggregation::seq_mean_token_mean})
-      out.push_back({.variant = v, .clip_low = 0.2, .clip_high = 0.28, .agg = agg});
+      out.push_back({.variant = v, .clip = {.clip_low = 0.2, .clip_high = 0.28}, .reduction = agg});
   out.push_back(policy_variant_options::trl_cispo());
   out.push_back({.variant = policy_variant::cispo, .cispo = cispo_bound::verl_two_sided});
   auto o = policy_variant_options::trl_sapo();
   o.sequence_ratio = true;
   o.rollout_is = rollout_is_options::verl();
   out.push_back(o);
-  o = policy_variant_options{.variant = policy_variant::ppo, .clip_c = 3.0, .log_ratio_clamp = 1.0};
+  o = policy_variant_options{.variant = policy_variant::ppo, .clip = {.clip_c = 3.0, .log_ratio_clamp = 1.0}};
   o.rollout_is = rollout_is_options{};  // TRL sequence mask at 3
   o.opsm_delta = 0.1;
   o.top_entropy_quantile = 0.6;
@@ -71,7 +71,7 @@ std::vector<policy_variant_options> cases() {
   out.push_back(o);
   for (auto v : {policy_variant::clip_cov, policy_variant::kl_cov})
     for (auto rule : {cov_rule::random, cov_rule::top}) {
-      o = policy_variant_options{.variant = v, .clip_low = 0.2, .clip_high = 0.28};
+      o = policy_variant_options{.variant = v, .clip = {.clip_low = 0.2, .clip_high = 0.28}};
       o.clip_cov_ratio = 0.3, o.clip_cov_lb = -0.3, o.clip_cov_ub = 1.0;
       o.kl_cov_ratio = 0.2, o.kl_cov_coef = 0.5;
       o.cov_selection = rule, o.cov_seed = 3;
@@ -153,7 +153,7 @@ std::vector<grpo_options> grpo_cases() {
                  grpo_loss_type::grpo, grpo_loss_type::dapo})
     for (auto level : {grpo_is_level::token, grpo_is_level::sequence})
       for (int extras = 0; extras < 2; ++extras) {
-        grpo_options o{.loss_type = t, .beta = 0.04, .epsilon_high = t == grpo_loss_type::cispo ? 1.5 : 0.28};
+        grpo_options o{.loss_type = t, .beta = 0.04, .clip = {.clip_high = t == grpo_loss_type::cispo ? 1.5 : 0.28}};
         o.importance_sampling_level = level;
         if (extras == 1) {
           o.rollout_is = rollout_is_options{.level = is_level::token, .mode = is_mode::truncate, .cap = 1.3};
@@ -229,7 +229,7 @@ TEST_CASE("ppo_policy_loss row clip metrics and entropy: LibTorch vs Eigen", "[r
         [&](const auto& mk) {
           using Tn = std::decay_t<decltype(mk.values(h.lp))>;
           const auto r = ppo_policy_loss(mk.values(h.lp), mk.values(h.old), mk.values(h.At), mk.values(h.m),
-                                         ppo_options{.clip_high = 0.28}, std::optional<Tn>(mk.values(h.H)));
+                                         ppo_options{.clip = {.clip_high = 0.28}}, std::optional<Tn>(mk.values(h.H)));
           outputs out;
           out.add("clip_ratio_low_min", r.clip_ratio_low_min);
           out.add("clip_ratio_high_max", r.clip_ratio_high_max);

@@ -3,6 +3,9 @@
 // named loss-type preset.
 //
 //   per-token  L_t = max(-A ρ_t, -A clip(ρ_t, 1-ε, 1+ε_high)) + β · kl_t
+//              ε = clip.clip_low (TRL epsilon), ε_high = clip.clip_high (TRL epsilon_high); clip.delta is TRL
+//              delta, clip.clip_c / clip.log_ratio_clamp as ppo.hpp (clip.hpp maps every field; TRL's spelling:
+//              grpo_options{.clip = clip_options::trl(0.2, 0.28)})
 //              kl_t: k3 by default (TRL, verl low_var_kl); with bias_corrected_kl, kl_t · ρ_t
 //              (TRL use_bias_correction_kl; ρ not detached, as TRL)
 //   presets (TRL loss_type; each is an aggregation mode with a normaliser, aggregate.hpp):
@@ -13,8 +16,8 @@
 //     dapo     Σ m·L / N_tokens of the whole generation batch        (Yu et al. 2025 "DAPO" eq. 8; TRL's default;
 //              pass the global count as `normalizer`, otherwise the local count is used, = bnpo)
 //   the policy-variant presets (TRL loss_type; the surrogate replaced by policy_variants.hpp's term):
-//     cispo    -sg(min(ρ, ε_high))·A·logπ, ε_high the absolute cap (TRL: epsilon_high, which defaults to
-//              epsilon; its docs recommend 5.0), normaliser as dapo
+//     cispo    -sg(min(ρ, ε_high))·A·logπ, ε_high = clip.high() the absolute cap (TRL: epsilon_high, which
+//              defaults to epsilon; its docs recommend 5.0), normaliser as dapo
 //     sapo     -A·σ(τ(ρ-1))·4/τ, normaliser as grpo
 //     luspo    the GSPO sequence ratio (always: the LUSPO paper's setup, TRL warns otherwise), Σ m·L / B
 //              (TRL (L·|o_i|).mean() with L one value per row); β·kl_t joins each token under the same
@@ -26,8 +29,9 @@
 //   Off-policy controls as policy_variants.hpp, in TRL's order: the policy term is multiplied by the OPSM mask,
 //   the top-entropy mask and the rollout IS weight (not for vespo), then β·kl_t is added (never multiplied).
 // Each preset equals policy_variant_loss with the matching options plus β·aggregate(kl) under the same
-// aggregation (tested). Without old_logprobs the step is on-policy: old = sg(logprobs), ρ = 1 with gradient -A.
-// The gradient goes to logprobs; for logits chain token_logprobs_backward(logits, labels, grad).
+// aggregation (tested). The batch's mask is `response_mask` (verl's name; TRL calls it completion_mask). Without
+// old_logprobs the step is on-policy: old = sg(logprobs), ρ = 1 with gradient -A. The gradient goes to logprobs; for
+// logits chain token_logprobs_backward(logits, labels, grad).
 #pragma once
 
 #include <cstdint>
@@ -36,6 +40,8 @@
 
 #include "posttrain/detail/validate.hpp"
 #include "posttrain/kl/estimators.hpp"
+#include "posttrain/losses/clip.hpp"
+#include "posttrain/losses/off_policy.hpp"
 #include "posttrain/losses/policy_variants.hpp"
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/numerics/aggregate.hpp"
@@ -82,13 +88,10 @@ struct grpo_options {
   grpo_loss_type loss_type = grpo_loss_type::dapo;
   /// β on the KL term: TRL 0.0 (no reference model), verl kl_loss_coef 0.001, DeepSeekMath 0.04.
   double beta = 0.0;
-  /// ε (TRL epsilon 0.2); ε_high empty = ε (TRL epsilon_high None; DAPO 0.28).
-  double epsilon = 0.2;
-  std::optional<double> epsilon_high = std::nullopt;
-  /// TRL delta (two-sided clip), dual-clip c (verl) and the log-ratio clamp: as ppo_options.
-  std::optional<double> delta = std::nullopt;
-  std::optional<double> clip_c = std::nullopt;
-  std::optional<double> log_ratio_clamp = std::nullopt;
+  /// The clip range (clip.hpp): clip.clip_low = TRL epsilon (0.2), clip.clip_high = TRL epsilon_high (None:
+  /// = epsilon; DAPO 0.28; cispo: the absolute cap), clip.delta = TRL delta; clip.clip_c (verl dual-clip) and
+  /// clip.log_ratio_clamp as ppo_options. clip_options::trl(epsilon, epsilon_high, delta) spells TRL's names.
+  clip_options clip = {};
   /// The KL estimator (k3 default; any of kl/estimators.hpp, including the straight-through forms).
   kl_options kl = {};
   /// TRL use_bias_correction_kl: kl_t · ρ_t.
@@ -115,7 +118,7 @@ template <tensor T>
 struct grpo_batch {
   T logprobs;                                        ///< [B, T] current policy (differentiable)
   T advantages;                                      ///< [B] or [B, T]
-  T completion_mask;                                 ///< [B, T]
+  T response_mask;                                   ///< [B, T] 0/1 (TRL completion_mask)
   std::optional<T> old_logprobs = std::nullopt;      ///< [B, T]; empty: on-policy
   std::optional<T> ref_logprobs = std::nullopt;      ///< [B, T]; required when beta != 0
   std::optional<T> rollout_logprobs = std::nullopt;  ///< [B, T] the sampler's (TRL sampling_per_token_logps)
@@ -143,14 +146,6 @@ struct grpo_result {
 
 namespace detail {
 
-inline ppo_options grpo_policy_options(const grpo_options& o) {
-  return {.clip_low = o.epsilon,
-          .clip_high = o.epsilon_high,
-          .clip_c = o.clip_c,
-          .delta = o.delta,
-          .log_ratio_clamp = o.log_ratio_clamp};
-}
-
 /// The policy_variants.hpp options each preset runs (aggregation is grpo_loss's).
 inline policy_variant_options grpo_variant_options(const grpo_options& o) {
   policy_variant_options v;
@@ -161,12 +156,11 @@ inline policy_variant_options grpo_variant_options(const grpo_options& o) {
     case grpo_loss_type::vespo: v.variant = policy_variant::vespo; break;
     default: v.variant = policy_variant::ppo; break;
   }
-  v.clip_low = o.epsilon, v.clip_high = o.epsilon_high, v.clip_c = o.clip_c, v.delta = o.delta;
-  v.log_ratio_clamp = o.log_ratio_clamp;
+  v.clip = o.clip;
   v.sequence_ratio = o.importance_sampling_level == grpo_is_level::sequence;
   // TRL cispo: clamp(coef_1, max=epsilon_high), epsilon_high defaulting to epsilon
   v.cispo = cispo_bound::trl_absolute;
-  v.cispo_cap = o.epsilon_high ? *o.epsilon_high : o.epsilon;
+  v.cispo_cap = o.clip.high();
   v.sapo_temperature_pos = o.sapo_temperature_pos, v.sapo_temperature_neg = o.sapo_temperature_neg;
   v.vespo_k_pos = o.vespo_k_pos, v.vespo_lambda_pos = o.vespo_lambda_pos;
   v.vespo_k_neg = o.vespo_k_neg, v.vespo_lambda_neg = o.vespo_lambda_neg;
@@ -183,24 +177,11 @@ struct grpo_terms {
 
 template <tensor T>
 grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const grpo_options& o) {
+  // every option checked once: beta, clip (clip.hpp), KL, normaliser, then the variant's own
   require_finite(fn, "options.beta", o.beta);
-  require_finite(fn, "options.epsilon", o.epsilon);
-  if (o.epsilon <= 0) detail::fail(fn, "options.epsilon must be > 0, got ", o.epsilon);
-  if (o.epsilon_high && !(*o.epsilon_high > 0))
-    detail::fail(fn, "options.epsilon_high must be > 0, got ", *o.epsilon_high);
-  const ppo_options po = grpo_policy_options(o);
-  check_ppo_options(fn, po);
+  check_clip_options(fn, o.clip);
   check_kl_options(fn, o.kl);
   check_normalizer(fn, o.normalizer);
-  require_values(fn, "logprobs", b.logprobs);
-  require_rank(fn, "logprobs", b.logprobs, 2, 2);
-  const T m = ops::ne(ops::upcast(checked_mask(fn, "logprobs", b.logprobs, "completion_mask", b.completion_mask)), 0.0);
-  const T lp = ops::upcast(b.logprobs);
-  T A = token_advantages(fn, b.advantages, lp);
-  if (b.old_logprobs) require_like(fn, "logprobs", b.logprobs, "old_logprobs", *b.old_logprobs);
-  if (o.beta != 0 && !b.ref_logprobs)
-    detail::fail(fn, "ref_logprobs is required when options.beta != 0 (got ", o.beta, ")");
-  if (b.ref_logprobs) require_like(fn, "logprobs", b.logprobs, "ref_logprobs", *b.ref_logprobs);
   if (o.max_completion_length && *o.max_completion_length <= 0)
     detail::fail(fn, "options.max_completion_length must be > 0, got ", *o.max_completion_length);
   const bool seq_level = o.importance_sampling_level == grpo_is_level::sequence || o.loss_type == grpo_loss_type::luspo;
@@ -208,17 +189,24 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
     detail::fail(fn,
                  "options.bias_corrected_kl needs importance_sampling_level token (the sequence ratio's KL correction "
                  "spreads its gradient over the row; not implemented)");
-  // The policy term: policy_variants.hpp's variant, times its constant factor (IS, OPSM, top-entropy)
-  const policy_batch<T> pb{b.logprobs,     b.advantages,       b.completion_mask,
-                           b.old_logprobs, b.rollout_logprobs, b.entropies};
-  const auto v = variant_compute(fn, pb, grpo_variant_options(o));
+  const policy_variant_options vo = grpo_variant_options(o);
+  check_variant_specific_options(fn, vo);
+  // The policy term: policy_variants.hpp's variant (which checks the batch), times its constant factor
+  // (rollout IS, OPSM, top-entropy)
+  const policy_batch<T> pb{b.logprobs, b.advantages, b.response_mask, b.old_logprobs, b.rollout_logprobs, b.entropies};
+  const auto v = variant_compute(fn, pb, vo);
+  const T &m = v.mask, &lp = v.lp, &A = v.A;  // 0/1 mask, upcast logprobs, [B, T] advantages
+  if (o.beta != 0 && !b.ref_logprobs)
+    detail::fail(fn, "ref_logprobs is required when options.beta != 0 (got ", o.beta, ")");
+  if (b.ref_logprobs) require_like(fn, "logprobs", b.logprobs, "ref_logprobs", *b.ref_logprobs);
   T loss = ops::mul(v.loss, v.factor), d = ops::mul(v.d_logp, v.factor), kl = ops::full_like(lp, 0.0);
   // TRL coef_1 = exp(log_importance_weights): per token, or the row's mean log-ratio (sequence level)
   const T old = b.old_logprobs ? ops::upcast(*b.old_logprobs) : ops::detach(lp);
   const T lr_tok = ops::where(m, ops::sub(ops::detach(lp), old), 0.0);
   const T lr = seq_level ? row_mean_b(lr_tok, m) : lr_tok;
-  const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
-  const T coef1 = ops::exp(o.log_ratio_clamp ? ops::clamp(lr, -c, c) : lr);
+  const auto& clamp = o.clip.log_ratio_clamp;
+  const double c = clamp ? *clamp : 0.0;
+  const T coef1 = ops::exp(clamp ? ops::clamp(lr, -c, c) : lr);
   if (o.beta != 0) {
     const T ref = ops::upcast(*b.ref_logprobs);
     kl = kl_penalty(lp, ref, o.kl);
@@ -226,8 +214,8 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
     if (o.bias_corrected_kl) {
       // TRL use_bias_correction_kl: per_token_kl * coef_1; d(kl·ρ) = dkl·ρ + kl·dρ (ρ not detached, as TRL)
       const T lr_raw = ops::sub(lp, old);
-      const T dratio = o.log_ratio_clamp ? ops::mul(coef1, ops::mul(ops::ge(lr_raw, -c), ops::le(lr_raw, c))) : coef1;
-      const T ratio = ops::exp(o.log_ratio_clamp ? ops::clamp(lr_raw, -c, c) : lr_raw);  // carries autograd
+      const T dratio = clamp ? ops::mul(coef1, ops::mul(ops::ge(lr_raw, -c), ops::le(lr_raw, c))) : coef1;
+      const T ratio = ops::exp(clamp ? ops::clamp(lr_raw, -c, c) : lr_raw);  // carries autograd
       dkl = ops::add(ops::mul(dkl, coef1), ops::mul(kl, dratio));
       kl = ops::mul(kl, ratio);
     }
@@ -246,12 +234,6 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
   return {m, loss, d, kl, A, coef1, v.phi, v.is_weight, seq_level && ops::rank(b.advantages) == 1, normalizer};
 }
 
-/// TRL global_masked_mean: over valid tokens, or over the B rows when x is one value per row (sequence level).
-template <tensor T>
-T grpo_metric_mean(const T& x, const T& m, bool per_row) {
-  return per_row ? ops::div(ops::sum_all(x), double(ops::numel(x))) : masked_mean(x, m);
-}
-
 }  // namespace detail
 
 /// The GRPO objective. See the header comment for the per-token loss and the presets.
@@ -261,18 +243,16 @@ grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {
   const T& m = t.mask;
   const T per_token = ops::where(m, t.loss, 0.0);
   const T loss = aggregate(per_token, m, grpo_aggregation(opt.loss_type), t.normalizer);
-  const double eps_high = opt.epsilon_high ? *opt.epsilon_high : opt.epsilon;
-  // TRL: is_low_clipped = (coef_1 < 1 - ε_low) & (A < 0), is_high_clipped = (coef_1 > 1 + ε_high) & (A > 0)
-  const T low = ops::mul(ops::lt(t.coef1, 1.0 - opt.epsilon), ops::lt(t.A, 0.0));
-  const T high = ops::mul(ops::gt(t.coef1, 1.0 + eps_high), ops::gt(t.A, 0.0));
   const bool rows = t.seq_level;
+  // TRL clip_ratio/* of coef_1 (clip.hpp): over valid tokens, or over rows with a per-sequence ratio
+  const auto cm = detail::clip_ratio_metrics(t.coef1, t.A, m, opt.clip, rows);
   T cispo_clip = ops::scalar_like(per_token, 0.0), phi_mean = ops::scalar_like(per_token, 1.0);
   // TRL: is_cispo_clipped = (coef_1 > epsilon_high) & (advantages > 0)
   if (opt.loss_type == grpo_loss_type::cispo)
-    cispo_clip = detail::grpo_metric_mean(ops::mul(ops::gt(t.coef1, eps_high), ops::gt(t.A, 0.0)), m, rows);
+    cispo_clip = detail::token_or_row_mean(ops::mul(ops::gt(t.coef1, opt.clip.high()), ops::gt(t.A, 0.0)), m, rows);
   // TRL vespo/phi_seq_mean: φ is [B, 1] with per-sequence advantages
   if (opt.loss_type == grpo_loss_type::vespo)
-    phi_mean = detail::grpo_metric_mean(t.phi, m, ops::rank(batch.advantages) == 1);
+    phi_mean = detail::token_or_row_mean(t.phi, m, ops::rank(batch.advantages) == 1);
   // TRL sampling/importance_sampling_ratio/*: token modes over valid tokens, sequence modes over rows
   T is_min = ops::scalar_like(per_token, 1.0), is_mean = is_min, is_max = is_min;
   if (opt.rollout_is) {
@@ -285,20 +265,8 @@ grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {
       is_mean = ops::div(ops::sum_all(row), double(ops::size(row, 0)));
     }
   }
-  return {loss,
-          per_token,
-          masked_mean(t.kl, m),
-          detail::grpo_metric_mean(low, m, rows),
-          detail::grpo_metric_mean(high, m, rows),
-          detail::grpo_metric_mean(ops::maximum(low, high), m, rows),
-          masked_mean(t.coef1, m),
-          detail::row_mean_extreme(low, m, rows, false),
-          detail::row_mean_extreme(high, m, rows, true),
-          cispo_clip,
-          phi_mean,
-          is_min,
-          is_mean,
-          is_max};
+  return {loss,       per_token,   masked_mean(t.kl, m), cm.low,   cm.high, cm.region, masked_mean(t.coef1, m),
+          cm.low_min, cm.high_max, cispo_clip,           phi_mean, is_min,  is_mean,   is_max};
 }
 
 /// ∂(grad_loss · grpo_loss(batch).loss)/∂logprobs, [B, T].

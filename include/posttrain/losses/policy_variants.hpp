@@ -1,6 +1,7 @@
 // posttrain/losses/policy_variants.hpp — the RL policy-loss variants beside PPO/GRPO: sequence-level
-// and geometric ratios, soft gates, stop-gradient importance weights, plain policy gradient; and the
-// off-policy controls TRL/verl put around them (rollout importance sampling, OPSM, top-entropy tokens).
+// and geometric ratios, soft gates, stop-gradient importance weights, plain policy gradient, covariance-
+// selected tokens. The off-policy factors TRL/verl put around them (rollout importance sampling, OPSM) are in
+// off_policy.hpp, the token selections (top-entropy mask, Clip-Cov / KL-Cov covariance) in token_selection.hpp.
 //
 // Inputs (verl/TRL names), [B, T]: logprobs (differentiable), old_logprobs (constants; empty = on-policy,
 // old = sg(logprobs)), advantages ([B] or [B, T]), response_mask; optional rollout_logprobs (the sampler's,
@@ -8,7 +9,8 @@
 // top_entropy_quantile). lr_t = logprobs_t - old_logprobs_t, ρ_t = exp(lr_t), |o_i| = Σ_t m_{i,t}.
 //
 // Per-token losses L_t (the variant), each with its derivative D_t = ∂L_t/∂logprobs_t:
-//   ppo     max(-A ρ, -A clip(ρ, 1-ε_l, 1+ε_h)) (ppo.hpp; optional delta / dual-clip)
+//   ppo     max(-A ρ, -A clip(ρ, 1-ε_l, 1+ε_h)) (ppo.hpp; optional delta / dual-clip; ε_l, ε_h, c, δ and the
+//           log-ratio clamp are `clip`, clip.hpp, shared with ppo_options and grpo_options)
 //   gspo    ppo with ρ replaced by s_i = exp(Σ_t m lr_t / |o_i|) in its token-level gradient form
 //           s_{i,t} = sg(s_i)·π_t/sg(π_t) (Zheng et al. 2025 arXiv:2507.18071 eq. 13-14, GSPO-token;
 //           verl gspo; TRL importance_sampling_level="sequence"): value s_i, ∂s_{i,t}/∂logπ_t = s_i.
@@ -25,44 +27,33 @@
 //           (k, λ) = (k+, λ+) for A ≥ 0 else (k-, λ-) (TRL get_gamma_weights; φ(1) = 1).
 //   reinforce / gpg   -A·logπ (no ratio; GPG = verl compute_policy_loss_gpg, its advantages in
 //           advantages/group.hpp gpg_advantages).
-//   clip_cov  ppo's max(L1, L2)·(1 - sel_t) (Cui et al. 2025 arXiv:2505.22617 "The Entropy Mechanism of RL for
-//           Reasoning LMs" §4, Clip-Cov; verl compute_policy_loss_clip_cov): cov_t = (A_t - Ā)(logπ_t - mean logπ),
-//           means over every valid token of the batch; candidates: valid, lb < cov < ub and not already clipped
-//           by PPO (L2 > L1); sel = max(⌊clip_cov_ratio·N_valid⌋, 1) of them. verl zeroes the selected tokens'
-//           loss (value and gradient), they stay in the normaliser. verl draws them with torch.randperm (the
-//           global RNG, so a run is not reproducible); here the draw is a seeded splitmix64 Fisher-Yates over the
-//           candidates in row-major order (cov_seed), or the largest covariances (cov_rule = top).
+//   clip_cov  ppo's max(L1, L2)·(1 - sel_t) (Cui et al. 2025 arXiv:2505.22617 §4, Clip-Cov; verl
+//           compute_policy_loss_clip_cov): candidates are valid, lb < cov < ub and not already clipped by PPO
+//           (L2 > L1); sel = max(⌊clip_cov_ratio·N_valid⌋, 1) of them (token_selection.hpp: a seeded draw,
+//           cov_seed, or the largest covariances, cov_rule = top). verl zeroes the selected tokens' loss (value
+//           and gradient), they stay in the normaliser. clip_c and delta do not apply (verl).
 //   kl_cov  -A·ρ + sel_t·kl_cov_coef·|lr_t| (same paper, KL-Cov; verl compute_policy_loss_kl_cov: no clipping):
-//           sel = the max(⌊kl_cov_ratio·N_valid⌋, 1) valid tokens of largest cov (torch.topk; ties here go to
-//           the lower row-major index); D = -A·ρ + sel·coef·sign(lr).
+//           sel = the max(⌊kl_cov_ratio·N_valid⌋, 1) valid tokens of largest cov; D = -A·ρ + sel·coef·sign(lr).
 //           The selection is a constant of the step (it only picks tokens), so D ignores it, like autograd.
 // Off-policy controls: constant factors c_t that multiply L_t before aggregation (TRL's order: the
-// aggregation's normaliser still counts every response token):
-//   rollout IS   r = exp(lr_old_vs_rollout) per token, exp(Σ) per sequence (TRL, verl "sequence") or
-//                exp(mean) (verl "geometric"); truncate: clamp(r, lower, cap); mask: r where lower ≤ r ≤ cap,
-//                else 0 (TRL vllm_importance_sampling_mode with clip_min/clip_max, cap 3.0; verl rollout_is,
-//                threshold 2.0). The log-ratio is clamped to ±20 first (verl's safety bound). cap = +inf
-//                leaves r unchanged. VESPO takes r inside φ instead of as a factor (TRL get_gamma_weights:
-//                log w += Σ_t m·clamp(log r_t, log 1e-8, 20), token level only, the loss not multiplied by r).
-//   OPSM         keep a row unless A < 0 and Σ_t m(logπ_sampler - sg(logπ)) / |o| > δ (TRL off_policy_mask;
-//                DeepSeek-V3.2); the sampler is rollout_logprobs, else old_logprobs.
-//   top entropy  keep tokens with H ≥ quantile_{1-q}(H over valid tokens), linear interpolation as
-//                torch.quantile (TRL top_entropy_quantile q; q = 1 keeps every valid token).
-// Aggregation: any mode of aggregate.hpp with an optional global normaliser; presets follow TRL.
+// aggregation's normaliser still counts every response token): the rollout IS weight and the OPSM row mask
+// (off_policy.hpp), the top-entropy token mask (token_selection.hpp).
+// Aggregation (`reduction`, verl loss_agg_mode): any mode of aggregate.hpp with an optional global normaliser;
+// presets follow TRL.
 // TRL's presets of these variants (cispo, sapo, luspo, vespo, sequence-level GSPO) also run inside grpo_loss
 // (grpo.hpp), which adds β·KL per token and TRL's normalisers; here, add β·kl_penalty(...) yourself.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <string_view>
-#include <vector>
 
 #include "posttrain/detail/validate.hpp"
+#include "posttrain/losses/clip.hpp"
+#include "posttrain/losses/off_policy.hpp"
 #include "posttrain/losses/ppo.hpp"
+#include "posttrain/losses/token_selection.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/masked.hpp"
 #include "posttrain/numerics/stable.hpp"
@@ -71,36 +62,15 @@
 namespace posttrain {
 
 enum class policy_variant { ppo, gspo, luspo, gmpo, cispo, sapo, vespo, reinforce, gpg, clip_cov, kl_cov };
-/// How Clip-Cov / KL-Cov pick tokens among the candidates: a seeded uniform draw (verl clip_cov's randperm)
-/// or the largest covariances (verl kl_cov's topk).
-enum class cov_rule { random, top };
 /// CISPO's bound on the stop-gradient weight: TRL `clamp(ρ, max=epsilon_high)`, or verl's [1-ε_l, 1+ε_h].
 enum class cispo_bound { trl_absolute, verl_two_sided };
-/// Where the rollout IS ratio is formed: per token, per sequence (product), geometric mean (verl).
-enum class is_level { token, sequence, geometric };
-/// truncate: min(r, cap) (TIS); mask: r inside [lower, cap], 0 outside (MIS / rejection).
-enum class is_mode { truncate, mask };
-
-struct rollout_is_options {
-  is_level level = is_level::sequence;  ///< TRL default "sequence_mask"
-  is_mode mode = is_mode::mask;
-  double cap = 3.0;  ///< TRL vllm_importance_sampling_cap 3.0; verl threshold 2.0; may be +inf
-  /// Lower bound: mask mode drops r < lower (verl: 1/threshold), truncate mode raises r to it (TRL
-  /// vllm_importance_sampling_clip_min); empty: none.
-  std::optional<double> lower = std::nullopt;
-  /// verl rollout_is defaults: token level, truncate, threshold 2.0.
-  static rollout_is_options verl() { return {.level = is_level::token, .mode = is_mode::truncate, .cap = 2.0}; }
-};
 
 struct policy_variant_options {
   policy_variant variant = policy_variant::ppo;
-  /// ε_l, ε_h (ε_h empty = ε_l): the clip range of ppo/gspo/luspo, GMPO's log-space range, verl CISPO's band.
-  double clip_low = 0.2;
-  std::optional<double> clip_high = std::nullopt;
-  std::optional<double> clip_c = std::nullopt;  ///< dual-clip (ppo.hpp); ppo/gspo/luspo only
-  std::optional<double> delta = std::nullopt;   ///< TRL two-sided δ (ppo.hpp); ppo/gspo/luspo only
-  /// Clamp the log-ratio (token, or GSPO's sequence mean) to ±c before exp; verl gspo clamps at 10.
-  std::optional<double> log_ratio_clamp = std::nullopt;
+  /// clip.hpp: clip_low, clip_high (ε_l, ε_h; ε_h empty = ε_l): the clip range of ppo/gspo/luspo/clip_cov,
+  /// GMPO's log-space range, verl CISPO's band; clip_c (dual-clip) and delta (TRL δ): ppo/gspo/luspo only;
+  /// log_ratio_clamp: the log-ratio (token, or GSPO's sequence mean) clamped to ±c before exp (verl gspo: 10).
+  clip_options clip = {};
   /// TRL importance_sampling_level="sequence" for ppo/cispo/sapo (gspo/luspo are always sequence-level;
   /// clip_cov/kl_cov always token-level, as verl).
   bool sequence_ratio = false;
@@ -118,30 +88,29 @@ struct policy_variant_options {
   std::optional<rollout_is_options> rollout_is = std::nullopt;  ///< needs rollout_logprobs
   std::optional<double> opsm_delta = std::nullopt;              ///< TRL off_policy_mask_threshold
   std::optional<double> top_entropy_quantile = std::nullopt;    ///< TRL top_entropy_quantile (needs entropies)
-  aggregation agg = aggregation::token_mean;
+  /// How per-token losses become the scalar (verl loss_agg_mode) and its global normaliser (aggregate.hpp).
+  aggregation reduction = aggregation::token_mean;
   std::optional<double> normalizer = std::nullopt;
 
   // TRL GRPOTrainer presets (loss_type and its normaliser; pass the global token count as normalizer for
   // the dapo-style ones to match TRL's num_items_in_batch).
   static policy_variant_options trl_gspo() {
     return {.variant = policy_variant::gspo,
-            .clip_low = 3e-4,
-            .clip_high = 4e-4,
-            .agg = aggregation::seq_mean_token_mean};  // GSPO paper §5.1 ε = 3e-4/4e-4, TRL docs
+            .clip = clip_options::trl(3e-4, 4e-4),
+            .reduction = aggregation::seq_mean_token_mean};  // GSPO paper §5.1 ε = 3e-4/4e-4, TRL docs
   }
   static policy_variant_options trl_luspo() {
-    return {.variant = policy_variant::luspo, .clip_low = 3e-4, .clip_high = 4e-4};
+    return {.variant = policy_variant::luspo, .clip = clip_options::trl(3e-4, 4e-4)};
   }
   static policy_variant_options trl_cispo() { return {.variant = policy_variant::cispo}; }
   static policy_variant_options trl_sapo() {
-    return {.variant = policy_variant::sapo, .agg = aggregation::seq_mean_token_mean};  // TRL: grpo normaliser
+    return {.variant = policy_variant::sapo, .reduction = aggregation::seq_mean_token_mean};  // TRL: grpo normaliser
   }
   static policy_variant_options trl_vespo() { return {.variant = policy_variant::vespo}; }
   static policy_variant_options verl_gmpo() {
     return {.variant = policy_variant::gmpo,
-            .clip_low = 0.4,
-            .clip_high = 0.4,
-            .agg = aggregation::seq_mean_token_mean};  // verl geo_mean: mean over sequences, ε = 0.4
+            .clip = {.clip_low = 0.4, .clip_high = 0.4},
+            .reduction = aggregation::seq_mean_token_mean};  // verl geo_mean: mean over sequences, ε = 0.4
   }
 };
 
@@ -163,10 +132,11 @@ struct policy_variant_result {
   T clip_ratio_low;     ///< TRL clip_ratio/low_mean on `ratio` (ppo/gspo/luspo)
   T clip_ratio_high;    ///< TRL clip_ratio/high_mean
   T clip_ratio_region;  ///< TRL clip_ratio/region_mean
-  T cispo_clip_ratio;   ///< TRL cispo_clip_ratio: (ρ > cap) & (A > 0); verl band: ρ outside it
-  T phi;                ///< [B, T] VESPO φ_i broadcast (1 for other variants)
-  T phi_mean;           ///< masked mean of φ
-  T is_weight;          ///< [B, T] rollout IS factor (1 without rollout_is)
+  T clip_ratio_low_min, clip_ratio_high_max;  ///< TRL clip_ratio/low_min, high_max (row extremes, clip.hpp)
+  T cispo_clip_ratio;                         ///< TRL cispo_clip_ratio: (ρ > cap) & (A > 0); verl band: ρ outside it
+  T phi;                                      ///< [B, T] VESPO φ_i broadcast (1 for other variants)
+  T phi_mean;                                 ///< masked mean of φ
+  T is_weight;                                ///< [B, T] rollout IS factor (1 without rollout_is)
   T is_ratio_mean, is_ratio_min, is_ratio_max;  ///< raw rollout ratio statistics over valid tokens
   T token_keep;                                 ///< [B, T] OPSM × top-entropy selection (0/1)
   T cov_selected;                               ///< [B, T] Clip-Cov / KL-Cov selected tokens (0/1)
@@ -175,13 +145,8 @@ struct policy_variant_result {
 
 namespace detail {
 
-inline void check_variant_options(std::string_view fn, const policy_variant_options& o) {
-  check_ppo_options(fn, {.clip_low = o.clip_low,
-                         .clip_high = o.clip_high,
-                         .clip_c = o.clip_c,
-                         .delta = o.delta,
-                         .log_ratio_clamp = o.log_ratio_clamp,
-                         .normalizer = o.normalizer});
+/// Every option but `clip` and `normalizer` (grpo_loss checks those itself, once).
+inline void check_variant_specific_options(std::string_view fn, const policy_variant_options& o) {
   if (!(o.cispo_cap > 0)) fail(fn, "options.cispo_cap must be > 0, got ", o.cispo_cap);
   if (!(o.sapo_temperature_pos > 0) || std::isinf(o.sapo_temperature_pos))
     fail(fn, "options.sapo_temperature_pos must be finite and > 0, got ", o.sapo_temperature_pos);
@@ -202,82 +167,33 @@ inline void check_variant_options(std::string_view fn, const policy_variant_opti
   if (!(o.kl_cov_coef >= 0) || std::isinf(o.kl_cov_coef))
     fail(fn, "options.kl_cov_coef must be finite and >= 0, got ", o.kl_cov_coef);
   if (o.rollout_is) {
-    if (!(o.rollout_is->cap > 0)) fail(fn, "options.rollout_is.cap must be > 0, got ", o.rollout_is->cap);
+    check_rollout_is_options(fn, *o.rollout_is);
     if (o.variant == policy_variant::vespo && o.rollout_is->level != is_level::token)
       fail(fn, "options.rollout_is.level must be token for vespo (TRL puts the per-token ratio inside phi)");
-    if (o.rollout_is->lower && !(*o.rollout_is->lower >= 0 && *o.rollout_is->lower < o.rollout_is->cap))
-      fail(fn, "options.rollout_is.lower must be in [0, cap), got ", *o.rollout_is->lower);
   }
   if (o.opsm_delta) require_finite(fn, "options.opsm_delta", *o.opsm_delta);
   if (o.top_entropy_quantile && !(*o.top_entropy_quantile >= 0 && *o.top_entropy_quantile <= 1))
     fail(fn, "options.top_entropy_quantile must be in [0, 1], got ", *o.top_entropy_quantile);
 }
 
-/// The q-quantile (0 ≤ q ≤ 1) of the values where mask != 0, linearly interpolated (torch.quantile's default).
-inline double linear_quantile(std::vector<double> v, double q) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const double pos = q * double(v.size() - 1);
-  const auto lo = static_cast<std::size_t>(std::floor(pos));
-  const std::size_t hi = std::min(lo + 1, v.size() - 1);
-  return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
-}
-
-/// Row mean over the mask, broadcast back to [B, T] (0 on empty rows).
-template <tensor T>
-T row_mean_b(const T& x, const T& m) {
-  const T s = ops::sum(ops::where(m, x, 0.0), 1, true);
-  const T n = ops::maximum(ops::sum(m, 1, true), 1.0);
-  return ops::mul(ops::div(s, n), ops::full_like(x, 1.0));
-}
-
-/// splitmix64 (Steele, Lea, Flood 2014): the seeded generator of Clip-Cov's random draw (integer-only, so a
-/// seed picks the same tokens on every platform and backend).
-inline std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-/// k of the candidate tokens (cand != 0) of a [B, T] batch, chosen on the host by `rule`, as a 0/1 tensor like
-/// cov. top: largest cov first, ties to the lower row-major index; random: the first k of a Fisher-Yates shuffle
-/// of the candidates (row-major) driven by splitmix64(seed). Building the mask costs O(k·B·T).
-template <tensor T>
-T cov_select(const T& cov, const T& cand, std::size_t k, cov_rule rule, std::uint64_t seed) {
-  const auto cv = ops::to_host(cov), ok = ops::to_host(cand);
-  std::vector<std::size_t> idx;
-  for (std::size_t i = 0; i < ok.size(); ++i)
-    if (ok[i] != 0) idx.push_back(i);
-  k = std::min(k, idx.size());
-  const auto kk = static_cast<std::ptrdiff_t>(k);
-  if (rule == cov_rule::top) {
-    std::partial_sort(idx.begin(), idx.begin() + kk, idx.end(),
-                      [&](std::size_t a, std::size_t b) { return cv[a] > cv[b] || (cv[a] == cv[b] && a < b); });
-  } else {
-    std::uint64_t state = seed;
-    for (std::size_t i = 0; i < k; ++i) std::swap(idx[i], idx[i + splitmix64(state) % (idx.size() - i)]);
-  }
-  const T one = ops::full_like(cov, 1.0);
-  const T row = ops::sub(ops::cumsum(one, 0), 1.0), col = ops::sub(ops::cumsum(one, 1), 1.0);  // [B, T] indices
-  const auto width = static_cast<std::size_t>(ops::size(cov, 1));
-  T sel = ops::full_like(cov, 0.0);
-  for (std::size_t i = 0; i < k; ++i)
-    sel = ops::add(sel, ops::mul(ops::eq(row, double(idx[i] / width)), ops::eq(col, double(idx[i] % width))));
-  return sel;
+/// The one check of policy_variant_options, run once per public call.
+inline void check_variant_options(std::string_view fn, const policy_variant_options& o) {
+  check_clip_options(fn, o.clip);
+  check_normalizer(fn, o.normalizer);
+  check_variant_specific_options(fn, o);
 }
 
 template <tensor T>
 struct variant_terms {
   T mask, loss, d_logp, ratio, A, factor, phi, is_weight, is_raw, keep, lp, cov_sel;
   bool spread = false;  ///< GMPO: d_logp is ∂g_i/∂logπ_t, the per-row loss g_i spread over the row
-  aggregation agg;
+  aggregation reduction;
   std::optional<double> normalizer;
 };
 
+/// The variant's per-token terms; checks the batch, not the options (the public entry checks them once).
 template <tensor T>
 variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, const policy_variant_options& o) {
-  check_variant_options(fn, o);
   require_values(fn, "logprobs", b.logprobs);
   require_rank(fn, "logprobs", b.logprobs, 2, 2);
   const T m = ops::ne(ops::upcast(checked_mask(fn, "logprobs", b.logprobs, "response_mask", b.response_mask)), 0.0);
@@ -301,39 +217,18 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   // GSPO eq. 7: log s_i = (1/|o_i|) Σ_t log ρ_t; token form: same value on every token, ∂/∂logπ_t = 1
   // written sg(log s_i) + logπ_t - sg(logπ_t) (verl gspo) so autograd through it gives the token form
   const T lr = seq ? ops::add(ops::detach(row_mean_b(lr_tok, m)), ops::sub(lp, ops::detach(lp))) : lr_tok;
-  const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
-  const T lr_c = o.log_ratio_clamp ? ops::clamp(lr, -c, c) : lr;
-  const T lr_pass = o.log_ratio_clamp ? ops::mul(ops::ge(lr, -c), ops::le(lr, c)) : one;
+  const auto& clamp = o.clip.log_ratio_clamp;
+  const double c = clamp ? *clamp : 0.0;
+  const T lr_c = clamp ? ops::clamp(lr, -c, c) : lr;
+  const T lr_pass = clamp ? ops::mul(ops::ge(lr, -c), ops::le(lr, c)) : one;
   T ratio = ops::exp(lr_c);
-  const double eps_l = o.clip_low, eps_h = o.clip_high ? *o.clip_high : o.clip_low;
+  const double eps_l = o.clip.clip_low, eps_h = o.clip.high();
   // Rollout IS (constants): TRL vllm_importance_sampling_ratio / verl rollout_is_weights
-  T is_w = one, is_raw = one, log_is = zero;
-  if (o.rollout_is) {
-    const auto& r = *o.rollout_is;
-    const T roll = ops::upcast(*b.rollout_logprobs);
-    const T lr_roll = ops::where(m, ops::sub(ops::detach(old), roll), 0.0);
-    T lri = lr_roll;
-    if (r.level == is_level::sequence) lri = ops::mul(ops::sum(lr_roll, 1, true), one);
-    if (r.level == is_level::geometric) lri = row_mean_b(lr_roll, m);
-    const T lri_c = ops::clamp(lri, -20.0, 20.0);  // verl SAFETY_BOUND
-    is_raw = ops::exp(lri_c);
-    const double lo = r.lower ? *r.lower : 0.0;
-    if (r.mode == is_mode::truncate) {
-      // TRL *_truncate: clamp(r, clip_min, clip_max); log r likewise clamped
-      is_w = std::isinf(r.cap) ? is_raw : ops::minimum(is_raw, r.cap);
-      if (r.lower) is_w = ops::maximum(is_w, lo);
-      log_is = ops::clamp(lri_c, r.lower ? std::log(lo) : -21.0, std::isinf(r.cap) ? 21.0 : std::log(r.cap));
-    } else {
-      // TRL *_mask: r outside [clip_min, clip_max] set to 0 (log 0 -> VESPO's floor log 1e-8)
-      T ok = std::isinf(r.cap) ? one : ops::le(is_raw, r.cap);
-      if (r.lower) ok = ops::mul(ok, ops::ge(is_raw, lo));
-      is_w = ops::mul(is_raw, ok);
-      log_is = ops::where(ok, lri_c, std::log(1e-8));
-    }
-  }
+  auto is = o.rollout_is ? rollout_is_weights(old, ops::upcast(*b.rollout_logprobs), m, *o.rollout_is)
+                         : rollout_is_terms<T>{one, one, zero};
   T loss = zero, d = zero, phi = one, cov_sel = zero;
   bool spread = false;
-  aggregation agg = o.agg;
+  aggregation reduction = o.reduction;
   std::optional<double> normalizer = o.normalizer;
 
   switch (o.variant) {
@@ -341,16 +236,11 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
     case policy_variant::gspo:
     case policy_variant::luspo: {
       // ppo.hpp's surrogate on the (token or sequence) log-ratio, with old = 0
-      const auto s = ppo_surrogate(lr, zero, A,
-                                   ppo_options{.clip_low = o.clip_low,
-                                               .clip_high = o.clip_high,
-                                               .clip_c = o.clip_c,
-                                               .delta = o.delta,
-                                               .log_ratio_clamp = o.log_ratio_clamp});
+      const auto s = ppo_surrogate(lr, zero, A, o.clip);
       loss = s.loss, d = s.d_logratio, ratio = s.ratio;
       if (o.variant == policy_variant::luspo && !normalizer) {
         // TRL luspo: (per_token_loss · |o_i|).mean() over the B rows = Σ m·L / B
-        agg = aggregation::seq_mean_token_sum;
+        reduction = aggregation::seq_mean_token_sum;
         normalizer = double(ops::size(lp, 0));
       }
       break;
@@ -398,7 +288,7 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
       T s = ops::sum(ops::where(m, ops::clamp(lr_tok, -20.0, 20.0), 0.0), 1, true);
       // TRL: with a rollout ratio r_t, log w += Σ_t clamp(log r_t, log 1e-8, 20) (π_old/π_sampler per token)
       if (o.rollout_is)
-        s = ops::add(s, ops::sum(ops::where(m, ops::clamp(log_is, std::log(1e-8), 20.0), 0.0), 1, true));
+        s = ops::add(s, ops::sum(ops::where(m, ops::clamp(is.log_r, std::log(1e-8), 20.0), 0.0), 1, true));
       const T log_w = ops::mul(ops::clamp(s, std::log(1e-8), 20.0), one);
       const T nonneg = ops::ge(A, 0.0);
       const T k = ops::where(nonneg, ops::full_like(lp, o.vespo_k_pos), ops::full_like(lp, o.vespo_k_neg));
@@ -420,21 +310,15 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
     case policy_variant::clip_cov:
     case policy_variant::kl_cov: {
       // Cui et al. 2025 §4 / verl: cov_t = (A_t - masked_mean A)·(logπ_t - masked_mean logπ) over valid tokens
-      const T cov =
-          ops::mul(ops::sub(A, masked_mean(A, m)), ops::sub(ops::detach(lp), masked_mean(ops::detach(lp), m)));
-      const double n_valid = ops::item(ops::sum_all(m));
+      const T cov = token_covariance(A, lp, m);
       const bool clip = o.variant == policy_variant::clip_cov;
       const cov_rule rule = o.cov_selection ? *o.cov_selection : clip ? cov_rule::random : cov_rule::top;
       // verl: max(int(ratio · N_valid), 1) tokens (none when there is no valid token)
-      const auto k =
-          n_valid > 0
-              ? std::max<std::size_t>(
-                    static_cast<std::size_t>(std::floor((clip ? o.clip_cov_ratio : o.kl_cov_ratio) * n_valid)), 1)
-              : std::size_t{0};
+      const auto k = cov_select_count(clip ? o.clip_cov_ratio : o.kl_cov_ratio, ops::item(ops::sum_all(m)));
       if (clip) {
-        const auto s = ppo_surrogate(
-            lr, zero, A,
-            ppo_options{.clip_low = o.clip_low, .clip_high = o.clip_high, .log_ratio_clamp = o.log_ratio_clamp});
+        clip_options cc = o.clip;  // verl clip_cov: no dual-clip, no δ
+        cc.clip_c.reset(), cc.delta.reset();
+        const auto s = ppo_surrogate(lr, zero, A, cc);
         // verl clip_cov: candidates are valid, not clipped by PPO (L2 > L1), with lb < cov < ub
         const T cand = ops::mul(ops::mul(m, ops::le(s.l2, s.l1)),
                                 ops::mul(ops::gt(cov, o.clip_cov_lb), ops::lt(cov, o.clip_cov_ub)));
@@ -456,26 +340,15 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   // Off-policy factors (constants): OPSM, top-entropy selection
 
   T keep = one;
-  if (o.opsm_delta) {
-    const T sampler = b.rollout_logprobs ? ops::upcast(*b.rollout_logprobs) : old;
-    const T kl = row_mean_b(ops::sub(sampler, ops::detach(lp)), m);
-    // TRL get_off_policy_mask: keep = (A ≥ 0) | (mean KL ≤ δ)
-    keep = ops::maximum(ops::ge(A, 0.0), ops::le(kl, *o.opsm_delta));
-  }
-  if (o.top_entropy_quantile) {
-    const T H = ops::upcast(*b.entropies);
-    const auto hv = ops::to_host(H), mv = ops::to_host(m);
-    std::vector<double> valid;
-    for (std::size_t i = 0; i < hv.size(); ++i)
-      if (mv[i] != 0) valid.push_back(hv[i]);
-    // TRL get_high_entropy_mask: torch.quantile(H[valid], 1 - q), keep H ≥ it
-    const double thr = linear_quantile(std::move(valid), 1.0 - *o.top_entropy_quantile);
-    keep = ops::mul(keep, ops::ge(H, thr));
-  }
+  if (o.opsm_delta)  // TRL get_off_policy_mask (off_policy.hpp)
+    keep = opsm_keep(A, b.rollout_logprobs ? ops::upcast(*b.rollout_logprobs) : old, lp, m, *o.opsm_delta);
+  // TRL get_high_entropy_mask (token_selection.hpp)
+  if (o.top_entropy_quantile)
+    keep = ops::mul(keep, top_entropy_keep(ops::upcast(*b.entropies), m, *o.top_entropy_quantile));
   keep = ops::mul(keep, m);
   // TRL: VESPO's rollout ratio lives in φ, the loss is not multiplied by it
-  const T factor = ops::detach(o.variant == policy_variant::vespo ? keep : ops::mul(is_w, keep));
-  return {m, loss, d, ratio, A, factor, phi, is_w, is_raw, keep, lp, cov_sel, spread, agg, normalizer};
+  const T factor = ops::detach(o.variant == policy_variant::vespo ? keep : ops::mul(is.weight, keep));
+  return {m, loss, d, ratio, A, factor, phi, is.weight, is.raw, keep, lp, cov_sel, spread, reduction, normalizer};
 }
 
 }  // namespace detail
@@ -483,13 +356,14 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
 /// A policy-loss variant (see the header comment). batch.logprobs etc.: [B, T].
 template <tensor T>
 policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const policy_variant_options& opt = {}) {
-  const auto t = detail::variant_compute("policy_variant_loss", batch, opt);
+  constexpr std::string_view fn = "policy_variant_loss";
+  detail::check_variant_options(fn, opt);
+  const auto t = detail::variant_compute(fn, batch, opt);
   const T per_token = ops::where(t.mask, ops::mul(t.loss, t.factor), 0.0);
-  const T loss = aggregate(per_token, t.mask, t.agg, t.normalizer);
-  const double eps_l = opt.clip_low, eps_h = opt.clip_high ? *opt.clip_high : opt.clip_low;
+  const T loss = aggregate(per_token, t.mask, t.reduction, t.normalizer);
+  const double eps_l = opt.clip.clip_low, eps_h = opt.clip.high();
   const T& m = t.mask;
-  const T low = ops::mul(ops::lt(t.ratio, 1.0 - eps_l), ops::lt(t.A, 0.0));
-  const T high = ops::mul(ops::gt(t.ratio, 1.0 + eps_h), ops::gt(t.A, 0.0));
+  const auto cm = detail::clip_ratio_metrics(t.ratio, t.A, m, opt.clip);  // TRL clip_ratio/* (clip.hpp)
   T cispo_clip = ops::full_like(t.lp, 0.0);
   if (opt.variant == policy_variant::cispo) {
     cispo_clip = opt.cispo == cispo_bound::trl_absolute
@@ -499,9 +373,11 @@ policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const
   return {loss,
           per_token,
           t.ratio,
-          masked_mean(low, m),
-          masked_mean(high, m),
-          masked_mean(ops::maximum(low, high), m),
+          cm.low,
+          cm.high,
+          cm.region,
+          cm.low_min,
+          cm.high_max,
           masked_mean(cispo_clip, m),
           t.phi,
           masked_mean(t.phi, m),
@@ -518,29 +394,14 @@ policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const
 template <tensor T>
 T policy_variant_loss_backward(const policy_batch<T>& batch, const policy_variant_options& opt = {},
                                double grad_loss = 1.0) {
-  const auto t = detail::variant_compute("policy_variant_loss_backward", batch, opt);
-  const T w = ops::mul(aggregation_weights(t.mask, t.agg, t.normalizer), t.factor);  // ∂loss/∂L_t
+  constexpr std::string_view fn = "policy_variant_loss_backward";
+  detail::check_variant_options(fn, opt);
+  const auto t = detail::variant_compute(fn, batch, opt);
+  const T w = ops::mul(aggregation_weights(t.mask, t.reduction, t.normalizer), t.factor);  // ∂loss/∂L_t
   if (!t.spread) return ops::mul(ops::where(t.mask, ops::mul(t.d_logp, w), 0.0), grad_loss);
   // GMPO: L_t = g_i on every token of row i, so ∂loss/∂logπ_t = (Σ_{t'} w_{t'}) · ∂g_i/∂logπ_t
   const T W = ops::mul(ops::sum(ops::where(t.mask, w, 0.0), 1, true), ops::full_like(t.lp, 1.0));
   return ops::mul(ops::where(t.mask, ops::mul(t.d_logp, W), 0.0), grad_loss);
-}
-
-/// TRL get_high_entropy_mask: 1 where entropies ≥ the (1 - top_quantile) linear quantile of the valid
-/// entropies, and the token is valid. entropies, mask: [B, T] (or any shape).
-template <tensor T>
-T top_entropy_mask(const T& entropies, const T& mask, double top_quantile) {
-  constexpr std::string_view fn = "top_entropy_mask";
-  if (!(top_quantile >= 0 && top_quantile <= 1)) detail::fail(fn, "top_quantile must be in [0, 1], got ", top_quantile);
-  detail::require_values(fn, "entropies", entropies);
-  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "entropies", entropies, "mask", mask)), 0.0);
-  const T H = ops::upcast(entropies);
-  const auto hv = ops::to_host(H), mv = ops::to_host(m);
-  std::vector<double> valid;
-  for (std::size_t i = 0; i < hv.size(); ++i)
-    if (mv[i] != 0) valid.push_back(hv[i]);
-  const double thr = detail::linear_quantile(std::move(valid), 1.0 - top_quantile);
-  return ops::mul(ops::ge(H, thr), m);
 }
 
 }  // namespace posttrain

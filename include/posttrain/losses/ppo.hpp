@@ -12,9 +12,11 @@
 //   L  = max(L1, L2)                               the pessimistic bound
 //   dual-clip (Ye et al. 2019, "Mastering complex control in MOBA games", eq. 5): for A < 0,
 //   L = min(L, -c·A). verl applies it always with c = 3; OpenRLHF and TRL only when asked; here it is
-//   off unless `clip_c` is set (ppo_options::verl() turns it on with c = 3).
-// The per-token loss is aggregated with one of the foundation's modes (aggregate.hpp), so a global
-// normaliser makes micro-batch sums equal the whole-batch loss.
+//   off unless `clip.clip_c` is set (ppo_options::verl() turns it on with c = 3).
+// ε_low, ε_high, c, δ and the log-ratio clamp are the fields of ppo_options::clip (clip.hpp, which maps them to
+// TRL's epsilon / epsilon_high / delta and verl's clip_ratio_low / clip_ratio_high / clip_ratio_c).
+// The per-token loss is aggregated with one of the foundation's modes (aggregate.hpp; `reduction`, verl
+// loss_agg_mode), so a global normaliser makes micro-batch sums equal the whole-batch loss.
 //
 // Gradient with respect to logprobs (what autograd gives through the forward): dL/dlog ρ = ρ · dL/dρ
 // where dL/dρ is -A on whichever branch max/min selected while that branch's clamp is inactive,
@@ -24,11 +26,11 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <string_view>
 
 #include "posttrain/detail/validate.hpp"
+#include "posttrain/losses/clip.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/masked.hpp"
 #include "posttrain/tensor.hpp"
@@ -36,23 +38,15 @@
 namespace posttrain {
 
 struct ppo_options {
-  /// ε_low: the ratio may fall to 1 - ε_low (TRL epsilon 0.2, verl clip_ratio 0.2; torchtune uses 0.1).
-  double clip_low = 0.2;
-  /// ε_high: the ratio may rise to 1 + ε_high; empty means ε_low (TRL epsilon_high=None). DAPO: 0.28.
-  std::optional<double> clip_high = std::nullopt;
-  /// Dual-clip constant c > 1 for negative advantages; off when empty (OpenRLHF, TRL). verl: 3.0.
-  std::optional<double> clip_c = std::nullopt;
-  /// TRL's two-sided bound δ > 1 on the unclipped ratio (INTELLECT-2); off when empty (TRL None).
-  std::optional<double> delta = std::nullopt;
-  /// Clamp log ρ to [-c, c] before exp; off when empty (TRL, torchtune). verl/OpenRLHF: 20.
-  std::optional<double> log_ratio_clamp = std::nullopt;
-  /// How per-token losses become the scalar (verl default token-mean; TRL GRPO presets in grpo.hpp).
-  aggregation agg = aggregation::token_mean;
-  /// The global normaliser of `agg` (see aggregate.hpp): pass it to make micro-batch sums exact.
+  /// ε_low, ε_high, dual-clip c, TRL δ and the log-ratio clamp (clip.hpp; defaults: ε = 0.2, the rest off).
+  clip_options clip = {};
+  /// How per-token losses become the scalar (verl loss_agg_mode, default token-mean; TRL presets in grpo.hpp).
+  aggregation reduction = aggregation::token_mean;
+  /// The global normaliser of `reduction` (see aggregate.hpp): pass it to make micro-batch sums exact.
   std::optional<double> normalizer = std::nullopt;
 
   /// verl's compute_policy_loss("vanilla") defaults: ε = 0.2, dual-clip c = 3, log ρ clamped to ±20.
-  static ppo_options verl() { return {.clip_low = 0.2, .clip_c = 3.0, .log_ratio_clamp = 20.0}; }
+  static ppo_options verl() { return {.clip = clip_options::verl()}; }
 };
 
 template <tensor T>
@@ -87,23 +81,9 @@ struct ppo_policy_result {
 
 namespace detail {
 
+/// The one check of ppo_options (clip range and normaliser), run once per public call.
 inline void check_ppo_options(std::string_view fn, const ppo_options& o) {
-  require_finite(fn, "options.clip_low", o.clip_low);
-  if (o.clip_low <= 0) fail(fn, "options.clip_low must be > 0, got ", o.clip_low);
-  if (o.clip_high) {
-    require_finite(fn, "options.clip_high", *o.clip_high);
-    if (*o.clip_high <= 0) fail(fn, "options.clip_high must be > 0, got ", *o.clip_high);
-  }
-  if (o.clip_c) {
-    require_finite(fn, "options.clip_c", *o.clip_c);
-    if (*o.clip_c <= 1) fail(fn, "options.clip_c must be > 1 (dual-clip), got ", *o.clip_c);
-  }
-  if (o.delta) {
-    require_finite(fn, "options.delta", *o.delta);
-    if (*o.delta <= 1) fail(fn, "options.delta must be > 1, got ", *o.delta);
-  }
-  if (o.log_ratio_clamp && (std::isnan(*o.log_ratio_clamp) || *o.log_ratio_clamp <= 0))
-    fail(fn, "options.log_ratio_clamp must be > 0 when set, got ", *o.log_ratio_clamp);
+  check_clip_options(fn, o.clip);
   check_normalizer(fn, o.normalizer);
 }
 
@@ -130,8 +110,8 @@ T max_share(const T& a, const T& b) {
 }
 
 template <tensor T>
-surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const T& advantages, const ppo_options& o) {
-  const double eps_low = o.clip_low, eps_high = o.clip_high ? *o.clip_high : o.clip_low;
+surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const T& advantages, const clip_options& o) {
+  const double eps_low = o.clip_low, eps_high = o.high();
   const T log_ratio_raw = ops::sub(logprobs, old_logprobs);
   const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
   const T log_ratio = o.log_ratio_clamp ? ops::clamp(log_ratio_raw, -c, c) : log_ratio_raw;
@@ -163,28 +143,6 @@ surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const
   return {loss, d_logratio, ratio, l1, l2, clipped_max};
 }
 
-template <tensor T>
-T masked_extreme(const T& x, const T& m, bool take_max) {
-  const double inf = std::numeric_limits<double>::infinity();
-  const T filled = ops::where(m, x, take_max ? -inf : inf);
-  const T v = take_max ? ops::max_all(filled) : ops::neg(ops::max_all(ops::neg(filled)));
-  return ops::where(ops::gt(ops::sum_all(m), 0.0), v, 0.0);
-}
-
-/// TRL nanmin / nanmax over rows of masked_seq_mean(x) = Σ_t m·x / Σ_t m: the rows with a token (their
-/// 0/0 is NaN and skipped), or, with per_row, every row of an x that is one value per row (TRL's [B, 1]
-/// sequence-level tensors). x, m: [B, T]; an [N] input is one row.
-template <tensor T>
-T row_mean_extreme(const T& x, const T& m, bool per_row, bool take_max) {
-  if (ops::rank(x) == 1) return masked_mean(x, m);  // one row; 0 when it has no token
-  const T count = ops::sum(m, 1, true);             // [B, 1]
-  if (per_row)
-    return masked_extreme(ops::div(ops::sum(x, 1, true), double(ops::size(x, 1))), ops::full_like(count, 1.0),
-                          take_max);
-  return masked_extreme(ops::div(ops::sum(ops::where(m, x, 0.0), 1, true), ops::maximum(count, 1.0)),
-                        ops::gt(count, 0.0), take_max);
-}
-
 }  // namespace detail
 
 /// PPO clipped policy loss. logprobs, old_logprobs, advantages, response_mask: [B, T] or [N]; optional
@@ -202,29 +160,23 @@ ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, c
   }
   const T lp = ops::upcast(logprobs), old = ops::upcast(old_logprobs), A = ops::upcast(advantages);
   const T m = ops::ne(ops::upcast(m0), 0.0);
-  const auto s = detail::ppo_surrogate(lp, old, A, opt);
+  const auto s = detail::ppo_surrogate(lp, old, A, opt.clip);
   const T per_token = ops::where(m, s.loss, 0.0);
-  const T loss = aggregate(per_token, m, opt.agg, opt.normalizer);
-  const double eps_high = opt.clip_high ? *opt.clip_high : opt.clip_low;
-  // TRL GRPO clip ratios: is_low_clipped = (ρ < 1-ε_low) & (A < 0), is_high_clipped = (ρ > 1+ε_high) & (A > 0)
-  const T low = ops::mul(ops::lt(s.ratio, 1.0 - opt.clip_low), ops::lt(A, 0.0));
-  const T high = ops::mul(ops::gt(s.ratio, 1.0 + eps_high), ops::gt(A, 0.0));
-  const T region = ops::maximum(low, high);
+  const T loss = aggregate(per_token, m, opt.reduction, opt.normalizer);
+  // TRL clip_ratio/{low,high,region}_mean, low_min, high_max (clip.hpp)
+  const auto cm = detail::clip_ratio_metrics(s.ratio, A, m, opt.clip);
   // verl: pg_clipfrac = masked_mean(pg_losses2 > pg_losses1)
   const T clipfrac = masked_mean(ops::gt(s.l2, s.l1), m);
   T clipfrac_lower = ops::scalar_like(lp, 0.0);
-  if (opt.clip_c)  // verl: masked_mean((clip_pg_losses1 > pg_losses3) * (A < 0))
-    clipfrac_lower = masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip_c)), ops::lt(A, 0.0)), m);
+  if (opt.clip.clip_c)  // verl: masked_mean((clip_pg_losses1 > pg_losses3) * (A < 0))
+    clipfrac_lower = masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip.clip_c)), ops::lt(A, 0.0)), m);
   const T dlogp = ops::sub(lp, old);
-  return {loss, per_token, s.ratio, masked_mean(low, m), masked_mean(high, m), masked_mean(region, m), clipfrac,
-          clipfrac_lower,
+  return {loss, per_token, s.ratio, cm.low, cm.high, cm.region, clipfrac, clipfrac_lower,
           // verl ppo_kl = masked_mean(-negative_approx_kl) (k1)
           masked_mean(ops::neg(dlogp), m),
           // TRL PPO approxkl = 0.5 * (logprobs_diff ** 2).mean()
           ops::mul(masked_mean(ops::square(dlogp), m), 0.5), masked_mean(s.ratio, m),
-          detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true),
-          // TRL: nanmin(masked_seq_mean(is_low_clipped)), nanmax(masked_seq_mean(is_high_clipped))
-          detail::row_mean_extreme(low, m, false, false), detail::row_mean_extreme(high, m, false, true),
+          detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true), cm.low_min, cm.high_max,
           entropies ? masked_mean(ops::upcast(*entropies), m) : ops::scalar_like(lp, 0.0)};
 }
 
@@ -237,8 +189,8 @@ T ppo_policy_loss_backward(const T& logprobs, const T& old_logprobs, const T& ad
   const T m0 = detail::checked_policy_inputs(fn, logprobs, old_logprobs, advantages, response_mask);
   const T lp = ops::upcast(logprobs);
   const T m = ops::ne(ops::upcast(m0), 0.0);
-  const auto s = detail::ppo_surrogate(lp, ops::upcast(old_logprobs), ops::upcast(advantages), opt);
-  const T w = aggregation_weights(m, opt.agg, opt.normalizer);
+  const auto s = detail::ppo_surrogate(lp, ops::upcast(old_logprobs), ops::upcast(advantages), opt.clip);
+  const T w = aggregation_weights(m, opt.reduction, opt.normalizer);
   return ops::mul(ops::where(m, ops::mul(s.d_logratio, w), 0.0), grad_loss);
 }
 

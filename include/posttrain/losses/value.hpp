@@ -26,7 +26,8 @@ namespace posttrain {
 struct value_options {
   /// ε_v around old_values (TRL cliprange_value 0.2, verl cliprange_value 0.5, torchtune 0.2); empty: no clip.
   std::optional<double> clip = 0.2;
-  aggregation agg = aggregation::token_mean;
+  /// How per-token losses become the scalar (verl loss_agg_mode; the same field name as every other loss).
+  aggregation reduction = aggregation::token_mean;
   std::optional<double> normalizer = std::nullopt;
 };
 
@@ -88,7 +89,7 @@ value_result<T> value_loss(const T& values, const T& old_values, const T& return
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::value_surrogate(V, ops::upcast(old_values), ops::upcast(returns), opt);
   const T per_token = ops::where(m, s.loss, 0.0);
-  return {aggregate(per_token, m, opt.agg, opt.normalizer), per_token,
+  return {aggregate(per_token, m, opt.reduction, opt.normalizer), per_token,
           masked_mean(ops::gt(s.clipped_sq, s.unclipped_sq), m), masked_mean(V, m)};
 }
 
@@ -101,29 +102,29 @@ T value_loss_backward(const T& values, const T& old_values, const T& returns, co
   const T m0 = detail::checked_value_inputs(fn, values, old_values, returns, response_mask);
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::value_surrogate(ops::upcast(values), ops::upcast(old_values), ops::upcast(returns), opt);
-  const T w = aggregation_weights(m, opt.agg, opt.normalizer);
+  const T w = aggregation_weights(m, opt.reduction, opt.normalizer);
   return ops::mul(ops::where(m, ops::mul(s.d_values, w), 0.0), grad_loss);
 }
 
 /// The entropy of the policy at each response token, aggregated: logits [B, T, V], mask [B, T] -> 0-d.
 /// A trainer subtracts entropy_coef times it (verl entropy_coeff 0, TRL GRPO logs it only).
 template <tensor T>
-T entropy_bonus(const T& logits, const T& response_mask, aggregation agg = aggregation::token_mean,
+T entropy_bonus(const T& logits, const T& response_mask, aggregation reduction = aggregation::token_mean,
                 std::optional<double> normalizer = std::nullopt) {
   const T h = entropy(logits);
   return aggregate(
-      h, ops::ne(detail::checked_mask("entropy_bonus", "entropy(logits)", h, "response_mask", response_mask), 0.0), agg,
-      normalizer);
+      h, ops::ne(detail::checked_mask("entropy_bonus", "entropy(logits)", h, "response_mask", response_mask), 0.0),
+      reduction, normalizer);
 }
 
 /// ∂(grad_loss · entropy_bonus)/∂logits, [B, T, V].
 template <tensor T>
-T entropy_bonus_backward(const T& logits, const T& response_mask, aggregation agg = aggregation::token_mean,
+T entropy_bonus_backward(const T& logits, const T& response_mask, aggregation reduction = aggregation::token_mean,
                          std::optional<double> normalizer = std::nullopt, double grad_loss = 1.0) {
   const T h = entropy(logits);
   const T m = ops::ne(
       detail::checked_mask("entropy_bonus_backward", "entropy(logits)", h, "response_mask", response_mask), 0.0);
-  return entropy_backward(logits, ops::mul(aggregation_weights(m, agg, normalizer), grad_loss));
+  return entropy_backward(logits, ops::mul(aggregation_weights(m, reduction, normalizer), grad_loss));
 }
 
 /// Coefficients of the combined PPO objective (TRL PPOTrainer: vf_coef 0.1; verl critic is separate).
@@ -153,7 +154,7 @@ ppo_objective_result<T> ppo_objective(const T& logprobs, const T& old_logprobs, 
   auto pol = ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, opt.policy);
   auto val = value_loss(values, old_values, returns, response_mask, opt.value);
   T ent = ops::scalar_like(pol.loss, 0.0);
-  if (logits) ent = entropy_bonus(*logits, response_mask, opt.policy.agg, opt.policy.normalizer);
+  if (logits) ent = entropy_bonus(*logits, response_mask, opt.policy.reduction, opt.policy.normalizer);
   T loss = ops::add(pol.loss, ops::mul(val.loss, opt.vf_coef));
   if (logits) loss = ops::sub(loss, ops::mul(ent, opt.entropy_coef));
   return {loss, std::move(pol), std::move(val), ent};
