@@ -37,7 +37,7 @@
 
 #include "peak_memory.hpp"
 #include "posttrain/backends/torch.hpp"
-#include "posttrain/backends/torch_linear_ce.hpp"
+#include "posttrain/backends/torch/fused_linear_ce.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
 #include "timing.hpp"
@@ -269,7 +269,7 @@ int run_peak_memory(const std::string& name) {
 // ---- CUDA (runs only where torch::cuda::is_available(); NOT verified in this repository's CI) -----
 // The same scenarios on the GPU in float32 and bfloat16: cuBLAS's three GEMMs alone (the floor),
 // the naive at::matmul + at::cross_entropy_loss + backward() at full N, and posttrain's API, whose
-// CUDA path is the chunked LibTorch-op algorithm (backends/torch_linear_ce.hpp). Each call is
+// CUDA path is the chunked LibTorch-op algorithm (backends/torch/fused_linear_ce.hpp). Each call is
 // followed by torch::cuda::synchronize(); one untimed call first warms the caching allocator.
 
 struct cuda_inputs {

@@ -17,14 +17,8 @@
 //                detach (stop-gradient), to_dtype, to_host
 //   labels       index_not_equal, index_equal, index_replace, index_count_outside, index_to_host
 //
-// Optional fused overrides (detected with `requires`, generic composition as fallback):
-//   fused_logsumexp_last(x), fused_token_logprobs(logits, labels), fused_entropy_last(x)
-//   fused_kd_per_token(student, teacher, fused_kd_spec), fused_kd_backward(student, teacher, row_weight,
-//       fused_kd_spec): distillation divergences (losses/distill.hpp, detail/kd_fused.hpp)
-//   fused_ce_backward(logits, labels, row_weights, ce_backward_args) -> d loss / d logits in the
-//       logits' dtype (sft_loss_backward's gradient; row_weights = d loss / d ℓ_row)
-//   `static constexpr bool fused_reads_half = true`: the overrides take bfloat16/float16 logits
-//       as they are (computing in float32 and returning float32) instead of an upcast copy
+// Optional fused hooks (one-pass logits statistics, the cross-entropy backward, distillation) are
+// not part of the concept: a backend opts in through posttrain::fused_ops<T> (fused.hpp).
 #pragma once
 
 #include <concepts>
@@ -68,14 +62,6 @@ enum class reduce_op { sum, max, min };
 /// Customisation point: specialise for a tensor type to make it a posttrain backend.
 template <class T>
 struct tensor_traits;
-
-/// The options of sft_loss_backward that the optional fused_ce_backward override needs.
-struct ce_backward_args {
-  std::int64_t ignore_index;  ///< rows with this label get a zero gradient
-  double label_smoothing;     ///< ε
-  double z_loss;              ///< z (PaLM's z·lse²)
-  bool dft;                   ///< weight each row by its detached p[label]
-};
 
 // clang-format off
 template <class T>

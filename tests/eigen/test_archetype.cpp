@@ -1,12 +1,17 @@
 // The tensor concept is enough, and the fused-override dispatch works (range-v3's archetypes, stdexec's
 // recording fakes):
 //  (a) `archetype` wraps eigen_tensor<double> and its tensor_traits provide ONLY the concept's operations
-//      (no fused_* member). Every algorithm compiles against it and gives the values eigen_tensor<double>
-//      (which has fused overrides) gives; a log of every traits call shows the generic compositions ran.
-//  (b) `fused_recorder` adds fused_logsumexp_last / fused_token_logprobs / fused_entropy_last; the log
-//      shows the public dispatchers called them instead of the generic compositions.
+//      (no fused_ops specialisation). Every algorithm compiles against it and gives the values
+//      eigen_tensor<double> (which has fused hooks) gives; a log of every traits call shows the generic
+//      compositions ran.
+//  (b) `fused_recorder` adds the one-pass logits_stats hook (fused.hpp); the log shows the public entries
+//      called it, once per call, instead of the generic compositions.
+//  (c) `declining_recorder` has the hook but declines every input (an empty optional, as a backend does
+//      for a device or layout it cannot take); the log shows the algorithms fell back to the generic
+//      composition themselves.
 #include <catch2/catch.hpp>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +19,7 @@
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/kl/estimators.hpp"
 #include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/sequence_logps.hpp"
 #include "posttrain/losses/sft.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/logits.hpp"
@@ -45,8 +51,12 @@ inline int count_prefix(const std::string& prefix) {
 struct archetype {
   posttrain::eigen_tensor<double> value;
 };
-/// The same, with a backend that also provides the fused overrides.
+/// The same, with a backend that also provides the fused logits hook.
 struct fused_recorder {
+  posttrain::eigen_tensor<double> value;
+};
+/// The same, with a hook that declines every input.
+struct declining_recorder {
   posttrain::eigen_tensor<double> value;
 };
 
@@ -127,18 +137,29 @@ struct recording_traits {
 template <>
 struct tensor_traits<recording::archetype> : recording_traits<recording::archetype> {};
 
-/// (b) The same plus the three fused overrides.
+/// (b) The same plus the one-pass logits hook, forwarding to the Eigen backend's.
 template <>
-struct tensor_traits<recording::fused_recorder> : recording_traits<recording::fused_recorder> {
+struct tensor_traits<recording::fused_recorder> : recording_traits<recording::fused_recorder> {};
+template <>
+struct fused_ops<recording::fused_recorder> {
   using W = recording::fused_recorder;
-  static W fused_logsumexp_last(const W& x) {
-    return note("fused_logsumexp_last"), wrap(base::fused_logsumexp_last(x.value));
+  static std::optional<logits_row_stats<W>> logits_stats(const W& x, const eigen_index* labels,
+                                                         const logits_stats_request& q) {
+    ++recording::calls()["logits_stats"];
+    const auto r = fused_ops<eigen_tensor<double>>::logits_stats(x.value, labels, q);
+    return logits_row_stats<W>{W{r->logsumexp}, W{r->logprob}, W{r->entropy}, W{r->argmax_hit}};
   }
-  static W fused_token_logprobs(const W& x, const index_tensor& labels) {
-    return note("fused_token_logprobs"), wrap(base::fused_token_logprobs(x.value, labels));
-  }
-  static W fused_entropy_last(const W& x) {
-    return note("fused_entropy_last"), wrap(base::fused_entropy_last(x.value));
+};
+
+/// (c) The hook present but declining every input.
+template <>
+struct tensor_traits<recording::declining_recorder> : recording_traits<recording::declining_recorder> {};
+template <>
+struct fused_ops<recording::declining_recorder> {
+  using W = recording::declining_recorder;
+  static std::optional<logits_row_stats<W>> logits_stats(const W&, const eigen_index*, const logits_stats_request&) {
+    ++recording::calls()["logits_stats declined"];
+    return std::nullopt;
   }
 };
 
@@ -146,31 +167,21 @@ struct tensor_traits<recording::fused_recorder> : recording_traits<recording::fu
 
 using namespace posttrain;
 using recording::archetype;
+using recording::declining_recorder;
 using recording::fused_recorder;
 using tensor_d = eigen_tensor<double>;
 
 static_assert(tensor<archetype>);
 static_assert(tensor<fused_recorder>);
+static_assert(tensor<declining_recorder>);
 static_assert(tensor<tensor_d>);
 static_assert(!tensor<int>);
 static_assert(!tensor<eigen_tensor<std::int64_t>>);  // labels are index tensors, not values
-// The archetype really lacks the overrides; the recorder really has them.
-template <class T>
-concept has_fused_logsumexp = requires(const T& x) {
-  tensor_traits<T>::fused_logsumexp_last(x);
-};
-template <class T>
-concept has_fused_entropy = requires(const T& x) {
-  tensor_traits<T>::fused_entropy_last(x);
-};
-template <class T>
-concept has_fused_token_logprobs = requires(const T& x, const index_tensor_t<T>& i) {
-  tensor_traits<T>::fused_token_logprobs(x, i);
-};
-static_assert(!has_fused_logsumexp<archetype> && !has_fused_entropy<archetype> && !has_fused_token_logprobs<archetype>);
-static_assert(has_fused_logsumexp<fused_recorder> && has_fused_entropy<fused_recorder> &&
-              has_fused_token_logprobs<fused_recorder>);
-static_assert(has_fused_logsumexp<tensor_d> && has_fused_entropy<tensor_d> && has_fused_token_logprobs<tensor_d>);
+// The archetype really lacks the hooks; the recorders really have the logits hook (fused.hpp's concepts).
+static_assert(!has_fused_logits_stats<archetype> && !has_fused_ce_backward<archetype> && !has_fused_kd<archetype>);
+static_assert(has_fused_logits_stats<fused_recorder> && !has_fused_ce_backward<fused_recorder>);
+static_assert(has_fused_logits_stats<recording::declining_recorder>);
+static_assert(has_fused_logits_stats<tensor_d> && has_fused_ce_backward<tensor_d> && has_fused_kd<tensor_d>);
 
 namespace {
 const auto tol = test::float64_tol;
@@ -209,6 +220,12 @@ void every_algorithm_agrees() {
   same("token_logprobs_backward", token_logprobs_backward(logits, in.labels, grad),
        token_logprobs_backward(in.logits, in.labels, in.grad));
   same("entropy", entropy(logits), entropy(in.logits));
+  {
+    const auto a = token_logprobs_and_entropy(logits, in.labels);
+    const auto b = token_logprobs_and_entropy(in.logits, in.labels);
+    same("token_logprobs_and_entropy logprobs", a.logprobs, b.logprobs);
+    same("token_logprobs_and_entropy entropy", a.entropy, b.entropy);
+  }
   same("entropy_backward", entropy_backward(logits, grad), entropy_backward(in.logits, in.grad));
   same("softplus", softplus(lp), softplus(in.lp));
   same("log_sigmoid", log_sigmoid(lp), log_sigmoid(in.lp));
@@ -276,41 +293,71 @@ TEST_CASE("an archetype with only the concept's operations runs every algorithm"
   CHECK(recording::count("reduce") >= 3);  // the row max, the logsumexp's sum, and Σ p log p
 }
 
-TEST_CASE("a backend's fused overrides are what the dispatchers call", "[archetype][fused]") {
+TEST_CASE("a backend's fused hook is what the public entries call, once per call", "[archetype][fused]") {
   every_algorithm_agrees<fused_recorder>();
   const fused_recorder x{test::to_eigen<double>(test::random_normal({2, 4}, 151))};
   const eigen_index labels({2}, {1, 3});
 
   recording::reset();
   (void)logsumexp(x);
-  CHECK(recording::count("fused_logsumexp_last") == 1);
+  CHECK(recording::count("logits_stats") == 1);
   CHECK(recording::count("reduce") == 0);  // no generic max / sum ran
   CHECK(recording::count("unary") == 0);
 
   recording::reset();
   (void)token_logprobs(x, labels);
-  CHECK(recording::count("fused_token_logprobs") == 1);
-  CHECK(recording::count("fused_logsumexp_last") == 0);
+  CHECK(recording::count("logits_stats") == 1);
   CHECK(recording::count("reduce") == 0);
   CHECK(recording::count("gather_last") == 0);
 
   recording::reset();
   (void)entropy(x);
-  CHECK(recording::count("fused_entropy_last") == 1);
+  CHECK(recording::count("logits_stats") == 1);
   CHECK(recording::count("reduce") == 0);
 
-  // SFT with label smoothing reaches all three: log p[y] (fused_token_logprobs), the smoothing term's
-  // logsumexp (fused_logsumexp_last) and the entropy metric (fused_entropy_last).
+  // Log-probs and entropy together: one read.
+  recording::reset();
+  (void)token_logprobs_and_entropy(x, labels);
+  CHECK(recording::count("logits_stats") == 1);
+  CHECK(recording::count("reduce") == 0);
+
+  // SFT takes log p[y], both metrics (argmax hit, entropy) and, with smoothing, the logsumexp from one
+  // read; the only other pass over the logits is smoothing's Σ_v x_v.
+  recording::reset();
+  (void)sft_loss(x, labels);
+  CHECK(recording::count("logits_stats") == 1);
+  CHECK(recording::count("argmax_last") == 0);
+  CHECK(recording::count("gather_last") == 0);
   recording::reset();
   (void)sft_loss(x, labels, {.label_smoothing = 0.1});
-  CHECK(recording::count("fused_token_logprobs") >= 1);
-  CHECK(recording::count("fused_logsumexp_last") >= 1);
-  CHECK(recording::count("fused_entropy_last") >= 1);
+  CHECK(recording::count("logits_stats") == 1);
+  CHECK(recording::count("argmax_last") == 0);
+
+  // The sequence log-prob helper is on the same path.
+  recording::reset();
+  (void)sequence_logps(fused_recorder{test::to_eigen<double>(test::random_normal({1, 2, 4}, 152))},
+                       eigen_index({1, 2}, {1, -100}));
+  CHECK(recording::count("logits_stats") == 1);
+  CHECK(recording::count("gather_last") == 0);
 
   // The generic compositions stay available on the same backend (what the fused ones are tested against).
   recording::reset();
   const auto g = generic::logsumexp_last(x);
-  CHECK(recording::count("fused_logsumexp_last") == 0);
+  CHECK(recording::count("logits_stats") == 0);
   CHECK(recording::count("reduce") >= 2);
   test::check_same("generic vs fused", g.value, logsumexp(x).value, tol);
+}
+
+TEST_CASE("a hook that declines an input leaves the generic composition to run", "[archetype][fused]") {
+  every_algorithm_agrees<declining_recorder>();
+  const declining_recorder x{test::to_eigen<double>(test::random_normal({2, 4}, 153))};
+  const eigen_index labels({2}, {1, 3});
+  recording::reset();
+  const auto r = token_logprobs_and_entropy(x, labels);
+  CHECK(recording::count("logits_stats declined") == 1);
+  CHECK(recording::count("gather_last") == 1);  // the generic selective log-softmax ran
+  CHECK(recording::count("reduce") >= 4);       // and the generic logsumexp / entropy sums
+  const tensor_d xd = x.value;
+  test::check_same("declined log-probs", r.logprobs.value, generic::token_logprobs(xd, labels), tol);
+  test::check_same("declined entropy", r.entropy.value, generic::entropy_last(xd), tol);
 }

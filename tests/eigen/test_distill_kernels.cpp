@@ -30,8 +30,8 @@ using namespace posttrain;
 namespace {
 constexpr double inf = std::numeric_limits<double>::infinity();
 
-static_assert(detail::has_fused_kd<eigen_tensor<double>> && detail::has_fused_kd<eigen_tensor<float>>,
-              "the Eigen backend provides the fused distillation overrides");
+static_assert(has_fused_kd<eigen_tensor<double>> && has_fused_kd<eigen_tensor<float>>,
+              "the Eigen backend provides the fused distillation hooks");
 
 struct thread_guard {
   ~thread_guard() { kernels::set_num_threads(0); }

@@ -65,6 +65,24 @@ test::host_labels finite_labels(const test::host_tensor& x, std::uint64_t seed) 
 
 template <class S>
 using tr = tensor_traits<eigen_tensor<S>>;
+
+/// The Eigen backend's one-pass hook (fused.hpp's logits_stats), one output at a time.
+template <class S>
+struct fk {
+  using E = eigen_tensor<S>;
+  static E stats(const E& x, const eigen_index* labels, const logits_stats_request& q) {
+    const logits_row_stats<E> r = *fused_ops<E>::logits_stats(x, labels, q);
+    return q.logsumexp ? r.logsumexp : q.entropy ? r.entropy : q.logprob ? r.logprob : r.argmax_hit;
+  }
+  static E fused_logsumexp_last(const E& x) { return stats(x, nullptr, {.logsumexp = true}); }
+  static E fused_entropy_last(const E& x) { return stats(x, nullptr, {.entropy = true}); }
+  static E fused_token_logprobs(const E& x, const eigen_index& labels) {
+    return stats(x, &labels, {.logprob = true, .ignore_index = std::numeric_limits<std::int64_t>::min()});
+  }
+  static E argmax_hit(const E& x, const eigen_index& labels, std::int64_t ignore_index) {
+    return stats(x, &labels, {.argmax_hit = true, .ignore_index = ignore_index});
+  }
+};
 }  // namespace
 
 TEST_CASE("kernels: fused logsumexp, token log-probs and entropy equal the generic compositions in double") {
@@ -76,10 +94,41 @@ TEST_CASE("kernels: fused logsumexp, token log-probs and entropy equal the gener
     h.values[static_cast<std::size_t>(vocab - 1)] = 9.0;
     const auto x = test::to_eigen<double>(h);
     const auto labels = test::to_eigen(test::random_labels({4, 3}, vocab, 5));
-    require_close(tr<double>::fused_logsumexp_last(x), generic::logsumexp_last(x), test::float64_tol);
-    require_close(tr<double>::fused_token_logprobs(x, labels), generic::token_logprobs(x, labels), test::float64_tol);
-    require_close(tr<double>::fused_entropy_last(x), generic::entropy_last(x), test::float64_tol);
+    require_close(fk<double>::fused_logsumexp_last(x), generic::logsumexp_last(x), test::float64_tol);
+    require_close(fk<double>::fused_token_logprobs(x, labels), generic::token_logprobs(x, labels), test::float64_tol);
+    require_close(fk<double>::fused_entropy_last(x), generic::entropy_last(x), test::float64_tol);
   }
+}
+
+TEST_CASE("kernels: the one-pass argmax hit is the first maximum, as the generic argmax (ties, -inf, ignore)") {
+  for (std::int64_t vocab : {1, 5, 2049}) {
+    INFO("V = " << vocab);
+    // Small integers: many ties between the label and earlier or later entries.
+    auto h = test::random_normal({6, vocab}, 31 + static_cast<std::uint64_t>(vocab), 1.0);
+    for (auto& v : h.values) v = std::round(v);
+    const auto x = test::to_eigen<double>(h);
+    std::vector<std::int64_t> lab(6);
+    for (std::int64_t r = 0; r < 6; ++r) {  // label at the row's first max, last max, or elsewhere
+      std::int64_t first = 0, last = 0;
+      for (std::int64_t v = 0; v < vocab; ++v) {
+        if (x(r, v) > x(r, first)) first = v;
+        if (x(r, v) >= x(r, last)) last = v;
+      }
+      lab[static_cast<std::size_t>(r)] = r % 3 == 0 ? first : r % 3 == 1 ? last : (first + 1) % vocab;
+    }
+    lab[5] = -100;  // ignored: hit 0
+    const eigen_index labels({6}, lab);
+    const auto hit = fk<double>::argmax_hit(x, labels, -100);
+    const auto ref = generic::logits_stats(x, &labels, {.argmax_hit = true, .ignore_index = -100}).argmax_hit;
+    require_close(hit, ref, test::float64_tol);
+    CHECK(hit(0) == 1.0);  // the first maximum is a hit by construction
+    CHECK(hit(5) == 0.0);
+  }
+  // A row of only -inf: torch.argmax gives 0, so label 0 is a hit and label 1 is not.
+  const eigen_tensor<double> ninf({2, 3}, -std::numeric_limits<double>::infinity());
+  const auto hit = fk<double>::argmax_hit(ninf, eigen_index({2}, {0, 1}), -100);
+  CHECK(hit(0) == 1.0);
+  CHECK(hit(1) == 0.0);
 }
 
 TEST_CASE("kernels: float32 at V = 256000 with logits of +-1e4 and -inf padding is within float32_tol of double") {
@@ -88,9 +137,9 @@ TEST_CASE("kernels: float32 at V = 256000 with logits of +-1e4 and -inf padding 
   const auto xf = test::to_eigen<float>(h);
   const auto xd = test::to_eigen<double>(h);
   const auto labels = test::to_eigen(finite_labels(h, 9));
-  require_close(tr<float>::fused_logsumexp_last(xf), generic::logsumexp_last(xd), test::float32_tol);
-  require_close(tr<float>::fused_token_logprobs(xf, labels), generic::token_logprobs(xd, labels), test::float32_tol);
-  require_close(tr<float>::fused_entropy_last(xf), generic::entropy_last(xd), test::float32_tol);
+  require_close(fk<float>::fused_logsumexp_last(xf), generic::logsumexp_last(xd), test::float32_tol);
+  require_close(fk<float>::fused_token_logprobs(xf, labels), generic::token_logprobs(xd, labels), test::float32_tol);
+  require_close(fk<float>::fused_entropy_last(xf), generic::entropy_last(xd), test::float32_tol);
   // The public dispatchers take the fused path: same values.
   require_close(token_logprobs(xf, labels), generic::token_logprobs(xd, labels), test::float32_tol);
   require_close(entropy(xf), generic::entropy_last(xd), test::float32_tol);
@@ -104,9 +153,9 @@ TEST_CASE("kernels: uniform float32 rows at V = 256000 give the closed forms log
     INFO("c = " << c);
     const eigen_tensor<float> x({1, vocab}, static_cast<float>(c));
     const eigen_index labels({1}, {vocab - 1});
-    CHECK(test::float32_tol.accepts(tr<float>::fused_logsumexp_last(x).values()(0), c + log_v));
-    CHECK(test::float32_tol.accepts(tr<float>::fused_entropy_last(x).values()(0), log_v));
-    CHECK(test::float32_tol.accepts(tr<float>::fused_token_logprobs(x, labels).values()(0), -log_v));
+    CHECK(test::float32_tol.accepts(fk<float>::fused_logsumexp_last(x).values()(0), c + log_v));
+    CHECK(test::float32_tol.accepts(fk<float>::fused_entropy_last(x).values()(0), log_v));
+    CHECK(test::float32_tol.accepts(fk<float>::fused_token_logprobs(x, labels).values()(0), -log_v));
   }
 }
 
@@ -115,13 +164,13 @@ TEST_CASE("kernels: rows of only -inf give logsumexp -inf and entropy 0, -inf pa
     eigen_tensor<float> x({2, vocab}, -std::numeric_limits<float>::infinity());
     x(1, 0) = 0.0f;
     x(1, 1) = 0.0f;  // two finite entries among -inf: log 2 and entropy log 2
-    const auto lse = tr<float>::fused_logsumexp_last(x);
-    const auto h = tr<float>::fused_entropy_last(x);
+    const auto lse = fk<float>::fused_logsumexp_last(x);
+    const auto h = fk<float>::fused_entropy_last(x);
     CHECK(lse(0) == -std::numeric_limits<float>::infinity());
     CHECK(h(0) == 0.0f);
     CHECK(test::float32_tol.accepts(lse(1), std::log(2.0)));
     CHECK(test::float32_tol.accepts(h(1), std::log(2.0)));
-    const auto lp = tr<float>::fused_token_logprobs(x, eigen_index({2}, {0, 1}));
+    const auto lp = fk<float>::fused_token_logprobs(x, eigen_index({2}, {0, 1}));
     CHECK(test::float32_tol.accepts(lp(1), -std::log(2.0)));
   }
 }

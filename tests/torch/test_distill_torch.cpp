@@ -5,7 +5,7 @@
 //    explicit masks, the sequence aggregation modes and -inf vocabulary-padding columns;
 //  * LibTorch autograd through the forward equals the analytic backward (float64), NaN-free with
 //    -inf padding;
-//  * the fused kernel path (backends/torch_distill.hpp, float32/float64 contiguous CPU) against
+//  * the fused kernel path (backends/torch/distill.hpp, float32/float64 contiguous CPU) against
 //    posttrain::generic:: on Eigen double for every fused divergence (jsd at β = 0 and 1), τ and τ²,
 //    masks and padding, its autograd node (checked by name, so the test fails if the override is not
 //    dispatched) against LibTorch autograd through the generic composition; strided views, a teacher
@@ -152,7 +152,7 @@ constexpr fused_case fused_cases[] = {{kd_divergence::forward_kl, 0.5}, {kd_dive
                                       {kd_divergence::reverse_kl, 0.5}, {kd_divergence::symmetric_kl, 0.5},
                                       {kd_divergence::jsd, 0.0},        {kd_divergence::jsd, 1.0}};
 
-/// Whether t was produced by backends/torch_distill.hpp's autograd node (the kernel path).
+/// Whether t was produced by backends/torch/distill.hpp's autograd node (the kernel path).
 bool from_kd_kernel(const at::Tensor& t) {
   return t.grad_fn() && t.grad_fn()->name().find("kd_function") != std::string::npos;
 }

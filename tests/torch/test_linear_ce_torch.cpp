@@ -1,11 +1,11 @@
-// Fused linear cross-entropy on LibTorch (backends/torch_linear_ce.hpp): loss.backward() through the
+// Fused linear cross-entropy on LibTorch (backends/torch/fused_linear_ce.hpp): loss.backward() through the
 // autograd function against LibTorch's own autograd through the naive composition
 // at::matmul(hidden, headᵀ) + at::cross_entropy_loss (plus z·lse² built from at::logsumexp), in
 // float64 (float64_tol) and float32 (float32_tol); bfloat16 inputs against the float64 composition
 // on the same bf16-rounded values (loss: float32_tol, bf16 gradients: bfloat16_output_tol);
 // strided views; the chunked LibTorch-op path (the CUDA path, run here on CPU) at several chunk
 // sizes; scaled grad_output; the raw _and_grad call; and every rejected input.
-// Below them: the differentiable fused log-probs and entropy (backends/torch_linear_logprobs.hpp).
+// Below them: the differentiable fused log-probs and entropy (backends/torch/fused_linear_logprobs.hpp).
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "posttrain/backends/torch.hpp"
-#include "posttrain/backends/torch_linear_ce.hpp"
-#include "posttrain/backends/torch_linear_logprobs.hpp"
+#include "posttrain/backends/torch/fused_linear_ce.hpp"
+#include "posttrain/backends/torch/fused_linear_logprobs.hpp"
 #include "posttrain/losses/grpo.hpp"
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/numerics/masked.hpp"
@@ -298,7 +298,7 @@ TEST_CASE("torch linear CE rejects invalid inputs, naming the argument", "[linea
   expect_error(call(p.hidden, p.head, p.labels, smooth1), {"options.label_smoothing"});
 }
 
-// ---- Differentiable fused log-probs and entropy (backends/torch_linear_logprobs.hpp) ----------
+// ---- Differentiable fused log-probs and entropy (backends/torch/fused_linear_logprobs.hpp) ----------
 // Both outputs through autograd against LibTorch's own autograd through the naive composition
 // logits = at::matmul(hidden, headᵀ)/τ, at::log_softmax, gather (0 at ignored labels) and
 // -Σ exp(log p)·log p, in float64: f = Σ a·lp + b·H (either term alone too, the other output's

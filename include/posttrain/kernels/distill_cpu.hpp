@@ -45,7 +45,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "posttrain/detail/kd_fused.hpp"
+#include "posttrain/fused.hpp"
 #include "posttrain/kernels/logits_cpu.hpp"
 
 namespace posttrain::kernels {

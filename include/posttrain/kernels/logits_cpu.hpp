@@ -219,12 +219,24 @@ row_stats<S> reduce_row_keep(const S* row, std::int64_t vocab, S* e, S* block_ma
                       : detail::reduce_row_impl<S, false, true>(row, vocab, e, block_max);
 }
 
-/// Forward over rows: any of the outputs may be null. labels (null: no log-probs) index each row;
-/// a label equal to ignore_index gives log-prob 0. Labels must be in [0, vocab) otherwise.
+/// Whether the first maximum of a row is at `y` (torch.argmax's choice among ties), given the row's
+/// max m from reduce_row; rows without a finite or -inf max (NaN, where argmax is undefined across
+/// backends) give false. Reads x[0, y) only when x[y] is the max.
+template <class S>
+bool first_argmax_is(const S* x, std::int64_t y, S m) {
+  if (std::isnan(m) || !(x[y] == m)) return false;
+  for (std::int64_t v = 0; v < y; ++v)
+    if (x[v] == m) return false;
+  return true;
+}
+
+/// Forward over rows: any of the outputs may be null. labels (null: no log-probs, no hits) index
+/// each row; a label equal to ignore_index gives log-prob 0 and hit 0. Labels must be in [0, vocab)
+/// otherwise. argmax_hit[r] is 1 where the row's first argmax is its label (first_argmax_is).
 template <class S>
 void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, const std::int64_t* labels,
                     std::int64_t ignore_index, S* lse, S* logprob, S* entropy, S* row_max = nullptr,
-                    double* row_log_s = nullptr) {
+                    double* row_log_s = nullptr, S* argmax_hit = nullptr) {
   parallel_rows(rows, vocab, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t r = begin; r < end; ++r) {
       const S* x = logits + r * vocab;
@@ -241,6 +253,10 @@ void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, cons
           logprob[r] = static_cast<S>(static_cast<double>(x[y] - st.m) - st.log_s);  // x_y - m exact near the max
         else
           logprob[r] = x[y] - st.m;  // -inf row: NaN, as the generic path; +inf: -inf or NaN
+      }
+      if (argmax_hit && labels) {
+        const std::int64_t y = labels[r];
+        argmax_hit[r] = y != ignore_index && first_argmax_is(x, y, st.m) ? S(1) : S(0);
       }
     }
   });

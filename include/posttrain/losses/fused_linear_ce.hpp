@@ -17,18 +17,18 @@
 // but their gradients need the unfused path (token_logprobs / entropy on the logits).
 // Example: X = [[0, 0]], W any [4, 2], label 0 -> logits [0, 0, 0, 0] -> loss log 4 = 1.386294.
 //
-// Eigen (this header): fused_linear_cross_entropy(...) (forward) and
+// This header holds the options, results and input checks (generic). The computation needs a matmul,
+// which the tensor concept does not have, so each backend provides the entry points:
+// Eigen: backends/eigen/fused_linear_ce.hpp, fused_linear_cross_entropy(...) (forward) and
 // fused_linear_cross_entropy_and_grad(...) (+ ∂loss/∂X, ∂loss/∂W times grad_loss).
-// LibTorch: backends/torch_linear_ce.hpp (an autograd function: loss.backward() works).
+// LibTorch: backends/torch/fused_linear_ce.hpp (an autograd function: loss.backward() works).
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string_view>
 
-#include "posttrain/backends/eigen.hpp"
 #include "posttrain/detail/validate.hpp"
-#include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/logits.hpp"
 #include "posttrain/tensor.hpp"
@@ -125,61 +125,6 @@ inline double fused_linear_ce_weight(const fused_linear_ce_options& o, std::int6
   return num_valid > 0 ? 1.0 / static_cast<double>(num_valid) : 0.0;
 }
 
-inline kernels::linear_ce_options kernel_options(const fused_linear_ce_options& o) {
-  return {o.ignore_index, o.label_smoothing, o.z_loss, o.chunk_rows.value_or(0)};
-}
-
-template <class S>
-fused_linear_ce_gradients<eigen_tensor<S>> fused_linear_ce_eigen(std::string_view fn, const eigen_tensor<S>& hidden,
-                                                                 const eigen_tensor<S>& head, const eigen_index& labels,
-                                                                 const fused_linear_ce_options& o, bool grads,
-                                                                 double grad_loss) {
-  check_fused_linear_ce(fn, hidden, head, labels, o);
-  require_finite(fn, "grad_loss", grad_loss);
-  const std::int64_t n = labels.numel(), h = head.shape()[1], v = head.shape()[0];
-  std::int64_t valid = 0;
-  for (std::int64_t i = 0; i < n; ++i) valid += labels.data()[i] != o.ignore_index ? 1 : 0;
-  const double w = fused_linear_ce_weight(o, valid);
-
-  fused_linear_ce_gradients<eigen_tensor<S>> g;
-  auto& r = g.result;
-  r.per_token_loss = eigen_tensor<S>(labels.shape());
-  r.logprobs = eigen_tensor<S>(labels.shape());
-  r.entropy = eigen_tensor<S>(labels.shape());
-  kernels::linear_ce_buffers<S> out{r.per_token_loss.data(), r.logprobs.data(), r.entropy.data()};
-  if (grads) {
-    g.grad_hidden = eigen_tensor<S>(hidden.shape());
-    g.grad_head = eigen_tensor<S>(head.shape());  // zeros: the kernel accumulates into it
-    out.grad_hidden = g.grad_hidden.data();
-    out.grad_head = g.grad_head.data();
-  }
-  const kernels::linear_ce_totals t = kernels::linear_cross_entropy<S>(
-      hidden.data(), head.data(), n, h, v, labels.data(), kernel_options(o), w * grad_loss, out);
-  r.loss = eigen_tensor<S>(shape_t{}, static_cast<S>(t.loss_sum * w));
-  r.num_tokens = eigen_tensor<S>(shape_t{}, static_cast<S>(t.num_valid));
-  return g;
-}
-
 }  // namespace detail
-
-/// Fused linear cross-entropy forward on the Eigen backend (one GEMM's work, 2·N·H·V flops).
-template <class S>
-fused_linear_ce_result<eigen_tensor<S>> fused_linear_cross_entropy(const eigen_tensor<S>& hidden,
-                                                                   const eigen_tensor<S>& head,
-                                                                   const eigen_index& labels,
-                                                                   const fused_linear_ce_options& opt = {}) {
-  return detail::fused_linear_ce_eigen("fused_linear_cross_entropy", hidden, head, labels, opt, false, 1.0).result;
-}
-
-/// Forward plus grad_loss · ∂loss/∂hidden and ∂loss/∂head in the same pass (6·N·H·V flops).
-template <class S>
-fused_linear_ce_gradients<eigen_tensor<S>> fused_linear_cross_entropy_and_grad(const eigen_tensor<S>& hidden,
-                                                                               const eigen_tensor<S>& head,
-                                                                               const eigen_index& labels,
-                                                                               const fused_linear_ce_options& opt = {},
-                                                                               double grad_loss = 1.0) {
-  return detail::fused_linear_ce_eigen("fused_linear_cross_entropy_and_grad", hidden, head, labels, opt, true,
-                                       grad_loss);
-}
 
 }  // namespace posttrain

@@ -18,7 +18,7 @@
 // FusedLinearForPPO, verl/utils/experimental/torch_functional.py): the forward keeps only its
 // outputs; the backward recomputes each chunk's logits. Peak extra memory O(chunk_rows · V).
 //
-// Example (LibTorch, backends/torch_linear_logprobs.hpp; losses/ppo.hpp, numerics/masked.hpp):
+// Example (LibTorch, backends/torch/fused_linear_logprobs.hpp; losses/ppo.hpp, numerics/masked.hpp):
 //   auto [lp, ent] = posttrain::fused_linear_logprobs(hidden, lm_head.weight(), response_ids, {.temperature = 0.7});
 //   auto r = posttrain::ppo_policy_loss(lp, old_logprobs, advantages, response_mask);
 //   auto loss = r.loss - 0.01 * posttrain::masked_mean(ent, response_mask);  // verl's entropy bonus
@@ -26,7 +26,9 @@
 // GRPO the same way: grpo_loss(grpo_batch<at::Tensor>{.logprobs = lp, .advantages = adv, .completion_mask = mask}).
 // Closed form: X = 0 gives uniform logits, so lp = -log V and H = log V (any W, any τ).
 //
-// Eigen (this header): fused_linear_logprobs(...) (forward) and fused_linear_logprobs_backward(...).
+// This header holds the options, results and checks; the entry points are the backends': Eigen in
+// backends/eigen/fused_linear_logprobs.hpp (fused_linear_logprobs(...), fused_linear_logprobs_backward(...)),
+// LibTorch in backends/torch/fused_linear_logprobs.hpp (an autograd function).
 #pragma once
 
 #include <cstdint>
@@ -34,9 +36,7 @@
 #include <string_view>
 #include <type_traits>
 
-#include "posttrain/backends/eigen.hpp"
 #include "posttrain/detail/validate.hpp"
-#include "posttrain/kernels/linear_logprobs_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
 #include "posttrain/numerics/logits.hpp"
 #include "posttrain/tensor.hpp"
@@ -88,51 +88,6 @@ void check_fused_linear_logprobs_grad(std::string_view fn, std::string_view name
   if (grad) require_row_grad(fn, hidden, *grad, name, "hidden");
 }
 
-inline kernels::linear_logprobs_options kernel_options(const fused_linear_logprobs_options& o) {
-  return {o.ignore_index, o.temperature, o.chunk_rows.value_or(0)};
-}
-
 }  // namespace detail
-
-/// Per-token log-probs and entropy of hidden·headᵀ/τ on the Eigen backend (2·N·H·V flops).
-template <class S>
-fused_linear_logprobs_result<eigen_tensor<S>> fused_linear_logprobs(const eigen_tensor<S>& hidden,
-                                                                    const eigen_tensor<S>& head,
-                                                                    const eigen_index& labels,
-                                                                    const fused_linear_logprobs_options& opt = {}) {
-  detail::check_fused_linear_logprobs("fused_linear_logprobs", hidden, head, labels, opt);
-  fused_linear_logprobs_result<eigen_tensor<S>> r{eigen_tensor<S>(labels.shape()), eigen_tensor<S>(labels.shape())};
-  kernels::linear_logprobs_buffers<S> io;
-  io.logprob = r.logprobs.data();
-  io.entropy = r.entropy.data();
-  kernels::linear_logprobs<S>(hidden.data(), head.data(), labels.numel(), head.shape()[1], head.shape()[0],
-                              labels.data(), detail::kernel_options(opt), io);
-  return r;
-}
-
-/// ∂L/∂hidden and ∂L/∂head from the upstream gradients grad_logprobs = ∂L/∂logprobs and
-/// grad_entropy = ∂L/∂entropy ([...] each; absent means zero), recomputing the logits chunk by
-/// chunk (6·N·H·V flops; both absent: zeros, no work). S is deduced from hidden alone, so a plain
-/// eigen_tensor<S> or std::nullopt converts to either gradient.
-template <class S>
-fused_linear_logprobs_gradients<eigen_tensor<S>> fused_linear_logprobs_backward(
-    const eigen_tensor<S>& hidden, const eigen_tensor<S>& head, const eigen_index& labels,
-    const fused_linear_logprobs_options& opt, const std::type_identity_t<std::optional<eigen_tensor<S>>>& grad_logprobs,
-    const std::type_identity_t<std::optional<eigen_tensor<S>>>& grad_entropy) {
-  constexpr std::string_view fn = "fused_linear_logprobs_backward";
-  detail::check_fused_linear_logprobs(fn, hidden, head, labels, opt);
-  detail::check_fused_linear_logprobs_grad(fn, "grad_logprobs", hidden, grad_logprobs);
-  detail::check_fused_linear_logprobs_grad(fn, "grad_entropy", hidden, grad_entropy);
-  fused_linear_logprobs_gradients<eigen_tensor<S>> g{eigen_tensor<S>(hidden.shape()),
-                                                     eigen_tensor<S>(head.shape())};  // zeros: ∂W accumulates
-  kernels::linear_logprobs_buffers<S> io;
-  io.grad_logprob = grad_logprobs ? grad_logprobs->data() : nullptr;
-  io.grad_entropy = grad_entropy ? grad_entropy->data() : nullptr;
-  io.grad_hidden = g.grad_hidden.data();
-  io.grad_head = g.grad_head.data();
-  kernels::linear_logprobs<S>(hidden.data(), head.data(), labels.numel(), head.shape()[1], head.shape()[0],
-                              labels.data(), detail::kernel_options(opt), io);
-  return g;
-}
 
 }  // namespace posttrain

@@ -17,8 +17,10 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "posttrain/detail/validate.hpp"
+#include "posttrain/fused.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/logits.hpp"
 #include "posttrain/tensor.hpp"
@@ -84,11 +86,14 @@ sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const s
   const bool several_uses = opt.label_smoothing > 0.0 || opt.z_loss > 0.0;
   const T x = several_uses ? ops::upcast(logits) : logits;  // [..., V]
   const double vocab = static_cast<double>(ops::size(x, -1));
-  const T lp = token_logprobs(x, labels, opt.ignore_index);           // [...] log p[y], 0 if ignored
+  // One read of the logits for log p[y], the logsumexp (smoothing, z-loss) and both metrics.
+  const logits_row_stats<T> st = detail::logits_stats_unchecked(
+      x, &labels,
+      {.logsumexp = several_uses, .logprob = true, .entropy = true, .argmax_hit = true, .ignore_index = opt.ignore_index});
+  const T& lp = st.logprob;                                           // [...] log p[y], 0 if ignored
   const T valid = tr::index_not_equal(labels, opt.ignore_index, lp);  // [...] 0/1
   T tok = ops::neg(lp);                                               // NLL
-  T lse;
-  if (several_uses) lse = logsumexp(x);
+  const T& lse = st.logsumexp;
   if (opt.label_smoothing > 0.0) {
     // PyTorch cross_entropy: (1-ε)·nll + ε·(-(1/V) Σ_v log p_v) = (1-ε)·nll + ε·(lse - mean_v x_v)
     const T smooth = ops::sub(lse, ops::div(ops::sum(x, -1), vocab));
@@ -105,11 +110,10 @@ sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const s
   r.loss = aggregate(tok, valid, opt.reduction, opt.normalizer);
   const T n = ops::detach(ops::sum_all(valid));
   r.num_tokens = n;
-  const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
-  // argmax of half logits is the argmax of their (exact) float32 values: no upcast needed.
-  const T hit = ops::mul(tr::index_equal(ops::argmax_last(ops::detach(x)), safe, lp), valid);
-  r.token_accuracy = ops::div(ops::sum_all(hit), ops::maximum(n, 1.0));
-  r.entropy = ops::div(ops::sum_all(ops::mul(entropy(ops::detach(x)), valid)), ops::maximum(n, 1.0));
+  // Metrics: the hit is 0 at ignored rows already; the entropy is selected (not multiplied) so an
+  // ignored row's NaN logits cannot reach it.
+  r.token_accuracy = ops::div(ops::sum_all(ops::detach(st.argmax_hit)), ops::maximum(n, 1.0));
+  r.entropy = ops::div(ops::sum_all(ops::where(valid, ops::detach(st.entropy), 0.0)), ops::maximum(n, 1.0));
   return r;
 }
 
@@ -123,12 +127,12 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
   const double vocab = static_cast<double>(ops::size(x, -1));
   const T valid = tr::index_not_equal(labels, opt.ignore_index, x);
   const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
-  const T lse = ops::unsqueeze(posttrain::logsumexp(x), -1);  // [..., 1]
-  const T p = posttrain::softmax_last(x);                     // [..., V], precise at large |x|
+  const T lse = ops::unsqueeze(detail::logsumexp_unchecked(x), -1);  // [..., 1]
+  const T p = detail::softmax_unchecked(x);                           // [..., V], precise at large |x|
   const T onehot = ops::one_hot(safe, ops::size(x, -1), x);   // [..., V]
   T d = ops::sub(p, ops::mul(onehot, 1.0 - opt.label_smoothing));
   if (opt.label_smoothing > 0.0) d = ops::sub(d, opt.label_smoothing / vocab);
-  if (opt.dft) d = ops::mul(d, ops::unsqueeze(ops::exp(posttrain::token_logprobs(x, labels, opt.ignore_index)), -1));
+  if (opt.dft) d = ops::mul(d, ops::unsqueeze(ops::exp(detail::token_logprobs_unchecked(x, labels, opt.ignore_index)), -1));
   if (opt.z_loss > 0.0) d = ops::add(d, ops::mul(ops::mul(p, lse), 2.0 * opt.z_loss));
   const T w = ops::mul(aggregation_weights(valid, opt.reduction, opt.normalizer), grad_loss);  // [...]
   const T g = ops::where(ops::unsqueeze(valid, -1), ops::mul(d, ops::unsqueeze(w, -1)), 0.0);
@@ -140,8 +144,8 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
 ///   dℓ_t/dx = softmax - (1-ε)·onehot(y) - ε/V           (cross-entropy with smoothing)
 ///             × sg(p[y]) with dft                        (the weight is a constant)
 ///             + 2z·lse·softmax                           (z-loss)
-/// and d loss/dℓ_t are the aggregation weights. A backend with a fused_ce_backward override
-/// (tensor.hpp) computes it in one statistics pass and one gradient pass per row, with no [..., V]
+/// and d loss/dℓ_t are the aggregation weights. A backend with the fused ce_backward hook
+/// (fused.hpp) computes it in one statistics pass and one gradient pass per row, with no [..., V]
 /// temporaries; generic::sft_loss_backward (above) is the reference it is tested against. The fused result
 /// is a plain tensor (no autograd graph).
 template <tensor T>
@@ -150,15 +154,15 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
   detail::check_sft_inputs("sft_loss_backward", logits, labels, opt);
   detail::require_finite("sft_loss_backward", "grad_loss", grad_loss);
   using tr = tensor_traits<T>;
-  if constexpr (requires(const ce_backward_args& a) { tr::fused_ce_backward(logits, labels, logits, a); }) {
+  if constexpr (has_fused_ce_backward<T>) {
     const T like = ops::upcast(ops::scalar_like(logits, 0.0));  // 0-d, compute dtype
     const T valid = tr::index_not_equal(labels, opt.ignore_index, like);
     const T w = ops::mul(aggregation_weights(valid, opt.reduction, opt.normalizer), grad_loss);  // [...]
-    return tr::fused_ce_backward(logits, labels, w,
-                                 ce_backward_args{opt.ignore_index, opt.label_smoothing, opt.z_loss, opt.dft});
-  } else {
-    return generic::sft_loss_backward(logits, labels, opt, grad_loss);
+    if (auto g = detail::try_fused_ce_backward(
+            logits, labels, w, ce_backward_args{opt.ignore_index, opt.label_smoothing, opt.z_loss, opt.dft}))
+      return std::move(*g);
   }
+  return generic::sft_loss_backward(logits, labels, opt, grad_loss);
 }
 
 }  // namespace posttrain

@@ -1,4 +1,4 @@
-// posttrain/backends/torch_linear_ce.hpp — fused linear cross-entropy on LibTorch tensors.
+// posttrain/backends/torch/fused_linear_ce.hpp — fused linear cross-entropy on LibTorch tensors.
 //
 //   auto r = posttrain::fused_linear_cross_entropy(hidden, lm_head.weight(), labels);  // hidden [..., H], head [V, H]
 //   r.loss.backward();                  // hidden.grad() and head.grad() as from matmul + cross_entropy
@@ -33,8 +33,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "posttrain/backends/torch.hpp"
-#include "posttrain/backends/torch_memory.hpp"
+#include "posttrain/backends/linear_kernel_options.hpp"
+#include "posttrain/backends/torch/logits_engine.hpp"
+#include "posttrain/backends/torch/tensor.hpp"
+#include "posttrain/backends/torch/memory.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
 

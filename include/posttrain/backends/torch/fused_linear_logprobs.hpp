@@ -1,4 +1,4 @@
-// posttrain/backends/torch_linear_logprobs.hpp — differentiable fused per-token log-probs and
+// posttrain/backends/torch/fused_linear_logprobs.hpp — differentiable fused per-token log-probs and
 // entropy from hidden states and the LM head on LibTorch tensors.
 //
 //   auto [lp, ent] = posttrain::fused_linear_logprobs(hidden, lm_head.weight(), labels, {.temperature = 0.7});
@@ -14,7 +14,7 @@
 // [N, V]. Calling backward twice with retain_graph works (the inputs stay saved); double backward
 // (create_graph) is not supported: the backward is computed without a graph.
 //
-// Paths (as backends/torch_linear_ce.hpp):
+// Paths (as backends/torch/fused_linear_ce.hpp):
 //   CPU tensors  kernels/linear_logprobs_cpu.hpp with Eigen's GEMM over contiguous float32/float64
 //       buffers; strided inputs are made contiguous, bfloat16/float16 ones converted to float32 copies.
 //   anything else (CUDA)  the same chunked algorithm in LibTorch ops (at::matmul, at::logsumexp, the
@@ -33,8 +33,10 @@
 #include <optional>
 #include <vector>
 
-#include "posttrain/backends/torch.hpp"
-#include "posttrain/backends/torch_memory.hpp"
+#include "posttrain/backends/linear_kernel_options.hpp"
+#include "posttrain/backends/torch/logits_engine.hpp"
+#include "posttrain/backends/torch/tensor.hpp"
+#include "posttrain/backends/torch/memory.hpp"
 #include "posttrain/kernels/linear_logprobs_cpu.hpp"
 #include "posttrain/losses/fused_linear_logprobs.hpp"
 
@@ -153,7 +155,7 @@ inline std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tens
   at::NoGradGuard no_grad;
   const auto [cdt, h, v, n, y, opts] = sizes(hidden, head, labels);
   at::Tensor gx, gw;
-  // On CPU, large gradients on transparent huge pages (backends/torch_memory.hpp: a fresh [V, H]
+  // On CPU, large gradients on transparent huge pages (backends/torch/memory.hpp: a fresh [V, H]
   // head gradient per step otherwise costs seconds of page faults on the test VM).
   if (want_hidden) gx = large_cpu_zeros({n, h}, opts);
   if (want_head) gw = large_cpu_zeros({v, h}, opts);  // accumulated into

@@ -1,4 +1,4 @@
-// posttrain/backends/torch_memory.hpp — large CPU output buffers on transparent huge pages.
+// posttrain/backends/torch/memory.hpp — large CPU output buffers on transparent huge pages.
 //
 // A gradient the size of an LM head ([V, H] = 2 GiB at V = 128256, H = 4096 in float32) is fresh
 // memory on every step of a trainer that sets .grad to None between steps. Through LibTorch's CPU

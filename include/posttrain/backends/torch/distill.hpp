@@ -1,16 +1,15 @@
-// posttrain/backends/torch_distill.hpp — LibTorch's fused distillation overrides
-// (tensor_traits<at::Tensor>::fused_kd_per_token / fused_kd_backward, declared in torch.hpp, which
-// includes this file at its end).
+// posttrain/backends/torch/distill.hpp — the kernel side of LibTorch's fused distillation hooks
+// (fused_ops<at::Tensor>::kd_per_token / kd_backward in backends/torch/fused.hpp).
 //
 // Contiguous CPU float32/float64 student and teacher logits go through kernels/distill_cpu.hpp (one
 // read of each row). When the student requires grad the forward runs inside a
 // torch::autograd::Function whose backward is the kernel's analytic student gradient scaled by the
-// incoming per-token gradient; the teacher gets none (losses/distill.hpp: the teacher is constant).
-// Everything else takes losses/distill.hpp's generic composition, unchanged: CUDA, strided views,
-// a teacher that requires grad (the generic ops give it a gradient, the kernel would not), CPU
-// without Eigen, and a backward recorded with create_graph = true (the generic analytic gradient in
-// LibTorch ops, differentiable again). Half logits reach these overrides already upcast to float32
-// by losses/distill.hpp, so they take the kernel on that copy.
+// incoming per-token gradient; the teacher gets none (the teacher is constant). Everything else is
+// declined (the hooks return an empty optional and numerics/divergences.hpp takes its generic
+// composition): CUDA, strided views, a teacher that requires grad (the generic ops give it a
+// gradient, the kernel would not) and CPU without Eigen. A backward recorded with
+// create_graph = true uses the generic analytic gradient in LibTorch ops (differentiable again).
+// Half logits reach the hooks already upcast to float32, so they take the kernel on that copy.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,9 +17,10 @@
 
 #include <cstdint>
 
-#include "posttrain/backends/torch.hpp"
-#include "posttrain/detail/kd_fused.hpp"
-#include "posttrain/losses/distill.hpp"
+#include "posttrain/backends/torch/logits_engine.hpp"
+#include "posttrain/backends/torch/tensor.hpp"
+#include "posttrain/fused.hpp"
+#include "posttrain/numerics/divergences.hpp"
 
 #if POSTTRAIN_TORCH_CPU_KERNELS
 #include "posttrain/kernels/distill_cpu.hpp"
@@ -28,9 +28,9 @@
 
 namespace posttrain::detail::torch_kd {
 
-/// The generic path's options for a fused spec (scale is τ² exactly when τ² scaling is on).
-inline distill_options options_for(const fused_kd_spec& spec) {
-  distill_options o;
+/// The generic composition's options for a fused spec (scale is τ² exactly when τ² scaling is on).
+inline divergence_options options_for(const fused_kd_spec& spec) {
+  divergence_options o;
   switch (spec.kind) {
     case fused_kd_kind::forward_kl: o.divergence = kd_divergence::forward_kl; break;
     case fused_kd_kind::forward_cross_entropy: o.divergence = kd_divergence::forward_cross_entropy; break;
@@ -60,16 +60,11 @@ inline bool kernel_takes(const at::Tensor& s, const at::Tensor& t) {
 #endif
 }
 
-/// The generic analytic gradient w[...]·d(scale·D)/ds [..., V] in LibTorch ops (differentiable);
-/// rows of weight 0 get an exact 0, as the kernel gives them.
+/// The generic analytic gradient w[...]·d(scale·D)/ds [..., V] in LibTorch ops (differentiable,
+/// numerics/divergences.hpp's composition); rows of weight 0 get an exact 0, as the kernel gives them.
 inline at::Tensor generic_grad(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
                                const fused_kd_spec& spec) {
-  const distill_options o = options_for(spec);
-  const auto [st, tt] = kd_tempered(s, t, o.temperature);
-  const at::Tensor d = kd_divergence_parts(st, tt, o, true).grad;
-  const at::Tensor wu = w.to(d.scalar_type()).unsqueeze(-1);
-  const at::Tensor g = d * (spec.scale / spec.temperature) * wu;
-  return at::where(wu.ne(0), g, at::zeros_like(g));
+  return kd_grad_generic(s, t, w, options_for(spec));
 }
 
 #if POSTTRAIN_TORCH_CPU_KERNELS
@@ -125,31 +120,3 @@ struct kd_function : torch::autograd::Function<kd_function> {
 #endif
 
 }  // namespace posttrain::detail::torch_kd
-
-namespace posttrain {
-
-inline at::Tensor tensor_traits<at::Tensor>::fused_kd_per_token(const T& student, const T& teacher,
-                                                                const fused_kd_spec& spec) {
-  namespace k = detail::torch_kd;
-#if POSTTRAIN_TORCH_CPU_KERNELS
-  if (k::kernel_takes(student, teacher)) {
-    if (student.requires_grad() && at::GradMode::is_enabled()) return k::kd_function::apply(student, teacher, spec);
-    return k::kernel_values(student, teacher, spec);
-  }
-#endif
-  return detail::kd_values(student, teacher, k::options_for(spec), false);
-}
-
-inline at::Tensor tensor_traits<at::Tensor>::fused_kd_backward(const T& student, const T& teacher, const T& row_weight,
-                                                               const fused_kd_spec& spec) {
-  namespace k = detail::torch_kd;
-  if (row_weight.sizes() != student.sizes().slice(0, student.dim() == 0 ? 0 : student.dim() - 1))
-    detail::fail("fused_kd_backward", "row_weight has shape ", detail::shape_string(ops::shape(row_weight)),
-                 " but student_logits has shape ", detail::shape_string(ops::shape(student)));
-#if POSTTRAIN_TORCH_CPU_KERNELS
-  if (k::kernel_takes(student, teacher)) return k::kernel_grad(student, teacher, row_weight, spec);
-#endif
-  return k::generic_grad(student, teacher, row_weight, spec);
-}
-
-}  // namespace posttrain

@@ -1,0 +1,462 @@
+// posttrain/backends/torch/logits_engine.hpp — the LibTorch backend's one-pass logits engine: the
+// kernel, rows and chunked paths (backends/torch/knobs.hpp) of the logits statistics, their analytic
+// backward and sft_loss_backward's gradient, on raw at::Tensors (no autograd here: see
+// backends/torch/autograd.hpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/TensorUtils.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "posttrain/backends/torch/knobs.hpp"
+#include "posttrain/error.hpp"
+#include "posttrain/fused.hpp"
+
+// posttrain's fused CPU kernels are written with Eigen's packet math: LibTorch CPU tensors use them
+// when Eigen is on the include path (link posttrain::eigen too), and the chunked LibTorch path otherwise.
+#if __has_include(<Eigen/Core>)
+#include "posttrain/kernels/logits_cpu.hpp"
+#define POSTTRAIN_TORCH_CPU_KERNELS 1
+#else
+#define POSTTRAIN_TORCH_CPU_KERNELS 0
+#endif
+
+namespace posttrain {
+
+namespace detail::torch_kernels {
+
+using torch_backend::logits_path;
+
+/// The per-row outputs of one forward, each [...] in the compute dtype (undefined when not asked).
+struct row_outputs {
+  at::Tensor logsumexp, logprob, entropy, argmax_hit;
+};
+
+inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+/// float64 stays float64; everything else is computed in float32.
+inline at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+/// The path for logits x (see torch_backend above).
+inline logits_path choose(const at::Tensor& x) {
+#if POSTTRAIN_TORCH_CPU_KERNELS
+  const auto t = x.scalar_type();
+  const bool full = t == at::kFloat || t == at::kDouble;
+  if (x.device().is_cpu() && x.layout() == at::kStrided && (full || is_half(t))) {
+    const logits_path forced = torch_backend::forced_logits_path();
+    if (forced == logits_path::rows || forced == logits_path::chunked) return forced;
+    return full && x.is_contiguous() ? logits_path::kernel : logits_path::rows;
+  }
+#endif
+  (void)x;
+  return logits_path::chunked;
+}
+
+/// A [n, V] view of some rows of the logits (any strides) and the index of its first row in the
+/// flattened [N] result.
+struct row_block {
+  at::Tensor x;
+  std::int64_t offset;
+};
+
+/// Splits x [..., V] into 2-d views without copying: the leading dimensions merge into one where
+/// the strides allow it, otherwise the first dimension is walked one index at a time.
+inline void collect_blocks(const at::Tensor& x, std::int64_t& offset, std::vector<row_block>& out) {
+  if (x.dim() == 1) {
+    out.push_back({x.unsqueeze(0), offset++});
+    return;
+  }
+  const std::int64_t v = x.size(-1);
+  const std::int64_t rows = v == 0 ? 0 : x.numel() / v;
+  if (rows == 0) return;
+  if (x.dim() == 2 || at::detail::computeStride(x.sizes(), x.strides(), at::IntArrayRef({rows, v})).has_value()) {
+    out.push_back({x.view({rows, v}), offset});
+    offset += rows;
+    return;
+  }
+  for (std::int64_t i = 0; i < x.size(0); ++i) collect_blocks(x.select(0, i), offset, out);
+}
+inline std::vector<row_block> blocks_of(const at::Tensor& x) {
+  std::vector<row_block> out;
+  std::int64_t offset = 0;
+  collect_blocks(x, offset, out);
+  return out;
+}
+
+// ---- the chunked path: LibTorch ops on chunks of rows (any device) -----------------------------
+
+/// Per chunk [c, V]: the row max m (finite rows; 0 otherwise, so a row of -inf keeps lse = -inf
+/// and +inf gives +inf), the shifted logits xs = x - m in the compute dtype (half chunks are
+/// promoted by the subtraction itself: one chunk-sized float32 tensor), e = e^{xs} when kept, and
+/// log s = log Σ e^{xs}.
+struct chunk_stats {
+  at::Tensor row_max, m, xs, e, log_s;
+  chunk_stats(const at::Tensor& chunk, at::ScalarType c, bool keep_exp) {
+    row_max = at::amax(chunk, {1}, true).to(c);  // [c, 1]; max is exact in any dtype
+    m = at::where(at::isfinite(row_max), row_max, at::zeros_like(row_max));
+    xs = chunk - m;  // [c, V]
+    at::Tensor ex = xs.exp();
+    log_s = ex.sum(1, true).log();  // [c, 1]
+    if (keep_exp) e = std::move(ex);
+  }
+};
+
+/// Every requested output for every row of x, chunk by chunk (labels: int64 [N] or undefined).
+inline void chunked_forward(const at::Tensor& x, const at::Tensor& labels, const logits_stats_request& q,
+                            const row_outputs& out) {
+  const at::Tensor y = labels.defined() && labels.numel() > 0 ? labels.reshape({-1}) : at::Tensor();
+  const at::Tensor valid_all = y.defined() ? y.ne(q.ignore_index) : at::Tensor();
+  const at::Tensor y_safe = y.defined() ? at::where(valid_all, y, at::zeros_like(y)) : at::Tensor();
+  const std::int64_t step = torch_backend::chunk_rows(x.size(-1));
+  const auto put = [](const at::Tensor& dst, std::int64_t first, std::int64_t len, const at::Tensor& r) {
+    if (dst.defined()) dst.view({-1}).narrow(0, first, len).copy_(r.view({-1}));
+  };
+  for (const row_block& b : blocks_of(x)) {
+    const std::int64_t n = b.x.size(0);
+    for (std::int64_t s = 0; s < n; s += step) {
+      const std::int64_t len = std::min(step, n - s), first = b.offset + s;
+      const at::Tensor chunk = b.x.narrow(0, s, len);
+      const at::ScalarType c = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const chunk_stats st(chunk, c, q.entropy);
+      if (q.logsumexp) put(out.logsumexp, first, len, st.log_s + st.m);
+      if (q.entropy) {
+        // H = log s - Σ e^{xs}·xs / s; xs clamped at -1000 so -inf logits add 0·(-1000) = 0.
+        const at::Tensor t = (st.e * st.xs.clamp_min(-1000.0)).sum(1, true);
+        const at::Tensor h = st.log_s - t / st.log_s.exp();
+        // No finite row max: a row of -inf (or with +inf) is empty or a point mass: 0; NaN stays.
+        const at::Tensor& mx = st.row_max;
+        put(out.entropy, first, len, at::where(at::isfinite(mx), h, at::where(at::isnan(mx), mx, at::zeros_like(mx))));
+      }
+      if (y.defined() && (q.logprob || q.argmax_hit)) {
+        const at::Tensor yc = y_safe.narrow(0, first, len).unsqueeze(1);
+        const at::Tensor vc = valid_all.narrow(0, first, len).unsqueeze(1);
+        if (q.logprob) {
+          const at::Tensor lp = st.xs.gather(1, yc) - st.log_s;
+          put(out.logprob, first, len, at::where(vc, lp, at::zeros_like(lp)));
+        }
+        if (q.argmax_hit) put(out.argmax_hit, first, len, (chunk.argmax(1, true).eq(yc) & vc).to(c));
+      }
+    }
+  }
+}
+
+/// Per-row coefficients of the chunked backward: grad = p·(α + β·log p) − b·onehot(y) − c.
+struct chunk_coefficients {
+  at::Tensor alpha, beta, b, c;  // [len, 1] each, or undefined (0)
+};
+
+/// grad[offset + r, :] for every row, chunk by chunk, written in out's dtype (the logits').
+template <class Coefficients>
+void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& out, Coefficients&& coeff) {
+  const at::ScalarType c = compute_type(x);
+  const std::int64_t v = x.size(-1);
+  const at::Tensor flat_out = out.view({-1, v});
+  const at::Tensor y = labels.defined() && labels.numel() > 0 ? labels.reshape({-1}).to(at::kLong) : at::Tensor();
+  const std::int64_t step = torch_backend::chunk_rows(v);
+  for (const row_block& b : blocks_of(x)) {
+    const std::int64_t n = b.x.size(0);
+    for (std::int64_t s = 0; s < n; s += step) {
+      const std::int64_t len = std::min(step, n - s);
+      const std::int64_t first = b.offset + s;
+      const at::Tensor chunk = b.x.narrow(0, s, len);
+      chunk_stats st(chunk, c, false);
+      at::Tensor logp = st.xs.sub_(st.log_s);  // in place: xs is this chunk's own copy
+      const at::Tensor p = logp.exp();
+      const at::Tensor yc = y.defined() ? y.narrow(0, first, len).unsqueeze(1) : at::Tensor();
+      const chunk_coefficients k = coeff(first, len, st, logp, p, yc);
+      at::Tensor g = k.alpha.defined() ? p * k.alpha : at::zeros_like(p);
+      if (k.beta.defined()) g += p * logp.clamp_min(-1000.0) * k.beta;  // p·log p := 0 at -inf logits
+      if (k.c.defined()) g -= k.c;
+      if (k.b.defined() && yc.defined()) g.scatter_add_(1, yc, -k.b.expand({len, 1}));
+      flat_out.narrow(0, first, len).copy_(g);
+    }
+  }
+}
+
+#if POSTTRAIN_TORCH_CPU_KERNELS
+// ---- the kernel and rows paths: posttrain::kernels on CPU rows ---------------------------------
+
+template <class Src>
+using compute_t = std::conditional_t<std::is_same_v<Src, double>, double, float>;
+
+/// Row `p` (element stride `stride`) in the compute type: the row itself when it already is one
+/// (contiguous float32/float64), else a copy into `buf` (bfloat16 widened by a 16-bit shift).
+template <class Src, class S>
+const S* load_row(const Src* p, std::int64_t stride, std::int64_t v, std::vector<S>& buf) {
+  if constexpr (std::is_same_v<Src, S>)
+    if (stride == 1) return p;
+  buf.resize(static_cast<std::size_t>(v));
+  S* o = buf.data();
+  if constexpr (std::is_same_v<Src, at::BFloat16>) {
+    if (stride == 1) {
+      for (std::int64_t i = 0; i < v; ++i) o[i] = std::bit_cast<float>(static_cast<std::uint32_t>(p[i].x) << 16);
+      return o;
+    }
+  }
+  for (std::int64_t i = 0; i < v; ++i) o[i] = static_cast<S>(p[i * stride]);
+  return o;
+}
+
+/// Calls f(Src{}) with Src the C++ type of the logits' dtype (float, double, BFloat16, Half).
+template <class F>
+void dispatch_logits(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    default: posttrain::detail::fail("torch backend", "no CPU kernel for dtype ", c10::toString(t));
+  }
+}
+
+/// Forward, row by row: every requested output (null pointers are skipped; labels: contiguous
+/// int64 [N], or null).
+template <class Src>
+void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t ignore_index,
+                  const std::array<compute_t<Src>*, 4>& out) {
+  using S = compute_t<Src>;
+  for (const row_block& b : blocks_of(x)) {
+    const Src* base = b.x.data_ptr<Src>();
+    const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
+    kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
+      std::vector<S> buf;
+      for (std::int64_t r = begin; r < end; ++r) {
+        const S* row = load_row<Src, S>(base + r * rs, cs, v, buf);
+        const std::int64_t g = b.offset + r;
+        const auto at_row = [g](S* p) { return p ? p + g : nullptr; };
+        // One row through the float kernel (runs inline: one row never starts a thread).
+        kernels::logits_forward<S>(row, 1, v, labels ? labels + g : nullptr, ignore_index, at_row(out[0]),
+                                   at_row(out[1]), at_row(out[2]), nullptr, nullptr, at_row(out[3]));
+      }
+    });
+  }
+}
+
+/// Backward, row by row, into out [N, V] (contiguous, the logits' dtype): for each row,
+/// skip(g) -> zero row; else coeff(g, row, stats) gives the coefficients and label(g) the one-hot
+/// column (negative: none).
+template <class Src, class Skip, class Label, class Coeff>
+void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Coeff&& coeff) {
+  using S = compute_t<Src>;
+  for (const row_block& b : blocks_of(x)) {
+    const Src* base = b.x.data_ptr<Src>();
+    const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
+    kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
+      std::vector<S> buf;
+      std::vector<S> block_max(static_cast<std::size_t>(kernels::blocks_per_row(v)));
+      for (std::int64_t r = begin; r < end; ++r) {
+        const std::int64_t g = b.offset + r;
+        Src* o = out + g * v;
+        if (skip(g)) {
+          std::fill(o, o + v, Src(0));
+          continue;
+        }
+        const S* row = load_row<Src, S>(base + r * rs, cs, v, buf);
+        if constexpr (std::is_same_v<Src, S>) {
+          // The statistics pass keeps its exponentials in the output row; a β = 0 gradient
+          // (cross-entropy, log-prob, logsumexp) rescales them: one exp per logit.
+          const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), true);
+          const kernels::backward_coefficients k = coeff(g, row, st);
+          if (k.beta == 0.0)
+            kernels::write_row_backward_kept(o, v, st, block_max.data(), k, label(g), o);
+          else
+            kernels::write_row_backward(row, v, st, k, label(g), o);
+        } else {
+          const kernels::row_stats<S> st = kernels::reduce_row(row, v);
+          const kernels::backward_coefficients k = coeff(g, row, st);
+          // row is buf: the gradient overwrites it in place, then narrows to the logits' dtype.
+          S* w = buf.data();
+          kernels::write_row_backward(row, v, st, k, label(g), w);
+          for (std::int64_t i = 0; i < v; ++i) o[i] = static_cast<Src>(w[i]);
+        }
+      }
+    });
+  }
+}
+#endif
+
+/// One fused forward over the rows of x [..., V] (no autograd): the requested [...] outputs in the
+/// compute dtype (float32 for half logits). labels: int64 on x's device (CPU paths: contiguous).
+inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const logits_stats_request& q) {
+  const bool with_labels = labels.defined() && labels.numel() > 0;
+  const auto rows_like = [&] {
+    return at::empty(x.sizes().slice(0, static_cast<std::size_t>(x.dim() - 1)), x.options().dtype(compute_type(x)));
+  };
+  row_outputs out;
+  if (q.logsumexp) out.logsumexp = rows_like();
+  if (q.entropy) out.entropy = rows_like();
+  if (with_labels && q.logprob) out.logprob = rows_like();
+  if (with_labels && q.argmax_hit) out.argmax_hit = rows_like();
+  const std::int64_t rows = x.size(-1) == 0 ? 0 : x.numel() / x.size(-1);
+  if (rows == 0 || x.size(-1) == 0) {
+    if (out.logsumexp.defined()) out.logsumexp.fill_(-std::numeric_limits<double>::infinity());
+    for (at::Tensor* t : {&out.entropy, &out.logprob, &out.argmax_hit})
+      if (t->defined()) t->zero_();
+    return out;
+  }
+  const logits_path path = choose(x);
+  if (path == logits_path::chunked) {
+    chunked_forward(x, with_labels ? labels : at::Tensor(), q, out);
+    return out;
+  }
+#if POSTTRAIN_TORCH_CPU_KERNELS
+  const std::int64_t v = x.size(-1);
+  const std::int64_t* lab = with_labels ? labels.data_ptr<std::int64_t>() : nullptr;
+  const auto ptr = [](const at::Tensor& t, auto tag) -> decltype(tag) {
+    using P = decltype(tag);
+    return t.defined() ? t.data_ptr<std::remove_pointer_t<P>>() : nullptr;
+  };
+  if (path == logits_path::kernel) {
+    const auto run = [&](auto* xp) {
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+      S* none = nullptr;
+      kernels::logits_forward<S>(xp, rows, v, lab, q.ignore_index, ptr(out.logsumexp, none), ptr(out.logprob, none),
+                                 ptr(out.entropy, none), nullptr, nullptr, ptr(out.argmax_hit, none));
+    };
+    if (x.scalar_type() == at::kFloat)
+      run(x.data_ptr<float>());
+    else
+      run(x.data_ptr<double>());
+    return out;
+  }
+  dispatch_logits(x.scalar_type(), [&](auto tag) {
+    using Src = decltype(tag);
+    using S = compute_t<Src>;
+    S* none = nullptr;
+    rows_forward<Src>(x, lab, q.ignore_index,
+                      {ptr(out.logsumexp, none), ptr(out.logprob, none), ptr(out.entropy, none),
+                       ptr(out.argmax_hit, none)});
+  });
+#endif
+  return out;
+}
+
+/// Upstream gradients of the differentiable outputs, each [...] or undefined (zero).
+struct row_grads {
+  at::Tensor logsumexp, logprob, entropy;
+};
+
+/// grad_x[r, v] = p·(α_r + β_r·log p) − b_r·[v = y_r] with, from the upstream gradients
+/// g_lse, g_lp (0 where the label is ignored) and g_H:
+///   α = g_lse − g_lp − g_H·H,  β = −g_H,  b = −g_lp
+/// (d lse/dx = p, d log p_y/dx = onehot(y) − p, dH/dx = −p(log p + H)); in x's dtype: one read for
+/// the statistics, one read + write, per row (kernel/rows paths) or per chunk (chunked path).
+inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const row_grads& g_in,
+                           std::int64_t ignore_index) {
+  at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous
+  if (out.numel() == 0) return out;
+  const at::ScalarType c = compute_type(x);
+  const std::int64_t rows = out.numel() / x.size(-1);
+  const auto flat = [&](const at::Tensor& g) {
+    return g.defined() ? g.to(x.device(), c).contiguous().view({-1}) : at::zeros({rows}, x.options().dtype(c));
+  };
+  const bool with_labels = labels.defined() && labels.numel() > 0 && g_in.logprob.defined();
+  const at::Tensor y = with_labels ? labels.reshape({-1}) : at::Tensor();
+  const at::Tensor g_lse = flat(g_in.logsumexp), g_ent = flat(g_in.entropy);
+  // An ignored label's log-prob is the constant 0: its upstream gradient is dropped.
+  const at::Tensor g_lp = with_labels ? at::where(y.ne(ignore_index), flat(g_in.logprob), at::zeros({}, g_lse.options()))
+                                      : at::zeros({rows}, g_lse.options());
+  const bool need_entropy = g_in.entropy.defined();
+  if (choose(x) == logits_path::chunked) {
+    const at::Tensor y_safe = with_labels ? at::where(y.ne(ignore_index), y, at::zeros_like(y)) : at::Tensor();
+    chunked_backward(x, y_safe, out,
+                     [&](std::int64_t first, std::int64_t len, const chunk_stats&, const at::Tensor& logp,
+                         const at::Tensor& p, const at::Tensor&) {
+                       const at::Tensor gl = g_lse.narrow(0, first, len).unsqueeze(1);
+                       const at::Tensor gp = g_lp.narrow(0, first, len).unsqueeze(1);
+                       chunk_coefficients k{gl - gp, {}, with_labels ? -gp : at::Tensor(), {}};
+                       if (need_entropy) {
+                         const at::Tensor ge = g_ent.narrow(0, first, len).unsqueeze(1);
+                         const at::Tensor h = -(p * logp.clamp_min(-1000.0)).sum(1, true);
+                         k.alpha = k.alpha - ge * h;
+                         k.beta = -ge;
+                       }
+                       return k;
+                     });
+    return out;
+  }
+#if POSTTRAIN_TORCH_CPU_KERNELS
+  const at::Tensor yc = with_labels ? y.to(at::kCPU).contiguous() : at::Tensor();
+  const std::int64_t* lab = with_labels ? yc.data_ptr<std::int64_t>() : nullptr;
+  dispatch_logits(x.scalar_type(), [&](auto tag) {
+    using Src = decltype(tag);
+    using S = compute_t<Src>;
+    const S* gl = g_lse.data_ptr<S>();
+    const S* gp = g_lp.data_ptr<S>();
+    const S* ge = g_ent.data_ptr<S>();
+    rows_backward<Src>(
+        x, out.data_ptr<Src>(), [](std::int64_t) { return false; },
+        [&](std::int64_t r) { return lab && lab[r] != ignore_index ? lab[r] : std::int64_t{-1}; },
+        [&](std::int64_t r, const S*, const kernels::row_stats<S>& st) {
+          const double a = static_cast<double>(gl[r]), b = static_cast<double>(gp[r]);
+          const double e = need_entropy ? static_cast<double>(ge[r]) : 0.0;
+          return kernels::backward_coefficients{a - b - (need_entropy ? e * st.entropy() : 0.0), -e, -b, 0.0};
+        });
+  });
+#endif
+  return out;
+}
+
+/// sft_loss_backward's gradient (fused.hpp's ce_backward hook): per row with label y and weight w,
+///   w·[(f + 2z·lse)·p − f·(1−ε)·onehot(y) − f·ε/V], f = sg(p_y) with DFT else 1; 0 where y is ignored.
+inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& weights,
+                              const ce_backward_args& a) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  const at::ScalarType c = compute_type(x);
+  const std::int64_t v = x.size(-1);
+  const at::Tensor w = weights.to(x.device(), c).contiguous().view({-1});
+  const at::Tensor y = labels.to(x.device(), at::kLong).contiguous().view({-1});
+  if (choose(x) == logits_path::chunked) {
+    const at::Tensor valid_all = y.ne(a.ignore_index);
+    const at::Tensor y_safe = at::where(valid_all, y, at::zeros_like(y));
+    chunked_backward(
+        x, y_safe, out,
+        [&](std::int64_t first, std::int64_t len, const chunk_stats& st, const at::Tensor& logp, const at::Tensor&,
+            const at::Tensor& yc) {
+          const at::Tensor valid = valid_all.narrow(0, first, len).unsqueeze(1);
+          // Ignored rows: every coefficient 0 (the where keeps NaN rows out too).
+          const at::Tensor wr =
+              at::where(valid, w.narrow(0, first, len).unsqueeze(1), at::zeros({len, 1}, w.options()));
+          const at::Tensor f = a.dft ? logp.gather(1, yc).exp() : at::ones_like(wr);
+          at::Tensor alpha = f;
+          if (a.z_loss > 0.0) alpha = alpha + 2.0 * a.z_loss * (st.log_s + st.m);
+          chunk_coefficients k{
+              at::where(valid, wr * alpha, at::zeros_like(wr)), {}, wr * f * (1.0 - a.label_smoothing), {}};
+          if (a.label_smoothing > 0.0) k.c = wr * f * (a.label_smoothing / static_cast<double>(v));
+          return k;
+        });
+    // Rows of ignored labels are exactly 0 even where their logits hold NaN.
+    out.view({-1, v}).masked_fill_(valid_all.logical_not().unsqueeze(1), 0.0);
+    return out;
+  }
+#if POSTTRAIN_TORCH_CPU_KERNELS
+  const at::Tensor yc = y.to(at::kCPU).contiguous();
+  const std::int64_t* lab = yc.data_ptr<std::int64_t>();
+  dispatch_logits(x.scalar_type(), [&](auto tag) {
+    using Src = decltype(tag);
+    using S = compute_t<Src>;
+    const S* wp = w.data_ptr<S>();
+    rows_backward<Src>(
+        x, out.data_ptr<Src>(), [&](std::int64_t r) { return lab[r] == a.ignore_index; },
+        [&](std::int64_t r) { return lab[r]; },
+        [&](std::int64_t r, const S* row, const kernels::row_stats<S>& st) {
+          return kernels::cross_entropy_coefficients(st, row[lab[r]], v, static_cast<double>(wp[r]), a.label_smoothing,
+                                                     a.z_loss, a.dft);
+        });
+  });
+#endif
+  return out;
+}
+
+}  // namespace detail::torch_kernels
+}  // namespace posttrain
