@@ -182,6 +182,28 @@ void s1_posttrain_torch(benchmark::State& st, bool bf16) {
   });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
+void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
+  auto& in = s1_inputs::get();
+  const at::Tensor& x = bf16 ? in.x_bf16 : in.x;
+  timed(st, timings(),
+        bf16 ? "S1 bf16 posttrain token_logprobs_and_entropy" : "S1 posttrain token_logprobs_and_entropy", [&] {
+          const auto r = posttrain::token_logprobs_and_entropy(x, in.y);  // one read of the logits
+          benchmark::DoNotOptimize(r.logprobs.data_ptr());
+          benchmark::DoNotOptimize(r.entropy.data_ptr());
+        });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+/// sft_loss's forward (loss and every metric: token accuracy, entropy) on S1's logits and labels: its
+/// floor is S1's one read.
+void s1_sft_forward(benchmark::State& st) {
+  auto& in = s1_inputs::get();
+  timed(st, timings(), "S1 posttrain sft_loss forward on torch", [&] {
+    const auto r = posttrain::sft_loss(in.x, in.y);
+    benchmark::DoNotOptimize(r.loss.data_ptr());
+    benchmark::DoNotOptimize(r.entropy.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
 void s1_fused(benchmark::State& st) {
   auto& in = s1_inputs::get();
   std::vector<float> lp(static_cast<std::size_t>(cfg.s1_n)), ent(lp.size());
@@ -458,9 +480,12 @@ void print_summary(const char* self) {
   const std::vector<row> rows = {{"S1", "S1 naive LibTorch", 1},
                                  {"S1", "S1 posttrain generic (Eigen, few rows)", g1},
                                  {"S1", "S1 posttrain API on torch", 1},
+                                 {"S1", "S1 posttrain token_logprobs_and_entropy", 1},
+                                 {"S1", "S1 posttrain sft_loss forward on torch", 1},
                                  {"S1", "S1 fused kernel (one pass)", 1},
                                  {"S1bf", "S1 bf16 naive LibTorch", 1},
                                  {"S1bf", "S1 bf16 posttrain API on torch", 1},
+                                 {"S1bf", "S1 bf16 posttrain token_logprobs_and_entropy", 1},
                                  {"S2", "S2 naive LibTorch", 1},
                                  {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
                                  {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
@@ -571,9 +596,12 @@ int main(int argc, char** argv) {
   reg("S1/naive_libtorch_fp32", [](benchmark::State& s) { s1_naive(s, false); });
   reg("S1/posttrain_generic_eigen_fp32", s1_generic);
   reg("S1/posttrain_api_torch_fp32", [](benchmark::State& s) { s1_posttrain_torch(s, false); });
+  reg("S1/posttrain_one_call_torch_fp32", [](benchmark::State& s) { s1_posttrain_one_call(s, false); });
+  reg("S1/posttrain_sft_loss_forward_torch_fp32", s1_sft_forward);
   reg("S1/fused_kernel_fp32", s1_fused);
   reg("S1/naive_libtorch_bf16", [](benchmark::State& s) { s1_naive(s, true); });
   reg("S1/posttrain_api_torch_bf16", [](benchmark::State& s) { s1_posttrain_torch(s, true); });
+  reg("S1/posttrain_one_call_torch_bf16", [](benchmark::State& s) { s1_posttrain_one_call(s, true); });
   reg("S2/floor_read_write", s2_floor_copy);
   reg("S2/floor_exp", s2_floor_exp);
   reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);

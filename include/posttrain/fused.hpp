@@ -86,16 +86,16 @@ struct fused_kd_spec {
 // ---- the named hooks ---------------------------------------------------------------------------
 
 template <class T>
-concept has_fused_logits_stats =
-    tensor<T> && requires(const T& x, const index_tensor_t<T>* labels, const logits_stats_request& q) {
-      { fused_ops<T>::logits_stats(x, labels, q) } -> std::same_as<std::optional<logits_row_stats<T>>>;
-    };
+concept has_fused_logits_stats = tensor<T> &&
+    requires(const T& x, const index_tensor_t<T>* labels, const logits_stats_request& q) {
+  { fused_ops<T>::logits_stats(x, labels, q) } -> std::same_as<std::optional<logits_row_stats<T>>>;
+};
 
 template <class T>
-concept has_fused_ce_backward =
-    tensor<T> && requires(const T& x, const index_tensor_t<T>& labels, const ce_backward_args& a) {
-      { fused_ops<T>::ce_backward(x, labels, x, a) } -> std::same_as<std::optional<T>>;
-    };
+concept has_fused_ce_backward = tensor<T> &&
+    requires(const T& x, const index_tensor_t<T>& labels, const ce_backward_args& a) {
+  { fused_ops<T>::ce_backward(x, labels, x, a) } -> std::same_as<std::optional<T>>;
+};
 
 template <class T>
 concept has_fused_kd = tensor<T> && requires(const T& x, const fused_kd_spec& spec) {
@@ -105,7 +105,9 @@ concept has_fused_kd = tensor<T> && requires(const T& x, const fused_kd_spec& sp
 
 /// The backend's logits hooks read bfloat16/float16 logits themselves.
 template <class T>
-concept fused_reads_half = requires { requires fused_ops<T>::reads_half; };
+concept fused_reads_half = requires {
+  requires fused_ops<T>::reads_half;
+};
 
 namespace detail {
 
@@ -123,7 +125,7 @@ T fused_input(const T& logits) {
 
 template <tensor T>
 std::optional<logits_row_stats<T>> try_fused_logits_stats(const T& logits, const index_tensor_t<T>* labels,
-                                                      const logits_stats_request& q) {
+                                                          const logits_stats_request& q) {
   if constexpr (has_fused_logits_stats<T>)
     return fused_ops<T>::logits_stats(fused_input(logits), labels, q);
   else

@@ -146,8 +146,8 @@ T distill_backward(const T& student, const T& teacher, const T& valid, const std
   // Masked rows get weight 0 and so an exact 0 from the divergence's gradient.
   T g = Kd::grad(student, teacher, ops::where(valid, ops::mul(w, 1.0 - o.alpha), 0.0), o.divergence_part());
   if (ce_grad && o.alpha > 0.0)
-    g = ops::add(g, ops::where(ops::unsqueeze(valid, -1), ops::mul(*ce_grad, ops::unsqueeze(ops::mul(w, o.alpha), -1)),
-                               0.0));
+    g = ops::add(
+        g, ops::where(ops::unsqueeze(valid, -1), ops::mul(*ce_grad, ops::unsqueeze(ops::mul(w, o.alpha), -1)), 0.0));
   return same_dtype_or_cast(std::move(g), ops::dtype_of(student));
 }
 

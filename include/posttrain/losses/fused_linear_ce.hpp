@@ -19,9 +19,9 @@
 //
 // This header holds the options, results and input checks (generic). The computation needs a matmul,
 // which the tensor concept does not have, so each backend provides the entry points:
-// Eigen: backends/eigen/fused_linear_ce.hpp, fused_linear_cross_entropy(...) (forward) and
-// fused_linear_cross_entropy_and_grad(...) (+ ∂loss/∂X, ∂loss/∂W times grad_loss).
-// LibTorch: backends/torch/fused_linear_ce.hpp (an autograd function: loss.backward() works).
+// Eigen (its backend's eigen/fused_linear_ce.hpp, through the umbrella header): fused_linear_cross_entropy(...)
+// (forward) and fused_linear_cross_entropy_and_grad(...) (+ ∂loss/∂X, ∂loss/∂W times grad_loss).
+// LibTorch (torch/fused_linear_ce.hpp, likewise): an autograd function, so loss.backward() works.
 #pragma once
 
 #include <cstdint>

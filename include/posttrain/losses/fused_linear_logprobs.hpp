@@ -18,17 +18,17 @@
 // FusedLinearForPPO, verl/utils/experimental/torch_functional.py): the forward keeps only its
 // outputs; the backward recomputes each chunk's logits. Peak extra memory O(chunk_rows · V).
 //
-// Example (LibTorch, backends/torch/fused_linear_logprobs.hpp; losses/ppo.hpp, numerics/masked.hpp):
+// Example (LibTorch, through the backend's umbrella header; losses/ppo.hpp, numerics/masked.hpp):
 //   auto [lp, ent] = posttrain::fused_linear_logprobs(hidden, lm_head.weight(), response_ids, {.temperature = 0.7});
 //   auto r = posttrain::ppo_policy_loss(lp, old_logprobs, advantages, response_mask);
 //   auto loss = r.loss - 0.01 * posttrain::masked_mean(ent, response_mask);  // verl's entropy bonus
 //   loss.backward();                      // hidden.grad(), lm_head.weight().grad() without [N, V] logits
-// GRPO the same way: grpo_loss(grpo_batch<at::Tensor>{.logprobs = lp, .advantages = adv, .completion_mask = mask}).
+// GRPO the same way: grpo_loss(grpo_batch<at::Tensor>{.logprobs = lp, .advantages = adv, .response_mask = mask}).
 // Closed form: X = 0 gives uniform logits, so lp = -log V and H = log V (any W, any τ).
 //
 // This header holds the options, results and checks; the entry points are the backends': Eigen in
-// backends/eigen/fused_linear_logprobs.hpp (fused_linear_logprobs(...), fused_linear_logprobs_backward(...)),
-// LibTorch in backends/torch/fused_linear_logprobs.hpp (an autograd function).
+// eigen/fused_linear_logprobs.hpp (fused_linear_logprobs(...), fused_linear_logprobs_backward(...)),
+// LibTorch in torch/fused_linear_logprobs.hpp (an autograd function); each backend's umbrella includes it.
 #pragma once
 
 #include <cstdint>

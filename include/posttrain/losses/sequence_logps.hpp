@@ -49,7 +49,7 @@ sequence_logps_result<T> sequence_logps(const T& logits, const index_tensor_t<T>
   // One read of the logits, half ones as they are on a backend whose hook reads them (validated above).
   const T lp = detail::token_logprobs_unchecked(logits, labels, opt.ignore_index);    // [B, T], 0 if ignored
   const T lengths = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, lp);  // [B, T] 0/1
-  const T n = ops::sum(lengths, 1);                                                  // [B]
+  const T n = ops::sum(lengths, 1);                                                   // [B]
   T s = ops::sum(lp, 1);
   if (opt.reduction == sequence_reduction::mean) s = ops::div(s, ops::maximum(n, 1.0));
   return {s, ops::detach(n)};
@@ -71,7 +71,8 @@ T sequence_logps_backward(const T& logits, const index_tensor_t<T>& labels, cons
     g = ops::div(g, ops::maximum(n, 1.0));
   }
   const T per_token = ops::mul(ops::unsqueeze(g, 1), ops::full(x, shape_t{ops::size(x, 0), ops::size(x, 1)}, 1.0));
-  return ops::to_dtype(detail::token_logprobs_backward_unchecked(x, labels, per_token, opt.ignore_index), ops::dtype_of(logits));
+  return ops::to_dtype(detail::token_logprobs_backward_unchecked(x, labels, per_token, opt.ignore_index),
+                       ops::dtype_of(logits));
 }
 
 /// LD-DPO's length-desensitised log-probability (Liu et al. 2024, arXiv:2409.06411 eq. 9; TRL ld_alpha):
@@ -126,7 +127,8 @@ T ld_sequence_logps_backward(const T& logits, const index_tensor_t<T>& labels, c
                  " but logits has batch size ", ops::size(x, 0));
   const T w = detail::ld_weights("ld_sequence_logps_backward", x, labels, shared_lengths, ld_alpha, ignore_index);
   const T per_token = ops::mul(w, ops::unsqueeze(ops::upcast(grad), 1));
-  return ops::to_dtype(detail::token_logprobs_backward_unchecked(x, labels, per_token, ignore_index), ops::dtype_of(logits));
+  return ops::to_dtype(detail::token_logprobs_backward_unchecked(x, labels, per_token, ignore_index),
+                       ops::dtype_of(logits));
 }
 
 }  // namespace posttrain

@@ -87,9 +87,12 @@ sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const s
   const T x = several_uses ? ops::upcast(logits) : logits;  // [..., V]
   const double vocab = static_cast<double>(ops::size(x, -1));
   // One read of the logits for log p[y], the logsumexp (smoothing, z-loss) and both metrics.
-  const logits_row_stats<T> st = detail::logits_stats_unchecked(
-      x, &labels,
-      {.logsumexp = several_uses, .logprob = true, .entropy = true, .argmax_hit = true, .ignore_index = opt.ignore_index});
+  const logits_row_stats<T> st = detail::logits_stats_unchecked(x, &labels,
+                                                                {.logsumexp = several_uses,
+                                                                 .logprob = true,
+                                                                 .entropy = true,
+                                                                 .argmax_hit = true,
+                                                                 .ignore_index = opt.ignore_index});
   const T& lp = st.logprob;                                           // [...] log p[y], 0 if ignored
   const T valid = tr::index_not_equal(labels, opt.ignore_index, lp);  // [...] 0/1
   T tok = ops::neg(lp);                                               // NLL
@@ -128,11 +131,12 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
   const T valid = tr::index_not_equal(labels, opt.ignore_index, x);
   const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
   const T lse = ops::unsqueeze(detail::logsumexp_unchecked(x), -1);  // [..., 1]
-  const T p = detail::softmax_unchecked(x);                           // [..., V], precise at large |x|
-  const T onehot = ops::one_hot(safe, ops::size(x, -1), x);   // [..., V]
+  const T p = detail::softmax_unchecked(x);                          // [..., V], precise at large |x|
+  const T onehot = ops::one_hot(safe, ops::size(x, -1), x);          // [..., V]
   T d = ops::sub(p, ops::mul(onehot, 1.0 - opt.label_smoothing));
   if (opt.label_smoothing > 0.0) d = ops::sub(d, opt.label_smoothing / vocab);
-  if (opt.dft) d = ops::mul(d, ops::unsqueeze(ops::exp(detail::token_logprobs_unchecked(x, labels, opt.ignore_index)), -1));
+  if (opt.dft)
+    d = ops::mul(d, ops::unsqueeze(ops::exp(detail::token_logprobs_unchecked(x, labels, opt.ignore_index)), -1));
   if (opt.z_loss > 0.0) d = ops::add(d, ops::mul(ops::mul(p, lse), 2.0 * opt.z_loss));
   const T w = ops::mul(aggregation_weights(valid, opt.reduction, opt.normalizer), grad_loss);  // [...]
   const T g = ops::where(ops::unsqueeze(valid, -1), ops::mul(d, ops::unsqueeze(w, -1)), 0.0);

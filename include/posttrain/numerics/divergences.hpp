@@ -114,7 +114,7 @@ struct kd_side {
 template <tensor T>
 kd_side<T> kd_softmax(const T& z) {
   const double inf = std::numeric_limits<double>::infinity();
-  const T zs = shift_by_row_max(z);                                // keeps float32 precise at large |z|
+  const T zs = shift_by_row_max(z);                                          // keeps float32 precise at large |z|
   const T logp = ops::sub(zs, ops::unsqueeze(logsumexp_unchecked(zs), -1));  // [..., V], -inf at padding
   const T support = ops::gt(z, -inf);
   return {ops::where(support, logp, 0.0), ops::exp(logp), support};
@@ -261,7 +261,6 @@ inline std::optional<fused_kd_spec> fused_kd_spec_for(const divergence_options& 
   }
   return std::nullopt;
 }
-
 
 /// scale·D_t [...] in the compute dtype by the generic composition.
 template <tensor T>

@@ -107,8 +107,7 @@ logits_row_stats<T> logits_stats_unchecked(const T& logits, const index_tensor_t
 
 template <tensor T>
 T logsumexp_unchecked(const T& logits) {
-  return logits_stats_unchecked(logits, static_cast<const index_tensor_t<T>*>(nullptr), {.logsumexp = true})
-      .logsumexp;
+  return logits_stats_unchecked(logits, static_cast<const index_tensor_t<T>*>(nullptr), {.logsumexp = true}).logsumexp;
 }
 
 template <tensor T>
@@ -135,7 +134,7 @@ T token_logprobs_backward_unchecked(const T& logits, const index_tensor_t<T>& la
   const T x = ops::upcast(logits);
   const auto safe = tensor_traits<T>::index_replace(labels, ignore_index, 0);
   const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
-  const T g = ops::mul(ops::upcast(grad), valid);                                      // [...]
+  const T g = ops::mul(ops::upcast(grad), valid);                                       // [...]
   const T d = ops::sub(ops::one_hot(safe, ops::size(x, -1), x), softmax_unchecked(x));  // [..., V]
   return ops::to_dtype(ops::mul(d, ops::unsqueeze(g, -1)), ops::dtype_of(logits));
 }
@@ -229,8 +228,8 @@ logprobs_and_entropy<T> token_logprobs_and_entropy(const T& logits, const index_
                                                    std::int64_t ignore_index = default_ignore_index) {
   detail::require_logits("token_logprobs_and_entropy", "logits", logits);
   detail::require_labels("token_logprobs_and_entropy", logits, labels, ignore_index);
-  auto st = detail::logits_stats_unchecked(logits, &labels,
-                                           {.logprob = true, .entropy = true, .ignore_index = ignore_index});
+  auto st =
+      detail::logits_stats_unchecked(logits, &labels, {.logprob = true, .entropy = true, .ignore_index = ignore_index});
   return {std::move(st.logprob), std::move(st.entropy)};
 }
 

@@ -81,9 +81,8 @@ struct logits_stats_function : torch::autograd::Function<logits_stats_function> 
     if (q.logsumexp) g.logsumexp = grads[i++];
     if (q.logprob) g.logprob = grads[i++];
     if (q.entropy) g.entropy = grads[i++];
-    const at::Tensor grad = at::GradMode::is_enabled()
-                                ? backward_differentiable(saved[0], saved[1], g, ignore_index)
-                                : torch_kernels::backward(saved[0], saved[1], g, ignore_index);
+    const at::Tensor grad = at::GradMode::is_enabled() ? backward_differentiable(saved[0], saved[1], g, ignore_index)
+                                                       : torch_kernels::backward(saved[0], saved[1], g, ignore_index);
     return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

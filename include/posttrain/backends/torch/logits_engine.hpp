@@ -332,9 +332,9 @@ inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const 
     using Src = decltype(tag);
     using S = compute_t<Src>;
     S* none = nullptr;
-    rows_forward<Src>(x, lab, q.ignore_index,
-                      {ptr(out.logsumexp, none), ptr(out.logprob, none), ptr(out.entropy, none),
-                       ptr(out.argmax_hit, none)});
+    rows_forward<Src>(
+        x, lab, q.ignore_index,
+        {ptr(out.logsumexp, none), ptr(out.logprob, none), ptr(out.entropy, none), ptr(out.argmax_hit, none)});
   });
 #endif
   return out;
@@ -363,8 +363,9 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
   const at::Tensor y = with_labels ? labels.reshape({-1}) : at::Tensor();
   const at::Tensor g_lse = flat(g_in.logsumexp), g_ent = flat(g_in.entropy);
   // An ignored label's log-prob is the constant 0: its upstream gradient is dropped.
-  const at::Tensor g_lp = with_labels ? at::where(y.ne(ignore_index), flat(g_in.logprob), at::zeros({}, g_lse.options()))
-                                      : at::zeros({rows}, g_lse.options());
+  const at::Tensor g_lp = with_labels
+                              ? at::where(y.ne(ignore_index), flat(g_in.logprob), at::zeros({}, g_lse.options()))
+                              : at::zeros({rows}, g_lse.options());
   const bool need_entropy = g_in.entropy.defined();
   if (choose(x) == logits_path::chunked) {
     const at::Tensor y_safe = with_labels ? at::where(y.ne(ignore_index), y, at::zeros_like(y)) : at::Tensor();
