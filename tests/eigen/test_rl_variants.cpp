@@ -9,6 +9,7 @@
 //  * rollout IS (token/sequence/geometric, truncate/mask), cap = +inf changes nothing, OPSM and the
 //    top-entropy mask on TRL's test_grpo_trainer vectors,
 //  * every backward against central finite differences (every variant, several aggregations, IS/OPSM/entropy),
+//  * one clip_options (clip.hpp) for PPO, the variants and GRPO: TRL spellings, the same clip fractions,
 //  * errors naming the argument.
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -16,7 +17,9 @@
 #include <vector>
 
 #include "posttrain/backends/eigen.hpp"
+#include "posttrain/losses/grpo.hpp"
 #include "posttrain/losses/policy_variants.hpp"
+#include "posttrain/losses/ppo.hpp"
 #include "support/data.hpp"
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
@@ -382,4 +385,53 @@ TEST_CASE("Policy variants: errors name the argument", "[rl][variants][errors]")
                     Contains("entropies is required"));
   CHECK_THROWS_WITH(policy_variant_loss(policy_batch<E>{in.lp, in.A, in.m, bad}), Contains("old_logprobs"));
   CHECK_THROWS_WITH(policy_variant_loss(policy_batch<E>{in.lp, test::vec({1.0, 2.0}), in.m}), Contains("advantages"));
+}
+
+TEST_CASE("One clip_options for PPO, the variants and GRPO: TRL spellings, shared metrics, one check",
+          "[rl][variants][clip]") {
+  // TRL GRPOConfig epsilon / epsilon_high / delta land on clip_low / clip_high / delta; ε_high defaults to ε
+  constexpr clip_options trl = clip_options::trl(0.2, 0.28, 1.5);
+  STATIC_REQUIRE(trl.clip_low == 0.2);
+  STATIC_REQUIRE(trl.clip_high && *trl.clip_high == 0.28);
+  STATIC_REQUIRE(trl.delta && *trl.delta == 1.5);
+  STATIC_REQUIRE(!trl.clip_c && !trl.log_ratio_clamp);
+  STATIC_REQUIRE(clip_options::trl(0.3).high() == 0.3);
+  STATIC_REQUIRE(clip_options::verl().clip_c == 3.0 && clip_options::verl().log_ratio_clamp == 20.0);
+  CHECK(ppo_options::verl().clip.clip_low == 0.2);
+  CHECK(!ppo_options::verl().clip.clip_high);
+
+  // The ppo variant, ppo_policy_loss and grpo_loss (beta 0, bnpo = token mean) with one clip give the same
+  // loss and the same clip fractions, low_min / high_max included
+  const auto in = random_inputs(4, 6, 23, 0.5);
+  const clip_options clip{.clip_low = 0.15, .clip_high = 0.25, .clip_c = 3.0, .delta = 1.4};
+  const auto A = ops::mul(ops::unsqueeze(in.A, 1), ops::full_like(in.lp, 1.0));
+  const auto p = ppo_policy_loss(in.lp, in.old, A, in.m, {.clip = clip});
+  const auto v = policy_variant_loss(policy_batch<E>{in.lp, in.A, in.m, in.old}, {.clip = clip});
+  const auto g =
+      grpo_loss(grpo_batch<E>{.logprobs = in.lp, .advantages = in.A, .response_mask = in.m, .old_logprobs = in.old},
+                {.loss_type = grpo_loss_type::bnpo, .clip = clip});
+  CHECK(ops::item(p.clip_ratio_region) > 0);  // the batch exercises the clip
+  for (const auto* r : {&v.loss, &g.loss}) test::check_same("loss", *r, p.loss, tol);
+  test::check_same("variant low", v.clip_ratio_low, p.clip_ratio_low, tol);
+  test::check_same("variant high", v.clip_ratio_high, p.clip_ratio_high, tol);
+  test::check_same("variant region", v.clip_ratio_region, p.clip_ratio_region, tol);
+  test::check_same("variant low_min", v.clip_ratio_low_min, p.clip_ratio_low_min, tol);
+  test::check_same("variant high_max", v.clip_ratio_high_max, p.clip_ratio_high_max, tol);
+  test::check_same("grpo low", g.clip_ratio_low, p.clip_ratio_low, tol);
+  test::check_same("grpo high", g.clip_ratio_high, p.clip_ratio_high, tol);
+  test::check_same("grpo region", g.clip_ratio_region, p.clip_ratio_region, tol);
+  test::check_same("grpo low_min", g.clip_ratio_low_min, p.clip_ratio_low_min, tol);
+  test::check_same("grpo high_max", g.clip_ratio_high_max, p.clip_ratio_high_max, tol);
+
+  // One check (clip.hpp) names the field and its TRL spelling, from every entry point
+  const policy_batch<E> b{in.lp, in.A, in.m, in.old};
+  const grpo_batch<E> gb{.logprobs = in.lp, .advantages = in.A, .response_mask = in.m};
+  CHECK_THROWS_WITH(policy_variant_loss(b, {.clip = {.clip_low = 0.0}}),
+                    Contains("options.clip.clip_low") && Contains("TRL epsilon"));
+  CHECK_THROWS_WITH(policy_variant_loss_backward(b, {.clip = {.clip_high = -1.0}}),
+                    Contains("options.clip.clip_high") && Contains("TRL epsilon_high"));
+  CHECK_THROWS_WITH(grpo_loss(gb, {.clip = {.clip_c = 0.5}}), Contains("options.clip.clip_c"));
+  CHECK_THROWS_WITH(grpo_loss_backward(gb, {.clip = {.log_ratio_clamp = -1.0}}),
+                    Contains("options.clip.log_ratio_clamp"));
+  CHECK_THROWS_WITH(ppo_policy_loss(in.lp, in.old, A, in.m, {.clip = {.delta = 0.5}}), Contains("options.clip.delta"));
 }
