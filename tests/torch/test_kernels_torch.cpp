@@ -107,6 +107,26 @@ TEST_CASE(
   require_close(hvp, p * u - p * pu, float64_tol);
 }
 
+TEST_CASE("torch kernels: token_logprobs_and_entropy is twice differentiable (create_graph records LibTorch ops)") {
+  const at::Tensor x = to_torch(random_normal({3, 40}, 25), at::kDouble);
+  const at::Tensor y = to_torch(random_labels({3}, 40, 26));
+  const at::Tensor u = to_torch(random_normal({3, 40}, 27), at::kDouble);
+  const auto hvp_of = [&](auto&& f) {
+    at::Tensor xg = x.clone().requires_grad_();
+    const at::Tensor g = torch::autograd::grad({f(xg)}, {xg}, {}, true, true)[0];
+    return torch::autograd::grad({(g * u).sum()}, {xg})[0];
+  };
+  const at::Tensor got = hvp_of([&](const at::Tensor& xg) {
+    const auto r = token_logprobs_and_entropy(xg, y);
+    return (0.3 * r.logprobs + 0.7 * r.entropy).sum();
+  });
+  const at::Tensor want = hvp_of([&](const at::Tensor& xg) {
+    const libtorch_reference ref(xg, y);
+    return (0.3 * ref.logprob + 0.7 * ref.entropy).sum();
+  });
+  require_close(got, want, float64_tol);
+}
+
 // ---- chunked and rows paths ----------------------------------------------------------------------
 
 namespace {
@@ -174,6 +194,25 @@ void check_values(const at::Tensor& x, const at::Tensor& labels, const std::stri
   require_close(lse, ref.lse, tol);
   require_close(lp, ref.logprob, tol);
   require_close(ent, ref.entropy, tol);
+  // The one-call form (one read), with an ignored label: log-prob 0 there, entropy still computed.
+  const auto both = token_logprobs_and_entropy(x, labels);
+  require_close(both.logprobs, ref.logprob, tol);
+  require_close(both.entropy, ref.entropy, tol);
+  at::Tensor ignored = labels.clone();
+  ignored.view({-1})[3] = -100;
+  const at::Tensor valid = ignored.ne(-100);
+  const auto with_ignored = token_logprobs_and_entropy(x, ignored);
+  require_close(with_ignored.logprobs, at::where(valid, ref.logprob, at::zeros_like(ref.logprob)), tol);
+  require_close(with_ignored.entropy, ref.entropy, tol);
+  // sft_loss's metrics from the same read: token accuracy is the share of counted rows whose first
+  // argmax (LibTorch's, on the same values in double) is the label; entropy the counted rows' mean.
+  const auto sft = sft_loss(x, ignored);
+  const at::Tensor xd = x.detach().to(at::kDouble);
+  const at::Tensor hits = xd.argmax(-1).eq(ignored).logical_and(valid).to(at::kDouble);
+  const at::Tensor n = valid.to(at::kDouble).sum();
+  require_close(sft.token_accuracy, hits.sum() / n, tol);
+  require_close(sft.entropy, (ref.entropy * valid).sum() / n, tol);
+  require_close(sft.loss, -(at::where(valid, ref.logprob, at::zeros_like(ref.logprob))).sum() / n, tol);
 }
 
 /// The gradients of w·lse, w·lp and w·H through posttrain (analytic backward), one backward each,
@@ -182,6 +221,19 @@ void check_values(const at::Tensor& x, const at::Tensor& labels, const std::stri
 /// rounding per use, a property of that sum and not of the backward under test.)
 void check_grads(const at::Tensor& x_in, const at::Tensor& labels, const std::string& what) {
   const at::Tensor w = to_torch(random_normal(labels.sizes().vec(), 31)).to(x_in.device());
+  const at::Tensor w2 = to_torch(random_normal(labels.sizes().vec(), 32)).to(x_in.device());
+  {
+    // Log-probs and entropy from the one-call form: one autograd node, one backward through both.
+    INFO(what << ", gradient of token_logprobs_and_entropy (w·lp + w2·H)");
+    at::Tensor x = x_in.detach().requires_grad_();
+    const auto both = token_logprobs_and_entropy(x, labels);
+    (w * both.logprobs.to(at::kDouble) + w2 * both.entropy.to(at::kDouble)).sum().backward();
+    CHECK(x.grad().scalar_type() == x_in.scalar_type());
+    at::Tensor xr = x_in.detach().to(at::kDouble).requires_grad_();
+    const libtorch_reference ref(xr, labels);
+    (w * ref.logprob + w2 * ref.entropy).sum().backward();
+    require_close(x.grad(), xr.grad(), output_tolerance(dtype_of(x_in.scalar_type())));
+  }
   for (int which = 0; which < 3; ++which) {
     INFO(what << ", gradient of " << (which == 0 ? "logsumexp" : which == 1 ? "token_logprobs" : "entropy"));
     const auto objective = [&](const at::Tensor& lse, const at::Tensor& lp, const at::Tensor& ent) {

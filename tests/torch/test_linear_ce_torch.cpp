@@ -496,7 +496,7 @@ TEST_CASE("torch linear logprobs under a PPO loss with an entropy bonus and unde
   // GRPO (on-policy, sequence advantages [B]) on the same log-probs.
   const at::Tensor seq_adv = at::randn({bsz}, at::kDouble);
   const auto grpo_of = [&](const at::Tensor& lp_) {
-    return grpo_loss(grpo_batch<at::Tensor>{.logprobs = lp_, .advantages = seq_adv, .completion_mask = mask}).loss;
+    return grpo_loss(grpo_batch<at::Tensor>{.logprobs = lp_, .advantages = seq_adv, .response_mask = mask}).loss;
   };
   x.mutable_grad().zero_();
   w.mutable_grad().zero_();

@@ -262,17 +262,31 @@ void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, cons
   });
 }
 
-/// Per-row coefficients of the backward form out[v] = p_v·(alpha + beta·log p_v) − b·[v = y] − c.
+/// Per-row coefficients of the backward form
+///   out[v] = p_v·(alpha + beta·log p_v) + d·([v = y] − p_v) − b·[v = y] − c.
+/// d is the upstream gradient of log p_y (d log p_y/dx = onehot − p): it is kept apart so that the
+/// label column is computed as p_y·(alpha + beta·log p_y) + d·(1 − p_y), without the cancellation
+/// of p_y·(alpha − d) + d (exactly 0 when p_y = 1 and alpha = 0, e.g. at V = 1).
 struct backward_coefficients {
   double alpha = 0.0;
   double beta = 0.0;
   double b = 0.0;
   double c = 0.0;
+  double d = 0.0;
 };
 
-/// Writes out[v] = p_v·(alpha + beta·log p_v) − b·[v = label] − c for one row whose statistics
-/// are known; `out` may be `row` itself (each element is read before it is written). -inf
-/// logits get −c (p = 0, and p·log p := 0).
+/// The label column of the backward form when d != 0: p_y·(alpha + beta·log p_y) + d·(1 − p_y) − b − c,
+/// in double, with p_y = e^{(x_y − m) − log s}.
+template <class S>
+double label_gradient(S x_label, const row_stats<S>& st, const backward_coefficients& k) {
+  const double logp = std::max(static_cast<double>(x_label - st.m) - st.log_s, static_cast<double>(detail::diff_floor<S>));
+  const double p = std::exp(logp);
+  return p * (k.alpha + k.beta * logp) + k.d * (1.0 - p) - k.b - k.c;
+}
+
+/// Writes out[v] = p_v·(alpha + beta·log p_v) + d·([v = label] − p_v) − b·[v = label] − c for one
+/// row whose statistics are known; `out` may be `row` itself (each element is read before it is
+/// written). -inf logits get −c (p = 0, and p·log p := 0).
 template <class S>
 void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st, const backward_coefficients& k,
                         std::int64_t label, S* out) {
@@ -287,15 +301,24 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
   }
   const S m = st.m;
   const S log_s = static_cast<S>(st.log_s);
+  const bool has_label = label >= 0 && label < vocab;
+  // The label column with d, from the row's own logit (read before the row may be overwritten).
+  const double label_value = has_label && k.d != 0.0 ? label_gradient(row[label], st, k) : 0.0;
+  const S a = static_cast<S>(k.alpha - k.d);  // every column's p coefficient: alpha − d
   // log p = (x - m) - log s: x - m first keeps precision at large |x|. A -inf logit gives
   // e^{-inf} = 0 (log p clamped first where it is multiplied), so p = 0 and p·log p = 0 there.
   if (k.beta == 0.0) {
-    o = alpha * ((x - m) - log_s).exp() - c;
+    o = (k.d == 0.0 ? alpha : a) * ((x - m) - log_s).exp() - c;
   } else {
     const auto logp = ((x - m) - log_s).max(detail::diff_floor<S>);
-    o = logp.exp() * (alpha + beta * logp) - c;
+    o = logp.exp() * ((k.d == 0.0 ? alpha : a) + beta * logp) - c;
   }
-  if (label >= 0 && label < vocab) out[label] -= static_cast<S>(k.b);
+  if (has_label) {
+    if (k.d != 0.0)
+      out[label] = static_cast<S>(label_value);
+    else
+      out[label] -= static_cast<S>(k.b);
+  }
 }
 
 /// write_row_backward for β = 0 from reduce_row_keep's exponentials: out[v] = α·p_v − b·[v = y] − c
@@ -309,6 +332,18 @@ void write_row_backward_kept(const S* e, std::int64_t vocab, const row_stats<S>&
     Eigen::Map<A>(out, static_cast<Eigen::Index>(vocab)).setConstant(std::numeric_limits<S>::quiet_NaN());
     return;
   }
+  const bool has_label = label >= 0 && label < vocab;
+  // The label column with d (see write_row_backward), from its kept exponential before out overwrites it:
+  // x_y − m = log e[y] + (m_b − m) for the block max m_b it was exponentiated against.
+  double label_value = 0.0;
+  if (has_label && k.d != 0.0) {
+    const S mb = block_max[label / block_size];
+    const S x_minus_m = std::isfinite(mb) ? static_cast<S>(std::log(static_cast<double>(e[label])) +
+                                                           (static_cast<double>(mb) - static_cast<double>(st.m)))
+                                          : -std::numeric_limits<S>::infinity();
+    label_value = label_gradient(static_cast<S>(x_minus_m + st.m), st, k);
+  }
+  const double alpha = k.alpha - k.d;  // every column's p coefficient
   for (std::int64_t b = 0, blk_i = 0; b < vocab; b += block_size, ++blk_i) {
     const Eigen::Index n = static_cast<Eigen::Index>(std::min(block_size, vocab - b));
     Eigen::Map<A> o(out + b, n);
@@ -318,10 +353,15 @@ void write_row_backward_kept(const S* e, std::int64_t vocab, const row_stats<S>&
       continue;
     }
     // p = e^{x - m_b}·e^{m_b - m - log s}; the scale in double, exact up to the final rounding.
-    const S scale = static_cast<S>(k.alpha * std::exp(static_cast<double>(mb) - static_cast<double>(st.m) - st.log_s));
+    const S scale = static_cast<S>(alpha * std::exp(static_cast<double>(mb) - static_cast<double>(st.m) - st.log_s));
     o = Eigen::Map<const A>(e + b, n) * scale - c;
   }
-  if (label >= 0 && label < vocab) out[label] -= static_cast<S>(k.b);
+  if (has_label) {
+    if (k.d != 0.0)
+      out[label] = static_cast<S>(label_value);
+    else
+      out[label] -= static_cast<S>(k.b);
+  }
 }
 
 /// Coefficients of sft_loss_backward's row gradient (the SFT cross-entropy with its options):

@@ -90,9 +90,7 @@ struct logits_stats_function : torch::autograd::Function<logits_stats_function> 
 /// The requested statistics of x [..., V] with labels (int64, or empty): through the autograd node
 /// when x requires grad, else the engine directly.
 inline logits_row_stats<at::Tensor> logits_stats(const at::Tensor& x, const at::Tensor& labels,
-                                                 const logits_stats_request& q_in) {
-  logits_stats_request q = q_in;
-  if (labels.numel() == 0) q.logprob = q.argmax_hit = false;
+                                                 const logits_stats_request& q) {
   logits_row_stats<at::Tensor> r;
   if (x.requires_grad() && at::GradMode::is_enabled()) {
     const auto out = logits_stats_function::apply(x, labels, pack(q), q.ignore_index);

@@ -33,10 +33,12 @@ struct fused_ops<at::Tensor> {
   static std::optional<logits_row_stats<T>> logits_stats(const T& x, const T* labels, const logits_stats_request& q) {
     // The CPU kernels index rows with the labels on the host; the chunked path keeps them on x's device.
     const bool cpu = detail::torch_kernels::choose(x) != torch_backend::logits_path::chunked;
-    T lab = at::empty({0}, x.options().dtype(at::kLong));
-    if (labels && (q.logprob || q.argmax_hit))
+    logits_stats_request asked = q;
+    if (!labels) asked.logprob = asked.argmax_hit = false;
+    T lab = at::empty({0}, x.options().dtype(at::kLong));  // autograd nodes take defined tensors only
+    if (labels && (asked.logprob || asked.argmax_hit))
       lab = cpu ? labels->to(at::kCPU, at::kLong).contiguous() : labels->to(at::kLong);
-    return detail::torch_kernels::logits_stats(x, lab, q);
+    return detail::torch_kernels::logits_stats(x, lab, asked);
   }
 
   /// sft_loss_backward's gradient in the logits' dtype (no autograd graph), per row or per chunk.

@@ -150,8 +150,10 @@ inline void chunked_forward(const at::Tensor& x, const at::Tensor& labels, const
 }
 
 /// Per-row coefficients of the chunked backward: grad = p·(α + β·log p) − b·onehot(y) − c.
+/// (and + d·(onehot(y) − p), the label column computed as p_y·(α + β log p_y) + d·(1 − p_y) − b − c:
+/// kernels::backward_coefficients explains why d is kept apart.)
 struct chunk_coefficients {
-  at::Tensor alpha, beta, b, c;  // [len, 1] each, or undefined (0)
+  at::Tensor alpha, beta, b, c, d;  // [len, 1] each, or undefined (0)
 };
 
 /// grad[offset + r, :] for every row, chunk by chunk, written in out's dtype (the logits').
@@ -176,7 +178,18 @@ void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::T
       at::Tensor g = k.alpha.defined() ? p * k.alpha : at::zeros_like(p);
       if (k.beta.defined()) g += p * logp.clamp_min(-1000.0) * k.beta;  // p·log p := 0 at -inf logits
       if (k.c.defined()) g -= k.c;
-      if (k.b.defined() && yc.defined()) g.scatter_add_(1, yc, -k.b.expand({len, 1}));
+      if (k.d.defined() && yc.defined()) {
+        const at::Tensor py = p.gather(1, yc), lpy = logp.gather(1, yc).clamp_min(-1000.0);  // [len, 1]
+        at::Tensor at_label = k.alpha.defined() ? py * k.alpha : at::zeros_like(py);
+        if (k.beta.defined()) at_label += py * lpy * k.beta;
+        at_label += k.d * (1.0 - py);
+        if (k.b.defined()) at_label -= k.b;
+        if (k.c.defined()) at_label -= k.c;
+        g -= p * k.d;
+        g.scatter_(1, yc, at_label);
+      } else if (k.b.defined() && yc.defined()) {
+        g.scatter_add_(1, yc, -k.b.expand({len, 1}));
+      }
       flat_out.narrow(0, first, len).copy_(g);
     }
   }
@@ -294,8 +307,9 @@ inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const 
   row_outputs out;
   if (q.logsumexp) out.logsumexp = rows_like();
   if (q.entropy) out.entropy = rows_like();
-  if (with_labels && q.logprob) out.logprob = rows_like();
-  if (with_labels && q.argmax_hit) out.argmax_hit = rows_like();
+  // (The caller passes labels whenever it asks for log-probs or hits; they are empty only with no rows.)
+  if (q.logprob) out.logprob = rows_like();
+  if (q.argmax_hit) out.argmax_hit = rows_like();
   const std::int64_t rows = x.size(-1) == 0 ? 0 : x.numel() / x.size(-1);
   if (rows == 0 || x.size(-1) == 0) {
     if (out.logsumexp.defined()) out.logsumexp.fill_(-std::numeric_limits<double>::infinity());
@@ -345,9 +359,9 @@ struct row_grads {
   at::Tensor logsumexp, logprob, entropy;
 };
 
-/// grad_x[r, v] = p·(α_r + β_r·log p) − b_r·[v = y_r] with, from the upstream gradients
+/// grad_x[r, v] = p·(α_r + β_r·log p) + d_r·([v = y_r] − p) with, from the upstream gradients
 /// g_lse, g_lp (0 where the label is ignored) and g_H:
-///   α = g_lse − g_lp − g_H·H,  β = −g_H,  b = −g_lp
+///   α = g_lse − g_H·H,  β = −g_H,  d = g_lp
 /// (d lse/dx = p, d log p_y/dx = onehot(y) − p, dH/dx = −p(log p + H)); in x's dtype: one read for
 /// the statistics, one read + write, per row (kernel/rows paths) or per chunk (chunked path).
 inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const row_grads& g_in,
@@ -374,7 +388,7 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
                          const at::Tensor& p, const at::Tensor&) {
                        const at::Tensor gl = g_lse.narrow(0, first, len).unsqueeze(1);
                        const at::Tensor gp = g_lp.narrow(0, first, len).unsqueeze(1);
-                       chunk_coefficients k{gl - gp, {}, with_labels ? -gp : at::Tensor(), {}};
+                       chunk_coefficients k{gl, {}, {}, {}, with_labels ? gp : at::Tensor()};
                        if (need_entropy) {
                          const at::Tensor ge = g_ent.narrow(0, first, len).unsqueeze(1);
                          const at::Tensor h = -(p * logp.clamp_min(-1000.0)).sum(1, true);
@@ -400,7 +414,7 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
         [&](std::int64_t r, const S*, const kernels::row_stats<S>& st) {
           const double a = static_cast<double>(gl[r]), b = static_cast<double>(gp[r]);
           const double e = need_entropy ? static_cast<double>(ge[r]) : 0.0;
-          return kernels::backward_coefficients{a - b - (need_entropy ? e * st.entropy() : 0.0), -e, -b, 0.0};
+          return kernels::backward_coefficients{a - (need_entropy ? e * st.entropy() : 0.0), -e, 0.0, 0.0, b};
         });
   });
 #endif
@@ -432,7 +446,7 @@ inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, con
           at::Tensor alpha = f;
           if (a.z_loss > 0.0) alpha = alpha + 2.0 * a.z_loss * (st.log_s + st.m);
           chunk_coefficients k{
-              at::where(valid, wr * alpha, at::zeros_like(wr)), {}, wr * f * (1.0 - a.label_smoothing), {}};
+              at::where(valid, wr * alpha, at::zeros_like(wr)), {}, wr * f * (1.0 - a.label_smoothing), {}, {}};
           if (a.label_smoothing > 0.0) k.c = wr * f * (a.label_smoothing / static_cast<double>(v));
           return k;
         });
