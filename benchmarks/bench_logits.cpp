@@ -15,7 +15,7 @@
 // a fresh child process (this binary with --peak-memory=CASE) that resets its resident high-water
 // mark after building the inputs and reports VmHWM minus the resident set just before the call.
 //
-//   posttrain_bench [--quick] [--threads=N] [--no-peak-memory] [Google Benchmark flags]
+//   posttrain_bench [--quick] [--threads=N] [--iterations=N] [--no-peak-memory] [Google Benchmark flags]
 // --quick: small shapes, one iteration each (a ctest smoke test, not a measurement).
 // --no-peak-memory: skip the fresh-process memory runs (e.g. with --benchmark_filter=cuda).
 #include <benchmark/benchmark.h>
@@ -570,6 +570,8 @@ int main(int argc, char** argv) {
       cfg.peak_memory = false;
     else if (a.rfind("--threads=", 0) == 0)
       cfg.threads = std::atoi(a.c_str() + 10);
+    else if (a.rfind("--iterations=", 0) == 0)
+      cfg.iterations = std::max(1, std::atoi(a.c_str() + 13));
     else if (a.rfind("--peak-memory=", 0) == 0)
       peak_case = a.substr(14);
     else
