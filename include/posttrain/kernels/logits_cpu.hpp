@@ -279,7 +279,8 @@ struct backward_coefficients {
 /// in double, with p_y = e^{(x_y − m) − log s}.
 template <class S>
 double label_gradient(S x_label, const row_stats<S>& st, const backward_coefficients& k) {
-  const double logp = std::max(static_cast<double>(x_label - st.m) - st.log_s, static_cast<double>(detail::diff_floor<S>));
+  const double logp =
+      std::max(static_cast<double>(x_label - st.m) - st.log_s, static_cast<double>(detail::diff_floor<S>));
   const double p = std::exp(logp);
   return p * (k.alpha + k.beta * logp) + k.d * (1.0 - p) - k.b - k.c;
 }

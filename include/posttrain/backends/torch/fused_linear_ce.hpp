@@ -35,8 +35,8 @@
 
 #include "posttrain/backends/linear_kernel_options.hpp"
 #include "posttrain/backends/torch/logits_engine.hpp"
-#include "posttrain/backends/torch/tensor.hpp"
 #include "posttrain/backends/torch/memory.hpp"
+#include "posttrain/backends/torch/tensor.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
 
