@@ -9,7 +9,7 @@
 // The gradients are handed to autograd without a copy: unless the graph is retained, backward
 // gives up its reference, so AccumulateGrad adopts the tensor as .grad when .grad is unset (and
 // adds it in place otherwise), and a grad_output other than 1 scales it in place. On CPU the
-// gradients live on transparent huge pages (backends/torch_memory.hpp): a fresh [V, H] gradient
+// gradients live on transparent huge pages (backends/torch/memory.hpp): a fresh [V, H] gradient
 // every step then costs ~0.1 s instead of seconds of page faults. Per-token outputs
 // (per_token_loss, logprobs, entropy, num_tokens) are forward-only (marked non-differentiable).
 // Double backward (create_graph) is not supported: the saved gradients are constants.
