@@ -5,6 +5,9 @@
 // §2.2; verl AdaptiveKLController, OpenRLHF, legacy TRL):
 //   e = clip(KL / KL_target - 1, -0.2, 0.2),   β ← β · (1 + e · n_steps / horizon)
 // n_steps is the number of samples in the batch that produced KL (verl passes the batch size).
+// β is clamped at 0: with KL below target and n_steps > 5·horizon the factor 1 + e·n/horizon is
+// negative, and TRL's (and verl's) formula then makes β negative, which would reward divergence from
+// the reference. posttrain keeps β = max(0, β·factor); a β of 0 stays 0 (the update is multiplicative).
 // Example: β = 0.1, target 1, KL = 2, n = 1000, horizon 10000 -> e = 0.2, β = 0.1 · 1.02 = 0.102.
 #pragma once
 
@@ -43,7 +46,7 @@ struct adaptive_kl_controller {
     if (n_steps < 0) detail::fail(fn, "n_steps must be >= 0, got ", n_steps);
     // e = clip(KL/target - 1, ±0.2); β *= 1 + e·n/horizon   (Ziegler et al. 2019 §2.2)
     const double e = std::clamp(current_kl / target - 1.0, -0.2, 0.2);
-    value *= 1.0 + e * static_cast<double>(n_steps) / horizon;
+    value = std::max(0.0, value * (1.0 + e * static_cast<double>(n_steps) / horizon));  // clamped at 0
   }
 };
 

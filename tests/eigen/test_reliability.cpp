@@ -1,0 +1,72 @@
+// Issue 13 (reliability) on the Eigen backend: no NaN where the math is finite, every bad input a
+// clear posttrain::error. One section per defect of the issue (tag [issue13]); expected values are
+// closed forms or double computations written out here, never the library's own output.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "posttrain/backends/eigen.hpp"
+#include "posttrain/posttrain.hpp"
+#include "support/eigen_checks.hpp"
+
+using namespace posttrain;
+using Catch::Matchers::Contains;
+
+namespace {
+[[maybe_unused]] constexpr double qnan = std::numeric_limits<double>::quiet_NaN();
+[[maybe_unused]] constexpr double inf = std::numeric_limits<double>::infinity();
+
+[[maybe_unused]] eigen_index ids(const std::vector<std::int64_t>& v) {
+  return eigen_index({static_cast<std::int64_t>(v.size())}, v);
+}
+
+/// `call` throws posttrain::error whose message starts with "posttrain::<function>: " and contains every part.
+[[maybe_unused]] void expect_error(const std::function<void()>& call, const std::string& function,
+                                   const std::vector<std::string>& parts) {
+  INFO("expected posttrain::" << function << " to reject its input, naming: " << Catch::Detail::stringify(parts));
+  CHECK_THROWS_AS(call(), posttrain::error);
+  CHECK_THROWS_WITH(call(), Catch::Matchers::StartsWith("posttrain::" + function + ": "));
+  for (const auto& p : parts) CHECK_THROWS_WITH(call(), Contains(p));
+}
+
+/// Unbiased mean and std of a list, in double (the reference for group statistics).
+struct moments {
+  double mean, std;
+};
+[[maybe_unused]] moments unbiased_moments(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  const double mean = s / static_cast<double>(v.size());
+  double ss = 0;
+  for (double x : v) ss += (x - mean) * (x - mean);
+  return {mean, std::sqrt(ss / static_cast<double>(v.size() - 1))};
+}
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------
+// defect 9: the adaptive KL controller's β never goes negative.
+
+TEST_CASE("adaptive KL controller: beta is clamped at 0 where TRL's formula goes negative", "[issue13][kl]") {
+  // KL 0 below target 1: e = clip(0/1 - 1, ±0.2) = -0.2; n = 60000, horizon 10000: factor 1 - 1.2 = -0.2.
+  // TRL would give 0.1 · (-0.2) = -0.02; posttrain gives 0.
+  adaptive_kl_controller c{.value = 0.1, .target = 1.0, .horizon = 10000};
+  c.update(0.0, 60000);
+  CHECK(c.value == 0.0);
+  CHECK_FALSE(std::signbit(c.value));
+  // Exactly 5·horizon: factor 1 - 1 = 0.
+  adaptive_kl_controller d{.value = 0.1, .target = 1.0, .horizon = 10000};
+  d.update(0.0, 50000);
+  CHECK(d.value == 0.0);
+  // Inside the range nothing changes: 0.1 · (1 - 0.2 · 0.5) = 0.09, and the header's example 0.102.
+  adaptive_kl_controller e{.value = 0.1, .target = 1.0, .horizon = 10000};
+  e.update(0.0, 5000);
+  CHECK(test::float64_tol.accepts(e.value, 0.09));
+  e = adaptive_kl_controller{.value = 0.1, .target = 1.0, .horizon = 10000};
+  e.update(2.0, 1000);
+  CHECK(test::float64_tol.accepts(e.value, 0.102));
+}
