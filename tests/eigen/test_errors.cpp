@@ -192,7 +192,7 @@ TEST_CASE("NaN and out-of-range hyper-parameters", "[errors]") {
     expect_error([&] { aggregation_weights(m, aggregation::sum, bad); }, "aggregation_weights", {"normalizer"});
   }
 
-  // Whitening eps: finite and >= 0.
+  // Whitening eps: finite and > 0 (it guards a division by sqrt(var + eps), var 0 for one kept value).
   expect_error([&] { masked_whiten(row, m, {.eps = qnan}); }, "masked_whiten", {"eps", "finite", "nan"});
-  expect_error([&] { masked_whiten(row, m, {.eps = -1e-8}); }, "masked_whiten", {"eps", ">= 0"});
+  expect_error([&] { masked_whiten(row, m, {.eps = -1e-8}); }, "masked_whiten", {"eps", "> 0"});
 }

@@ -134,12 +134,12 @@ TEMPLATE_TEST_CASE("masked whitening reproduces TRL's and torchtune's vectors", 
     }
   }
 
-  // OpenRLHF's biased variance: x = [1,2,3,4], var = Σ(x - 2.5)² / 4 = 1.25; eps = 0 gives exactly (x
-  // - 2.5)/sqrt(1.25).
+  // OpenRLHF's biased variance: x = [1,2,3,4], var = Σ(x - 2.5)² / 4 = 1.25; eps = 1e-300 (eps must be
+  // > 0; 1.25 + 1e-300 rounds to 1.25) gives exactly (x - 2.5)/sqrt(1.25).
   const double b = 1.0 / std::sqrt(1.25);
-  test::check_values("biased, eps 0",
+  test::check_values("biased, eps 1e-300",
                      masked_whiten(test::vec<TestType>({1, 2, 3, 4}), test::vec<TestType>({1, 1, 1, 1}),
-                                   {.eps = 0.0, .unbiased = false}),
+                                   {.eps = 1e-300, .unbiased = false}),
                      {-1.5 * b, -0.5 * b, 0.5 * b, 1.5 * b}, tol);
   // Nothing kept: all zeros, no NaN.
   test::check_values("whiten nothing", masked_whiten(test::vec<TestType>({1, 2, 3}), test::vec<TestType>({0, 0, 0})),
@@ -150,9 +150,9 @@ TEST_CASE("whitened values have mean 0 and unit variance over the mask", "[numer
   for (std::uint64_t seed : {5u, 6u, 7u}) {
     const auto x = test::to_eigen<double>(test::random_normal({4, 6}, seed, 3.0, 1.5));
     const auto m = test::to_eigen<double>(test::random_mask({4, 6}, seed + 1));
-    const auto w = masked_whiten(x, m, {.eps = 0.0});
+    const auto w = masked_whiten(x, m, {.eps = 1e-300});
     INFO("seed " << seed);
-    // Definitions: mean_m(w) = 0 and Σ m (w - 0)² / (n - 1) = 1 when eps = 0.
+    // Definitions: mean_m(w) = 0 and Σ m (w - 0)² / (n - 1) = 1 when eps adds nothing to var (1e-300).
     test::check_value("mean", masked_mean(w, m), 0.0, test::float64_tol);
     test::check_value("var", masked_var(w, m), 1.0, test::float64_tol);
   }

@@ -70,3 +70,29 @@ TEST_CASE("adaptive KL controller: beta is clamped at 0 where TRL's formula goes
   e.update(2.0, 1000);
   CHECK(test::float64_tol.accepts(e.value, 0.102));
 }
+
+// ----------------------------------------------------------------------------------------------
+// defect 5: eps <= 0 where eps guards a division is rejected by function, argument and value.
+
+TEST_CASE("eps <= 0 guarding a division is rejected by function, argument and value", "[issue13][errors]") {
+  const auto x = test::vec({1.0, 2.0, 3.0});
+  const auto m = test::vec({1.0, 0.0, 0.0});  // one kept token: var 0, eps = 0 would divide 0 by 0
+  expect_error([&] { masked_whiten(x, m, {.eps = 0.0}); }, "masked_whiten", {"eps", "> 0", "got 0"});
+  expect_error([&] { masked_whiten(x, m, {.eps = -1e-8}); }, "masked_whiten", {"eps", "> 0", "-1e-08"});
+  const auto r2 = test::make<double>({1, 3}, {1, 2, 3});
+  const auto m2 = test::make<double>({1, 3}, {1, 0, 0});
+  expect_error([&] { gae(r2, r2, m2, {.whitening = {.eps = 0.0}}); }, "gae", {"options.whitening.eps", "> 0", "got 0"});
+  expect_error([&] { reinforce_pp_advantages(r2, m2, 1.0, {.eps = 0.0}); }, "reinforce_pp_advantages",
+               {"whitening.eps", "> 0", "got 0"});
+  expect_error([&] { reinforce_pp_baseline_advantages(r2, m2, ids({0}), singleton_policy::raw, {.eps = -1.0}); },
+               "reinforce_pp_baseline_advantages", {"whitening.eps", "> 0", "got -1"});
+  // An all-equal group with all_equal = formula: (r - mean) / (0 + eps) is 0/0 at eps = 0.
+  const auto s = test::vec({0.5, 0.5, 0.5});
+  const auto g = ids({0, 0, 0});
+  expect_error([&] { grpo_advantages(s, g, {.eps = 0.0, .all_equal = all_equal_policy::formula}); }, "grpo_advantages",
+               {"options.eps", "> 0", "got 0"});
+  expect_error([&] { grpo_advantages(s, g, {.eps = -1e-4}); }, "grpo_advantages", {"options.eps", "> 0", "-0.0001"});
+  expect_error([&] { grpo_passk_advantages(s, g, true, 0.0); }, "grpo_passk_advantages", {"eps", "> 0", "got 0"});
+  // Whitening with eps = 0 is still a division by sqrt(var): the smallest positive eps is accepted.
+  CHECK(test::finite_everywhere(masked_whiten(x, m, {.eps = 1e-300})));
+}

@@ -171,7 +171,8 @@ TEST_CASE("Group estimators: singletons, all-equal groups, std floor", "[rl][gro
                      test::float64_tol);
   // all-equal group in float32 (0.1 is inexact): advantage exactly 0, no NaN, frac_reward_zero_std counts it
   const auto f = eigen_tensor<float>({4}, {0.1f, 0.1f, 0.1f, 1.0f});
-  const auto rf = grpo_advantages(f, idx({0, 0, 0, 1}), {.eps = 0.0, .singleton = singleton_policy::raw});
+  // eps = 1e-300 (eps must be > 0) is 0 in float32: the singleton's raw reward comes out exactly
+  const auto rf = grpo_advantages(f, idx({0, 0, 0, 1}), {.eps = 1e-300, .singleton = singleton_policy::raw});
   const auto af = ops::to_host(rf.advantages);
   CHECK(af[0] == 0.0);
   CHECK(af[1] == 0.0);

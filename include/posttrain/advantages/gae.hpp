@@ -63,6 +63,7 @@ gae_result<T> gae(const T& token_level_rewards, const T& values, const T& respon
   constexpr std::string_view fn = "gae";
   detail::check_discount(fn, "options.gamma", opt.gamma);
   detail::check_discount(fn, "options.lambda", opt.lambda);
+  if (opt.whiten) detail::check_whiten_eps(fn, "options.whitening.eps", opt.whitening.eps);
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   detail::require_like(fn, "token_level_rewards", token_level_rewards, "values", values);

@@ -46,7 +46,7 @@ enum class all_equal_policy { zero, formula };
 
 struct group_options {
   group_scale scale = group_scale::group;
-  /// ε added to the std: TRL 1e-4 (the default here), verl 1e-6, OpenRLHF 1e-9.
+  /// ε added to the std: TRL 1e-4 (the default here), verl 1e-6, OpenRLHF 1e-9; must be > 0.
   double eps = 1e-4;
   /// Floor on the std in the denominator, max(std, floor) + ε (NeMo-RL: 1e-3); off when empty.
   std::optional<double> std_floor = std::nullopt;
@@ -67,7 +67,8 @@ namespace detail {
 
 inline void check_group_options(std::string_view fn, const group_options& o) {
   require_finite(fn, "options.eps", o.eps);
-  if (o.eps < 0) detail::fail(fn, "options.eps must be >= 0, got ", o.eps);
+  // ε divides (r - mean) / (std + ε), and std is 0 for an all-equal group: ε must be > 0.
+  if (o.eps <= 0) detail::fail(fn, "options.eps must be > 0, got ", o.eps);
   if (o.std_floor) {
     require_finite(fn, "options.std_floor", *o.std_floor);
     if (*o.std_floor < 0) detail::fail(fn, "options.std_floor must be >= 0, got ", *o.std_floor);
@@ -284,6 +285,7 @@ T grpo_passk_advantages(const T& scores, const index_tensor_t<T>& group_index, b
                         double eps = 1e-6) {
   constexpr std::string_view fn = "grpo_passk_advantages";
   detail::require_finite(fn, "eps", eps);
+  if (eps <= 0) detail::fail(fn, "eps must be > 0, got ", eps);  // divides by std + ε, 0 for equal rewards
   const T s = detail::checked_scores(fn, scores);
   const auto st = detail::compute_group_stats(fn, s, group_index);
   if (ops::item(ops::min(ops::where(ops::gt(ops::sum(st.onehot, 0), 0.0), ops::sum(st.onehot, 0), 1e9), 0)) < 2)
@@ -318,6 +320,7 @@ T broadcast_to_tokens(const T& advantages, const T& response_mask) {
 template <tensor T>
 T reinforce_pp_advantages(const T& token_level_rewards, const T& response_mask, double gamma = 1.0,
                           whiten_options whitening = {}) {
+  detail::check_whiten_eps("reinforce_pp_advantages", "whitening.eps", whitening.eps);
   const T g = discounted_returns(token_level_rewards, response_mask, gamma);
   return masked_whiten(g, ops::ne(ops::to_dtype(response_mask, ops::dtype_of(g)), 0.0), whitening);
 }
@@ -330,6 +333,7 @@ T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& respon
                                    const index_tensor_t<T>& group_index,
                                    singleton_policy singleton = singleton_policy::raw, whiten_options whitening = {}) {
   constexpr std::string_view fn = "reinforce_pp_baseline_advantages";
+  detail::check_whiten_eps(fn, "whitening.eps", whitening.eps);
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   const T r = ops::upcast(token_level_rewards);

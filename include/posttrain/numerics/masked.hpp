@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string_view>
 
 #include "posttrain/detail/validate.hpp"
 #include "posttrain/tensor.hpp"
@@ -23,6 +24,11 @@ T masked_values(const T& x, const T& mask) {
 template <tensor T>
 T reduce_sum(const T& x, std::optional<std::int64_t> dim) {
   return dim ? ops::sum(x, *dim) : ops::sum_all(x);
+}
+/// A whitening eps divides (x - mean) / sqrt(var + eps) with var = 0 for one kept value: > 0.
+inline void check_whiten_eps(std::string_view fn, std::string_view name, double eps) {
+  require_finite(fn, name, eps);
+  if (eps <= 0) fail(fn, name, " must be > 0, got ", eps);
 }
 }  // namespace detail
 
@@ -65,7 +71,7 @@ struct whiten_options {
   /// false (default): zero-mean output, as TRL `masked_whiten(shift_mean=True)` and verl.
   /// true: the mean is added back, as TRL `shift_mean=False` and torchtune `whiten(shift_mean=True)`.
   bool keep_mean = false;
-  /// Added to the variance under the square root (TRL, verl, torchtune: 1e-8).
+  /// Added to the variance under the square root (TRL, verl, torchtune: 1e-8); must be > 0.
   double eps = 1e-8;
   /// Unbiased (n - 1) variance as TRL/verl/torchtune; false gives OpenRLHF's biased variance.
   bool unbiased = true;
@@ -77,8 +83,7 @@ struct whiten_options {
 template <tensor T>
 T masked_whiten(const T& x, const T& mask, whiten_options opt = {}) {
   detail::require_values("masked_whiten", "x", x);
-  detail::require_finite("masked_whiten", "eps", opt.eps);
-  if (opt.eps < 0) detail::fail("masked_whiten", "eps must be >= 0, got ", opt.eps);
+  detail::check_whiten_eps("masked_whiten", "eps", opt.eps);
   const T m = detail::checked_mask("masked_whiten", "x", x, "mask", mask);
   const T mean = masked_mean(x, m);
   const T var = masked_var(x, m, opt.unbiased);
