@@ -96,3 +96,32 @@ TEST_CASE("eps <= 0 guarding a division is rejected by function, argument and va
   // Whitening with eps = 0 is still a division by sqrt(var): the smallest positive eps is accepted.
   CHECK(test::finite_everywhere(masked_whiten(x, m, {.eps = 1e-300})));
 }
+
+// ----------------------------------------------------------------------------------------------
+// defect 4: a mask is boolean (non-zero keeps, counted once) in masked_sum/mean/var/whiten and aggregate.
+
+TEMPLATE_TEST_CASE("a mask is boolean: any non-zero value keeps its position and counts once", "[issue13][masked]",
+                   float, double) {
+  const auto tol = test::tol_of<TestType>();
+  const auto x = test::vec<TestType>({1, 2, 3});
+  for (const auto& mask : {std::vector<double>{2, 1, 0}, std::vector<double>{-1, 0.5, 0}}) {
+    INFO("mask " << mask[0] << ", " << mask[1] << ", " << mask[2]);
+    const auto m = test::vec<TestType>(mask);
+    // kept {1, 2}: sum 3, mean 1.5, Σ(x - 1.5)² = 0.5, unbiased 0.5 / 1, biased 0.5 / 2
+    test::check_value("masked_sum", masked_sum(x, m), 3.0, tol);
+    test::check_value("masked_mean", masked_mean(x, m), 1.5, tol);
+    test::check_value("masked_var", masked_var(x, m), 0.5, tol);
+    test::check_value("masked_var biased", masked_var(x, m, false), 0.25, tol);
+    const double w = 0.5 / std::sqrt(0.5 + 1e-8);
+    test::check_values("masked_whiten", masked_whiten(x, m), {-w, w, 0.0}, tol);
+    test::check_value("aggregate token_mean", aggregate(x, m, aggregation::token_mean), 1.5, tol);
+    test::check_value("aggregate sum", aggregate(x, m, aggregation::sum), 3.0, tol);
+  }
+  // Along a dimension: rows {1, 2, 3} mask {2, 0, 3} and {4, 5, 6} mask {0, 0, 0.25} -> means 2 and 6.
+  const auto x2 = test::make<TestType>({2, 3}, {1, 2, 3, 4, 5, 6});
+  const auto m2 = test::make<TestType>({2, 3}, {2, 0, 3, 0, 0, 0.25});
+  test::check_values("masked_mean dim 1", masked_mean(x2, m2, 1), {2.0, 6.0}, tol);
+  test::check_values("masked_var dim 1", masked_var(x2, m2, true, 1), {2.0, 0.0}, tol);
+  // The sequence modes agree: seq-mean-token-mean = mean of the row means (2 + 6) / 2.
+  test::check_value("aggregate seq_mean_token_mean", aggregate(x2, m2, aggregation::seq_mean_token_mean), 4.0, tol);
+}

@@ -1,6 +1,9 @@
 // posttrain/numerics/aggregate.hpp — reducing a per-token loss [B, T] to the scalar a trainer
 // back-propagates, in the four modes the frameworks use, plus a plain sum.
 //
+// A mask is boolean, as in numerics/masked.hpp: a non-zero value keeps its token and counts once
+// (token_mean of [1, 2, 3] under [2, 1, 0] is 1.5, equal to masked_mean), never a weight.
+//
 // Every mode is linear in the per-token loss: loss = Σ_{b,t} w_{b,t} · L_{b,t} with weights that
 // depend only on the mask. aggregation_weights() returns those weights, which are also the
 // gradient of the aggregate with respect to L (each loss's backward uses them).

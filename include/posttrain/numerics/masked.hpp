@@ -1,4 +1,10 @@
-// posttrain/numerics/masked.hpp — reductions over the positions a 0/1 mask keeps.
+// posttrain/numerics/masked.hpp — reductions over the positions a mask keeps.
+//
+// A mask is boolean: every non-zero value keeps its position and counts once, whatever the value
+// (PyTorch's `x[mask.bool()]`; TRL's completion masks are boolean). So masked_mean([1, 2, 3],
+// [2, 1, 0]) = 1.5. verl, OpenRLHF and torchtune write Σ x·m / Σ m, which agrees for 0/1 masks but
+// reads other values as weights; posttrain never does (multiply the values by weights first). The
+// same rule holds in masked_sum/mean/var/whiten, aggregate and every loss that takes a mask.
 //
 // Masked-out positions are read through `where`, so NaN or Inf there never leaks into a result
 // or a gradient (verl's masked_mean test: a NaN at a masked position still gives the clean mean).
@@ -25,6 +31,11 @@ template <tensor T>
 T reduce_sum(const T& x, std::optional<std::int64_t> dim) {
   return dim ? ops::sum(x, *dim) : ops::sum_all(x);
 }
+/// The checked mask as 0/1 in x's dtype (non-zero keeps).
+template <tensor T>
+T boolean_mask(std::string_view fn, const T& x, const T& mask) {
+  return ops::ne(checked_mask(fn, "x", x, "mask", mask), 0.0);
+}
 /// A whitening eps divides (x - mean) / sqrt(var + eps) with var = 0 for one kept value: > 0.
 inline void check_whiten_eps(std::string_view fn, std::string_view name, double eps) {
   require_finite(fn, name, eps);
@@ -32,20 +43,20 @@ inline void check_whiten_eps(std::string_view fn, std::string_view name, double 
 }
 }  // namespace detail
 
-/// Σ x·mask over everything (0-d) or along `dim`. x and mask: same shape.
+/// Σ x over the kept positions, everything (0-d) or along `dim`. x and mask: same shape.
 template <tensor T>
 T masked_sum(const T& x, const T& mask, std::optional<std::int64_t> dim = std::nullopt) {
   detail::require_values("masked_sum", "x", x);
-  const T m = detail::checked_mask("masked_sum", "x", x, "mask", mask);
+  const T m = detail::boolean_mask("masked_sum", x, mask);
   return detail::reduce_sum(detail::masked_values(x, m), dim);
 }
 
-/// Σ x·mask / Σ mask; 0 where the mask selects nothing (verl/TRL masked_mean, without NaN).
-/// Example (torchtune test): masked_mean([1..5], [1,1,1,0,0]) = 2.
+/// Σ x / n over the n kept positions; 0 where the mask keeps nothing (verl/TRL masked_mean for 0/1
+/// masks, without NaN). Example (torchtune test): masked_mean([1..5], [1,1,1,0,0]) = 2.
 template <tensor T>
 T masked_mean(const T& x, const T& mask, std::optional<std::int64_t> dim = std::nullopt) {
   detail::require_values("masked_mean", "x", x);
-  const T m = detail::checked_mask("masked_mean", "x", x, "mask", mask);
+  const T m = detail::boolean_mask("masked_mean", x, mask);
   const T total = detail::reduce_sum(detail::masked_values(x, m), dim);
   const T count = detail::reduce_sum(m, dim);
   return ops::div(total, ops::maximum(count, 1.0));
@@ -57,7 +68,7 @@ T masked_mean(const T& x, const T& mask, std::optional<std::int64_t> dim = std::
 template <tensor T>
 T masked_var(const T& x, const T& mask, bool unbiased = true, std::optional<std::int64_t> dim = std::nullopt) {
   detail::require_values("masked_var", "x", x);
-  const T m = detail::checked_mask("masked_var", "x", x, "mask", mask);
+  const T m = detail::boolean_mask("masked_var", x, mask);
   const T count = detail::reduce_sum(m, dim);
   T mean = ops::div(detail::reduce_sum(detail::masked_values(x, m), dim), ops::maximum(count, 1.0));
   if (dim) mean = ops::unsqueeze(mean, *dim);
@@ -84,7 +95,7 @@ template <tensor T>
 T masked_whiten(const T& x, const T& mask, whiten_options opt = {}) {
   detail::require_values("masked_whiten", "x", x);
   detail::check_whiten_eps("masked_whiten", "eps", opt.eps);
-  const T m = detail::checked_mask("masked_whiten", "x", x, "mask", mask);
+  const T m = detail::boolean_mask("masked_whiten", x, mask);
   const T mean = masked_mean(x, m);
   const T var = masked_var(x, m, opt.unbiased);
   // TRL masked_whiten: (x - mu) * rsqrt(var + 1e-8), optionally + mu.
