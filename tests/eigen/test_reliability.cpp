@@ -125,3 +125,79 @@ TEMPLATE_TEST_CASE("a mask is boolean: any non-zero value keeps its position and
   // The sequence modes agree: seq-mean-token-mean = mean of the row means (2 + 6) / 2.
   test::check_value("aggregate seq_mean_token_mean", aggregate(x2, m2, aggregation::seq_mean_token_mean), 4.0, tol);
 }
+
+// ----------------------------------------------------------------------------------------------
+// defect 3: NaN / Inf at a masked-out or ignored position reaches no metric, loss or gradient
+// (selected with where, not multiplied by the mask).
+
+TEMPLATE_TEST_CASE("sft_loss: NaN logits on an ignored row reach no metric, loss or gradient", "[issue13][sft]", float,
+                   double) {
+  const auto tol = test::tol_of<TestType>();
+  // Rows: uniform over 4 (label 0), [0, 1, 0, 0] (label 1), NaN everywhere (ignored).
+  const auto logits = test::make<TestType>({3, 4}, {0, 0, 0, 0, 0, 1, 0, 0, qnan, qnan, qnan, qnan});
+  const eigen_index labels({3}, {0, 1, -100});
+  const double e = std::exp(1.0), lse1 = std::log(3.0 + e);
+  // NLL: log 4 and lse1 - 1; entropy H = lse - Σ p x: log 4 and lse1 - e/(3 + e); both argmaxes hit.
+  const auto r = sft_loss(logits, labels);
+  test::check_value("loss", r.loss, (std::log(4.0) + lse1 - 1.0) / 2.0, tol);
+  test::check_value("entropy", r.entropy, (std::log(4.0) + lse1 - e / (3.0 + e)) / 2.0, tol);
+  test::check_value("token_accuracy", r.token_accuracy, 1.0, tol);
+  test::check_value("num_tokens", r.num_tokens, 2.0, tol);
+  test::check_values("per_token_loss", r.per_token_loss, {std::log(4.0), lse1 - 1.0, 0.0}, tol);
+  // Gradient: (softmax - onehot) / 2 on the counted rows, exactly 0 on the ignored one.
+  const double p1 = 1.0 / (3.0 + e), pe = e / (3.0 + e);
+  test::check_values("grad", sft_loss_backward(logits, labels),
+                     {-0.375, 0.125, 0.125, 0.125, p1 / 2, (pe - 1.0) / 2, p1 / 2, p1 / 2, 0, 0, 0, 0}, tol);
+}
+
+TEMPLATE_TEST_CASE("token_logprobs_backward: NaN logits on an ignored row give a zero gradient row",
+                   "[issue13][logits]", float, double) {
+  const auto tol = test::tol_of<TestType>();
+  const auto logits = test::make<TestType>({2, 3}, {0, 0, 0, qnan, qnan, qnan});
+  const eigen_index labels({2}, {2, -100});
+  // d log p[2] / dx = onehot(2) - softmax = [-1/3, -1/3, 2/3]; the ignored row is 0 by definition.
+  test::check_values("grad", token_logprobs_backward(logits, labels, test::vec<TestType>({1, 1})),
+                     {-1.0 / 3, -1.0 / 3, 2.0 / 3, 0, 0, 0}, tol);
+}
+
+TEST_CASE("entropy_bonus_backward: NaN logits at a masked token give a zero gradient row", "[issue13][value]") {
+  // Token 0: logits [0, log 3], p = [1/4, 3/4], H = log 4 - (3/4) log 3, dH/dx_v = -p_v (log p_v + H)
+  // = [(3/16) log 3, -(3/16) log 3]; token_mean over one token: weight 1. Token 1 is masked (NaN logits).
+  const auto logits = test::make<double>({1, 2, 2}, {0, std::log(3.0), qnan, qnan});
+  const auto m = test::make<double>({1, 2}, {1, 0});
+  const double g = 3.0 / 16.0 * std::log(3.0);
+  test::check_value("entropy_bonus", entropy_bonus(logits, m), std::log(4.0) - 0.75 * std::log(3.0), test::float64_tol);
+  test::check_values("entropy_bonus_backward", entropy_bonus_backward(logits, m), {g, -g, 0, 0}, test::float64_tol);
+}
+
+TEST_CASE("kto: an undesirable example with log-probability -inf leaves the desirable metrics finite",
+          "[issue13][kto]") {
+  const auto tol = test::float64_tol;
+  // Row 0 desirable, l = -1 - (-2) = 1; row 1 undesirable, l = -inf (its loss term 1 - σ(+inf) = 0).
+  const unpaired_batch<eigen_tensor<double>> b{
+      .logps = test::vec({-1.0, -inf}), .ref_logps = test::vec({-2.0, -3.0}), .desirable = test::vec({1.0, 0.0})};
+  const auto r = kto(b, {.beta = 0.1, .loss = kto_loss::apo_zero_unpaired});
+  // apo_zero_unpaired: L_D = 1 - σ(βl) = 1 - σ(0.1), L_U = σ(-inf) = 0; mean over 2 rows.
+  test::check_value("loss", r.loss, (1.0 - 1.0 / (1.0 + std::exp(-0.1))) / 2.0, tol);
+  test::check_value("rewards_chosen", r.rewards_chosen, 0.1, tol);
+  test::check_value("logps_chosen", r.logps_chosen, -1.0, tol);
+  CHECK(ops::item(r.rewards_rejected) == -inf);
+}
+
+TEST_CASE("group advantages: a non-finite score in one group does not reach another", "[issue13][group]") {
+  const auto tol = test::float64_tol;
+  // Group 0 = {1, 3}: mean 2, unbiased std √2. Group 1 = {+inf} is a singleton (advantage 0 by policy).
+  const auto s = test::vec({1.0, 3.0, inf});
+  const auto id = ids({0, 0, 1});
+  const double a = 1.0 / (std::sqrt(2.0) + 1e-4);
+  test::check_values("grpo", grpo_advantages(s, id).advantages, {-a, a, 0.0}, tol);
+  test::check_values("rloo", rloo_advantages(s, id), {-2.0, 2.0, 0.0}, tol);
+  test::check_values("gpg", gpg_advantages(s, id), {-1.0, 1.0, 0.0}, tol);
+}
+
+TEST_CASE("discounted_returns: a NaN reward at a masked position does not flow to kept tokens", "[issue13][returns]") {
+  // γ = 1: G = [1 + 2, 2, masked] = [3, 2, 0]; the masked token resets the running return.
+  const auto r = test::make<double>({1, 3}, {1, 2, qnan});
+  const auto m = test::make<double>({1, 3}, {1, 1, 0});
+  test::check_values("returns", discounted_returns(r, m), {3, 2, 0}, test::float64_tol);
+}

@@ -117,7 +117,7 @@ T discounted_returns(const T& token_level_rewards, const T& response_mask, doubl
     // G_t = r_t + γ G_{t+1}; then G ← G · m_t (verl: running_return * response_mask[:, t])
     running = ops::add(ops::slice(r, 1, t, 1), ops::mul(running, gamma));
     out.push_back(running);
-    running = ops::mul(running, ops::slice(m, 1, t, 1));
+    running = ops::where(ops::slice(m, 1, t, 1), running, 0.0);  // selected: a masked NaN reward resets too
   }
   return ops::where(m, detail::reversed_concat(std::move(out)), 0.0);
 }

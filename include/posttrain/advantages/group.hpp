@@ -108,20 +108,20 @@ std::int64_t check_group_index(std::string_view fn, const T& scores, const index
   return g;
 }
 
-/// Σ over each row's group of x (per row, [B]) through the one-hot matrix.
+/// Σ over each row's group of x (per row, [B]) through the one-hot matrix (selected, not multiplied:
+/// an Inf in one group is not 0·Inf = NaN in the others).
 template <tensor T>
 T per_group_sum(const T& onehot, const T& x) {
-  const T per_group = ops::sum(ops::mul(onehot, ops::unsqueeze(x, 1)), 0);  // [G]
-  return ops::sum(ops::mul(onehot, ops::unsqueeze(per_group, 0)), 1);       // [B]
+  const T per_group = ops::sum(ops::where(onehot, ops::unsqueeze(x, 1), 0.0), 0);  // [G]
+  return ops::sum(ops::where(onehot, ops::unsqueeze(per_group, 0), 0.0), 1);       // [B]
 }
 
 template <tensor T>
 T per_group_extreme(const T& onehot, const T& x, bool take_max) {
   const double inf = std::numeric_limits<double>::infinity();
   const T filled = ops::where(onehot, ops::unsqueeze(x, 1), take_max ? -inf : inf);  // [B, G]
-  const T per_group = take_max ? ops::max(filled, 0) : ops::min(filled, 0);          // [G]
-  return ops::sum(ops::mul(onehot, ops::unsqueeze(ops::where(ops::gt(ops::sum(onehot, 0), 0.0), per_group, 0.0), 0)),
-                  1);  // [B]
+  const T per_group = take_max ? ops::max(filled, 0) : ops::min(filled, 0);          // [G], ±inf if empty
+  return ops::sum(ops::where(onehot, ops::unsqueeze(per_group, 0), 0.0), 1);         // [B]
 }
 
 template <tensor T>

@@ -96,8 +96,9 @@ void unpaired_metrics(unpaired_result<T>& r, const T& l, const T& logps, const T
   const double n = static_cast<double>(ops::numel(l));
   const T u = ops::sub(1.0, d);
   const T rew = ops::detach(ops::mul(l, beta)), lp = ops::detach(logps);
+  // selected, not multiplied: a -inf log-probability on one side is not 0·inf = NaN on the other
   const auto mean_over = [](const T& x, const T& m) {
-    return ops::div(ops::sum_all(ops::mul(x, m)), ops::maximum(ops::sum_all(m), 1.0));
+    return ops::div(ops::sum_all(ops::where(m, x, 0.0)), ops::maximum(ops::sum_all(m), 1.0));
   };
   r.rewards_chosen = mean_over(rew, d);
   r.rewards_rejected = mean_over(rew, u);

@@ -124,7 +124,9 @@ T entropy_bonus_backward(const T& logits, const T& response_mask, aggregation re
   const T h = entropy(logits);
   const T m = ops::ne(
       detail::checked_mask("entropy_bonus_backward", "entropy(logits)", h, "response_mask", response_mask), 0.0);
-  return entropy_backward(logits, ops::mul(aggregation_weights(m, reduction, normalizer), grad_loss));
+  const T g = entropy_backward(logits, ops::mul(aggregation_weights(m, reduction, normalizer), grad_loss));
+  // selected, not multiplied: a masked token's NaN logits give a zero gradient row
+  return ops::where(ops::unsqueeze(ops::to_dtype(m, ops::dtype_of(g)), -1), g, 0.0);
 }
 
 /// Coefficients of the combined PPO objective (TRL PPOTrainer: vf_coef 0.1; verl critic is separate).

@@ -134,9 +134,10 @@ T token_logprobs_backward_unchecked(const T& logits, const index_tensor_t<T>& la
   const T x = ops::upcast(logits);
   const auto safe = tensor_traits<T>::index_replace(labels, ignore_index, 0);
   const T valid = tensor_traits<T>::index_not_equal(labels, ignore_index, x);
-  const T g = ops::mul(ops::upcast(grad), valid);                                       // [...]
   const T d = ops::sub(ops::one_hot(safe, ops::size(x, -1), x), softmax_unchecked(x));  // [..., V]
-  return ops::to_dtype(ops::mul(d, ops::unsqueeze(g, -1)), ops::dtype_of(logits));
+  // selected, not multiplied: an ignored row's NaN logits give 0, not NaN·0
+  const T g = ops::where(ops::unsqueeze(valid, -1), ops::mul(d, ops::unsqueeze(ops::upcast(grad), -1)), 0.0);
+  return ops::to_dtype(g, ops::dtype_of(logits));
 }
 
 }  // namespace detail
