@@ -201,3 +201,55 @@ TEST_CASE("discounted_returns: a NaN reward at a masked position does not flow t
   const auto m = test::make<double>({1, 3}, {1, 1, 0});
   test::check_values("returns", discounted_returns(r, m), {3, 2, 0}, test::float64_tol);
 }
+
+// ----------------------------------------------------------------------------------------------
+// defect 6: group centering is exact in float32 (identical rewards give 0) and matches a double reference.
+
+TEST_CASE("float32 group centering: identical rewards give exactly 0, others match a double reference",
+          "[issue13][group]") {
+  // 1e6 + 0.1 rounds to a float f; three copies must centre to exactly 0 and have std exactly 0.
+  const float f = 1e6f + 0.1f;
+  const eigen_tensor<float> same({3}, {f, f, f});
+  const auto g = ids({0, 0, 0});
+  const group_options formula{.all_equal = all_equal_policy::formula};
+  for (auto scale : {group_scale::group, group_scale::batch, group_scale::none}) {
+    group_options o = formula;
+    o.scale = scale;
+    const auto r = grpo_advantages(same, g, o);
+    for (double v : ops::to_host(r.advantages)) CHECK(v == 0.0);
+    for (double v : ops::to_host(r.group_mean)) CHECK(v == static_cast<double>(f));
+    for (double v : ops::to_host(r.group_std)) CHECK(v == 0.0);
+  }
+  for (double v : ops::to_host(rloo_advantages(same, g))) CHECK(v == 0.0);
+  for (double v : ops::to_host(gpg_advantages(same, g))) CHECK(v == 0.0);
+  const eigen_tensor<float> lens({3, 2}, {1, 1, 1, 0, 1, 1});
+  for (double v : ops::to_host(opo_advantages(same, lens, g))) CHECK(v == 0.0);
+
+  // Distinct float32 rewards near 1e6 (exactly representable: multiples of 1/16) against double.
+  const std::vector<double> v0{1000000.125, 1000000.5, 1000000.25}, v1{999999.0, 999999.5, 1000001.0};
+  const eigen_tensor<float> s({6}, {1000000.125f, 1000000.5f, 1000000.25f, 999999.0f, 999999.5f, 1000001.0f});
+  const auto id = ids({0, 0, 0, 1, 1, 1});
+  std::vector<double> all = v0;
+  all.insert(all.end(), v1.begin(), v1.end());
+  const double batch_std = unbiased_moments(all).std;
+  std::vector<double> want_grpo, want_batch, want_rloo, want_mean, want_std;
+  for (const auto* v : {&v0, &v1}) {
+    const moments mo = unbiased_moments(*v);
+    double total = 0;
+    for (double x : *v) total += x;
+    for (double x : *v) {
+      want_grpo.push_back((x - mo.mean) / (mo.std + 1e-4));
+      want_batch.push_back((x - mo.mean) / (batch_std + 1e-4));
+      want_rloo.push_back(x - (total - x) / 2.0);
+      want_mean.push_back(mo.mean);
+      want_std.push_back(mo.std);
+    }
+  }
+  const auto r = grpo_advantages(s, id);
+  test::check_values("grpo advantages", r.advantages, want_grpo, test::float32_tol);
+  test::check_values("group_mean", r.group_mean, want_mean, test::float32_tol);
+  test::check_values("group_std", r.group_std, want_std, test::float32_tol);
+  test::check_values("rloo", rloo_advantages(s, id), want_rloo, test::float32_tol);
+  test::check_values("grpo, batch std", grpo_advantages(s, id, {.scale = group_scale::batch}).advantages, want_batch,
+                     test::float32_tol);
+}

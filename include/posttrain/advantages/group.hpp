@@ -6,6 +6,11 @@
 // be dense) in two passes (mean first, then Σ(x - mean)²), never as sqrt(E[x²] - E[x]²), whose float32
 // residue can make the std of an all-equal group ~1e-4 and blow an advantage up thousands of times
 // (NeMo-RL #4161). Std is unbiased (n - 1), as TRL, verl and OpenRLHF.
+// Centering is shifted by a member of the group (its largest reward p_g): r - mean_g is computed as
+// (r - p_g) - Σ_g (r - p_g) / n_g. The differences r - p_g are exact for rewards of one magnitude, so
+// equal rewards centre to exactly 0 in float32 (the plain Σ r / n of three copies of 1e6 + 0.1 is off
+// by 0.04 and gave advantages of -0.8), and the rest match a double computation to float32 rounding.
+// The batch std (group_scale::batch) is shifted by the largest reward of the batch the same way.
 //
 // Estimators (formula source on each function):
 //   grpo      (r - mean_g) / (std + ε), std over the group, the batch, or none (= Dr. GRPO: r - mean_g)
@@ -78,12 +83,14 @@ inline void check_group_options(std::string_view fn, const group_options& o) {
 /// Per-row statistics of each row's group, all [B].
 template <tensor T>
 struct group_stats {
-  T onehot;     ///< [B, G]
-  T count;      ///< n_g
-  T sum;        ///< Σ_g r
-  T mean;       ///< Σ_g r / n_g
-  T std;        ///< unbiased, 0 when n_g = 1
-  T all_equal;  ///< 1 where max_g r == min_g r
+  T onehot;       ///< [B, G]
+  T count;        ///< n_g
+  T shifted;      ///< r - p_g, p_g = max_g r (a member of the group)
+  T shifted_sum;  ///< Σ_g (r - p_g)
+  T centred;      ///< r - mean_g = (r - p_g) - Σ_g (r - p_g) / n_g: exactly 0 for equal rewards
+  T mean;         ///< p_g + Σ_g (r - p_g) / n_g
+  T std;          ///< unbiased, 0 when n_g = 1
+  T all_equal;    ///< 1 where max_g r == min_g r
 };
 
 /// Validates group_index against scores [B] and returns the number of group ids G.
@@ -128,14 +135,17 @@ template <tensor T>
 group_stats<T> compute_group_stats(std::string_view fn, const T& s, const index_tensor_t<T>& group_index) {
   const std::int64_t groups = check_group_index(fn, s, group_index);
   const T oh = ops::one_hot(group_index, groups, s);
-  const T count = per_group_sum(oh, ops::full_like(s, 1.0));
-  const T sum = per_group_sum(oh, s);
-  const T mean = ops::div(sum, ops::maximum(count, 1.0));
+  const T count = per_group_sum(oh, ops::full_like(s, 1.0));  // [B] n_g
+  const T pivot = per_group_extreme(oh, s, true);             // [B] p_g = max_g r
+  const T d = ops::sub(s, pivot);                             // [B] r - p_g, 0 for equal rewards
+  const T dsum = per_group_sum(oh, d);                        // [B] Σ_g (r - p_g)
+  const T dmean = ops::div(dsum, ops::maximum(count, 1.0));   // [B]
+  const T centred = ops::sub(d, dmean);                       // [B] r - mean_g
   // unbiased std, two-pass: sqrt(Σ_g (r - mean)² / (n_g - 1))
-  const T ss = per_group_sum(oh, ops::square(ops::sub(s, mean)));
+  const T ss = per_group_sum(oh, ops::square(centred));
   const T stdv = ops::sqrt(ops::div(ss, ops::maximum(ops::sub(count, 1.0), 1.0)));
-  const T eq = ops::eq(per_group_extreme(oh, s, true), per_group_extreme(oh, s, false));
-  return {oh, count, sum, mean, stdv, eq};
+  const T eq = ops::eq(pivot, per_group_extreme(oh, s, false));
+  return {oh, count, d, dsum, centred, ops::add(pivot, dmean), stdv, eq};
 }
 
 template <tensor T>
@@ -175,15 +185,14 @@ group_advantage_result<T> grpo_advantages(const T& scores, const index_tensor_t<
   const T single = ops::le(st.count, 1.0);
   const bool raw_single = opt.singleton == singleton_policy::raw;
   // verl: a singleton group has mean 0 and std 1
-  const T mean = raw_single ? ops::where(single, 0.0, st.mean) : st.mean;
-  T adv = ops::sub(s, mean);
+  T adv = raw_single ? ops::where(single, s, st.centred) : st.centred;  // r - mean
   if (opt.scale != group_scale::none) {
     T sd;
     if (opt.scale == group_scale::group) {
       sd = raw_single ? ops::where(single, 1.0, st.std) : st.std;
-    } else {  // TRL scale_rewards="batch": rewards.std() over every row (unbiased)
+    } else {  // TRL scale_rewards="batch": rewards.std() over every row (unbiased), shifted by max r
       const T all = ops::full_like(s, 1.0);
-      const T bstd = ops::sqrt(masked_var(s, all));
+      const T bstd = ops::sqrt(masked_var(ops::sub(s, ops::max_all(s)), all));
       sd = ops::mul(all, bstd);
     }
     if (opt.std_floor) sd = ops::maximum(sd, *opt.std_floor);
@@ -235,9 +244,9 @@ T rloo_advantages(const T& scores, const index_tensor_t<T>& group_index,
   constexpr std::string_view fn = "rloo_advantages";
   const T s = detail::checked_scores(fn, scores);
   const auto st = detail::compute_group_stats(fn, s, group_index);
-  // r_i - (S_g - r_i)/(n_g - 1)
-  const T baseline = ops::div(ops::sub(st.sum, s), ops::maximum(ops::sub(st.count, 1.0), 1.0));
-  return detail::apply_group_policies(ops::sub(s, baseline), s, st, singleton, all_equal_policy::formula);
+  // r_i - (S_g - r_i)/(n_g - 1), shifted by p_g: d_i - (Σ_g d - d_i)/(n_g - 1) with d = r - p_g
+  const T baseline = ops::div(ops::sub(st.shifted_sum, st.shifted), ops::maximum(ops::sub(st.count, 1.0), 1.0));
+  return detail::apply_group_policies(ops::sub(st.shifted, baseline), s, st, singleton, all_equal_policy::formula);
 }
 
 /// OPO (Hao et al. 2025, "On-policy RL with optimal reward baseline"; verl compute_opo_outcome_advantage):
@@ -255,10 +264,12 @@ T opo_advantages(const T& scores, const T& response_mask, const index_tensor_t<T
   const auto st = detail::compute_group_stats(fn, s, group_index);
   const T len =
       ops::sum(ops::to_dtype(ops::ne(ops::to_dtype(response_mask, ops::dtype_of(s)), 0.0), ops::dtype_of(s)), 1);
-  // baseline = Σ |o| r / Σ |o| over the group
-  const T baseline = ops::div(detail::per_group_sum(st.onehot, ops::mul(len, s)),
-                              ops::maximum(detail::per_group_sum(st.onehot, len), 1e-30));
-  return detail::apply_group_policies(ops::sub(s, baseline), s, st, singleton, all_equal_policy::formula);
+  // baseline = Σ |o| r / Σ |o| over the group, shifted by p_g: r - baseline = d - Σ |o| d / Σ |o|
+  // (a group without tokens keeps baseline 0: A = r)
+  const T lsum = detail::per_group_sum(st.onehot, len);
+  const T baseline = ops::div(detail::per_group_sum(st.onehot, ops::mul(len, st.shifted)), ops::maximum(lsum, 1e-30));
+  const T adv = ops::where(ops::gt(lsum, 0.0), ops::sub(st.shifted, baseline), s);
+  return detail::apply_group_policies(adv, s, st, singleton, all_equal_policy::formula);
 }
 
 /// GPG (Chu et al. 2025, "GPG: a simple and strong RL baseline"; verl compute_gpg_outcome_advantage):
@@ -272,7 +283,7 @@ T gpg_advantages(const T& scores, const index_tensor_t<T>& group_index, double f
   const T s = detail::checked_scores(fn, scores);
   const auto st = detail::compute_group_stats(fn, s, group_index);
   const T alpha = ops::div(double(ops::size(s, 0)), ops::maximum(ops::sum_all(ops::ne(s, 0.0)), 1.0));
-  const T adv = ops::div(ops::mul(ops::sub(s, st.mean), alpha), f_norm);
+  const T adv = ops::div(ops::mul(st.centred, alpha), f_norm);
   return detail::apply_group_policies(adv, ops::div(ops::mul(s, alpha), f_norm), st, singleton,
                                       all_equal_policy::formula);
 }
@@ -342,7 +353,7 @@ T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& respon
       0.0);
   const T s = ops::sum(r, 1);
   const auto st = detail::compute_group_stats(fn, s, group_index);
-  const T centred = detail::apply_group_policies(ops::sub(s, st.mean), s, st, singleton, all_equal_policy::formula);
+  const T centred = detail::apply_group_policies(st.centred, s, st, singleton, all_equal_policy::formula);
   return masked_whiten(ops::where(m, ops::unsqueeze(centred, 1), 0.0), m, whitening);
 }
 
