@@ -63,6 +63,8 @@ TEST_CASE("mismatched shapes name both arguments and their shapes", "[errors]") 
   expect_error([&] { sft_loss(logits3, wrong); }, "sft_loss", {"labels", "[2, 4]", "[2, 3, 5]", "[2, 3]"});
   expect_error([&] { sft_loss_backward(logits3, wrong); }, "sft_loss_backward", {"labels", "[2, 4]"});
   expect_error([&] { token_logprobs(logits3, wrong); }, "token_logprobs", {"labels", "[2, 4]"});
+  expect_error([&] { token_logprobs_and_entropy(logits3, wrong); }, "token_logprobs_and_entropy",
+               {"labels", "[2, 4]", "[2, 3, 5]"});
   expect_error(
       [&] {
         token_logprobs_backward(logits3, wrong, tensor_d({2, 4}, 1.0));
@@ -118,6 +120,8 @@ TEST_CASE("labels outside 0 to V - 1 that are not ignore_index", "[errors]") {
     expect_error([&] { sft_loss(logits3, labels); }, "sft_loss", {"labels", "outside [0, 5)", "-100"});
     expect_error([&] { sft_loss_backward(logits3, labels); }, "sft_loss_backward", {"labels", "outside [0, 5)"});
     expect_error([&] { token_logprobs(logits3, labels); }, "token_logprobs", {"labels", "outside [0, 5)"});
+    expect_error([&] { token_logprobs_and_entropy(logits3, labels); }, "token_logprobs_and_entropy",
+                 {"labels", "outside [0, 5)"});
     expect_error(
         [&] {
           token_logprobs_backward(logits3, labels, tensor_d({2, 3}, 1.0));
@@ -133,6 +137,8 @@ TEST_CASE("empty batches", "[errors]") {
   expect_error([&] { logsumexp(no_rows); }, "logsumexp", {"logits", "empty", "[0, 5]"});
   expect_error([&] { entropy(no_vocab); }, "entropy", {"logits", "empty", "[2, 0]"});
   expect_error([&] { token_logprobs(no_rows, eigen_index({0})); }, "token_logprobs", {"logits", "empty"});
+  expect_error([&] { token_logprobs_and_entropy(no_rows, eigen_index({0})); }, "token_logprobs_and_entropy",
+               {"logits", "empty"});
   expect_error([&] { sft_loss(no_rows, eigen_index({0})); }, "sft_loss", {"logits", "empty", "[0, 5]"});
   expect_error([&] { sft_loss(empty_seq, eigen_index({2, 0})); }, "sft_loss", {"logits", "empty", "[2, 0, 5]"});
   expect_error([&] { sft_loss_backward(no_rows, eigen_index({0})); }, "sft_loss_backward", {"logits", "empty"});
