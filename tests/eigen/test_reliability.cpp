@@ -253,3 +253,95 @@ TEST_CASE("float32 group centering: identical rewards give exactly 0, others mat
   test::check_values("grpo, batch std", grpo_advantages(s, id, {.scale = group_scale::batch}).advantages, want_batch,
                      test::float32_tol);
 }
+
+// ----------------------------------------------------------------------------------------------
+// defect 1: a log-ratio past exp's range (+100 in float32, +710 in float64) without a clamp: every finite
+// loss has a finite gradient, and a clipped token contributes an exact 0.
+
+namespace {
+/// log ρ large enough that exp overflows in S.
+template <class S>
+constexpr double overflowing_log_ratio() {
+  return std::is_same_v<S, float> ? 100.0 : 710.0;
+}
+
+/// The finite-loss => finite-gradient invariant, and the exact zero on tokens 1 and 2 (clipped / A = 0).
+template <tensor T>
+void check_overflow_gradient(const std::string& what, const T& loss, const T& grad) {
+  INFO(what);
+  REQUIRE(std::isfinite(ops::item(loss)));
+  REQUIRE(test::finite_everywhere(grad));
+  const auto g = ops::to_host(grad);
+  CHECK(g.at(1) == 0.0);
+  CHECK(g.at(2) == 0.0);
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("PPO-family surrogates at an overflowing log-ratio: finite gradient, exact zeros when clipped",
+                   "[issue13][ppo]", float, double) {
+  using T = eigen_tensor<TestType>;
+  const auto tol = test::tol_of<TestType>();
+  const double L = overflowing_log_ratio<TestType>();
+  REQUIRE(std::isinf(static_cast<TestType>(std::exp(L))));
+  // Tokens: (log ρ, A) = (0.1, 1) inside the clip range; (L, 1) clipped above; (L, 0); (-0.05, -1) inside.
+  const std::vector<double> lr{0.1, L, L, -0.05}, adv{1, 1, 0, -1};
+  const T lp = test::make<TestType>({1, 4}, {-1, -1, -1, -1});
+  const T old = test::make<TestType>({1, 4}, {-1 - lr[0], -1 - lr[1], -1 - lr[2], -1 - lr[3]});
+  const T A = test::make<TestType>({1, 4}, adv);
+  const T m = test::make<TestType>({1, 4}, {1, 1, 1, 1});
+  const double r0 = std::exp(0.1), r3 = std::exp(-0.05);
+
+  // PPO eq. 7, token-mean over 4 tokens: L = [-ρ0, -1.2, 0, ρ3] / 4, dL/dlog ρ = [-ρ0, 0, 0, ρ3] / 4.
+  const auto p = ppo_policy_loss(lp, old, A, m);
+  test::check_value("ppo loss", p.loss, (-r0 - 1.2 + r3) / 4.0, tol);
+  const T gp = ppo_policy_loss_backward(lp, old, A, m);
+  check_overflow_gradient("ppo", p.loss, gp);
+  test::check_values("ppo grad", gp, {-r0 / 4, 0, 0, r3 / 4}, tol);
+
+  // Dual-clip (Ye et al. eq. 5, c = 3) with a fourth token (L, -1): min(+inf, 3·1) = 3, gradient 0.
+  const T A2 = test::make<TestType>({1, 4}, {1, 1, 0, -1});
+  const T old2 = test::make<TestType>({1, 4}, {-1 - lr[0], -1 - L, -1 - L, -1 - L});
+  const ppo_options dual{.clip = {.clip_c = 3.0}};
+  const auto pd = ppo_policy_loss(lp, old2, A2, m, dual);
+  test::check_value("dual-clip loss", pd.loss, (-r0 - 1.2 + 0 + 3.0) / 4.0, tol);
+  const T gd = ppo_policy_loss_backward(lp, old2, A2, m, dual);
+  check_overflow_gradient("dual-clip", pd.loss, gd);
+  test::check_values("dual-clip grad", gd, {-r0 / 4, 0, 0, 0}, tol);
+  // TRL's δ = 2 bounds the unclipped branch: the same fourth token gives min(ρ, 2) = 2, gradient 0.
+  const ppo_options delta{.clip = clip_options::trl(0.2, std::nullopt, 2.0)};
+  const auto pl = ppo_policy_loss(lp, old2, A2, m, delta);
+  test::check_value("delta loss", pl.loss, (-r0 - 1.2 + 0 + 2.0) / 4.0, tol);
+  check_overflow_gradient("delta", pl.loss, ppo_policy_loss_backward(lp, old2, A2, m, delta));
+
+  // GRPO presets and SAPO through grpo_loss: every finite loss has a finite gradient with zeros at tokens 1, 2.
+  const grpo_batch<T> gb{.logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old};
+  for (auto type : {grpo_loss_type::grpo, grpo_loss_type::dapo, grpo_loss_type::dr_grpo, grpo_loss_type::bnpo,
+                    grpo_loss_type::sapo, grpo_loss_type::luspo}) {
+    const grpo_options o{.loss_type = type};
+    check_overflow_gradient(grpo_loss_type_name(type), grpo_loss(gb, o).loss, grpo_loss_backward(gb, o));
+  }
+  // SAPO eq. 5 closed form: f(ρ) = 4σ(τ(ρ - 1))/τ; token-mean (TRL's sapo aggregation) of -A·f.
+  const auto sig = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+  const double s0 = sig(r0 - 1.0), s3 = sig(1.05 * (r3 - 1.0));
+  const grpo_options sapo{.loss_type = grpo_loss_type::sapo};
+  test::check_value("sapo loss", grpo_loss(gb, sapo).loss, (-4.0 * s0 - 4.0 + 0.0 + 4.0 * s3 / 1.05) / 4.0, tol);
+  test::check_values("sapo grad", grpo_loss_backward(gb, sapo),
+                     {-4 * s0 * (1 - s0) * r0 / 4, 0, 0, 4 * s3 * (1 - s3) * r3 / 4}, tol);
+
+  // Clip-Cov and KL-Cov (verl): clip_cov is PPO's surrogate with a selection; kl_cov has no clip, so its
+  // overflowing token must have A = 0 for the loss to be finite: A = [1, 0, 0, -1].
+  const policy_batch<T> pb{.logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old};
+  const policy_variant_options cc{.variant = policy_variant::clip_cov, .clip_cov_ratio = 0.5};
+  check_overflow_gradient("clip_cov", policy_variant_loss(pb, cc).loss, policy_variant_loss_backward(pb, cc));
+  const policy_batch<T> pk{.logprobs = lp,
+                           .advantages = test::make<TestType>({1, 4}, {1, 0, 0, -1}),
+                           .response_mask = m,
+                           .old_logprobs = old};
+  for (auto v : {policy_variant::kl_cov, policy_variant::ppo, policy_variant::sapo, policy_variant::gspo}) {
+    const policy_variant_options o{.variant = v};
+    INFO("variant " << static_cast<int>(v));
+    const auto r = policy_variant_loss(pk, o);
+    if (v == policy_variant::gspo) continue;  // one sequence ratio exp(mean log ρ): also overflows, A·ρ rowwide
+    check_overflow_gradient("variant", r.loss, policy_variant_loss_backward(pk, o));
+  }
+}

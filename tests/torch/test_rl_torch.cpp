@@ -242,3 +242,64 @@ TEST_CASE("RL losses: LibTorch autograd through the forward equals the analytic 
   const auto ge = autograd_grad(logits, [&](const at::Tensor& z) { return entropy_bonus(z, mk); });
   require_agree("entropy bonus", entropy_bonus_backward(logits, mk), ops::to_host(ge), float64_tol);
 }
+
+TEST_CASE("PPO family at a log-ratio of +100 (past float32's exp): finite autograd and backward gradients",
+          "[rl][torch][issue13]") {
+  // Issue 13 defect 1. In float32 exp(100) = +inf; before the fix a clipped token (A > 0) or an A = 0 token
+  // gave 0·inf = NaN in both the analytic backward and autograd. The Eigen double reference has exp(100)
+  // finite, so every output below must agree with it and be finite.
+  host_tensor lp = random_normal({2, 4}, 1301), old = lp;
+  const std::vector<double> lr{0.1, 100, 100, -0.05, 100, 0.2, -0.1, 100};
+  for (std::size_t i = 0; i < lp.values.size(); ++i) {
+    lp.values[i] = -std::abs(lp.values[i]) - 0.5;
+    old.values[i] = lp.values[i] - lr[i];
+  }
+  const host_tensor adv{{2, 4}, {1, 1, 0, -1, 0, -0.5, 0.7, 2}};
+  // kl_cov has no clip, so -A·ρ is finite at +100 only where A = 0
+  const host_tensor adv_zero_at_overflow{{2, 4}, {1, 0, 0, -1, 0, -0.5, 0.7, 0}};
+  const host_tensor mask{{2, 4}, std::vector<double>(8, 1.0)};
+  std::vector<std::pair<std::string, grpo_options>> grpo_cases;
+  for (auto t : {grpo_loss_type::grpo, grpo_loss_type::dapo, grpo_loss_type::dr_grpo, grpo_loss_type::sapo})
+    grpo_cases.push_back({grpo_loss_type_name(t), grpo_options{.loss_type = t}});
+  grpo_cases.push_back({"dual-clip", grpo_options{.clip = {.clip_c = 3.0}}});
+  const std::pair<std::string, policy_variant_options> variant_cases[] = {
+      {"clip_cov", {.variant = policy_variant::clip_cov, .clip_cov_ratio = 0.5}},
+      {"kl_cov", {.variant = policy_variant::kl_cov, .kl_cov_ratio = 0.5}}};
+  for (auto dt : {at::kFloat, at::kDouble})
+    run_and_compare(
+        torch_maker{dt}, dt,
+        [&](const auto& mk) {
+          using T = decltype(mk.values(lp));
+          const auto grad_of = [&](auto loss_of, auto backward_of) {
+            if constexpr (std::is_same_v<T, at::Tensor>)
+              return autograd_grad(mk.values(lp), loss_of);
+            else
+              return backward_of(mk.values(lp));
+          };
+          const T old_t = mk.values(old), A = mk.values(adv), m = mk.values(mask);
+          outputs o;
+          for (const auto& [name, opt] : grpo_cases) {
+            const auto batch = [&](const T& x) {
+              return grpo_batch<T>{.logprobs = x, .advantages = A, .response_mask = m, .old_logprobs = old_t};
+            };
+            o.add(name + " loss", grpo_loss(batch(mk.values(lp)), opt).loss);
+            o.add(name + " grad", grad_of([&](const T& x) { return grpo_loss(batch(x), opt).loss; },
+                                          [&](const T& x) { return grpo_loss_backward(batch(x), opt); }));
+            o.add(name + " backward", grpo_loss_backward(batch(mk.values(lp)), opt));
+          }
+          o.add("ppo loss", ppo_policy_loss(mk.values(lp), old_t, A, m).loss);
+          o.add("ppo grad", grad_of([&](const T& x) { return ppo_policy_loss(x, old_t, A, m).loss; },
+                                    [&](const T& x) { return ppo_policy_loss_backward(x, old_t, A, m); }));
+          for (const auto& [name, opt] : variant_cases) {
+            const T Av = mk.values(name == "kl_cov" ? adv_zero_at_overflow : adv);
+            const auto batch = [&](const T& x) {
+              return policy_batch<T>{.logprobs = x, .advantages = Av, .response_mask = m, .old_logprobs = old_t};
+            };
+            o.add(name + " loss", policy_variant_loss(batch(mk.values(lp)), opt).loss);
+            o.add(name + " grad", grad_of([&](const T& x) { return policy_variant_loss(batch(x), opt).loss; },
+                                          [&](const T& x) { return policy_variant_loss_backward(batch(x), opt); }));
+          }
+          return o;
+        },
+        /*expect_finite=*/true);
+}

@@ -276,11 +276,13 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
     case policy_variant::sapo: {
       const T tau = ops::where(ops::gt(A, 0.0), ops::full_like(lp, o.sapo_temperature_pos),
                                ops::full_like(lp, o.sapo_temperature_neg));
-      const T sgate = posttrain::sigmoid(ops::mul(tau, ops::sub(ratio, 1.0)));
+      // The gate is saturated long before exp overflows: σ(τ(e^80 - 1)) rounds to 1 in float64 for any
+      // τ > 1e-33, so ρ is capped at e^80 and f'(ρ)·ρ is 0·finite there, not 0·inf (issue 13 defect 1).
+      const T rho = ops::exp(ops::minimum(lr_c, 80.0));
+      const T sgate = posttrain::sigmoid(ops::mul(tau, ops::sub(rho, 1.0)));
       // SAPO eq. 5: f(ρ) = σ(τ(ρ-1))·4/τ, f'(ρ) = 4σ(1-σ)
       loss = ops::neg(ops::mul(A, ops::div(ops::mul(sgate, 4.0), tau)));
-      d = ops::mul(ops::neg(ops::mul(A, ops::mul(ops::mul(sgate, ops::sub(1.0, sgate)), 4.0))),
-                   ops::mul(ratio, lr_pass));
+      d = ops::mul(ops::neg(ops::mul(A, ops::mul(ops::mul(sgate, ops::sub(1.0, sgate)), 4.0))), ops::mul(rho, lr_pass));
       break;
     }
     case policy_variant::vespo: {
@@ -328,8 +330,10 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
         loss = ops::mul(s.loss, corr), d = ops::mul(s.d_logratio, corr), ratio = s.ratio;
       } else {
         cov_sel = cov_select(cov, m, k, rule, o.cov_seed);
-        // verl kl_cov: -A·ρ, plus ppo_kl_coef·|logπ - logπ_old| on the selected tokens
-        const T pg = ops::neg(ops::mul(A, ratio));
+        // verl kl_cov: -A·ρ, plus ppo_kl_coef·|logπ - logπ_old| on the selected tokens. Where A = 0 the term
+        // is 0 whatever ρ is: ρ is capped there so that 0·ρ is never 0·inf (issue 13 defect 1).
+        const T rho = ops::exp(ops::where(ops::ne(A, 0.0), lr_c, ops::minimum(lr_c, 80.0)));
+        const T pg = ops::neg(ops::mul(A, rho));
         loss = ops::add(pg, ops::mul(cov_sel, ops::mul(ops::abs(lr), o.kl_cov_coef)));
         d = ops::add(ops::mul(pg, lr_pass), ops::mul(cov_sel, ops::mul(ops::sign(lr), o.kl_cov_coef)));
       }

@@ -21,10 +21,13 @@
 // Gradient with respect to logprobs (what autograd gives through the forward): dL/dlog ρ = ρ · dL/dρ
 // where dL/dρ is -A on whichever branch max/min selected while that branch's clamp is inactive,
 // and 0 on a clamped branch (ties split evenly, as torch.maximum/minimum do). Zero past a log-ratio clamp.
+// Past exp's range (log ρ > 88 in float32, > 709 in float64) a clipped token still has gradient exactly 0 and
+// A = 0 a loss of 0: ρ is capped where the surrogate is flat (overflow_safe_log_ratio), so no 0·inf appears.
 // Example (torchtune test_ppo_loss, ε = 0.2): old = [0.5, 0.8, 1.2], new = old + 1, A = 1 -> every ratio
 // e > 1.2, loss = -1.2, clipfrac 1.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string_view>
@@ -109,21 +112,47 @@ T max_share(const T& a, const T& b) {
   return ops::add(ops::gt(a, b), ops::mul(ops::eq(a, b), 0.5));
 }
 
+/// The log-ratio above which ρ = exp(log ρ) is replaced by exp(cap) where the loss cannot depend on ρ: 80, finite
+/// in float32 (exp(80) ≈ 5.5e34 < 3.4e38), and above log of every bound the surrogate compares ρ with.
+inline double surrogate_log_ratio_cap(const clip_options& o) {
+  double cap = std::max(80.0, std::log1p(o.high()) + 1.0);
+  if (o.delta) cap = std::max(cap, std::log(*o.delta) + 1.0);
+  if (o.clip_c) cap = std::max(cap, std::log(*o.clip_c) + 1.0);
+  return cap;
+}
+
+/// log ρ with a stand-in exp(cap) for ρ wherever ρ is past every clip bound and the surrogate is flat in ρ:
+/// A >= 0 (clipped at 1 + ε_high, or 0 when A = 0), or A < 0 under δ or dual-clip. The value of the loss is
+/// unchanged (each branch compares ρ with bounds below exp(cap)), and both the analytic backward and autograd
+/// then multiply a zero by a finite number instead of by +inf (0·inf = NaN). Where A < 0 without δ or dual-clip
+/// the loss is -A·ρ itself, +inf past the range, and log ρ is kept.
+template <tensor T>
+T overflow_safe_log_ratio(const T& log_ratio, const T& A, const clip_options& o) {
+  const double cap = surrogate_log_ratio_cap(o);
+  if (o.log_ratio_clamp && *o.log_ratio_clamp <= cap) return log_ratio;
+  const T capped = ops::minimum(log_ratio, cap);
+  if (o.delta || o.clip_c) return capped;
+  return ops::where(ops::lt(A, 0.0), log_ratio, capped);
+}
+
 template <tensor T>
 surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const T& advantages, const clip_options& o) {
   const double eps_low = o.clip_low, eps_high = o.high();
   const T log_ratio_raw = ops::sub(logprobs, old_logprobs);
   const double c = o.log_ratio_clamp ? *o.log_ratio_clamp : 0.0;
   const T log_ratio = o.log_ratio_clamp ? ops::clamp(log_ratio_raw, -c, c) : log_ratio_raw;
-  const T ratio = ops::exp(log_ratio);
+  const T ratio = ops::exp(log_ratio);  // reported as is (it may overflow to +inf)
   const T& A = advantages;
+  // ρ as the loss sees it: past exp's range, only an A < 0 token without δ or dual-clip can still depend on ρ;
+  // every other token is clipped there, so its ρ is capped (issue 13 defect 1).
+  const T rho = ops::exp(overflow_safe_log_ratio(log_ratio, A, o));
   // L1 = -A·min(ρ, δ)   (TRL GRPO: coef_1 = clamp(coef_1, max=delta))
-  const T rho1 = o.delta ? ops::minimum(ratio, *o.delta) : ratio;
-  const T d_rho1 = o.delta ? ops::le(ratio, *o.delta) : ops::full_like(ratio, 1.0);
+  const T rho1 = o.delta ? ops::minimum(rho, *o.delta) : rho;
+  const T d_rho1 = o.delta ? ops::le(rho, *o.delta) : ops::full_like(rho, 1.0);
   const T l1 = ops::neg(ops::mul(A, rho1));
   // L2 = -A·clip(ρ, 1-ε_low, 1+ε_high)   (PPO eq. 7)
-  const T l2 = ops::neg(ops::mul(A, ops::clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)));
-  const T d_rho2 = ops::mul(ops::ge(ratio, 1.0 - eps_low), ops::le(ratio, 1.0 + eps_high));
+  const T l2 = ops::neg(ops::mul(A, ops::clamp(rho, 1.0 - eps_low, 1.0 + eps_high)));
+  const T d_rho2 = ops::mul(ops::ge(rho, 1.0 - eps_low), ops::le(rho, 1.0 + eps_high));
   // max(L1, L2) and its derivative with respect to ρ
   const T s1 = max_share(l1, l2), s2 = max_share(l2, l1);
   const T clipped_max = ops::maximum(l1, l2);
@@ -137,7 +166,7 @@ surrogate_terms<T> ppo_surrogate(const T& logprobs, const T& old_logprobs, const
     loss = ops::where(neg_adv, ops::minimum(clipped_max, l3), clipped_max);
     d_rho = ops::where(neg_adv, ops::mul(d_rho, keep), d_rho);
   }
-  T d_logratio = ops::mul(d_rho, ratio);
+  T d_logratio = ops::mul(d_rho, rho);
   if (o.log_ratio_clamp)
     d_logratio = ops::mul(d_logratio, ops::mul(ops::ge(log_ratio_raw, -c), ops::le(log_ratio_raw, c)));
   return {loss, d_logratio, ratio, l1, l2, clipped_max};
