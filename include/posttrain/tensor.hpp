@@ -33,8 +33,9 @@ namespace posttrain {
 
 using shape_t = std::vector<std::int64_t>;
 
-/// Element types a backend reports. Half types are computed in float32 internally.
-enum class dtype { float16, bfloat16, float32, float64, int32, int64, boolean, other };
+/// Element types a backend reports. Half types are computed in float32 internally. `undefined` is a tensor
+/// without data (LibTorch's default-constructed at::Tensor); `other` is any type posttrain does not take.
+enum class dtype { float16, bfloat16, float32, float64, uint8, int8, int16, int32, int64, boolean, undefined, other };
 
 constexpr const char* dtype_name(dtype d) {
   switch (d) {
@@ -42,9 +43,13 @@ constexpr const char* dtype_name(dtype d) {
     case dtype::bfloat16: return "bfloat16";
     case dtype::float32: return "float32";
     case dtype::float64: return "float64";
+    case dtype::uint8: return "uint8";
+    case dtype::int8: return "int8";
+    case dtype::int16: return "int16";
     case dtype::int32: return "int32";
     case dtype::int64: return "int64";
     case dtype::boolean: return "bool";
+    case dtype::undefined: return "undefined";
     case dtype::other: return "other";
   }
   return "other";
@@ -52,7 +57,10 @@ constexpr const char* dtype_name(dtype d) {
 constexpr bool is_floating(dtype d) {
   return d == dtype::float16 || d == dtype::bfloat16 || d == dtype::float32 || d == dtype::float64;
 }
-constexpr bool is_integer(dtype d) { return d == dtype::int32 || d == dtype::int64; }
+/// Integer element types: labels, group ids and masks may have any of them (torch's uint8 masks included).
+constexpr bool is_integer(dtype d) {
+  return d == dtype::uint8 || d == dtype::int8 || d == dtype::int16 || d == dtype::int32 || d == dtype::int64;
+}
 
 enum class unary_op { neg, exp, log, log1p, expm1, abs, sqrt, sign };
 enum class binary_op { add, sub, mul, div, maximum, minimum };

@@ -345,3 +345,130 @@ TEMPLATE_TEST_CASE("PPO-family surrogates at an overflowing log-ratio: finite gr
     check_overflow_gradient("variant", r.loss, policy_variant_loss_backward(pk, o));
   }
 }
+
+// ----------------------------------------------------------------------------------------------
+// defect 2: float32 distillation with logits near ±3e38 (a row whose max - min overflows float32).
+
+TEST_CASE("float32 distillation at logits of ±3e38: no NaN, the double value where float32 can hold it",
+          "[issue13][distill]") {
+  const double big = 3e38;
+  // Rows (student | teacher), V = 4:
+  //  0: one column dominates both sides: p = q = one-hot, every divergence 0, gradient 0.
+  //  1: two tied dominant columns on both sides: p = q = (½, ½, 0, 0), every divergence 0.
+  //  2: ordinary logits (a reference away from the extremes).
+  //  3: the dominant columns differ: p = one-hot(1), q = one-hot(0). KL(p||q) = -log q_1 = 6e38, past
+  //     float32's range (+inf is its honest value), while the β-JSD stays finite (m covers both).
+  const std::vector<double> s{big, -big, 0, 1, big, big, -big, -big, 0.5, -1, 2, 0, big, -big, 0, 0};
+  const std::vector<double> t{big, -big, 1, 0, big, big, -big, -big, 1, 0, -0.5, 0.2, -big, big, 0, 0};
+  const auto s32 = test::make<float>({4, 4}, s), t32 = test::make<float>({4, 4}, t);
+  const auto s64 = test::make<double>({4, 4}, s), t64 = test::make<double>({4, 4}, t);
+  const auto g32 = test::make<float>({4}, {1, 1, 1, 1});
+  const auto g64 = test::make<double>({4}, {1, 1, 1, 1});
+  const std::pair<std::string, divergence_options> modes[] = {
+      {"forward_kl", {.divergence = kd_divergence::forward_kl}},
+      {"forward_cross_entropy", {.divergence = kd_divergence::forward_cross_entropy}},
+      {"reverse_kl", {.divergence = kd_divergence::reverse_kl}},
+      {"symmetric_kl", {.divergence = kd_divergence::symmetric_kl, .symmetric_ratio = 0.3}},
+      {"jsd beta=0.5", {.divergence = kd_divergence::jsd, .beta = 0.5}},
+      {"jsd beta=0", {.divergence = kd_divergence::jsd, .beta = 0.0}},
+      {"jsd beta=1", {.divergence = kd_divergence::jsd, .beta = 1.0}}};
+  for (const auto& [name, o] : modes)
+    for (bool fused : {true, false}) {
+      INFO(name << (fused ? " (fused hooks)" : " (generic composition)"));
+      const auto v32 = ops::to_host(fused ? kd_per_token(s32, t32, o) : generic::kd_per_token(s32, t32, o));
+      const auto d32 = ops::to_host(fused ? kd_per_token_backward(s32, t32, g32, o)
+                                          : generic::kd_per_token_backward(s32, t32, g32, o));
+      const auto v64 = ops::to_host(generic::kd_per_token(s64, t64, o));
+      const auto d64 = ops::to_host(generic::kd_per_token_backward(s64, t64, g64, o));
+      for (std::size_t r = 0; r < 4; ++r) {
+        INFO("row " << r << ": float32 " << v32[r] << ", float64 " << v64[r]);
+        CHECK_FALSE(std::isnan(v32[r]));
+        REQUIRE_FALSE(std::isnan(v64[r]));
+        if (std::abs(v64[r]) < 1e30)
+          CHECK(std::abs(v32[r] - v64[r]) <= 1e-6 + 1e-5 * std::abs(v64[r]));
+        else
+          CHECK(v32[r] == inf);
+        for (std::size_t c = 0; c < 4; ++c) {
+          const double g = d32[r * 4 + c], w = d64[r * 4 + c];
+          INFO("gradient column " << c << ": float32 " << g << ", float64 " << w);
+          if (!std::isfinite(v32[r])) continue;  // the gradient of an infinite divergence is not defined
+          CHECK(std::isfinite(g));
+          CHECK(std::abs(g - w) <= 1e-6 + 1e-5 * std::abs(w));
+        }
+      }
+      // The closed forms: p = q on rows 0 and 1, so every divergence is 0 there but -Σ p log q = H(p), which
+      // is log 2 on row 1; row 3's β-JSD is β log(1/β) + (1 - β) log(1/(1 - β)) (p and q disjoint).
+      const bool ce = name == "forward_cross_entropy";
+      CHECK(std::abs(v32[0]) <= 1e-6);
+      CHECK(std::abs(v32[1] - (ce ? std::log(2.0) : 0.0)) <= 1e-6);
+      if (name == "jsd beta=0.5") CHECK(std::abs(v32[3] - std::log(2.0)) <= 1e-6);
+    }
+}
+
+TEST_CASE("float32 logits of ±3e38 in one row: log-probs, entropy and their gradients stay finite",
+          "[issue13][logits]") {
+  const double big = 3e38, l2 = std::log(2.0);
+  // Row 0: one dominant column (p = one-hot(0)); row 1: two tied dominant columns (p = (½, ½, 0, 0)).
+  const auto x = test::make<float>({2, 4}, {big, -big, 0, 1, big, big, -big, 0});
+  const eigen_index y({2}, {0, 1});
+  const auto ones = test::make<float>({2}, {1, 1});
+  const auto tol = test::float32_tol;
+  test::check_values("token_logprobs", token_logprobs(x, y), {0, -l2}, tol);
+  test::check_values("entropy", entropy(x), {0, l2}, tol);
+  test::check_values("generic entropy", generic::entropy_last(x), {0, l2}, tol);
+  // dH/dx = -p (log p + H): 0 on both rows (p = 0 or log p = -H on the support).
+  test::check_values("entropy_backward", entropy_backward(x, ones), std::vector<double>(8, 0.0), tol);
+  // d log p_y/dx = onehot - p.
+  test::check_values("token_logprobs_backward", token_logprobs_backward(x, y, ones), {0, 0, 0, 0, -0.5, 0.5, 0, 0},
+                     tol);
+  const auto r = sft_loss(x, y);
+  test::check_value("sft loss", r.loss, l2 / 2, tol);
+  test::check_value("sft entropy", r.entropy, l2 / 2, tol);
+  test::check_values("sft grad", sft_loss_backward(x, y), {0, 0, 0, 0, 0.25, -0.25, 0, 0}, tol);
+}
+
+// ----------------------------------------------------------------------------------------------
+// defect 7: eigen_tensor<float> sums accumulate in double.
+
+TEST_CASE("eigen_tensor<float> sums are the float32 rounding of the exact sum, not a sequential float sum",
+          "[issue13][eigen]") {
+  // 2e6 copies of 0.1f: the exact sum is 2e6 · double(0.1f); a sequential float32 sum is off by ~1e-2 relative.
+  const std::int64_t n = 2000000;
+  const eigen_tensor<float> x({n}, 0.1f);
+  const double exact = static_cast<double>(n) * static_cast<double>(0.1f);
+  CHECK(ops::item(ops::sum_all(x)) == static_cast<double>(static_cast<float>(exact)));
+  CHECK(ops::to_host(ops::cumsum(x, 0)).back() == static_cast<double>(static_cast<float>(exact)));
+  // SFT over 2e5 tokens of uniform logits over V = 2: every per-token loss is float(log 2); their mean is that.
+  const std::int64_t rows = 200000;
+  const eigen_tensor<float> logits({rows, 2}, 0.0f);
+  const eigen_index labels({rows}, std::vector<std::int64_t>(static_cast<std::size_t>(rows), 1));
+  const double per_token = static_cast<double>(static_cast<float>(std::log(2.0)));
+  const double loss = ops::item(sft_loss(logits, labels).loss);
+  CHECK(std::abs(loss - per_token) <= 1e-7 * per_token);
+}
+
+// ----------------------------------------------------------------------------------------------
+// defect 8: group ids are any non-negative integers; they are renumbered, not used as dense indices.
+
+TEST_CASE("group ids of 1e7 and 2^40 give the same advantages as dense ids, without a huge one-hot",
+          "[issue13][group]") {
+  const auto s = test::vec({1.0, 3.0, 0.5, 2.5, 7.0, 4.0});
+  const std::int64_t big = std::int64_t{1} << 40;
+  const auto sparse = ids({10000000, 10000000, big, big, 5, 10000000});
+  const auto dense = ids({1, 1, 2, 2, 0, 1});  // the ascending renumbering of the ids above
+  const auto tol = test::float64_tol;
+  test::check_same("grpo", grpo_advantages(s, sparse).advantages, grpo_advantages(s, dense).advantages, tol);
+  test::check_same("group_mean", grpo_advantages(s, sparse).group_mean, grpo_advantages(s, dense).group_mean, tol);
+  test::check_same("rloo", rloo_advantages(s, sparse), rloo_advantages(s, dense), tol);
+  test::check_same("gpg", gpg_advantages(s, sparse), gpg_advantages(s, dense), tol);
+  // Independently: group {1, 3, 4} has mean 8/3 and unbiased std sqrt(13/3); {0.5, 2.5}: ±1/sqrt(2)... / (std + ε).
+  const double m0 = 8.0 / 3.0, sd0 = std::sqrt(((1 - m0) * (1 - m0) + (3 - m0) * (3 - m0) + (4 - m0) * (4 - m0)) / 2);
+  const double sd1 = std::sqrt(2.0);
+  test::check_values("grpo closed form", grpo_advantages(s, sparse).advantages,
+                     {(1 - m0) / (sd0 + 1e-4), (3 - m0) / (sd0 + 1e-4), -1 / (sd1 + 1e-4), 1 / (sd1 + 1e-4), 0.0,
+                      (4 - m0) / (sd0 + 1e-4)},
+                     tol);
+  // Ids that are a permutation of 0 .. G-1 with gaps filled are kept as they are (no renumbering needed).
+  test::check_same("dense ids", grpo_advantages(s, ids({2, 2, 0, 0, 1, 2})).advantages,
+                   grpo_advantages(s, ids({1, 1, 0, 0, 2, 1})).advantages, tol);
+}

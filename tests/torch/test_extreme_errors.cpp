@@ -11,11 +11,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "posttrain/advantages/group.hpp"
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/check/compare.hpp"
 #include "posttrain/kl/estimators.hpp"
 #include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/sft.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/logits.hpp"
@@ -287,27 +289,86 @@ TEST_CASE("errors: labels of a floating dtype are rejected, int32 labels are acc
   CHECK(token_logprobs(logits, i32_ignored)[1].item<double>() == 0.0);
 }
 
-TEST_CASE("errors: tensors on different devices", "[errors]") {
-  // "meta" tensors carry a device, shape and dtype but no data: the device check must fire before
-  // anything reads them.
+TEST_CASE("errors: tensors on the meta device are rejected by argument before anything reads them",
+          "[errors][issue13]") {
+  // "meta" tensors carry a device, shape and dtype but no data (issue 13 defect 10: all-meta inputs used to
+  // reach .item() and raise c10::NotImplementedError). On a machine without a second device this is also the
+  // only "other device" there is, so it stands in for the device-mismatch checks.
   const auto meta = at::TensorOptions().device(at::kMeta);
   const auto cpu_logits = torch::randn({2, 5});
   const auto cpu_labels = torch::tensor({1, 3}, torch::kLong);
+  const auto on_meta = [](const std::string& fn, const std::string& arg) {
+    return Contains("posttrain::" + fn + ": ") && Contains(arg + " is on the meta device");
+  };
   CHECK_THROWS_AS(token_logprobs(cpu_logits, torch::empty({2}, meta.dtype(at::kLong))), posttrain::error);
-  CHECK_THROWS_WITH(
-      token_logprobs(cpu_logits, torch::empty({2}, meta.dtype(at::kLong))),
-      Contains("posttrain::token_logprobs") && Contains("labels is on device meta") && Contains("logits is on cpu"));
-  CHECK_THROWS_WITH(sft_loss(torch::empty({2, 5}, meta), cpu_labels), Contains("posttrain::sft_loss") &&
-                                                                          Contains("labels is on device cpu") &&
-                                                                          Contains("logits is on meta"));
-  CHECK_THROWS_WITH(kl_penalty(torch::randn({4}), torch::empty({4}, meta)),
-                    Contains("posttrain::kl_penalty") && Contains("ref_logprobs is on device meta"));
-  CHECK_THROWS_WITH(kl_exact(cpu_logits, torch::empty({2, 5}, meta)),
-                    Contains("posttrain::kl_exact") && Contains("ref_logits is on device meta"));
-  CHECK_THROWS_WITH(masked_mean(torch::randn({2, 3}), torch::empty({2, 3}, meta)),
-                    Contains("posttrain::masked_mean") && Contains("mask is on device meta"));
+  CHECK_THROWS_WITH(token_logprobs(cpu_logits, torch::empty({2}, meta.dtype(at::kLong))),
+                    on_meta("token_logprobs", "labels"));
+  CHECK_THROWS_WITH(sft_loss(torch::empty({2, 5}, meta), cpu_labels), on_meta("sft_loss", "logits"));
+  CHECK_THROWS_WITH(sft_loss(torch::empty({2, 5}, meta), torch::empty({2}, meta.dtype(at::kLong))),
+                    on_meta("sft_loss", "logits"));
+  CHECK_THROWS_WITH(kl_penalty(torch::randn({4}), torch::empty({4}, meta)), on_meta("kl_penalty", "ref_logprobs"));
+  CHECK_THROWS_WITH(kl_penalty(torch::empty({4}, meta), torch::empty({4}, meta)), on_meta("kl_penalty", "logprobs"));
+  CHECK_THROWS_WITH(kl_exact(cpu_logits, torch::empty({2, 5}, meta)), on_meta("kl_exact", "ref_logits"));
+  CHECK_THROWS_WITH(masked_mean(torch::randn({2, 3}), torch::empty({2, 3}, meta)), on_meta("masked_mean", "mask"));
   CHECK_THROWS_WITH(aggregate(torch::randn({2, 3}), torch::empty({2, 3}, meta), aggregation::token_mean),
-                    Contains("posttrain::aggregate") && Contains("mask is on device meta"));
+                    on_meta("aggregate", "mask"));
+  CHECK_THROWS_WITH(grpo_advantages(torch::empty({4}, meta), torch::empty({4}, meta.dtype(at::kLong))),
+                    on_meta("grpo_advantages", "scores"));
+  CHECK_THROWS_WITH(grpo_advantages(torch::randn({4}), torch::empty({4}, meta.dtype(at::kLong))),
+                    on_meta("grpo_advantages", "group_index"));
+}
+
+TEST_CASE("errors: undefined (default-constructed) tensors are named, not reported as a dtype", "[errors][issue13]") {
+  const at::Tensor undefined;
+  const auto logits = torch::randn({2, 5});
+  const auto labels = torch::tensor({1, 3}, torch::kLong);
+  const auto is_undefined = [](const std::string& fn, const std::string& arg) {
+    return Contains("posttrain::" + fn + ": ") && Contains(arg + " is an undefined tensor");
+  };
+  CHECK_THROWS_AS(token_logprobs(undefined, labels), posttrain::error);
+  CHECK_THROWS_WITH(token_logprobs(undefined, labels), is_undefined("token_logprobs", "logits"));
+  CHECK_THROWS_WITH(token_logprobs(logits, undefined), is_undefined("token_logprobs", "labels"));
+  CHECK_THROWS_WITH(sft_loss(logits, undefined), is_undefined("sft_loss", "labels"));
+  CHECK_THROWS_WITH(entropy(undefined), is_undefined("entropy", "logits"));
+  CHECK_THROWS_WITH(masked_mean(torch::randn({3}), undefined), is_undefined("masked_mean", "mask"));
+  CHECK_THROWS_WITH(masked_mean(undefined, torch::ones({3})), is_undefined("masked_mean", "x"));
+  CHECK_THROWS_WITH(kl_penalty(torch::randn({3}), undefined), is_undefined("kl_penalty", "ref_logprobs"));
+  CHECK_THROWS_WITH(ppo_policy_loss(torch::randn({3}), torch::randn({3}), torch::randn({3}), undefined),
+                    is_undefined("ppo_policy_loss", "response_mask"));
+  CHECK_THROWS_WITH(grpo_advantages(torch::randn({3}), undefined), is_undefined("grpo_advantages", "group_index"));
+}
+
+TEST_CASE("uint8 and bool masks, and uint8 / int16 labels and group ids, equal their int64 / float forms",
+          "[errors][issue13]") {
+  const auto x = torch::randn({2, 3}, torch::kDouble);
+  const auto m = torch::tensor({1, 0, 1, 1, 1, 0}, torch::kDouble).reshape({2, 3});
+  for (auto dt : {torch::kByte, torch::kBool, torch::kChar, torch::kShort, torch::kInt, torch::kLong}) {
+    INFO("mask dtype " << c10::toString(dt));
+    CHECK(torch::equal(masked_mean(x, m.to(dt)), masked_mean(x, m)));
+    CHECK(torch::equal(aggregate(x, m.to(dt), aggregation::seq_mean_token_mean),
+                       aggregate(x, m, aggregation::seq_mean_token_mean)));
+    const auto old = torch::randn({2, 3}, torch::kDouble), A = torch::randn({2, 3}, torch::kDouble);
+    CHECK(torch::equal(ppo_policy_loss(x, old, A, m.to(dt)).loss, ppo_policy_loss(x, old, A, m).loss));
+  }
+  // Labels: V = 200, so uint8 label 156 is a valid column. It must not be taken for ignore_index -100
+  // (-100 wraps to 156 in uint8 arithmetic).
+  const auto logits = torch::randn({3, 200}, torch::kDouble);
+  const auto labels = torch::tensor({156, 0, 199}, torch::kLong);
+  for (auto dt : {torch::kByte, torch::kShort, torch::kInt}) {
+    INFO("label dtype " << c10::toString(dt));
+    CHECK(torch::equal(token_logprobs(logits, labels.to(dt)), token_logprobs(logits, labels)));
+    CHECK(token_logprobs(logits, labels.to(dt))[0].item<double>() != 0.0);
+    CHECK(torch::equal(sft_loss(logits, labels.to(dt)).loss, sft_loss(logits, labels).loss));
+    CHECK(torch::equal(sft_loss_backward(logits, labels.to(dt)), sft_loss_backward(logits, labels)));
+  }
+  // Group ids of uint8, and sparse int64 ids (renumbered, defect 8).
+  const auto scores = torch::tensor({1.0, 3.0, 0.5, 2.5}, torch::kDouble);
+  const auto g = torch::tensor({7, 7, 200, 200}, torch::kLong);
+  const auto dense = torch::tensor({0, 0, 1, 1}, torch::kLong);
+  CHECK(
+      torch::equal(grpo_advantages(scores, g.to(torch::kByte)).advantages, grpo_advantages(scores, dense).advantages));
+  CHECK(
+      torch::equal(grpo_advantages(scores, g * 1000000000000LL).advantages, grpo_advantages(scores, dense).advantages));
 }
 
 TEST_CASE("errors: mismatched dtypes", "[errors]") {

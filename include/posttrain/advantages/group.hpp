@@ -2,10 +2,10 @@
 // (GRPO and kin). Each row b has a scalar score (a verifiable reward, or token rewards summed) and a
 // group id group_index[b] (the prompt it answers); rows of a group need not be contiguous.
 //
-// Group statistics are computed with a one-hot [B, G] matrix (G = max(group_index) + 1; ids need not
-// be dense) in two passes (mean first, then Σ(x - mean)²), never as sqrt(E[x²] - E[x]²), whose float32
-// residue can make the std of an all-equal group ~1e-4 and blow an advantage up thousands of times
-// (NeMo-RL #4161). Std is unbiased (n - 1), as TRL, verl and OpenRLHF.
+// Group statistics are computed with a one-hot [B, G] matrix (G = the number of distinct ids; ids are
+// renumbered densely, so hashed prompt ids or dataset row numbers cost nothing more) in two passes (mean first, then
+// Σ(x - mean)²), never as sqrt(E[x²] - E[x]²), whose float32 residue can make the std of an all-equal group ~1e-4 and
+// blow an advantage up thousands of times (NeMo-RL #4161). Std is unbiased (n - 1), as TRL, verl and OpenRLHF.
 // Centering is shifted by a member of the group (its largest reward p_g): r - mean_g is computed as
 // (r - p_g) - Σ_g (r - p_g) / n_g. The differences r - p_g are exact for rewards of one magnitude, so
 // equal rewards centre to exactly 0 in float32 (the plain Σ r / n of three copies of 1e6 + 0.1 is off
@@ -93,12 +93,20 @@ struct group_stats {
   T all_equal;    ///< 1 where max_g r == min_g r
 };
 
-/// Validates group_index against scores [B] and returns the number of group ids G.
+/// group_index renumbered densely (0 .. G-1, in ascending order of the ids) and G, the number of distinct ids.
 template <tensor T>
-std::int64_t check_group_index(std::string_view fn, const T& scores, const index_tensor_t<T>& group_index) {
+struct dense_groups {
+  index_tensor_t<T> index;
+  std::int64_t groups;
+};
+
+/// Validates group_index against scores [B] and renumbers it densely: ids are any non-negative integers (hashed
+/// prompt ids, dataset row numbers), so the one-hot is [B, distinct ids], never [B, max id + 1] (issue 13
+/// defect 8). Ids that are already 0 .. G-1 are kept as they are.
+template <tensor T>
+dense_groups<T> check_group_index(std::string_view fn, const T& scores, const index_tensor_t<T>& group_index) {
   using tr = tensor_traits<T>;
-  const dtype d = tr::index_dtype(group_index);
-  if (!is_integer(d)) detail::fail(fn, "group_index must have an integer dtype (int64 or int32), got ", dtype_name(d));
+  detail::require_index<T>(fn, "group_index", group_index);
   if (tr::index_device(group_index) != ops::device(scores))
     detail::fail(fn, "group_index is on device ", tr::index_device(group_index), " but scores is on ",
                  ops::device(scores));
@@ -106,13 +114,19 @@ std::int64_t check_group_index(std::string_view fn, const T& scores, const index
     detail::fail(fn, "group_index has shape ", shape_string(tr::index_shape(group_index)), " but scores has shape ",
                  shape_string(ops::shape(scores)), "; expected one group id per row, shape [", ops::size(scores, 0),
                  "]");
-  const auto ids = tr::index_to_host(group_index);
-  std::int64_t g = 0;
-  for (auto id : ids) {
+  auto ids = tr::index_to_host(group_index);
+  for (auto id : ids)
     if (id < 0) detail::fail(fn, "group_index has a negative id ", id);
-    g = std::max(g, id + 1);
-  }
-  return g;
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  const auto groups = static_cast<std::int64_t>(ids.size());
+  if (ids.empty() || ids.back() + 1 == groups) return {group_index, groups};  // already dense
+  // Ascending: the k-th smallest id is >= k, and every id still to be renamed is larger than the current one,
+  // so renaming ids[k] -> k never merges two groups.
+  index_tensor_t<T> dense = group_index;
+  for (std::int64_t k = 0; k < groups; ++k)
+    if (ids[static_cast<std::size_t>(k)] != k) dense = tr::index_replace(dense, ids[static_cast<std::size_t>(k)], k);
+  return {dense, groups};
 }
 
 /// Σ over each row's group of x (per row, [B]) through the one-hot matrix (selected, not multiplied:
@@ -133,8 +147,8 @@ T per_group_extreme(const T& onehot, const T& x, bool take_max) {
 
 template <tensor T>
 group_stats<T> compute_group_stats(std::string_view fn, const T& s, const index_tensor_t<T>& group_index) {
-  const std::int64_t groups = check_group_index(fn, s, group_index);
-  const T oh = ops::one_hot(group_index, groups, s);
+  const auto g = check_group_index(fn, s, group_index);
+  const T oh = ops::one_hot(g.index, g.groups, s);            // [B, G], G distinct ids
   const T count = per_group_sum(oh, ops::full_like(s, 1.0));  // [B] n_g
   const T pivot = per_group_extreme(oh, s, true);             // [B] p_g = max_g r
   const T d = ops::sub(s, pivot);                             // [B] r - p_g, 0 for equal rewards

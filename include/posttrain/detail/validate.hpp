@@ -12,10 +12,28 @@
 
 namespace posttrain::detail {
 
+/// A tensor with data: not undefined (LibTorch's default-constructed at::Tensor) and not on LibTorch's meta
+/// device (shapes only), where reading a value would raise a foreign exception.
+inline void require_data(std::string_view fn, std::string_view name, dtype d, const std::string& device) {
+  if (d == dtype::undefined) fail(fn, name, " is an undefined tensor (default-constructed, no data)");
+  if (device == "meta") fail(fn, name, " is on the meta device (a shape without data); pass a CPU or CUDA tensor");
+}
+
 template <tensor T>
 void require_floating(std::string_view fn, std::string_view name, const T& x) {
   const dtype d = ops::dtype_of(x);
+  require_data(fn, name, d, ops::device(x));
   if (!is_floating(d)) fail(fn, name, " must be a floating-point tensor, got dtype ", dtype_name(d));
+}
+
+/// An index tensor (labels, group ids) with data and an integer dtype (any width: uint8 to int64).
+template <tensor T>
+void require_index(std::string_view fn, std::string_view name, const index_tensor_t<T>& i) {
+  using tr = tensor_traits<T>;
+  const dtype d = tr::index_dtype(i);
+  require_data(fn, name, d, tr::index_device(i));
+  if (!is_integer(d))
+    fail(fn, name, " must have an integer dtype (int64, int32, int16, int8 or uint8), got ", dtype_name(d));
 }
 
 template <tensor T>
@@ -75,6 +93,7 @@ template <tensor T>
 T checked_mask(std::string_view fn, std::string_view values_name, const T& values, std::string_view mask_name,
                const T& mask) {
   const dtype d = ops::dtype_of(mask);
+  require_data(fn, mask_name, d, ops::device(mask));
   if (!is_floating(d) && d != dtype::boolean && !is_integer(d))
     fail(fn, mask_name, " must be a 0/1 mask of a floating, integer or bool dtype, got ", dtype_name(d));
   require_same_device(fn, values_name, values, mask_name, mask);
@@ -89,8 +108,7 @@ template <tensor T>
 void require_labels(std::string_view fn, const T& logits, const index_tensor_t<T>& labels, std::int64_t ignore_index,
                     std::string_view logits_name = "logits", std::string_view labels_name = "labels") {
   using tr = tensor_traits<T>;
-  const dtype d = tr::index_dtype(labels);
-  if (!is_integer(d)) fail(fn, labels_name, " must have an integer dtype (int64 or int32), got ", dtype_name(d));
+  require_index<T>(fn, labels_name, labels);
   if (tr::index_device(labels) != ops::device(logits))
     fail(fn, labels_name, " is on device ", tr::index_device(labels), " but ", logits_name, " is on ",
          ops::device(logits));

@@ -96,6 +96,17 @@ inline std::pair<double, double> kd_grad_weights(const fused_kd_spec& o) {
   return {1.0, 0.0};
 }
 
+/// Whether the shifted, tempered logits (x - m)/τ of both blocks are finite in S, so the vector path can take
+/// differences in S: false only for a float32 block spanning more than float32's range (logits near ±3e38),
+/// which the scalar path then computes in double (issue 13 defect 2).
+template <class Block, class S>
+bool kd_shift_fits(const Block& x, S mx, const Block& y, S my, double inv_tau) {
+  constexpr double top = static_cast<double>(std::numeric_limits<S>::max());
+  const double dx = (static_cast<double>(mx) - static_cast<double>(x.minCoeff())) * inv_tau;
+  const double dy = (static_cast<double>(my) - static_cast<double>(y.minCoeff())) * inv_tau;
+  return dx < top && dy < top;
+}
+
 /// Which cross sums a call needs (the plain forward-KL backward needs only Z_s and Z_t).
 struct kd_needs {
   bool dab = false, tt = false, dba = false;
@@ -159,7 +170,7 @@ kd_row_stats<S> kd_reduce_row(const S* x, const S* y, std::int64_t vocab, double
       st.ms = bms;
     }
     const bool has_pad = X.minCoeff() == neg_inf || Y.minCoeff() == neg_inf;
-    if (!has_pad) {
+    if (!has_pad && detail::kd_shift_fits(X, st.ms, Y, st.mt, inv_tau)) {
       // Vector path: every logit of both blocks is finite.
       Eigen::Map<A> b(buf_b, n), a(buf_a, n), es(buf_es, n), et(buf_et, n);
       if (inv_tau == 1.0) {
@@ -179,11 +190,12 @@ kd_row_stats<S> kd_reduce_row(const S* x, const S* y, std::int64_t vocab, double
       if (need.dab) st.dab += static_cast<double>((et * (a - b)).sum());
       if (need.dba) st.dba += static_cast<double>((es * (b - a)).sum());
     } else {
-      // Scalar double path with explicit supports (vocabulary padding is rare: usually one block).
+      // Scalar double path with explicit supports (vocabulary padding is rare: usually one block), also
+      // taken by a float32 block whose shifted logits would overflow (a row spanning ±3e38).
       for (Eigen::Index i = 0; i < n; ++i) {
         const bool sf = X[i] > neg_inf, tf = Y[i] > neg_inf;
-        const double b = sf ? static_cast<double>(X[i] - st.ms) * inv_tau : 0.0;
-        const double a = tf ? static_cast<double>(Y[i] - st.mt) * inv_tau : 0.0;
+        const double b = sf ? (static_cast<double>(X[i]) - static_cast<double>(st.ms)) * inv_tau : 0.0;
+        const double a = tf ? (static_cast<double>(Y[i]) - static_cast<double>(st.mt)) * inv_tau : 0.0;
         const double es = sf ? std::exp(b) : 0.0, et = tf ? std::exp(a) : 0.0;
         st.zs += es;
         st.zt += et;
@@ -255,7 +267,7 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
     const Eigen::Index n = static_cast<Eigen::Index>(std::min(block_size, vocab - c0));
     const Eigen::Map<const A> X(x + c0, n), Y(y + c0, n);
     Eigen::Map<A> O(out + c0, n);
-    if (X.minCoeff() > neg_inf && Y.minCoeff() > neg_inf) {
+    if (X.minCoeff() > neg_inf && Y.minCoeff() > neg_inf && detail::kd_shift_fits(X, st.ms, Y, st.mt, inv_tau)) {
       Eigen::Map<A> b(buf_b, n), a(buf_a, n);
       if (inv_tau == 1.0) {
         b = X - st.ms;
@@ -271,8 +283,8 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
     } else {
       for (Eigen::Index i = 0; i < n; ++i) {
         const bool sf = X[i] > neg_inf, tf = Y[i] > neg_inf;
-        const double lq = sf ? static_cast<double>(X[i] - st.ms) * inv_tau - st.log_zs : 0.0;
-        const double lp = tf ? static_cast<double>(Y[i] - st.mt) * inv_tau - st.log_zt : 0.0;
+        const double lq = sf ? (static_cast<double>(X[i]) - static_cast<double>(st.ms)) * inv_tau - st.log_zs : 0.0;
+        const double lp = tf ? (static_cast<double>(Y[i]) - static_cast<double>(st.mt)) * inv_tau - st.log_zt : 0.0;
         const double q = sf ? std::exp(lq) : 0.0, p = tf ? std::exp(lp) : 0.0;
         O[i] = static_cast<S>(coef * (q * (wf + wr * (lq - lp - k)) - wf * p));
       }

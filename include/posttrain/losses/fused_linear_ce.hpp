@@ -96,8 +96,7 @@ void check_fused_linear_inputs(std::string_view fn, const T& hidden, const T& he
   if (ws[1] != hs.back())
     fail(fn, "head has shape ", shape_string(ws), " but hidden has shape ", shape_string(hs),
          "; expected head of shape [V, ", hs.back(), "]");
-  const dtype d = tr::index_dtype(labels);
-  if (!is_integer(d)) fail(fn, "labels must have an integer dtype (int64 or int32), got ", dtype_name(d));
+  require_index<T>(fn, "labels", labels);
   if (tr::index_device(labels) != ops::device(hidden))
     fail(fn, "labels is on device ", tr::index_device(labels), " but hidden is on ", ops::device(hidden));
   shape_t expected = hs;

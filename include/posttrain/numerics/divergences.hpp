@@ -127,10 +127,18 @@ T kd_infinite_rows(const kd_side<T>& a, const kd_side<T>& b) {
   return ops::where(ops::gt(uncovered, 0.0), std::numeric_limits<double>::infinity(), ops::full_like(uncovered, 0.0));
 }
 
+/// p · x with 0 · x := 0 wherever the probability p is 0: at padding, and where it underflowed (a float32 row
+/// spanning ±3e38, whose shifted logit overflows to -inf, has log p = -inf at a column of probability 0). x is
+/// replaced by 0 there before the product, so neither the value nor autograd meets 0·inf.
+template <tensor T>
+T prob_times(const T& p, const T& x) {
+  return ops::mul(p, ops::where(ops::gt(p, 0.0), x, 0.0));
+}
+
 /// Σ_v a_v (log a_v - log b_v) over the columns where a has mass (the finite part): [...].
 template <tensor T>
 T kd_kl_finite(const kd_side<T>& a, const kd_side<T>& b) {
-  return ops::sum(ops::mul(a.p, ops::sub(a.logp, b.logp)), -1);
+  return ops::sum(prob_times(a.p, ops::sub(a.logp, b.logp)), -1);
 }
 
 /// log m = log(β p + (1 - β) q), elementwise in log space, β in (0, 1): [..., V]; 0 where p = q = 0
@@ -170,7 +178,7 @@ kd_value_grad<T> kd_divergence_parts(const T& s, const T& t, const divergence_op
   };
   const auto reverse_grad = [&] {  // q (d - KL(q||p)), finite part
     const T d = ops::sub(q.logp, p.logp);
-    return ops::mul(q.p, ops::sub(d, ops::sum(ops::mul(q.p, d), -1, true)));
+    return prob_times(q.p, ops::sub(d, ops::sum(prob_times(q.p, d), -1, true)));
   };
   switch (o.divergence) {
     case kd_divergence::forward_kl:
@@ -179,7 +187,7 @@ kd_value_grad<T> kd_divergence_parts(const T& s, const T& t, const divergence_op
       break;
     case kd_divergence::forward_cross_entropy:
       // -Σ p log q (torchtune ForwardKLLoss)
-      r.value = ops::add(ops::neg(ops::sum(ops::mul(p.p, q.logp), -1)), kd_infinite_rows(p, q));
+      r.value = ops::add(ops::neg(ops::sum(prob_times(p.p, q.logp), -1)), kd_infinite_rows(p, q));
       if (want_grad) r.grad = ops::sub(q.p, p.p);
       break;
     case kd_divergence::reverse_kl:
@@ -208,12 +216,12 @@ kd_value_grad<T> kd_divergence_parts(const T& s, const T& t, const divergence_op
         break;
       }
       // GKD eq. 1: β·KL(p || m) + (1 - β)·KL(q || m), m = β p + (1 - β) q
-      const T logm = kd_log_mixture(p, q, o.beta);         // [..., V]
-      const T dq = ops::mul(q.p, ops::sub(q.logp, logm));  // q (log q - log m), 0 where q = 0
-      const T dp = ops::mul(p.p, ops::sub(p.logp, logm));  // p (log p - log m), 0 where p = 0
-      const T kl_qm = ops::sum(dq, -1, true);              // [..., 1]
+      const T logm = kd_log_mixture(p, q, o.beta);           // [..., V]
+      const T dq = prob_times(q.p, ops::sub(q.logp, logm));  // q (log q - log m), 0 where q = 0
+      const T dp = prob_times(p.p, ops::sub(p.logp, logm));  // p (log p - log m), 0 where p = 0
+      const T kl_qm = ops::sum(dq, -1, true);                // [..., 1]
       r.value = ops::add(ops::mul(ops::sum(dp, -1), o.beta), ops::mul(ops::sum(dq, -1), 1.0 - o.beta));
-      if (want_grad) r.grad = ops::mul(ops::sub(dq, ops::mul(q.p, kl_qm)), 1.0 - o.beta);
+      if (want_grad) r.grad = ops::mul(ops::sub(dq, prob_times(q.p, kl_qm)), 1.0 - o.beta);
       break;
     }
   }

@@ -68,8 +68,9 @@ T entropy_last(const T& x) {
   const T xs = detail::shift_by_row_max(x);                             // [..., V]
   const T logp = ops::sub(xs, ops::unsqueeze(logsumexp_last(xs), -1));  // [..., V]
   const T p = ops::exp(logp);
-  // 0 * log 0 := 0; sanitise first so no -inf reaches a product (or its gradient).
-  const T logp_safe = ops::where(ops::gt(x, -inf), logp, 0.0);
+  // 0 * log 0 := 0; sanitise first so no -inf reaches a product (or its gradient). log p is -inf at
+  // padding and where x - max overflows (a float32 row spanning ±3e38, issue 13 defect 2).
+  const T logp_safe = ops::where(ops::gt(logp, -inf), logp, 0.0);
   return ops::neg(ops::sum(ops::mul(p, logp_safe), -1));
 }
 
@@ -205,8 +206,9 @@ T entropy_backward(const T& logits, const T& grad) {
   const T x = ops::upcast(logits);
   const T xs = detail::shift_by_row_max(x);
   const T lse = ops::unsqueeze(detail::logsumexp_unchecked(xs), -1);
-  const T logp = ops::where(ops::gt(x, -inf), ops::sub(xs, lse), 0.0);
-  const T p = ops::exp(ops::sub(xs, lse));
+  const T logp_raw = ops::sub(xs, lse);  // -inf at padding and where x - max overflows float32
+  const T logp = ops::where(ops::gt(logp_raw, -inf), logp_raw, 0.0);
+  const T p = ops::exp(logp_raw);
   const T h = ops::unsqueeze(detail::entropy_unchecked(x), -1);
   const T d = ops::neg(ops::mul(p, ops::add(logp, h)));
   return ops::to_dtype(ops::mul(d, ops::unsqueeze(ops::upcast(grad), -1)), ops::dtype_of(logits));

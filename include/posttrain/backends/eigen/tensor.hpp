@@ -197,11 +197,23 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     return out;
   }
 
+  /// Eigen 3.4's packet exp clamps its argument from below (at -88.38 in float, -709.4 in double, without
+  /// AVX-512), so exp(-inf) comes out as 2.9e-39 / 5.6e-309 instead of 0: a padding column would get mass and
+  /// 0·log 0 become a NaN. Arguments below the normal range are recomputed with std::exp (0 at -inf, exact
+  /// denormals); the vectorised exp is kept everywhere else.
+  static storage exact_exp(const storage& a) {
+    storage e = a.exp();
+    const Scalar low = std::log(std::numeric_limits<Scalar>::min());  // exp(low) is the smallest normal
+    for (Eigen::Index k = 0; k < a.size(); ++k)
+      if (a(k) < low) e(k) = std::exp(a(k));
+    return e;
+  }
+
   static T unary(unary_op op, const T& x) {
     const auto& a = x.values();
     switch (op) {
       case unary_op::neg: return T(x.shape(), storage(-a));
-      case unary_op::exp: return T(x.shape(), storage(a.exp()));
+      case unary_op::exp: return T(x.shape(), exact_exp(a));
       case unary_op::log: return T(x.shape(), storage(a.log()));
       case unary_op::log1p: return T(x.shape(), storage(a.log1p()));
       case unary_op::expm1: return T(x.shape(), storage(a.unaryExpr([](Scalar v) { return std::expm1(v); })));
@@ -289,6 +301,18 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     else
       out_shape.erase(out_shape.begin() + dim);
     T out(out_shape);
+    if (op == reduce_op::sum) {
+      // Sums accumulate in double whatever Scalar is: a sequential float32 sum of 2e5 per-token losses is off by
+      // ~3e-5 relative (LibTorch's pairwise float32 sum by ~1e-7); in double the result is the float32 rounding
+      // of the exact sum for any batch a trainer has (issue 13 defect 7).
+      for (std::int64_t o = 0; o < outer; ++o)
+        for (std::int64_t i = 0; i < inner; ++i) {
+          double acc = 0.0;
+          for (std::int64_t k = 0; k < n; ++k) acc += static_cast<double>(x.values()((o * n + k) * inner + i));
+          out.values()(o * inner + i) = static_cast<Scalar>(acc);
+        }
+      return out;
+    }
     for (std::int64_t o = 0; o < outer; ++o)
       for (std::int64_t i = 0; i < inner; ++i) {
         Scalar acc = op == reduce_op::sum   ? Scalar(0)
@@ -443,9 +467,14 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     const auto [outer, n, inner] = around(x.shape(), dim);
     T out = x;
     for (std::int64_t o = 0; o < outer; ++o)
-      for (std::int64_t i = 0; i < inner; ++i)
-        for (std::int64_t k = 1; k < n; ++k)
-          out.values()((o * n + k) * inner + i) += out.values()((o * n + k - 1) * inner + i);
+      for (std::int64_t i = 0; i < inner; ++i) {
+        double acc = 0.0;  // in double, as reduce's sums
+        for (std::int64_t k = 0; k < n; ++k) {
+          auto& v = out.values()((o * n + k) * inner + i);
+          acc += static_cast<double>(v);
+          v = static_cast<Scalar>(acc);
+        }
+      }
     return out;
   }
 };

@@ -32,9 +32,13 @@ struct tensor_traits<at::Tensor> {
       case at::kBFloat16: return dtype::bfloat16;
       case at::kFloat: return dtype::float32;
       case at::kDouble: return dtype::float64;
+      case at::kByte: return dtype::uint8;
+      case at::kChar: return dtype::int8;
+      case at::kShort: return dtype::int16;
       case at::kInt: return dtype::int32;
       case at::kLong: return dtype::int64;
       case at::kBool: return dtype::boolean;
+      case c10::ScalarType::Undefined: return dtype::undefined;
       default: return dtype::other;
     }
   }
@@ -44,20 +48,30 @@ struct tensor_traits<at::Tensor> {
       case dtype::bfloat16: return at::kBFloat16;
       case dtype::float32: return at::kFloat;
       case dtype::float64: return at::kDouble;
+      case dtype::uint8: return at::kByte;
+      case dtype::int8: return at::kChar;
+      case dtype::int16: return at::kShort;
       case dtype::int32: return at::kInt;
       case dtype::int64: return at::kLong;
       case dtype::boolean: return at::kBool;
+      case dtype::undefined:
       case dtype::other: break;
     }
     detail::fail("torch backend", "no torch scalar type for dtype ", dtype_name(d));
   }
 
   static shape_t shape(const T& x) { return x.sizes().vec(); }
-  static dtype dtype_of(const T& x) { return from_scalar_type(x.scalar_type()); }
-  static std::string device(const T& x) { return x.device().str(); }
-  static shape_t index_shape(const T& i) { return i.sizes().vec(); }
-  static dtype index_dtype(const T& i) { return from_scalar_type(i.scalar_type()); }
-  static std::string index_device(const T& i) { return i.device().str(); }
+  static dtype dtype_of(const T& x) { return x.defined() ? from_scalar_type(x.scalar_type()) : dtype::undefined; }
+  static std::string device(const T& x) { return x.defined() ? x.device().str() : std::string("undefined"); }
+  static shape_t index_shape(const T& i) { return i.defined() ? i.sizes().vec() : shape_t{}; }
+  static dtype index_dtype(const T& i) { return i.defined() ? from_scalar_type(i.scalar_type()) : dtype::undefined; }
+  static std::string index_device(const T& i) { return i.defined() ? i.device().str() : std::string("undefined"); }
+  /// Index tensors of 8- and 16-bit types are compared in int64: a uint8 label compared with ignore_index -100
+  /// would otherwise wrap -100 to 156.
+  static T wide_index(const T& i) {
+    const auto t = i.scalar_type();
+    return t == at::kLong || t == at::kInt ? i : i.to(at::kLong);
+  }
 
   static T full(const T& like, const shape_t& s, double value) {
     return at::full(s, value, like.options().requires_grad(false));
@@ -128,13 +142,19 @@ struct tensor_traits<at::Tensor> {
     return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   }
 
-  static T index_not_equal(const T& i, std::int64_t value, const T& like) { return i.ne(value).to(like.scalar_type()); }
-  static T index_equal(const T& a, const T& b, const T& like) { return a.eq(b).to(like.scalar_type()); }
+  static T index_not_equal(const T& i, std::int64_t value, const T& like) {
+    return wide_index(i).ne(value).to(like.scalar_type());
+  }
+  static T index_equal(const T& a, const T& b, const T& like) {
+    return wide_index(a).eq(wide_index(b)).to(like.scalar_type());
+  }
   static T index_replace(const T& i, std::int64_t from, std::int64_t to) {
-    return at::where(i.eq(from), at::full({}, to, i.options()), i);
+    const T w = wide_index(i);
+    return at::where(w.eq(from), at::full({}, to, w.options()), w);
   }
   static std::int64_t index_count_outside(const T& i, std::int64_t lo, std::int64_t hi, std::int64_t except) {
-    return (i.ne(except) & (i.lt(lo) | i.ge(hi))).sum().item<std::int64_t>();
+    const T w = wide_index(i);
+    return (w.ne(except) & (w.lt(lo) | w.ge(hi))).sum().item<std::int64_t>();
   }
 
   static std::vector<std::int64_t> index_to_host(const T& i) {
