@@ -201,7 +201,17 @@ struct tensor_traits<eigen_tensor<Scalar>> {
     const auto& a = x.values();
     switch (op) {
       case unary_op::neg: return T(x.shape(), storage(-a));
-      case unary_op::exp: return T(x.shape(), storage(a.exp()));
+      case unary_op::exp: {
+        // Eigen 3.4's packet exp (SSE2 and AVX builds) clamps its argument: below about -709 (double) or
+        // -88.4 (float) it returns 5.6e-309 or 2.9e-39 instead of the true value (0 below -745 / -104), and
+        // p·log p of a logit 1e308 below the row max came out 0.56, not 0 (found by fuzz/fuzz_logits_sft).
+        // Those entries are recomputed with std::exp.
+        storage e = a.exp();
+        constexpr Scalar lowest = std::is_same_v<Scalar, double> ? Scalar(-708) : Scalar(-87);
+        for (Eigen::Index i = 0; i < a.size(); ++i)
+          if (a(i) < lowest) e(i) = std::exp(a(i));
+        return T(x.shape(), std::move(e));
+      }
       case unary_op::log: return T(x.shape(), storage(a.log()));
       case unary_op::log1p: return T(x.shape(), storage(a.log1p()));
       case unary_op::expm1: return T(x.shape(), storage(a.unaryExpr([](Scalar v) { return std::expm1(v); })));
