@@ -94,8 +94,12 @@ dpo_gradients<T> orpo_backward(const cpo_batch<T>& batch, const orpo_options& op
   const T nc = ops::maximum(ops::upcast(batch.chosen_lengths), 1.0);
   const T nr = ops::maximum(ops::upcast(batch.rejected_lengths), 1.0);
   const T tokens = ops::maximum(ops::sum_all(ops::upcast(batch.chosen_lengths)), 1.0);
-  const T gc =
-      ops::sub(ops::div(ops::div(ops::neg(dz), ops::expm1(uc)), nc), ops::div(ops::scalar_like(uc, 1.0), tokens));
+  // -dz/expm1(ū_c) = -β/B · σ(-z)/(1 - e^{ū_c}) = -β/B / ((1 - e^{ū_c}) + e^{ū_c - ū_r}(1 - e^{ū_r})) (σ(-z) written
+  // out): finite at ū_c = 0 (a chosen log-prob of exactly 0), where σ(-z) = 0 and expm1(ū_c) = 0 gave 0/0 = NaN.
+  const T one_minus_c = ops::neg(ops::expm1(uc)), one_minus_r = ops::neg(ops::expm1(ur));
+  const T d_or_c = ops::div(ops::scalar_like(uc, -opt.beta / n),
+                            ops::add(one_minus_c, ops::mul(ops::exp(ops::sub(uc, ur)), one_minus_r)));
+  const T gc = ops::sub(ops::div(d_or_c, nc), ops::div(ops::scalar_like(uc, 1.0), tokens));
   const T gr = ops::div(ops::div(dz, ops::expm1(ur)), nr);
   const dtype d = ops::dtype_of(batch.chosen_logps);
   return {ops::to_dtype(ops::mul(gc, grad_loss), d), ops::to_dtype(ops::mul(gr, grad_loss), d)};

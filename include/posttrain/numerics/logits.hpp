@@ -67,10 +67,13 @@ T entropy_last(const T& x) {
   const double inf = std::numeric_limits<double>::infinity();
   const T xs = detail::shift_by_row_max(x);                             // [..., V]
   const T logp = ops::sub(xs, ops::unsqueeze(logsumexp_last(xs), -1));  // [..., V]
-  const T p = ops::exp(logp);
-  // 0 * log 0 := 0; sanitise first so no -inf reaches a product (or its gradient). log p is -inf at
-  // padding and where x - max overflows (a float32 row spanning ±3e38, issue 13 defect 2).
-  const T logp_safe = ops::where(ops::gt(logp, -inf), logp, 0.0);
+  // 0 * log 0 := 0; sanitise first so no -inf reaches a product (or its gradient). p is selected too:
+  // a row of only -inf has logp = -inf - (-inf) = NaN, and entropy 0 (as the fused kernels give).
+  // Selected on the shifted logits: x - max overflows to -inf for a finite x far below the max
+  // (-1e308 beside 1e308; ±3e38 in float32), which has p = 0 too. NaN stays live and propagates.
+  const T live = ops::ne(xs, -inf);
+  const T p = ops::where(live, ops::exp(logp), 0.0);
+  const T logp_safe = ops::where(live, logp, 0.0);
   return ops::neg(ops::sum(ops::mul(p, logp_safe), -1));
 }
 
@@ -206,9 +209,9 @@ T entropy_backward(const T& logits, const T& grad) {
   const T x = ops::upcast(logits);
   const T xs = detail::shift_by_row_max(x);
   const T lse = ops::unsqueeze(detail::logsumexp_unchecked(xs), -1);
-  const T logp_raw = ops::sub(xs, lse);  // -inf at padding and where x - max overflows float32
-  const T logp = ops::where(ops::gt(logp_raw, -inf), logp_raw, 0.0);
-  const T p = ops::exp(logp_raw);
+  const T live = ops::ne(xs, -inf);  // as entropy_last: -inf logits and overflowed differences have p = 0
+  const T logp = ops::where(live, ops::sub(xs, lse), 0.0);
+  const T p = ops::where(live, ops::exp(ops::sub(xs, lse)), 0.0);  // 0 on a row of only -inf, not NaN
   const T h = ops::unsqueeze(detail::entropy_unchecked(x), -1);
   const T d = ops::neg(ops::mul(p, ops::add(logp, h)));
   return ops::to_dtype(ops::mul(d, ops::unsqueeze(ops::upcast(grad), -1)), ops::dtype_of(logits));
