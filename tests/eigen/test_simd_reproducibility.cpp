@@ -3,7 +3,9 @@
 // 11. GCC 12's x86 back end, with AVX-512 enabled, stored a 32- or 64-byte constant whose top words
 //     are zero as a broadcast of its first word ({1, 1, 1, 0} -> 1 1 1 1). Our targets are built
 //     with -mtune-ctrl=^inter_unit_moves_to_vec under GCC 12 (cmake/posttrainGcc12Avx512.cmake); the
-//     first test is the reproducer itself, then the Eigen backend's small tensors that it broke.
+//     first test is the reproducer itself. In the suite, the bug showed in test_rl_ppo.cpp's "Value
+//     loss by hand and vs finite differences" (a per-token loss of 24.5 where the mask is 0, built
+//     without the option); the small-tensor test here did not reproduce it but keeps the case.
 // 12. The fused linear kernels' results must not depend on where their buffers lie: Eigen peels
 //     scalar iterations until a destination is aligned to the packet size (64 bytes with AVX-512),
 //     and the scalar exp of the peeled elements differs from the packet exp in the last bit, so a
