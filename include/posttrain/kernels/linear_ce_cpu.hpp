@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -84,6 +85,28 @@ inline constexpr std::int64_t min_tile_columns = 256;
 
 namespace detail {
 
+/// Alignment of the kernels' workspaces: a cache line, and the widest packet (AVX-512). Eigen's
+/// element-wise loops run scalar iterations until the destination is packet-aligned, and the scalar
+/// exp of those elements differs from the packet exp in the last bit; a workspace at malloc's
+/// 16-byte alignment therefore gave results that depended on earlier heap allocations under
+/// AVX/AVX-512. At a fixed alignment, which elements take the scalar path depends only on the shapes.
+inline constexpr std::size_t workspace_alignment = 64;
+
+struct aligned_array_delete {
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t{workspace_alignment}); }
+};
+template <class S>
+using aligned_array = std::unique_ptr<S[], aligned_array_delete>;
+
+/// n uninitialised elements at a workspace_alignment boundary (null for n = 0).
+template <class S>
+aligned_array<S> make_aligned_array(std::int64_t n) {
+  static_assert(std::is_trivially_default_constructible_v<S>);
+  if (n <= 0) return aligned_array<S>();
+  return aligned_array<S>(static_cast<S*>(
+      ::operator new[](static_cast<std::size_t>(n) * sizeof(S), std::align_val_t{workspace_alignment})));
+}
+
 /// Calls f(t) for t in [0, tiles), tile t on thread t mod T (T = min(num_threads(), tiles)).
 template <class F>
 void parallel_tiles(std::int64_t tiles, F&& f) {
@@ -130,9 +153,10 @@ void linear_chunks(const S* hidden, const S* head, std::int64_t rows, std::int64
   const std::int64_t tiles = (V + tile_width - 1) / tile_width;
 
   // The chunk's logits, then its gradient in place: [chunk, V]. Partial ∂X_c per tile: [tiles, chunk, H].
-  const std::unique_ptr<S[]> logits(new S[static_cast<std::size_t>(chunk * V)]);
-  const std::unique_ptr<S[]> partial(grad_hidden && tiles > 1 ? new S[static_cast<std::size_t>(tiles * chunk * H)]
-                                                              : nullptr);
+  // Both 64-byte aligned, so that results do not depend on where the heap puts them (see above).
+  const detail::aligned_array<S> logits = detail::make_aligned_array<S>(chunk * V);
+  const detail::aligned_array<S> partial =
+      detail::make_aligned_array<S>(grad_hidden && tiles > 1 ? tiles * chunk * H : 0);
 
   for (std::int64_t c0 = 0; c0 < rows; c0 += chunk) {
     const std::int64_t C = std::min(chunk, rows - c0);

@@ -50,16 +50,10 @@ class eigen_tensor {
                    " needs ", checked_numel(shape_));
   }
 
-  static storage_type copy_of(const std::vector<Scalar>& values) {
-    storage_type out(static_cast<Eigen::Index>(values.size()));
-    std::copy(values.begin(), values.end(), out.data());
-    return out;
-  }
-
   /// From a shape and a row-major list of values, e.g. `eigen_tensor<double>({2, 2}, {1, 2, 3, 4})`.
-  // (A plain element copy: GCC 12 with Eigen 3.4.0's AVX/AVX-512 packets miscompiled the copy
-  // through an Eigen::Map here for 4-element vectors at -march=native, reading a wrong last element.)
-  eigen_tensor(shape_t shape, const std::vector<Scalar>& values) : eigen_tensor(std::move(shape), copy_of(values)) {}
+  eigen_tensor(shape_t shape, const std::vector<Scalar>& values)
+      : eigen_tensor(std::move(shape), storage_type(Eigen::Map<const storage_type>(
+                                           values.data(), static_cast<Eigen::Index>(values.size())))) {}
   eigen_tensor(shape_t shape, std::initializer_list<Scalar> values)
       : eigen_tensor(std::move(shape), std::vector<Scalar>(values)) {}
 
