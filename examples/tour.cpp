@@ -48,7 +48,7 @@ using torch::Tensor;
 struct config {
   bool quick = false;
   int base_steps = 150, sft_steps = 400, sft_early = 150, rm_steps = 150, ppo_iters = 30, dpo_steps = 60,
-      grpo_iters = 40, agent_steps = 200;
+      grpo_iters = 40, agent_steps = 250;
 };
 
 bool g_failed = false;  // an invariant failed (exit status 1)
