@@ -13,9 +13,10 @@
 //   6 agentic   a two-turn episode with a calculator tool whose tokens are masked (sft_loss, -100 labels)
 //
 // The task is written as text, one character per token: "Q:3+4? A:07\n". Everything is synthetic and
-// generated here; the seed is fixed, so the numbers below are the same on every run (one CPU thread).
+// generated here; the seed is fixed and the tour runs on one CPU thread, so it prints the same numbers
+// on every run on a given machine (another LibTorch or BLAS may change low digits, and through them samples).
 //
-//   posttrain_tour            the full tour (about a minute or two on a 2-core machine)
+//   posttrain_tour            the full tour (1-3 minutes on a 2-core machine, one thread)
 //   posttrain_tour --quick    every stage for a few steps: a smoke test of the invariants (ctest)
 //
 // Exit status 1 when an invariant fails (a loss is not finite, SFT does not lower its loss, a masked
