@@ -124,6 +124,16 @@ int main() {
   row("loss", pt::ops::item(res.loss), loss_hand, loss_t, has_torch);
   row("kl (mean k3)", pt::ops::item(res.kl), kl_sum / tokens, kl_t, has_torch);
   row("clip_ratio/region_mean", pt::ops::item(res.clip_ratio_region), 2.0 / 11.0, clip_t, has_torch);
+  {
+    // Why the loss is positive: split it into its policy term and its KL term.
+    const double loss = pt::ops::item(res.loss), kl_term = beta * pt::ops::item(res.kl);
+    std::printf("  Why positive: loss = policy term %.8f + beta * kl %.8f. The advantages sum to 0 in the group,\n",
+                loss - kl_term, kl_term);
+    std::printf("  so at ratio 1 with equal lengths the policy term -mean_t min(rho A, clip(rho) A) would be 0.\n");
+    std::printf("  Here lengths and ratios differ (either sign), and min() only raises it: it keeps the\n");
+    std::printf("  pessimistic term. A policy-gradient loss is not a score (unlike cross-entropy): its sign and\n");
+    std::printf("  size say nothing about the policy; only its gradient matters.\n");
+  }
   std::printf("\nstep 3  gradients d loss / d logprob (eigen: analytic backward; torch: autograd)\n");
   for (std::size_t i : {std::size_t{1}, std::size_t{6}, std::size_t{0}}) {
     char name[48];

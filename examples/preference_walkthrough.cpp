@@ -115,8 +115,10 @@ int main() {
     const bool ok = close(ge, grad_hand[b], 1e-12) && close(gr, -grad_hand[b], 1e-12) &&
                     (!has_torch || (close(grad_torch[b], ge, 1e-5) && close(grad_torch_rejected[b], gr, 1e-5)));
     all_ok = all_ok && ok;
-    std::printf("  %4lld %10.4f %12.6f %20.8f %12.8f %11.8f %14.8f%s\n", static_cast<long long>(b), x[b],
-                sigmoid(-x[b]), ge, has_torch ? grad_torch[b] : NAN, grad_hand[b], gr, ok ? "" : "   <-- DISAGREE");
+    char torch_col[32] = "           -";  // "-" where LibTorch was not built, as in the rows above
+    if (has_torch) std::snprintf(torch_col, sizeof torch_col, "%12.8f", grad_torch[b]);
+    std::printf("  %4lld %10.4f %12.6f %20.8f %s %11.8f %14.8f%s\n", static_cast<long long>(b), x[b], sigmoid(-x[b]),
+                ge, torch_col, grad_hand[b], gr, ok ? "" : "   <-- DISAGREE");
   }
   std::printf(
       "\n  Pair 0 (x = %.1f, already ranked right) gets %.0f%% of the push pair 3 (x = %.1f, mis-ranked) gets.\n", x[0],
