@@ -38,7 +38,9 @@ ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1} UBSAN_OPTIONS=${UB
 step "ctest $SAN_DIR took $((SECONDS - phase)) s"
 
 # The libFuzzer targets (fuzz/): a Clang build of their own, each target's seed corpus replayed by
-# ctest, then each target fuzzed for POSTTRAIN_FUZZ_SECONDS (default 20) from a copy of its corpus.
+# ctest, then each target fuzzed for POSTTRAIN_FUZZ_RUNS inputs (default 2000) from a copy of its corpus
+# with a fixed seed (POSTTRAIN_FUZZ_SEED, default 1), so a run is the same on every machine; the
+# time cap POSTTRAIN_FUZZ_SECONDS (default 60) only bounds a slow machine.
 # Skipped, with a note, where clang++-16 is missing.
 FUZZ_CXX=${POSTTRAIN_FUZZ_CXX:-clang++-16}
 if command -v "$FUZZ_CXX" >/dev/null; then
@@ -51,10 +53,11 @@ if command -v "$FUZZ_CXX" >/dev/null; then
   ctest --test-dir "$FUZZ_DIR" --output-on-failure -j"$JOBS"
   for target in fuzz/corpus/*/; do
     name=$(basename "$target")
-    step "fuzz_$name for ${POSTTRAIN_FUZZ_SECONDS:-20} s"
+    step "fuzz_$name: ${POSTTRAIN_FUZZ_RUNS:-2000} inputs, seed ${POSTTRAIN_FUZZ_SEED:-1}"
     work="$FUZZ_DIR/fuzz/run-$name"
     rm -rf "$work" && mkdir -p "$work/corpus" && cp "$target"* "$work/corpus/" 2>/dev/null || true
-    if ! (cd "$work" && "../fuzz_$name" -max_total_time="${POSTTRAIN_FUZZ_SECONDS:-20}" -timeout=30 \
+    if ! (cd "$work" && "../fuzz_$name" -runs="${POSTTRAIN_FUZZ_RUNS:-2000}" -seed="${POSTTRAIN_FUZZ_SEED:-1}" \
+      -max_total_time="${POSTTRAIN_FUZZ_SECONDS:-60}" -timeout=30 \
       -rss_limit_mb=4096 -print_final_stats=1 corpus >fuzz.log 2>&1); then
       tail -n 40 "$work/fuzz.log"
       echo "fuzz_$name failed: the input is $work/crash-* (replay: $FUZZ_DIR/fuzz/fuzz_$name <file>)" >&2
