@@ -282,11 +282,4 @@ void run(decoder& d) {
 
 }  // namespace
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  decoder d(data, size);
-  if (d.flag())
-    run<double>(d);
-  else
-    run<float>(d);
-  return 0;
-}
+POSTTRAIN_FUZZ_ENTRY_POINT(run)

@@ -349,3 +349,15 @@ void check_finite_differences(const std::string& what, F&& f, const tensor_t<dou
 }
 
 }  // namespace posttrain::fuzz
+
+/// The libFuzzer entry of a target whose `run<S>(decoder&)` exercises one scalar type: the first byte picks
+/// float64 or float32.
+#define POSTTRAIN_FUZZ_ENTRY_POINT(run)                                               \
+  extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) { \
+    decoder d(data, size);                                                            \
+    if (d.flag())                                                                     \
+      run<double>(d);                                                                 \
+    else                                                                              \
+      run<float>(d);                                                                  \
+    return 0;                                                                         \
+  }

@@ -96,15 +96,14 @@ inline std::pair<double, double> kd_grad_weights(const fused_kd_spec& o) {
   return {1.0, 0.0};
 }
 
-/// Whether the shifted, tempered logits (x - m)/τ of both blocks are finite in S, so the vector path can take
-/// differences in S: false only for a float32 block spanning more than float32's range (logits near ±3e38),
-/// which the scalar path then computes in double (issue 13 defect 2).
-template <class Block, class S>
-bool kd_shift_fits(const Block& x, S mx, const Block& y, S my, double inv_tau) {
+/// Whether the shifted, tempered logits (x - m)/τ of both blocks are finite in S, from the blocks' minima, so
+/// the vector path can take differences in S: false only for a float32 block spanning more than float32's
+/// range (logits near ±3e38), which the scalar path then computes in double (issue 13 defect 2).
+template <class S>
+bool kd_shift_fits(S min_x, S mx, S min_y, S my, double inv_tau) {
   constexpr double top = static_cast<double>(std::numeric_limits<S>::max());
-  const double dx = (static_cast<double>(mx) - static_cast<double>(x.minCoeff())) * inv_tau;
-  const double dy = (static_cast<double>(my) - static_cast<double>(y.minCoeff())) * inv_tau;
-  return dx < top && dy < top;
+  return (static_cast<double>(mx) - static_cast<double>(min_x)) * inv_tau < top &&
+         (static_cast<double>(my) - static_cast<double>(min_y)) * inv_tau < top;
 }
 
 /// Which cross sums a call needs (the plain forward-KL backward needs only Z_s and Z_t).
@@ -169,8 +168,9 @@ kd_row_stats<S> kd_reduce_row(const S* x, const S* y, std::int64_t vocab, double
       }
       st.ms = bms;
     }
-    const bool has_pad = X.minCoeff() == neg_inf || Y.minCoeff() == neg_inf;
-    if (!has_pad && detail::kd_shift_fits(X, st.ms, Y, st.mt, inv_tau)) {
+    const S min_x = X.minCoeff(), min_y = Y.minCoeff();  // one read each: padding and the overflow test
+    const bool has_pad = min_x == neg_inf || min_y == neg_inf;
+    if (!has_pad && detail::kd_shift_fits(min_x, st.ms, min_y, st.mt, inv_tau)) {
       // Vector path: every logit of both blocks is finite.
       Eigen::Map<A> b(buf_b, n), a(buf_a, n), es(buf_es, n), et(buf_et, n);
       if (inv_tau == 1.0) {
@@ -267,7 +267,8 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
     const Eigen::Index n = static_cast<Eigen::Index>(std::min(block_size, vocab - c0));
     const Eigen::Map<const A> X(x + c0, n), Y(y + c0, n);
     Eigen::Map<A> O(out + c0, n);
-    if (X.minCoeff() > neg_inf && Y.minCoeff() > neg_inf && detail::kd_shift_fits(X, st.ms, Y, st.mt, inv_tau)) {
+    const S min_x = X.minCoeff(), min_y = Y.minCoeff();
+    if (min_x > neg_inf && min_y > neg_inf && detail::kd_shift_fits(min_x, st.ms, min_y, st.mt, inv_tau)) {
       Eigen::Map<A> b(buf_b, n), a(buf_a, n);
       if (inv_tau == 1.0) {
         b = X - st.ms;
