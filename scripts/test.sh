@@ -18,7 +18,7 @@ start=$SECONDS
 install_packages
 phase=$SECONDS
 if [ "${POSTTRAIN_TEST_NATIVE:-1}" = 1 ]; then native=ON; else native=OFF; fi
-configure "$BUILD_DIR" -DPOSTTRAIN_NATIVE=$native
+configure "$BUILD_DIR" -DPOSTTRAIN_NATIVE=$native -DPOSTTRAIN_REQUIRE_TEST_DEPS=ON
 build "$BUILD_DIR"
 step "build $BUILD_DIR (native: $native) took $((SECONDS - phase)) s"
 phase=$SECONDS
@@ -28,7 +28,7 @@ step "ctest $BUILD_DIR took $((SECONDS - phase)) s"
 
 SAN_DIR=${BUILD_DIR}-sanitize
 phase=$SECONDS
-configure "$SAN_DIR" -DPOSTTRAIN_SANITIZE=ON -DPOSTTRAIN_WITH_TORCH=OFF -DPOSTTRAIN_NATIVE=OFF
+configure "$SAN_DIR" -DPOSTTRAIN_REQUIRE_TEST_DEPS=ON -DPOSTTRAIN_SANITIZE=ON -DPOSTTRAIN_WITH_TORCH=OFF -DPOSTTRAIN_NATIVE=OFF
 build "$SAN_DIR"
 step "build $SAN_DIR took $((SECONDS - phase)) s"
 phase=$SECONDS

@@ -1,7 +1,8 @@
 # Drives a consumer project end to end: cmake -P run_consumer.cmake with
 #   MODE=install       install posttrain's build tree into a prefix, build and run the
 #                      find_package consumer, and check that an unknown component fails;
-#   MODE=subdirectory  build and run the add_subdirectory consumer.
+#   MODE=subdirectory  build and run the add_subdirectory consumer;
+#   MODE=bare          configure and install posttrain itself without Catch2 / Google Benchmark.
 # Other variables: SOURCE_DIR (posttrain's), BINARY_DIR (posttrain's build), WORK_DIR (scratch),
 # WITH_TORCH, GENERATOR, CXX_COMPILER, BUILD_TYPE, PREFIX_PATH ("|"-separated, may be empty),
 # EIGEN3_DIR and TORCH_DIR (where posttrain's own build found them, may be empty).
@@ -14,6 +15,7 @@ function(step what)
   endif()
   message(STATUS "consumer test: ${what}: ok")
   set(last_output "${out}" PARENT_SCOPE)
+  set(last_error "${err}" PARENT_SCOPE)
 endfunction()
 
 set(here ${CMAKE_CURRENT_LIST_DIR})
@@ -44,8 +46,10 @@ if(MODE STREQUAL "install")
   step("run the eigen consumer" ${WORK_DIR}/installed/eigen_consumer)
   message(STATUS "${last_output}")
   if(WITH_TORCH)
-    step("run the torch consumer" ${WORK_DIR}/installed/torch_consumer)
-    message(STATUS "${last_output}")
+    foreach(level O3 O2)
+      step("run the torch consumer (strict, -${level})" ${WORK_DIR}/installed/torch_consumer_${level})
+      message(STATUS "${last_output}")
+    endforeach()
   endif()
 
   # An unknown component must make find_package(... REQUIRED) fail, saying which one.
@@ -63,6 +67,25 @@ elseif(MODE STREQUAL "subdirectory")
   step("build it" ${CMAKE_COMMAND} --build ${WORK_DIR}/subdirectory)
   step("run it" ${WORK_DIR}/subdirectory/eigen_consumer)
   message(STATUS "${last_output}")
+elseif(MODE STREQUAL "bare")
+  # A user's `cmake -S posttrain -B build && cmake --install build` on a machine without the test and
+  # benchmark dependencies (Catch2, Google Benchmark hidden from find_package): configure succeeds,
+  # says what it skipped, and the install works.
+  step("configure posttrain without Catch2 and Google Benchmark"
+       ${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/build ${configure_args} "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}"
+       -DCMAKE_DISABLE_FIND_PACKAGE_Catch2=ON -DCMAKE_DISABLE_FIND_PACKAGE_benchmark=ON
+       -DPOSTTRAIN_BUILD_BENCHMARKS=ON)
+  foreach(expected "SKIPPING posttrain's tests" "SKIPPING the benchmarks")
+    string(FIND "${last_output}${last_error}" "${expected}" at)
+    if(at EQUAL -1)
+      message(FATAL_ERROR "consumer test: configure without test dependencies did not say '${expected}':\n${last_output}\n${last_error}")
+    endif()
+    message(STATUS "consumer test: configure says '${expected}': ok")
+  endforeach()
+  step("cmake --install it" ${CMAKE_COMMAND} --install ${WORK_DIR}/build --prefix ${WORK_DIR}/prefix)
+  if(NOT EXISTS ${WORK_DIR}/prefix/share/cmake/posttrain/posttrainConfig.cmake)
+    message(FATAL_ERROR "consumer test: the install without test dependencies lacks posttrainConfig.cmake")
+  endif()
 else()
-  message(FATAL_ERROR "MODE must be install or subdirectory, got '${MODE}'")
+  message(FATAL_ERROR "MODE must be install, subdirectory or bare, got '${MODE}'")
 endif()

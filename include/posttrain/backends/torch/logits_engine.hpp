@@ -22,14 +22,26 @@
 
 // posttrain's fused CPU kernels are written with Eigen's packet math: LibTorch CPU tensors use them
 // when Eigen is on the include path (link posttrain::eigen too), and the chunked LibTorch path otherwise.
+// CMake's posttrain::torch carries Eigen and defines POSTTRAIN_REQUIRE_CPU_KERNELS, so a build that lost
+// Eigen's include path fails here instead of silently running the slower path.
 #if __has_include(<Eigen/Core>)
 #include "posttrain/kernels/logits_cpu.hpp"
 #define POSTTRAIN_TORCH_CPU_KERNELS 1
 #else
 #define POSTTRAIN_TORCH_CPU_KERNELS 0
+#if defined(POSTTRAIN_REQUIRE_CPU_KERNELS) && POSTTRAIN_REQUIRE_CPU_KERNELS
+#error \
+    "posttrain: POSTTRAIN_REQUIRE_CPU_KERNELS is set but <Eigen/Core> is not on the include path (link Eigen3::Eigen)"
+#endif
 #endif
 
 namespace posttrain {
+
+namespace torch_backend {
+/// True when CPU tensors use posttrain's fused kernels (Eigen was on the include path); a consumer
+/// can static_assert it. False: CPU tensors take the chunked LibTorch path.
+inline constexpr bool has_cpu_kernels = POSTTRAIN_TORCH_CPU_KERNELS == 1;
+}  // namespace torch_backend
 
 namespace detail::torch_kernels {
 

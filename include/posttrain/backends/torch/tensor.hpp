@@ -60,10 +60,13 @@ struct tensor_traits<at::Tensor> {
     detail::fail("torch backend", "no torch scalar type for dtype ", dtype_name(d));
   }
 
-  static shape_t shape(const T& x) { return x.sizes().vec(); }
+  // Not inlined: GCC 12 at -O2 -DNDEBUG, seeing ArrayRef::vec()'s allocation and the vector's destruction
+  // in one function (ops::numel inside require_nonempty), reports a false -Wfree-nonheap-object, which
+  // breaks users' -Werror builds (tests/consumer builds a strict LibTorch program at -O2 and -O3).
+  [[gnu::noinline]] static shape_t shape(const T& x) { return x.sizes().vec(); }
   static dtype dtype_of(const T& x) { return x.defined() ? from_scalar_type(x.scalar_type()) : dtype::undefined; }
   static std::string device(const T& x) { return x.defined() ? x.device().str() : std::string("undefined"); }
-  static shape_t index_shape(const T& i) { return i.defined() ? i.sizes().vec() : shape_t{}; }
+  [[gnu::noinline]] static shape_t index_shape(const T& i) { return i.defined() ? i.sizes().vec() : shape_t{}; }
   static dtype index_dtype(const T& i) { return i.defined() ? from_scalar_type(i.scalar_type()) : dtype::undefined; }
   static std::string index_device(const T& i) { return i.defined() ? i.device().str() : std::string("undefined"); }
   /// Index tensors of 8- and 16-bit types are compared in int64: a uint8 label compared with ignore_index -100
