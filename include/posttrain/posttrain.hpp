@@ -37,5 +37,9 @@
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/token_selection.hpp"  // top-entropy mask, Clip-Cov / KL-Cov covariance selection
 #include "posttrain/losses/value.hpp"
+// Batch helpers: next-token labels, completion masks, preference pairs, multi-turn masks.
+#include "posttrain/data/multi_turn.hpp"
+#include "posttrain/data/next_token.hpp"
+#include "posttrain/data/pairs.hpp"
 // Comparing results across backends.
 #include "posttrain/check/compare.hpp"

@@ -12,8 +12,12 @@
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/check/compare.hpp"
+#include "posttrain/data/multi_turn.hpp"
+#include "posttrain/data/next_token.hpp"
+#include "posttrain/data/pairs.hpp"
 #include "posttrain/kl/estimators.hpp"
 #include "posttrain/kl/exact.hpp"
+#include "posttrain/losses/grpo.hpp"
 #include "posttrain/losses/sft.hpp"
 #include "posttrain/numerics/aggregate.hpp"
 #include "posttrain/numerics/logits.hpp"
@@ -273,4 +277,111 @@ TEST_CASE("cross-backend: kl_exact and kl_exact_backward", "[kl][cross]") {
       });
     }
   }
+}
+
+// ---- issue 15: LibTorch <-> Eigen conversion and the batch helpers on LibTorch ----------------------
+
+namespace {
+std::vector<double> doubles(const at::Tensor& t) {
+  const at::Tensor c = t.detach().to(at::kDouble).contiguous();
+  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
+}
+std::vector<std::int64_t> longs(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kLong).contiguous();
+  return {c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel()};
+}
+}  // namespace
+
+TEST_CASE("to_eigen / to_torch: every dtype and any strides, both ways", "[convert]") {
+  // Values exactly representable in every dtype below (bfloat16 has 8 significant bits).
+  const auto base = torch::tensor({1.0, -2.5, 0.75, 3.0, 0.0, -1.0}, torch::kDouble).reshape({2, 3});
+  const std::vector<double> want = {1.0, -2.5, 0.75, 3.0, 0.0, -1.0};
+  for (auto dt : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+    INFO(c10::toString(dt));
+    const auto e = to_eigen<double>(base.to(dt));
+    CHECK(e.shape() == shape_t{2, 3});
+    CHECK(std::vector<double>(e.data(), e.data() + 6) == want);
+    const auto f = to_eigen<float>(base.to(dt));
+    CHECK(std::vector<double>(f.data(), f.data() + 6) == want);
+  }
+  // A transposed (non-contiguous) view and a strided slice read in logical row-major order.
+  const auto t = base.t();  // [3, 2]: 1, 3, -2.5, 0, 0.75, -1
+  const auto et = to_eigen<double>(t);
+  CHECK(et.shape() == shape_t{3, 2});
+  CHECK(std::vector<double>(et.data(), et.data() + 6) == std::vector<double>{1.0, 3.0, -2.5, 0.0, 0.75, -1.0});
+  const auto every_other = base.reshape({6}).slice(0, 0, 6, 2);  // 1, 0.75, 0
+  CHECK(std::vector<double>(to_eigen<double>(every_other).data(), to_eigen<double>(every_other).data() + 3) ==
+        std::vector<double>{1.0, 0.75, 0.0});
+  // Integer and bool tensors: as values and as ids.
+  const auto ids = torch::tensor({3, 0, 255}, torch::kLong).to(at::kByte);
+  CHECK(std::vector<std::int64_t>(to_eigen_index(ids).data(), to_eigen_index(ids).data() + 3) ==
+        std::vector<std::int64_t>{3, 0, 255});
+  const auto flags = torch::tensor({1, 0, 1}, torch::kLong).to(at::kBool);
+  CHECK(std::vector<double>(to_eigen<double>(flags).data(), to_eigen<double>(flags).data() + 3) ==
+        std::vector<double>{1.0, 0.0, 1.0});
+  CHECK(longs(to_torch(to_eigen_index(torch::tensor({-100, 7}, torch::kInt)))) == std::vector<std::int64_t>{-100, 7});
+
+  // Back: the dtype follows the Eigen scalar unless options name one; values and shape survive.
+  const eigen_tensor<double> d({2, 2}, {0.1, -0.2, 0.3, 1e-300});
+  const auto back = to_torch(d);
+  CHECK(back.scalar_type() == at::kDouble);
+  CHECK(back.sizes().vec() == std::vector<std::int64_t>{2, 2});
+  CHECK(doubles(back) == std::vector<double>{0.1, -0.2, 0.3, 1e-300});
+  CHECK(to_torch(eigen_tensor<float>({1}, {0.5f})).scalar_type() == at::kFloat);
+  CHECK(to_torch(d, at::TensorOptions().dtype(at::kFloat)).scalar_type() == at::kFloat);
+  // Round trip of a random double tensor: bit for bit.
+  const auto r = torch::randn({3, 4, 5}, torch::kDouble);
+  CHECK(torch::equal(to_torch(to_eigen<double>(r)), r));
+
+  CHECK_THROWS_WITH(to_eigen<double>(at::Tensor()),
+                    Catch::Matchers::Contains("to_eigen") && Catch::Matchers::Contains("undefined"));
+  CHECK_THROWS_WITH(to_eigen<double>(torch::empty({2}, torch::TensorOptions().device(at::kMeta))),
+                    Catch::Matchers::Contains("meta"));
+  CHECK_THROWS_WITH(to_eigen<double>(torch::zeros({2}, torch::kComplexFloat)), Catch::Matchers::Contains("dtype"));
+  CHECK_THROWS_WITH(to_eigen_index(torch::zeros({2})),
+                    Catch::Matchers::Contains("to_eigen_index") && Catch::Matchers::Contains("integer"));
+}
+
+TEST_CASE("batch helpers on LibTorch: label shift, completion mask, pairs, multi-turn mask", "[helpers]") {
+  const auto labels = torch::tensor({-100, 7, 8, 9, 1, 2, -100, -100}, torch::kLong).reshape({2, 4});
+  CHECK(longs(shift_labels(labels)) == std::vector<std::int64_t>{7, 8, 9, -100, 2, -100, -100, -100});
+  CHECK(shift_labels(labels.to(at::kInt)).scalar_type() == at::kInt);
+
+  const auto ids = torch::tensor({4, 2, 9, 2, 4, 4, 4, 4}, torch::kLong).reshape({2, 4});
+  const auto mask = completion_mask(ids, 2, torch::zeros({1}));
+  CHECK(mask.scalar_type() == at::kFloat);
+  CHECK(doubles(mask) == std::vector<double>{1, 1, 0, 0, 1, 1, 1, 1});
+
+  const auto chosen = torch::tensor({1, 2, 3, 4, 5, 6}, torch::kLong).reshape({2, 3});
+  const auto rejected = torch::tensor({7, 8, 9, 10}, torch::kLong).reshape({2, 2});
+  const auto both = concat_pairs(chosen, rejected, 0.0);
+  CHECK(both.scalar_type() == at::kLong);
+  CHECK(longs(both) == std::vector<std::int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 10, 0});
+  const auto halves = split_pairs(torch::tensor({-1.0, -2.0, -3.0, -4.0}));
+  CHECK(doubles(halves.chosen) == std::vector<double>{-1, -2});
+  CHECK(doubles(halves.rejected) == std::vector<double>{-3, -4});
+
+  // A two-turn episode: assistant 2 tokens, calculator reply 2 tokens, assistant 1 token. Autograd
+  // through GRPO gives the calculator's tokens exactly zero gradient.
+  const auto like = torch::zeros({1}, torch::kDouble);
+  const auto turns = multi_turn_mask(like, {{{2, true}, {2, false}, {1, true}}, {{1, true}, {3, false}, {1, true}}}, 5);
+  CHECK(doubles(turns) == std::vector<double>{1, 1, 0, 0, 1, 1, 0, 0, 0, 1});
+  auto logprobs = torch::tensor({-0.5, -1.0, -0.2, -0.7, -0.3, -0.4, -0.9, -1.1, -0.6, -0.8}, torch::kDouble)
+                      .reshape({2, 5})
+                      .requires_grad_(true);
+  grpo_batch<at::Tensor> batch{logprobs, torch::tensor({1.0, -0.5}, torch::kDouble), turns};
+  batch.old_logprobs =
+      torch::tensor({-0.6, -1.0, 0.0, 0.0, -0.2, -0.4, 0.0, 0.0, 0.0, -0.7}, torch::kDouble).reshape({2, 5});
+  grpo_loss(batch).loss.backward();
+  const auto g = doubles(logprobs.grad());
+  const auto m = doubles(turns);
+  for (std::size_t k = 0; k < g.size(); ++k) {
+    INFO("position " << k);
+    if (m[k] == 0.0)
+      CHECK(g[k] == 0.0);
+    else
+      CHECK(g[k] != 0.0);
+  }
+  const auto roles = torch::tensor({0, 1, 1, 2, 1}, torch::kLong).to(at::kByte);
+  CHECK(doubles(role_mask(roles, 1, like)) == std::vector<double>{0, 1, 1, 0, 1});
 }
