@@ -37,5 +37,7 @@
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/token_selection.hpp"  // top-entropy mask, Clip-Cov / KL-Cov covariance selection
 #include "posttrain/losses/value.hpp"
+// Every result's logged scalars as a TRL / verl keyed map, one host transfer.
+#include "posttrain/metrics.hpp"
 // Comparing results across backends.
 #include "posttrain/check/compare.hpp"
