@@ -16,9 +16,13 @@
 //       one read of each row: logsumexp, log p[label] (0 where label == ignore_index), entropy,
 //       and whether the row's first argmax is the label (0/1, detached; 0 where ignored). Only the
 //       requested fields are filled. lse, logprob and entropy are differentiable on autograd
-//       backends (one node for all three).
+//       backends (one node for all three). With request.temperature T != 1 every statistic is of
+//       logits / T (the argmax is unchanged), and gradients reach the raw logits with the chain
+//       rule's 1/T; a hook applies 1/T inside its pass (no [N, V] copy of logits / T).
+//       T == 1 must take exactly the untempered path.
 //   ce_backward(logits, labels, row_weights [...], ce_backward_args) -> d loss / d logits
-//       sft_loss_backward's gradient in the logits' dtype (no autograd graph).
+//       sft_loss_backward's gradient in the logits' dtype (no autograd graph); with
+//       args.temperature T the cross-entropy is of logits / T and the gradient carries 1/T.
 //   kd_per_token(student, teacher, fused_kd_spec) -> scale·D [...]          (numerics/divergences.hpp)
 //   kd_backward(student, teacher, row_weight [...], fused_kd_spec) -> row_weight·d(scale·D)/d student
 //   `static constexpr bool reads_half = true`: the logits hooks take bfloat16/float16 logits as
@@ -46,6 +50,10 @@ struct logits_stats_request {
   bool entropy = false;
   bool argmax_hit = false;  ///< needs labels
   std::int64_t ignore_index = -100;
+  /// T (finite, > 0, validated by the public entry): the statistics are of logits / T, as TRL's
+  /// `logits /= self.temperature` (GRPOTrainer._get_per_token_logps) and verl's
+  /// `logits.div_(temperature)`; 1 = none.
+  double temperature = 1.0;
 };
 
 /// Per-row results of the one-pass logits hook, each [...]; unrequested fields are left empty.
@@ -63,6 +71,7 @@ struct ce_backward_args {
   double label_smoothing;     ///< ε
   double z_loss;              ///< z (PaLM's z·lse²)
   bool dft;                   ///< weight each row by its detached p[label]
+  double temperature = 1.0;   ///< T: the cross-entropy of logits / T (gradient × 1/T); 1 = none
 };
 
 /// The per-token divergences the fused distillation hooks cover (JSD with 0 < β < 1 stays on the

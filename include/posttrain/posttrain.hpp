@@ -41,5 +41,7 @@
 #include "posttrain/data/multi_turn.hpp"
 #include "posttrain/data/next_token.hpp"
 #include "posttrain/data/pairs.hpp"
+// Every result's logged scalars as a TRL / verl keyed map, one host transfer.
+#include "posttrain/metrics.hpp"
 // Comparing results across backends.
 #include "posttrain/check/compare.hpp"

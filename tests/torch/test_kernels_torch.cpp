@@ -3,7 +3,8 @@
 // autograd gradients, and against the Eigen double reference, on every path of torch.hpp: kernel
 // (contiguous CPU float32/float64), rows (bfloat16/float16 and strided views, per-row upcast) and
 // chunked (LibTorch ops on row chunks: the CUDA path, forced on CPU here with several chunk sizes);
-// sft_loss_backward's fused override against generic::sft_loss_backward. The CUDA test cases run
+// sft_loss_backward's fused override against generic::sft_loss_backward; a sampling temperature T on
+// every path against LibTorch's composition on x / T (TRL's `logits /= temperature`). The CUDA test cases run
 // the same checks on a GPU and are skipped (with a warning) where none is present.
 #include <torch/torch.h>
 
@@ -125,6 +126,16 @@ TEST_CASE("torch kernels: token_logprobs_and_entropy is twice differentiable (cr
     return (0.3 * ref.logprob + 0.7 * ref.entropy).sum();
   });
   require_close(got, want, float64_tol);
+  // The same at temperature 0.7 (the recorded backward divides by T inside the graph).
+  const at::Tensor got_t = hvp_of([&](const at::Tensor& xg) {
+    const auto r = token_logprobs_and_entropy(xg, y, {.temperature = 0.7});
+    return (0.3 * r.logprobs + 0.7 * r.entropy).sum();
+  });
+  const at::Tensor want_t = hvp_of([&](const at::Tensor& xg) {
+    const libtorch_reference ref(xg / 0.7, y);
+    return (0.3 * ref.logprob + 0.7 * ref.entropy).sum();
+  });
+  require_close(got_t, want_t, float64_tol);
 }
 
 // ---- chunked and rows paths ----------------------------------------------------------------------
@@ -278,6 +289,33 @@ void check_sft_backward(const at::Tensor& x, const at::Tensor& labels_in, const 
   }
 }
 
+/// Temperature T in {0.5, 0.7, 1.3}: token_logprobs_and_entropy and entropy of x at T against LibTorch's
+/// composition in double on x / T (values and autograd gradients, which carry 1/T), and
+/// sft_loss_backward's fused hook at T against generic::sft_loss_backward in double.
+void check_temperature(const at::Tensor& x_in, const at::Tensor& labels, const std::string& what) {
+  const at::Tensor w = to_torch(random_normal(labels.sizes().vec(), 33)).to(x_in.device());
+  const at::Tensor w2 = to_torch(random_normal(labels.sizes().vec(), 34)).to(x_in.device());
+  const tolerance tol = x_in.scalar_type() == at::kDouble ? float64_tol : float32_tol;
+  const tolerance grad_tol = output_tolerance(dtype_of(x_in.scalar_type()));
+  const at::Tensor xd = x_in.detach().to(at::kDouble);
+  for (const double t : {0.5, 0.7, 1.3}) {
+    INFO(what << ", temperature " << t);
+    at::Tensor x = x_in.detach().requires_grad_();  // the same view (strides kept)
+    const auto both = token_logprobs_and_entropy(x, labels, {.temperature = t});
+    at::Tensor xr = xd.clone().requires_grad_();
+    const libtorch_reference ref(xr / t, labels);
+    require_close(both.logprobs.detach(), ref.logprob.detach(), tol);
+    require_close(both.entropy.detach(), ref.entropy.detach(), tol);
+    require_close(entropy(x_in, {.temperature = t}), ref.entropy.detach(), tol);
+    (w * both.logprobs.to(at::kDouble) + w2 * both.entropy.to(at::kDouble)).sum().backward();
+    (w * ref.logprob + w2 * ref.entropy).sum().backward();
+    CHECK(x.grad().scalar_type() == x_in.scalar_type());
+    require_close(x.grad(), xr.grad(), grad_tol);
+    const sft_options o{.label_smoothing = 0.1, .z_loss = 1e-3, .temperature = t};
+    require_close(sft_loss_backward(x_in, labels, o, 0.7), generic::sft_loss_backward(xd, labels, o, 0.7), grad_tol);
+  }
+}
+
 /// Every check on `device`: half dtypes, float32/float64, strided views, every path.
 void check_all_paths(const at::Device& device) {
   const std::int64_t v = 257;
@@ -305,6 +343,8 @@ void check_all_paths(const at::Device& device) {
       check_grads(transposed, labels, name + ", transposed batch");
       check_sft_backward(x, labels, name);
       check_sft_backward(row_strided, labels, name + ", rows inside a wider buffer");
+      check_temperature(x, labels, name + ", contiguous");
+      check_temperature(transposed, labels, name + ", transposed batch");
     }
   }
 }

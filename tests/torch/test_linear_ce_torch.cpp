@@ -49,14 +49,15 @@ struct naive_result {
   at::Tensor loss, grad_hidden, grad_head, logprobs, entropy;
 };
 
-/// LibTorch's own composition in float64 with autograd: logits = X·Wᵀ, cross_entropy (+ z·lse²).
+/// LibTorch's own composition in float64 with autograd: logits = X·Wᵀ / τ (τ = o.temperature, the
+/// division TRL and verl write), cross_entropy (+ z·lse²).
 naive_result naive(const at::Tensor& hidden, const at::Tensor& head, const at::Tensor& labels,
                    const fused_linear_ce_options& o, double grad_out = 1.0) {
   const at::Tensor x = hidden.detach().to(at::kDouble).requires_grad_();
   const at::Tensor w = head.detach().to(at::kDouble).requires_grad_();
   const std::int64_t h = w.size(1);
   const at::Tensor y = labels.reshape({-1});
-  const at::Tensor logits = at::matmul(x.reshape({-1, h}), w.t());  // [N, V]
+  const at::Tensor logits = at::matmul(x.reshape({-1, h}), w.t()) / o.temperature;  // [N, V]
   at::Tensor tok = at::cross_entropy_loss(logits, y, {}, at::Reduction::None, o.ignore_index, o.label_smoothing);
   const at::Tensor keep = y.ne(o.ignore_index).to(at::kDouble);
   if (o.z_loss > 0.0) tok = tok + o.z_loss * at::logsumexp(logits, {1}).pow(2) * keep;
@@ -125,6 +126,13 @@ TEST_CASE("torch linear CE: loss.backward() equals autograd through matmul + cro
     o.normalizer = 40.0;
     grad_out = -0.5;
   }
+  SECTION("temperature 0.7, label smoothing 0.1, z-loss 1e-3, chunks of 3 rows") {
+    o.temperature = 0.7;
+    o.label_smoothing = 0.1;
+    o.z_loss = 1e-3;
+    o.chunk_rows = 3;
+  }
+  SECTION("temperature 1.3") { o.temperature = 1.3; }
   for (auto dt : {at::kDouble, at::kFloat}) {
     INFO("dtype " << dt);
     const auto tol = dt == at::kDouble ? test::float64_tol : test::float32_tol;
@@ -173,6 +181,8 @@ TEST_CASE("torch linear CE: the chunked LibTorch-op path (used off CPU) equals t
   fused_linear_ce_options o;
   o.z_loss = 1e-3;
   o.label_smoothing = 0.05;
+  SECTION("temperature 1") {}
+  SECTION("temperature 0.5") { o.temperature = 0.5; }
   const naive_result want = naive(p.hidden, p.head, p.labels, o);
   for (std::int64_t chunk : {1, 3, 9, 100}) {
     INFO("chunk_rows " << chunk);

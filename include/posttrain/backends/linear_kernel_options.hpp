@@ -10,7 +10,7 @@
 namespace posttrain::detail {
 
 inline kernels::linear_ce_options kernel_options(const fused_linear_ce_options& o) {
-  return {o.ignore_index, o.label_smoothing, o.z_loss, o.chunk_rows.value_or(0)};
+  return {o.ignore_index, o.label_smoothing, o.z_loss, o.chunk_rows.value_or(0), o.temperature};
 }
 
 inline kernels::linear_logprobs_options kernel_options(const fused_linear_logprobs_options& o) {

@@ -5,7 +5,9 @@
 //   ℓ_r     = (1-ε)(lse_r - Z_{r,y}) + ε(lse_r - mean_v Z_rv) + z·lse_r²          (0 where y = ignore_index)
 //   G       = ∂L/∂Z = s·((1 + 2z·lse)·softmax(Z) - (1-ε)·onehot(y) - ε/V)   [N, V] (rows of ignored tokens 0)
 //   ∂L/∂X   = G·W  [N, H],   ∂L/∂W = Gᵀ·X  [V, H]
-// with s = d L / d ℓ_r the caller's uniform weight (1/num_tokens for a token mean). The N x V
+// with s = d L / d ℓ_r the caller's uniform weight (1/num_tokens for a token mean). With a temperature
+// τ the logits are Z = X·Wᵀ/τ (the 1/τ is the GEMM's alpha: no extra pass) and ∂L/∂X, ∂L/∂W carry 1/τ
+// (folded into s), as kernels/linear_logprobs_cpu.hpp. The N x V
 // logits are never held: rows are taken `chunk_rows` at a time (Liger's fused linear
 // cross-entropy, linkedin/Liger-Kernel ops/fused_linear_cross_entropy.py): the chunk's logits go
 // into one C x V buffer, one pass per row (kernels::reduce_row, online max/sum) gives the loss,
@@ -46,6 +48,7 @@ struct linear_ce_options {
   double label_smoothing = 0.0;  ///< ε in [0, 1): (1-ε)·nll + ε·(lse - mean_v z_v)
   double z_loss = 0.0;           ///< z·lse² (PaLM, arXiv:2204.02311 §5)
   std::int64_t chunk_rows = 0;   ///< rows per chunk; <= 0 picks default_chunk_rows(V, sizeof(S))
+  double temperature = 1.0;      ///< τ > 0: logits are X·Wᵀ / τ; 1 = none
 };
 
 /// Outputs of one call; any pointer may be null (that output is not computed). grad_hidden [N, H]
@@ -219,6 +222,9 @@ linear_ce_totals linear_cross_entropy(const S* hidden, const S* head, std::int64
   const bool want_grad = out.grad_hidden != nullptr || out.grad_head != nullptr;
   const std::int64_t chunk = std::min(rows, opt.chunk_rows > 0 ? opt.chunk_rows : default_chunk_rows(V, sizeof(S)));
   const double eps = opt.label_smoothing, z = opt.z_loss;
+  const double inv_t = 1.0 / opt.temperature;
+  // d L / d Z_r times dZ/d(X·Wᵀ) = 1/τ: the whole row gradient of the unscaled product (exact at τ = 1).
+  const double row_scale = opt.temperature == 1.0 ? grad_scale : grad_scale * inv_t;
   std::vector<double> row_loss(static_cast<std::size_t>(chunk));
 
   // One pass per row of the chunk's logits: statistics, outputs, and the row's gradient over its logits.
@@ -255,8 +261,8 @@ linear_ce_totals linear_cross_entropy(const S* hidden, const S* head, std::int64
         if (out.logprob) out.logprob[i] = static_cast<S>(logp);
         if (want_grad) {
           // G_r = s·((1 + 2z·lse)·p - (1-ε)·onehot(y) - ε/V), written over the row's logits.
-          const backward_coefficients k{grad_scale * (1.0 + 2.0 * z * lse), 0.0, grad_scale * (1.0 - eps),
-                                        grad_scale * eps / static_cast<double>(V)};
+          const backward_coefficients k{row_scale * (1.0 + 2.0 * z * lse), 0.0, row_scale * (1.0 - eps),
+                                        row_scale * eps / static_cast<double>(V)};
           write_row_backward(x, V, st, k, y, x);
         }
       }
@@ -267,7 +273,8 @@ linear_ce_totals linear_cross_entropy(const S* hidden, const S* head, std::int64
     }
     return want_grad;
   };
-  linear_chunks<S>(hidden, head, rows, hidden_size, V, chunk, S(1), out.grad_hidden, out.grad_head, rows_of_chunk);
+  linear_chunks<S>(hidden, head, rows, hidden_size, V, chunk, static_cast<S>(inv_t), out.grad_hidden, out.grad_head,
+                   rows_of_chunk);
   return totals;
 }
 

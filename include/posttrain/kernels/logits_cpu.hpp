@@ -20,6 +20,13 @@
 // logits (vocabulary padding) contribute 0 and get gradient 0; a row of only -inf gives logsumexp -inf, entropy 0; a
 // row containing NaN gives NaN; +inf gives logsumexp +inf.
 //
+// Temperature (TRL GRPOTrainer._get_per_token_logps `logits /= self.temperature`, verl
+// `logits.div_(temperature)`): every statistic may be taken of z = a·x with a = 1/T > 0 instead of x.
+// The row max is that of x (a > 0 keeps the order), the differences are scaled once, d = a·(x - m),
+// so no [N, V] copy of x/T is made; row_stats remembers a (inv_t), its logsumexp is a·m + log s,
+// and the backward writers take coefficients of the gradient with respect to z and apply the chain
+// rule dz/dx = a themselves. a = 1 runs the unscaled loops (bit-identical to a kernel without it).
+//
 // Threads: rows are split into contiguous ranges over `num_threads()` std::threads (default: the
 // hardware's cores; `set_num_threads(n)` changes it process-wide, 0 restores the default). A row
 // is always reduced by one thread in one order, so results do not depend on the thread count.
@@ -90,15 +97,26 @@ void parallel_rows(std::int64_t rows, std::int64_t cols, F&& f) {
 inline constexpr std::int64_t block_size = 2048;
 
 /// Online statistics of one row: m = max x, log_s = log Σ e^{x-m}, t_over_s = Σ e^{x-m}(x-m) / s.
+/// With a temperature (inv_t = a = 1/T != 1) the sums are of d = a·(x - m): the statistics of z = a·x.
 template <class S>
 struct row_stats {
   S m;
   double log_s;
   double t_over_s;
+  double inv_t = 1.0;  ///< a = 1/T: the statistics are those of a·x (m stays the max of x)
   bool finite() const { return std::isfinite(m); }
-  double logsumexp() const { return finite() ? static_cast<double>(m) + log_s : static_cast<double>(m); }
+  /// logsumexp(a·x) = a·m + log s.
+  double logsumexp() const {
+    const double am = inv_t == 1.0 ? static_cast<double>(m) : inv_t * static_cast<double>(m);
+    return finite() ? am + log_s : am;
+  }
   /// H = -Σ p log p = log s - t/s; a row of only -inf (or with +inf) is a point mass or empty: 0.
   double entropy() const { return finite() ? log_s - t_over_s : (std::isnan(m) ? m : 0.0); }
+  /// log softmax(a·x)[v] = a·(x_v - m) - log s of a finite row (x_v - m first: exact near the max).
+  double logp(S x_v) const {
+    const double d = static_cast<double>(x_v - m);
+    return (inv_t == 1.0 ? d : d * inv_t) - log_s;
+  }
 };
 
 namespace detail {
@@ -122,12 +140,14 @@ namespace detail {
 /// exponentiated: the loop is exp-bound and the hardware prefetcher does not run ahead of it, so
 /// without the hint the next block's max pass waits on memory (measured: 0.33 -> 0.24 ns per
 /// float32 element on the test machine, AVX-512). NaN in x propagates into s (std::max order).
-template <class S, bool WithT, bool Store>
-inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t, S* e) {
+/// With Scaled, d = max(a·(x - m), diff_floor) (a temperature's 1/T, see the file comment).
+template <class S, bool WithT, bool Store, bool Scaled = false>
+inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t, S* e, S a = S(1)) {
   using namespace Eigen::internal;
   using P = typename packet_traits<S>::type;
   constexpr std::int64_t L = packet_traits<S>::size;
   const P pm = pset1<P>(m), pfloor = pset1<P>(diff_floor<S>);
+  [[maybe_unused]] const P pa = pset1<P>(a);
   P s0 = pset1<P>(S(0)), s1 = s0, t0 = s0, t1 = s0;
   std::int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
@@ -135,8 +155,14 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
     for (std::int64_t k = 0; k < 2 * L; k += static_cast<std::int64_t>(64 / sizeof(S)))
       __builtin_prefetch(x + i + block_size + k, 0, 3);
 #endif
-    const P d0 = pmax(psub(ploadu<P>(x + i), pm), pfloor);
-    const P d1 = pmax(psub(ploadu<P>(x + i + L), pm), pfloor);
+    P d0, d1;
+    if constexpr (Scaled) {
+      d0 = pmax(pmul(psub(ploadu<P>(x + i), pm), pa), pfloor);
+      d1 = pmax(pmul(psub(ploadu<P>(x + i + L), pm), pa), pfloor);
+    } else {
+      d0 = pmax(psub(ploadu<P>(x + i), pm), pfloor);
+      d1 = pmax(psub(ploadu<P>(x + i + L), pm), pfloor);
+    }
     const P e0 = pexp(d0), e1 = pexp(d1);
     s0 = padd(s0, e0);
     s1 = padd(s1, e1);
@@ -151,7 +177,7 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
   }
   S ss = predux(padd(s0, s1)), tt = WithT ? predux(padd(t0, t1)) : S(0);
   for (; i < n; ++i) {
-    const S d = std::max(x[i] - m, diff_floor<S>);
+    const S d = Scaled ? std::max((x[i] - m) * a, diff_floor<S>) : std::max(x[i] - m, diff_floor<S>);
     const S ed = std::exp(d);
     ss += ed;
     if constexpr (WithT) tt += ed * d;
@@ -163,8 +189,8 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
 
 /// The online max/sum over a row (see reduce_row); with Store, also e^{x - m_b} into `e` and the
 /// running max m_b each block b was exponentiated against into `block_max` (-inf: not stored).
-template <class S, bool WithT, bool Store>
-row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_max) {
+template <class S, bool WithT, bool Store, bool Scaled = false>
+row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_max, double inv_t = 1.0) {
   static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
   using A = array_t<S>;
   constexpr S neg_inf = -std::numeric_limits<S>::infinity();
@@ -178,7 +204,9 @@ row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_ma
     const S bm = blk.maxCoeff();
     if (bm > m) {
       if (s > 0.0) {
-        const double delta = static_cast<double>(m) - static_cast<double>(bm);
+        // in the scaled units of d: a·(m - m')
+        const double delta = Scaled ? (static_cast<double>(m) - static_cast<double>(bm)) * inv_t
+                                    : static_cast<double>(m) - static_cast<double>(bm);
         const double c = std::exp(delta);
         t = c * (t + delta * s);
         s *= c;
@@ -187,34 +215,40 @@ row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_ma
     }
     if constexpr (Store) block_max[blk_i] = std::isfinite(m) ? m : neg_inf;
     if (!std::isfinite(m)) {  // only -inf so far (or +inf: the result is m)
-      if (blk.hasNaN()) return {nan, nan, nan};
+      if (blk.hasNaN()) return {nan, nan, nan, inv_t};
       continue;
     }
-    block_exp_sums<S, WithT, Store>(row + b, n, m, s, t, Store ? e + b : nullptr);
+    block_exp_sums<S, WithT, Store, Scaled>(row + b, n, m, s, t, Store ? e + b : nullptr, static_cast<S>(inv_t));
   }
-  if (std::isnan(s) || std::isnan(t)) return {nan, nan, nan};
-  if (!std::isfinite(m)) return {m, 0.0, 0.0};
-  return {m, std::log(s), t / s};
+  if (std::isnan(s) || std::isnan(t)) return {nan, nan, nan, inv_t};
+  if (!std::isfinite(m)) return {m, 0.0, 0.0, inv_t};
+  return {m, std::log(s), t / s, inv_t};
 }
 
 }  // namespace detail
 
 /// One pass over a row: the online max/sum (m, s, t) with the rescaling s' = s·e^{m-m'},
-/// t' = e^{m-m'}(t + (m-m')·s) when a block raises the running max.
+/// t' = e^{m-m'}(t + (m-m')·s) when a block raises the running max. inv_t = 1/T: the statistics
+/// of x/T (file comment); 1 runs the unscaled loop.
 template <class S>
-row_stats<S> reduce_row(const S* row, std::int64_t vocab) {
+row_stats<S> reduce_row(const S* row, std::int64_t vocab, double inv_t = 1.0) {
+  if (inv_t != 1.0) return detail::reduce_row_impl<S, true, false, true>(row, vocab, nullptr, nullptr, inv_t);
   return detail::reduce_row_impl<S, true, false>(row, vocab, nullptr, nullptr);
 }
 
 /// Blocks per row of `vocab` logits (the length of reduce_row_keep's block_max).
 inline std::int64_t blocks_per_row(std::int64_t vocab) { return (vocab + block_size - 1) / block_size; }
 
-/// reduce_row that also keeps its exponentials: e[v] = e^{x_v - block_max[v / block_size]} (e may
+/// reduce_row that also keeps its exponentials: e[v] = e^{a·(x_v - block_max[v / block_size])} (e may
 /// be row: the row is then overwritten), so a backward of the form α·p − c needs no second exp
 /// (write_row_backward_kept). block_max has blocks_per_row(vocab) entries. Without
-/// `with_entropy` the sum t is skipped (t_over_s and entropy() are then 0).
+/// `with_entropy` the sum t is skipped (t_over_s and entropy() are then 0). inv_t = a = 1/T.
 template <class S>
-row_stats<S> reduce_row_keep(const S* row, std::int64_t vocab, S* e, S* block_max, bool with_entropy) {
+row_stats<S> reduce_row_keep(const S* row, std::int64_t vocab, S* e, S* block_max, bool with_entropy,
+                             double inv_t = 1.0) {
+  if (inv_t != 1.0)
+    return with_entropy ? detail::reduce_row_impl<S, true, true, true>(row, vocab, e, block_max, inv_t)
+                        : detail::reduce_row_impl<S, false, true, true>(row, vocab, e, block_max, inv_t);
   return with_entropy ? detail::reduce_row_impl<S, true, true>(row, vocab, e, block_max)
                       : detail::reduce_row_impl<S, false, true>(row, vocab, e, block_max);
 }
@@ -233,14 +267,15 @@ bool first_argmax_is(const S* x, std::int64_t y, S m) {
 /// Forward over rows: any of the outputs may be null. labels (null: no log-probs, no hits) index
 /// each row; a label equal to ignore_index gives log-prob 0 and hit 0. Labels must be in [0, vocab)
 /// otherwise. argmax_hit[r] is 1 where the row's first argmax is its label (first_argmax_is).
+/// inv_temperature = 1/T: the statistics of logits/T (the argmax is the same); 1: none.
 template <class S>
 void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, const std::int64_t* labels,
                     std::int64_t ignore_index, S* lse, S* logprob, S* entropy, S* row_max = nullptr,
-                    double* row_log_s = nullptr, S* argmax_hit = nullptr) {
+                    double* row_log_s = nullptr, S* argmax_hit = nullptr, double inv_temperature = 1.0) {
   parallel_rows(rows, vocab, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t r = begin; r < end; ++r) {
       const S* x = logits + r * vocab;
-      const row_stats<S> st = reduce_row(x, vocab);
+      const row_stats<S> st = reduce_row(x, vocab, inv_temperature);
       if (lse) lse[r] = static_cast<S>(st.logsumexp());
       if (entropy) entropy[r] = static_cast<S>(st.entropy());
       if (row_max) row_max[r] = st.m;
@@ -250,7 +285,7 @@ void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, cons
         if (y == ignore_index)
           logprob[r] = S(0);
         else if (st.finite())
-          logprob[r] = static_cast<S>(static_cast<double>(x[y] - st.m) - st.log_s);  // x_y - m exact near the max
+          logprob[r] = static_cast<S>(st.logp(x[y]));  // a·(x_y - m) - log s, x_y - m exact near the max
         else
           logprob[r] = x[y] - st.m;  // -inf row: NaN, as the generic path; +inf: -inf or NaN
       }
@@ -276,22 +311,32 @@ struct backward_coefficients {
 };
 
 /// The label column of the backward form when d != 0: p_y·(alpha + beta·log p_y) + d·(1 − p_y) − b − c,
-/// in double, with p_y = e^{(x_y − m) − log s}.
+/// in double, with log p_y = a·(x_y − m) − log s (row_stats::logp).
 template <class S>
 double label_gradient(S x_label, const row_stats<S>& st, const backward_coefficients& k) {
-  const double logp =
-      std::max(static_cast<double>(x_label - st.m) - st.log_s, static_cast<double>(detail::diff_floor<S>));
+  const double logp = std::max(st.logp(x_label), static_cast<double>(detail::diff_floor<S>));
   const double p = std::exp(logp);
   return p * (k.alpha + k.beta * logp) + k.d * (1.0 - p) - k.b - k.c;
 }
 
+namespace detail {
+/// The chain rule of a temperature: coefficients of the gradient w.r.t. z = a·x, times a = dz/dx.
+inline backward_coefficients times(const backward_coefficients& k, double a) {
+  return {k.alpha * a, k.beta * a, k.b * a, k.c * a, k.d * a};
+}
+}  // namespace detail
+
 /// Writes out[v] = p_v·(alpha + beta·log p_v) + d·([v = label] − p_v) − b·[v = label] − c for one
 /// row whose statistics are known; `out` may be `row` itself (each element is read before it is
-/// written). -inf logits get −c (p = 0, and p·log p := 0).
+/// written). -inf logits get −c (p = 0, and p·log p := 0). With a temperature (st.inv_t = a ≠ 1)
+/// p = softmax(a·x), the coefficients are those of the gradient w.r.t. a·x, and the row written is
+/// a times that (the gradient w.r.t. x).
 template <class S>
-void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st, const backward_coefficients& k,
+void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st, const backward_coefficients& k_z,
                         std::int64_t label, S* out) {
   using A = detail::array_t<S>;
+  const bool scaled = st.inv_t != 1.0;
+  const backward_coefficients k = scaled ? detail::times(k_z, st.inv_t) : k_z;
   const Eigen::Map<const A> x(row, static_cast<Eigen::Index>(vocab));
   Eigen::Map<A> o(out, static_cast<Eigen::Index>(vocab));
   const S alpha = static_cast<S>(k.alpha), beta = static_cast<S>(k.beta), c = static_cast<S>(k.c);
@@ -308,7 +353,15 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
   const S a = static_cast<S>(k.alpha - k.d);  // every column's p coefficient: alpha − d
   // log p = (x - m) - log s: x - m first keeps precision at large |x|. A -inf logit gives
   // e^{-inf} = 0 (log p clamped first where it is multiplied), so p = 0 and p·log p = 0 there.
-  if (k.beta == 0.0) {
+  if (scaled) {
+    const S at = static_cast<S>(st.inv_t);
+    if (k.beta == 0.0) {
+      o = (k.d == 0.0 ? alpha : a) * ((x - m) * at - log_s).exp() - c;
+    } else {
+      const auto logp = ((x - m) * at - log_s).max(detail::diff_floor<S>);
+      o = logp.exp() * ((k.d == 0.0 ? alpha : a) + beta * logp) - c;
+    }
+  } else if (k.beta == 0.0) {
     o = (k.d == 0.0 ? alpha : a) * ((x - m) - log_s).exp() - c;
   } else {
     const auto logp = ((x - m) - log_s).max(detail::diff_floor<S>);
@@ -323,11 +376,14 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
 }
 
 /// write_row_backward for β = 0 from reduce_row_keep's exponentials: out[v] = α·p_v − b·[v = y] − c
-/// with p_v = e[v]·e^{m_b − m − log s} (one multiply per element, no exp). `out` may be `e`.
+/// with p_v = e[v]·e^{a·(m_b − m) − log s} (one multiply per element, no exp). `out` may be `e`.
+/// With a temperature (st.inv_t = a ≠ 1) the chain rule's a is applied as in write_row_backward.
 template <class S>
 void write_row_backward_kept(const S* e, std::int64_t vocab, const row_stats<S>& st, const S* block_max,
-                             const backward_coefficients& k, std::int64_t label, S* out) {
+                             const backward_coefficients& k_z, std::int64_t label, S* out) {
   using A = detail::array_t<S>;
+  const bool scaled = st.inv_t != 1.0;
+  const backward_coefficients k = scaled ? detail::times(k_z, st.inv_t) : k_z;
   const S c = static_cast<S>(k.c);
   if (!st.finite()) {
     Eigen::Map<A>(out, static_cast<Eigen::Index>(vocab)).setConstant(std::numeric_limits<S>::quiet_NaN());
@@ -339,10 +395,20 @@ void write_row_backward_kept(const S* e, std::int64_t vocab, const row_stats<S>&
   double label_value = 0.0;
   if (has_label && k.d != 0.0) {
     const S mb = block_max[label / block_size];
-    const S x_minus_m = std::isfinite(mb) ? static_cast<S>(std::log(static_cast<double>(e[label])) +
-                                                           (static_cast<double>(mb) - static_cast<double>(st.m)))
-                                          : -std::numeric_limits<S>::infinity();
-    label_value = label_gradient(static_cast<S>(x_minus_m + st.m), st, k);
+    if (scaled) {
+      // log p_y = log e[y] + a·(m_b − m) − log s, straight from the kept exponential.
+      const double logp = std::isfinite(mb)
+                              ? std::log(static_cast<double>(e[label])) +
+                                    (static_cast<double>(mb) - static_cast<double>(st.m)) * st.inv_t - st.log_s
+                              : -std::numeric_limits<double>::infinity();
+      const double p = std::exp(std::max(logp, static_cast<double>(detail::diff_floor<S>)));
+      label_value = p * k.alpha + k.d * (1.0 - p) - k.b - k.c;  // β = 0 here
+    } else {
+      const S x_minus_m = std::isfinite(mb) ? static_cast<S>(std::log(static_cast<double>(e[label])) +
+                                                             (static_cast<double>(mb) - static_cast<double>(st.m)))
+                                            : -std::numeric_limits<S>::infinity();
+      label_value = label_gradient(static_cast<S>(x_minus_m + st.m), st, k);
+    }
   }
   const double alpha = k.alpha - k.d;  // every column's p coefficient
   for (std::int64_t b = 0, blk_i = 0; b < vocab; b += block_size, ++blk_i) {
@@ -353,8 +419,9 @@ void write_row_backward_kept(const S* e, std::int64_t vocab, const row_stats<S>&
       o.setConstant(-c);
       continue;
     }
-    // p = e^{x - m_b}·e^{m_b - m - log s}; the scale in double, exact up to the final rounding.
-    const S scale = static_cast<S>(alpha * std::exp(static_cast<double>(mb) - static_cast<double>(st.m) - st.log_s));
+    // p = e^{a(x - m_b)}·e^{a(m_b - m) - log s}; the scale in double, exact up to the final rounding.
+    const double shift = static_cast<double>(mb) - static_cast<double>(st.m);
+    const S scale = static_cast<S>(alpha * std::exp((scaled ? shift * st.inv_t : shift) - st.log_s));
     o = Eigen::Map<const A>(e + b, n) * scale - c;
   }
   if (has_label) {
@@ -371,7 +438,7 @@ void write_row_backward_kept(const S* e, std::int64_t vocab, const row_stats<S>&
 template <class S>
 backward_coefficients cross_entropy_coefficients(const row_stats<S>& st, S x_label, std::int64_t vocab, double weight,
                                                  double label_smoothing, double z_loss, bool dft) {
-  const double f = dft ? std::exp(static_cast<double>(x_label - st.m) - st.log_s) : 1.0;
+  const double f = dft ? std::exp(st.logp(x_label)) : 1.0;
   const double z_term = z_loss > 0.0 ? 2.0 * z_loss * st.logsumexp() : 0.0;
   return {weight * (f + z_term), 0.0, weight * f * (1.0 - label_smoothing),
           weight * f * label_smoothing / static_cast<double>(vocab)};

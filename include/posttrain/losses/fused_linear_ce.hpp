@@ -2,12 +2,13 @@
 // the [N, V] logits.
 //
 //   hidden X [..., H], head W [V, H] (the LM head, as nn.Linear(H, V).weight), labels y [...]
-//   logits  z_t = W·x_t                                                  (never materialised whole)
+//   logits  z_t = W·x_t / τ                                              (never materialised whole;
+//                                                                         τ = temperature, default 1)
 //   ℓ_t  = (1-ε)(lse_t - z_t[y_t]) + ε(lse_t - mean_v z_t[v]) + z·lse_t²  (PyTorch cross_entropy with
 //          label_smoothing; PaLM z-loss, arXiv:2204.02311 §5); 0 where y_t = ignore_index
 //   loss = Σ_t ℓ_t / n   token_mean: n = normalizer or the count of non-ignored labels (0 if none)
 //          Σ_t ℓ_t / n   sum:        n = normalizer or 1
-// Same value as sft_loss(X·Wᵀ, y, {ignore_index, label_smoothing, z_loss, reduction, normalizer})
+// Same value as sft_loss(X·Wᵀ, y, {ignore_index, label_smoothing, z_loss, reduction, normalizer, temperature})
 // (no DFT, no sequence reductions). Rows are processed `chunk_rows` at a time, gradients with
 // respect to X and W computed in the same pass (Liger's scheme: kernels/linear_ce_cpu.hpp), so
 // peak extra memory is O(chunk_rows · V) beside the gradients themselves.
@@ -48,6 +49,9 @@ struct fused_linear_ce_options {
   std::optional<double> normalizer = std::nullopt;
   /// Rows per chunk (> 0); unset: kernels::default_chunk_rows(V, element size) (~64 MiB of logits).
   std::optional<std::int64_t> chunk_rows = std::nullopt;
+  /// τ, finite and > 0: the logits are X·Wᵀ / τ (as fused_linear_logprobs and sft_loss's temperature;
+  /// the gradients carry 1/τ); 1 = none.
+  double temperature = 1.0;
 };
 
 template <tensor T>
@@ -78,6 +82,7 @@ inline void check_fused_linear_ce_options(std::string_view fn, const fused_linea
     fail(fn, "options.reduction must be token-mean or sum, got ", aggregation_name(o.reduction));
   check_normalizer(fn, o.normalizer);
   if (o.chunk_rows && *o.chunk_rows <= 0) fail(fn, "options.chunk_rows must be > 0, got ", *o.chunk_rows);
+  require_temperature(fn, "options.temperature", o.temperature);
 }
 
 /// hidden [..., H] and head [V, H]: floating, non-empty, same dtype and device; labels [...] integer,

@@ -142,6 +142,12 @@ struct grpo_result {
   /// TRL sampling/importance_sampling_ratio/{min,mean,max}: of the truncated / masked rollout ratio, over the
   /// valid tokens (token level) or over the B rows (sequence / geometric level); 1 without rollout_is.
   T is_ratio_min, is_ratio_mean, is_ratio_max;
+  /// verl actor/ppo_kl (core_algos.compute_policy_loss_vanilla: ppo_kl = masked_mean(-negative_approx_kl),
+  /// negative_approx_kl = log_prob - old_log_prob): masked mean of old_logprobs - logprobs (0 on-policy).
+  T approx_kl;
+  /// TRL `entropy` (GRPOTrainer._compute_loss: masked_batch_mean(entropies)) / verl actor/entropy: masked mean
+  /// of batch.entropies over the response mask; 0 when the batch carries none.
+  T entropy;
 };
 
 namespace detail {
@@ -265,8 +271,28 @@ grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {
       is_mean = ops::div(ops::sum_all(row), double(ops::size(row, 0)));
     }
   }
-  return {loss,       per_token,   masked_mean(t.kl, m), cm.low,   cm.high, cm.region, masked_mean(t.coef1, m),
-          cm.low_min, cm.high_max, cispo_clip,           phi_mean, is_min,  is_mean,   is_max};
+  const T lp = ops::upcast(batch.logprobs);
+  const T old = batch.old_logprobs ? ops::upcast(*batch.old_logprobs) : ops::detach(lp);
+  // verl ppo_kl = masked_mean(-(log_prob - old_log_prob), response_mask)
+  const T ppo_kl = masked_mean(ops::sub(old, lp), m);
+  // TRL mean_entropy = masked_batch_mean(entropies) (token level: Σ H·m / Σ m)
+  const T mean_entropy = batch.entropies ? masked_mean(ops::upcast(*batch.entropies), m) : ops::scalar_like(lp, 0.0);
+  return {loss,
+          per_token,
+          masked_mean(t.kl, m),
+          cm.low,
+          cm.high,
+          cm.region,
+          masked_mean(t.coef1, m),
+          cm.low_min,
+          cm.high_max,
+          cispo_clip,
+          phi_mean,
+          is_min,
+          is_mean,
+          is_max,
+          ops::detach(ppo_kl),
+          ops::detach(mean_entropy)};
 }
 
 /// ∂(grad_loss · grpo_loss(batch).loss)/∂logprobs, [B, T].

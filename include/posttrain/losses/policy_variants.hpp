@@ -141,6 +141,12 @@ struct policy_variant_result {
   T token_keep;                                 ///< [B, T] OPSM × top-entropy selection (0/1)
   T cov_selected;                               ///< [B, T] Clip-Cov / KL-Cov selected tokens (0/1)
   T cov_selected_frac;  ///< masked mean of cov_selected (verl clip_cov logs it as actor/pg_clipfrac)
+  /// verl actor/ppo_kl (core_algos.compute_policy_loss_vanilla: ppo_kl = masked_mean(-negative_approx_kl),
+  /// negative_approx_kl = log_prob - old_log_prob): masked mean of old_logprobs - logprobs (0 on-policy).
+  T approx_kl;
+  /// TRL `entropy` (GRPOTrainer._compute_loss: masked_batch_mean(entropies)) / verl actor/entropy: masked mean
+  /// of batch.entropies over the response mask; 0 when the batch carries none.
+  T entropy;
 };
 
 namespace detail {
@@ -374,24 +380,15 @@ policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const
                      ? ops::mul(ops::gt(t.ratio, opt.cispo_cap), ops::gt(t.A, 0.0))
                      : ops::maximum(ops::lt(t.ratio, 1.0 - eps_l), ops::gt(t.ratio, 1.0 + eps_h));
   }
-  return {loss,
-          per_token,
-          t.ratio,
-          cm.low,
-          cm.high,
-          cm.region,
-          cm.low_min,
-          cm.high_max,
-          masked_mean(cispo_clip, m),
-          t.phi,
-          masked_mean(t.phi, m),
-          t.is_weight,
-          masked_mean(t.is_raw, m),
-          detail::masked_extreme(t.is_raw, m, false),
-          detail::masked_extreme(t.is_raw, m, true),
-          t.keep,
-          t.cov_sel,
-          masked_mean(t.cov_sel, m)};
+  return {loss, per_token, t.ratio, cm.low, cm.high, cm.region, cm.low_min, cm.high_max, masked_mean(cispo_clip, m),
+          t.phi, masked_mean(t.phi, m), t.is_weight, masked_mean(t.is_raw, m),
+          detail::masked_extreme(t.is_raw, m, false), detail::masked_extreme(t.is_raw, m, true), t.keep, t.cov_sel,
+          masked_mean(t.cov_sel, m),
+          // verl ppo_kl = masked_mean(-(log_prob - old_log_prob), response_mask)
+          ops::detach(masked_mean(
+              ops::sub(batch.old_logprobs ? ops::upcast(*batch.old_logprobs) : ops::detach(t.lp), t.lp), m)),
+          // TRL mean_entropy = masked_batch_mean(entropies)
+          batch.entropies ? ops::detach(masked_mean(ops::upcast(*batch.entropies), m)) : ops::scalar_like(t.lp, 0.0)};
 }
 
 /// ∂(grad_loss · policy_variant_loss(batch).loss)/∂logprobs, [B, T].

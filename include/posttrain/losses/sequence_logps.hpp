@@ -6,6 +6,9 @@
 //   mean  ℓ̄_b = Σ_t log p(y_t) / |y_b|                  (SimPO, ORPO, TRL IPO; 0 for an empty row)
 // Returns the per-sequence values [B] and the completion lengths |y_b| [B].
 // Gradient: ∂ℓ_b/∂logits[b, t] = onehot(y_t) - softmax(logits[b, t]) (÷ |y_b| for mean).
+// temperature T (default 1 = none): log p = log softmax(logits / T) and the gradient carries 1/T,
+// as TRL and verl score completions sampled at temperature T (`logits /= temperature`).
+// ld_sequence_logps stays at T = 1.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +25,8 @@ enum class sequence_reduction { sum, mean };
 struct sequence_logps_options {
   std::int64_t ignore_index = default_ignore_index;
   sequence_reduction reduction = sequence_reduction::sum;
+  /// T, finite and > 0: log softmax(logits / T) (TRL/verl sampling temperature); 1 = none.
+  double temperature = 1.0;
 };
 
 template <tensor T>
@@ -34,6 +39,7 @@ namespace detail {
 template <tensor T>
 void check_sequence_logps(std::string_view fn, const T& logits, const index_tensor_t<T>& labels,
                           const sequence_logps_options& o) {
+  require_temperature(fn, "options.temperature", o.temperature);
   require_logits(fn, "logits", logits);
   require_rank(fn, "logits", logits, 3, 3);
   require_labels(fn, logits, labels, o.ignore_index);
@@ -47,9 +53,9 @@ sequence_logps_result<T> sequence_logps(const T& logits, const index_tensor_t<T>
                                         const sequence_logps_options& opt = {}) {
   detail::check_sequence_logps("sequence_logps", logits, labels, opt);
   // One read of the logits, half ones as they are on a backend whose hook reads them (validated above).
-  const T lp = detail::token_logprobs_unchecked(logits, labels, opt.ignore_index);    // [B, T], 0 if ignored
-  const T lengths = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, lp);  // [B, T] 0/1
-  const T n = ops::sum(lengths, 1);                                                   // [B]
+  const T lp = detail::token_logprobs_unchecked(logits, labels, opt.ignore_index, opt.temperature);  // [B, T]
+  const T lengths = tensor_traits<T>::index_not_equal(labels, opt.ignore_index, lp);                 // [B, T] 0/1
+  const T n = ops::sum(lengths, 1);                                                                  // [B]
   T s = ops::sum(lp, 1);
   if (opt.reduction == sequence_reduction::mean) s = ops::div(s, ops::maximum(n, 1.0));
   return {s, ops::detach(n)};
@@ -71,8 +77,9 @@ T sequence_logps_backward(const T& logits, const index_tensor_t<T>& labels, cons
     g = ops::div(g, ops::maximum(n, 1.0));
   }
   const T per_token = ops::mul(ops::unsqueeze(g, 1), ops::full(x, shape_t{ops::size(x, 0), ops::size(x, 1)}, 1.0));
-  return ops::to_dtype(detail::token_logprobs_backward_unchecked(x, labels, per_token, opt.ignore_index),
-                       ops::dtype_of(logits));
+  return ops::to_dtype(
+      detail::token_logprobs_backward_unchecked(x, labels, per_token, opt.ignore_index, opt.temperature),
+      ops::dtype_of(logits));
 }
 
 /// LD-DPO's length-desensitised log-probability (Liu et al. 2024, arXiv:2409.06411 eq. 9; TRL ld_alpha):

@@ -10,6 +10,12 @@
 // reduction token_mean with no normalizer is PyTorch's reduction="mean"; sum is "sum". TRL's SFT
 // divides by `num_items_in_batch` (the token count of the whole gradient-accumulation window):
 // pass it as `normalizer`. The sequence modes need logits [B, T, V].
+// temperature T (default 1 = none) takes every term above of logits / T, gradients w.r.t. the raw
+// logits (× 1/T). Neither TRL's SFTTrainer nor verl's SFT trainer has one: supervised training fits
+// the model's own distribution. It is here so that the cross-entropy of a sampled or distilled
+// target at the sampling/distillation temperature (the log-probs RL frameworks take after
+// `logits /= temperature`, the hard-label term of a KD loss at τ) has the same fused path, and so
+// that fused_linear_cross_entropy(..., {.temperature}) keeps equal to sft_loss(X·Wᵀ, ...) with it.
 // Example: logits [[0, 0, 0, 0]], label 0 -> loss log 4 = 1.386294; with ε = 0.1 still log 4.
 #pragma once
 
@@ -40,6 +46,8 @@ struct sft_options {
   std::optional<double> normalizer = std::nullopt;
   /// Dynamic fine-tuning: weight each token's loss by its detached probability (TRL "dft").
   bool dft = false;
+  /// T, finite and > 0: the loss of logits / T (see the file comment); 1 = none (SFT's usual case).
+  double temperature = 1.0;
 };
 
 template <tensor T>
@@ -59,6 +67,7 @@ inline void check_sft(std::string_view fn, const sft_options& o) {
     fail(fn, "options.label_smoothing must be in [0, 1), got ", o.label_smoothing);
   if (o.z_loss < 0.0) fail(fn, "options.z_loss must be >= 0, got ", o.z_loss);
   check_normalizer(fn, o.normalizer);
+  require_temperature(fn, "options.temperature", o.temperature);
 }
 
 template <tensor T>
@@ -92,14 +101,16 @@ sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const s
                                                                  .logprob = true,
                                                                  .entropy = true,
                                                                  .argmax_hit = true,
-                                                                 .ignore_index = opt.ignore_index});
+                                                                 .ignore_index = opt.ignore_index,
+                                                                 .temperature = opt.temperature});
   const T& lp = st.logprob;                                           // [...] log p[y], 0 if ignored
   const T valid = tr::index_not_equal(labels, opt.ignore_index, lp);  // [...] 0/1
   T tok = ops::neg(lp);                                               // NLL
   const T& lse = st.logsumexp;
   if (opt.label_smoothing > 0.0) {
-    // PyTorch cross_entropy: (1-ε)·nll + ε·(-(1/V) Σ_v log p_v) = (1-ε)·nll + ε·(lse - mean_v x_v)
-    const T smooth = ops::sub(lse, ops::div(ops::sum(x, -1), vocab));
+    // PyTorch cross_entropy: (1-ε)·nll + ε·(-(1/V) Σ_v log p_v) = (1-ε)·nll + ε·(lse - mean_v x_v),
+    // x = logits / T (lse is already of logits / T)
+    const T smooth = ops::sub(lse, ops::div(ops::sum(x, -1), vocab * opt.temperature));
     tok = ops::add(ops::mul(tok, 1.0 - opt.label_smoothing), ops::mul(smooth, opt.label_smoothing));
   }
   // DFT (arXiv:2508.05629 eq. 8): ℓ_t · sg(p_t)
@@ -126,7 +137,7 @@ template <tensor T>
 T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_options& opt = {},
                     double grad_loss = 1.0) {
   using tr = tensor_traits<T>;
-  const T x = ops::upcast(logits);
+  const T x = detail::tempered(ops::upcast(logits), opt.temperature);  // z = logits / T
   const double vocab = static_cast<double>(ops::size(x, -1));
   const T valid = tr::index_not_equal(labels, opt.ignore_index, x);
   const auto safe = tr::index_replace(labels, opt.ignore_index, 0);
@@ -138,6 +149,7 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
   if (opt.dft)
     d = ops::mul(d, ops::unsqueeze(ops::exp(detail::token_logprobs_unchecked(x, labels, opt.ignore_index)), -1));
   if (opt.z_loss > 0.0) d = ops::add(d, ops::mul(ops::mul(p, lse), 2.0 * opt.z_loss));
+  if (opt.temperature != 1.0) d = ops::div(d, opt.temperature);                                // dz/dlogits = 1/T
   const T w = ops::mul(aggregation_weights(valid, opt.reduction, opt.normalizer), grad_loss);  // [...]
   const T g = ops::where(ops::unsqueeze(valid, -1), ops::mul(d, ops::unsqueeze(w, -1)), 0.0);
   return ops::to_dtype(g, ops::dtype_of(logits));
@@ -148,6 +160,7 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
 ///   dℓ_t/dx = softmax - (1-ε)·onehot(y) - ε/V           (cross-entropy with smoothing)
 ///             × sg(p[y]) with dft                        (the weight is a constant)
 ///             + 2z·lse·softmax                           (z-loss)
+///             all of logits / T and times 1/T with a temperature
 /// and d loss/dℓ_t are the aggregation weights. A backend with the fused ce_backward hook
 /// (fused.hpp) computes it in one statistics pass and one gradient pass per row, with no [..., V]
 /// temporaries; generic::sft_loss_backward (above) is the reference it is tested against. The fused result
@@ -163,7 +176,8 @@ T sft_loss_backward(const T& logits, const index_tensor_t<T>& labels, const sft_
     const T valid = tr::index_not_equal(labels, opt.ignore_index, like);
     const T w = ops::mul(aggregation_weights(valid, opt.reduction, opt.normalizer), grad_loss);  // [...]
     if (auto g = detail::try_fused_ce_backward(
-            logits, labels, w, ce_backward_args{opt.ignore_index, opt.label_smoothing, opt.z_loss, opt.dft}))
+            logits, labels, w,
+            ce_backward_args{opt.ignore_index, opt.label_smoothing, opt.z_loss, opt.dft, opt.temperature}))
       return std::move(*g);
   }
   return generic::sft_loss_backward(logits, labels, opt, grad_loss);

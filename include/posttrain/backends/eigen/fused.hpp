@@ -41,12 +41,13 @@ struct fused_ops<eigen_tensor<Scalar>> {
       detail::fail("logits_stats", "labels have shape ", detail::shape_string(labels->shape()),
                    " but logits have shape ", detail::shape_string(x.shape()));
     kernels::logits_forward<Scalar>(x.data(), rows.numel(), v, labels ? labels->data() : nullptr, q.ignore_index, lse,
-                                    lp, ent, nullptr, nullptr, hit);
+                                    lp, ent, nullptr, nullptr, hit, 1.0 / q.temperature);
     return r;
   }
 
   /// sft_loss_backward's gradient, one statistics pass and one gradient pass per row
-  /// (kernels::cross_entropy_coefficients); rows whose label is ignore_index get 0.
+  /// (kernels::cross_entropy_coefficients); rows whose label is ignore_index get 0. A temperature
+  /// scales inside the pass (the writer applies the chain rule's 1/T).
   static std::optional<T> ce_backward(const T& x, const index_tensor& labels, const T& row_weights,
                                       const ce_backward_args& a) {
     T out(x.shape());
@@ -67,7 +68,7 @@ struct fused_ops<eigen_tensor<Scalar>> {
           std::fill(o, o + v, Scalar(0));
           continue;
         }
-        const auto st = kernels::reduce_row(row, v);
+        const auto st = kernels::reduce_row(row, v, 1.0 / a.temperature);
         const auto k = kernels::cross_entropy_coefficients(st, row[y], v, static_cast<double>(wp[r]), a.label_smoothing,
                                                            a.z_loss, a.dft);
         kernels::write_row_backward(row, v, st, k, y, o);

@@ -19,10 +19,11 @@ namespace posttrain::detail::torch_kernels {
 /// The same backward in LibTorch ops, differentiable again: used when the graph of the backward
 /// is being recorded (create_graph = true), where the engine's raw output would cut it. (Whole
 /// tensors: a half input is upcast to one float32 copy here.)
-///   d = p·g_lse + (onehot(y) − p)·g_lp − p·(log p + H)·g_H
+///   d = p·g_lse + (onehot(y) − p)·g_lp − p·(log p + H)·g_H,   p = softmax(x / T), then d / T.
 inline at::Tensor backward_differentiable(const at::Tensor& x_in, const at::Tensor& labels, const row_grads& g,
-                                          std::int64_t ignore_index) {
-  const at::Tensor x = is_half(x_in.scalar_type()) ? x_in.to(at::kFloat) : x_in;
+                                          std::int64_t ignore_index, double temperature = 1.0) {
+  const at::Tensor x_up = is_half(x_in.scalar_type()) ? x_in.to(at::kFloat) : x_in;
+  const at::Tensor x = temperature == 1.0 ? x_up : x_up / temperature;
   const at::Tensor logp = at::log_softmax(x, -1);
   const at::Tensor p = logp.exp();
   at::Tensor d = at::zeros_like(x);
@@ -38,6 +39,7 @@ inline at::Tensor backward_differentiable(const at::Tensor& x_in, const at::Tens
     const at::Tensor h = -(p * logp_safe).sum(-1, true);
     d = d - p * (logp_safe + h) * g.entropy.to(x.scalar_type()).unsqueeze(-1);
   }
+  if (temperature != 1.0) d = d / temperature;
   return d.to(x_in.scalar_type());
 }
 
@@ -45,21 +47,22 @@ inline at::Tensor backward_differentiable(const at::Tensor& x_in, const at::Tens
 inline std::int64_t pack(const logits_stats_request& q) {
   return (q.logsumexp ? 1 : 0) | (q.logprob ? 2 : 0) | (q.entropy ? 4 : 0) | (q.argmax_hit ? 8 : 0);
 }
-inline logits_stats_request unpack(std::int64_t bits, std::int64_t ignore_index) {
-  return {(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0, (bits & 8) != 0, ignore_index};
+inline logits_stats_request unpack(std::int64_t bits, std::int64_t ignore_index, double temperature) {
+  return {(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0, (bits & 8) != 0, ignore_index, temperature};
 }
 
 /// The autograd node: outputs the requested [lse, logprob, entropy] in that order, then the argmax
 /// hit (not differentiable) when asked.
 struct logits_stats_function : torch::autograd::Function<logits_stats_function> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                const at::Tensor& labels, std::int64_t bits,
-                                                std::int64_t ignore_index) {
-    const logits_stats_request q = unpack(bits, ignore_index);
+                                                const at::Tensor& labels, std::int64_t bits, std::int64_t ignore_index,
+                                                double temperature) {
+    const logits_stats_request q = unpack(bits, ignore_index, temperature);
     ctx->save_for_backward({x, labels});
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no work for it
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["temperature"] = temperature;
     const row_outputs r = torch_kernels::forward(x, labels, q);
     torch::autograd::variable_list out;
     if (q.logsumexp) out.push_back(r.logsumexp);
@@ -75,15 +78,17 @@ struct logits_stats_function : torch::autograd::Function<logits_stats_function> 
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const std::int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const logits_stats_request q = unpack(ctx->saved_data["bits"].toInt(), ignore_index);
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const logits_stats_request q = unpack(ctx->saved_data["bits"].toInt(), ignore_index, temperature);
     row_grads g;
     std::size_t i = 0;
     if (q.logsumexp) g.logsumexp = grads[i++];
     if (q.logprob) g.logprob = grads[i++];
     if (q.entropy) g.entropy = grads[i++];
-    const at::Tensor grad = at::GradMode::is_enabled() ? backward_differentiable(saved[0], saved[1], g, ignore_index)
-                                                       : torch_kernels::backward(saved[0], saved[1], g, ignore_index);
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor grad = at::GradMode::is_enabled()
+                                ? backward_differentiable(saved[0], saved[1], g, ignore_index, temperature)
+                                : torch_kernels::backward(saved[0], saved[1], g, ignore_index, temperature);
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -93,7 +98,7 @@ inline logits_row_stats<at::Tensor> logits_stats(const at::Tensor& x, const at::
                                                  const logits_stats_request& q) {
   logits_row_stats<at::Tensor> r;
   if (x.requires_grad() && at::GradMode::is_enabled()) {
-    const auto out = logits_stats_function::apply(x, labels, pack(q), q.ignore_index);
+    const auto out = logits_stats_function::apply(x, labels, pack(q), q.ignore_index, q.temperature);
     std::size_t i = 0;
     if (q.logsumexp) r.logsumexp = out[i++];
     if (q.logprob) r.logprob = out[i++];

@@ -89,9 +89,9 @@ inline parts on_cpu(const at::Tensor& hidden, const at::Tensor& head, const at::
 }
 
 /// The same chunked algorithm in LibTorch ops (any device): per chunk of rows,
-///   Z = X_c·Wᵀ, lse = logsumexp(Z), p = e^{Z - lse}, H = lse - Σ p·Z,
+///   Z = X_c·Wᵀ / τ, lse = logsumexp(Z), p = e^{Z - lse}, H = lse - Σ p·Z,
 ///   ℓ = (1-ε)(lse - Z_y) + ε(lse - mean Z) + z·lse²,
-///   G = s·((1 + 2z·lse)·p - (1-ε)·onehot(y) - ε/V) (0 at ignored rows), ∂X_c = G·W, ∂W += Gᵀ·X_c.
+///   G = s/τ·((1 + 2z·lse)·p - (1-ε)·onehot(y) - ε/V) (0 at ignored rows), ∂X_c = G·W, ∂W += Gᵀ·X_c.
 inline parts chunked_ops(const at::Tensor& hidden, const at::Tensor& head, const at::Tensor& labels,
                          const fused_linear_ce_options& o, bool grad_hidden, bool grad_head, double grad_loss) {
   at::NoGradGuard no_grad;
@@ -102,7 +102,8 @@ inline parts chunked_ops(const at::Tensor& hidden, const at::Tensor& head, const
   const at::Tensor y = labels.reshape({-1}).to(at::kLong);
   const std::int64_t n = y.numel();
   const std::int64_t valid = y.ne(o.ignore_index).sum().item<std::int64_t>();
-  const double s = fused_linear_ce_weight(o, valid) * grad_loss;
+  // d loss / d Z times dZ / d(X·Wᵀ) = 1/τ
+  const double s = fused_linear_ce_weight(o, valid) * grad_loss / o.temperature;
   const double eps = o.label_smoothing, z = o.z_loss;
   const auto opts = w.options();
   const std::int64_t chunk = std::min(n, o.chunk_rows.value_or(kernels::default_chunk_rows(v, at::elementSize(cdt))));
@@ -116,7 +117,8 @@ inline parts chunked_ops(const at::Tensor& hidden, const at::Tensor& head, const
     const at::Tensor yc = y.slice(0, c0, c1);          // [C]
     const at::Tensor keep = yc.ne(o.ignore_index);     // [C]
     const at::Tensor safe = at::where(keep, yc, at::zeros_like(yc)).unsqueeze(1);
-    const at::Tensor logits = at::matmul(xc, w.t());    // [C, V]
+    at::Tensor logits = at::matmul(xc, w.t());  // [C, V]
+    if (o.temperature != 1.0) logits.div_(o.temperature);
     const at::Tensor lse = at::logsumexp(logits, {1});  // [C]
     const at::Tensor p = (logits - lse.unsqueeze(1)).exp_();
     ent.slice(0, c0, c1).copy_(lse - (p * logits).sum(1));

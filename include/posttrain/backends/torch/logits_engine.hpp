@@ -1,7 +1,9 @@
 // posttrain/backends/torch/logits_engine.hpp — the LibTorch backend's one-pass logits engine: the
 // kernel, rows and chunked paths (backends/torch/knobs.hpp) of the logits statistics, their analytic
 // backward and sft_loss_backward's gradient, on raw at::Tensors (no autograd here: see
-// backends/torch/autograd.hpp).
+// backends/torch/autograd.hpp). A temperature T (logits_stats_request / ce_backward_args) is applied
+// inside each path as the scale a = 1/T of the row differences (kernels/logits_cpu.hpp's file comment;
+// the chunked path scales its own chunk-sized copy), never as an [N, V] copy of logits / T.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -109,17 +111,23 @@ inline std::vector<row_block> blocks_of(const at::Tensor& x) {
 /// Per chunk [c, V]: the row max m (finite rows; 0 otherwise, so a row of -inf keeps lse = -inf
 /// and +inf gives +inf), the shifted logits xs = x - m in the compute dtype (half chunks are
 /// promoted by the subtraction itself: one chunk-sized float32 tensor), e = e^{xs} when kept, and
-/// log s = log Σ e^{xs}.
+/// log s = log Σ e^{xs}. With a temperature (inv_t = a = 1/T != 1) xs = a·(x - m) (in place on the
+/// chunk's own copy): the statistics of x / T, whose logsumexp is a·m + log s.
 struct chunk_stats {
   at::Tensor row_max, m, xs, e, log_s;
-  chunk_stats(const at::Tensor& chunk, at::ScalarType c, bool keep_exp) {
+  double inv_t = 1.0;
+  chunk_stats(const at::Tensor& chunk, at::ScalarType c, bool keep_exp, double inv_temperature = 1.0)
+      : inv_t(inv_temperature) {
     row_max = at::amax(chunk, {1}, true).to(c);  // [c, 1]; max is exact in any dtype
     m = at::where(at::isfinite(row_max), row_max, at::zeros_like(row_max));
     xs = chunk - m;  // [c, V]
+    if (inv_t != 1.0) xs.mul_(inv_t);
     at::Tensor ex = xs.exp();
     log_s = ex.sum(1, true).log();  // [c, 1]
     if (keep_exp) e = std::move(ex);
   }
+  /// logsumexp of the (tempered) rows, [c, 1].
+  at::Tensor lse() const { return inv_t == 1.0 ? log_s + m : log_s + m * inv_t; }
 };
 
 /// Every requested output for every row of x, chunk by chunk (labels: int64 [N] or undefined).
@@ -138,8 +146,8 @@ inline void chunked_forward(const at::Tensor& x, const at::Tensor& labels, const
       const std::int64_t len = std::min(step, n - s), first = b.offset + s;
       const at::Tensor chunk = b.x.narrow(0, s, len);
       const at::ScalarType c = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      const chunk_stats st(chunk, c, q.entropy);
-      if (q.logsumexp) put(out.logsumexp, first, len, st.log_s + st.m);
+      const chunk_stats st(chunk, c, q.entropy, 1.0 / q.temperature);
+      if (q.logsumexp) put(out.logsumexp, first, len, st.lse());
       if (q.entropy) {
         // H = log s - Σ e^{xs}·xs / s; xs clamped at -1000 so -inf logits add 0·(-1000) = 0.
         const at::Tensor t = (st.e * st.xs.clamp_min(-1000.0)).sum(1, true);
@@ -168,9 +176,12 @@ struct chunk_coefficients {
   at::Tensor alpha, beta, b, c, d;  // [len, 1] each, or undefined (0)
 };
 
-/// grad[offset + r, :] for every row, chunk by chunk, written in out's dtype (the logits').
+/// grad[offset + r, :] for every row, chunk by chunk, written in out's dtype (the logits'). With
+/// inv_t = 1/T the coefficients are those of the gradient w.r.t. x / T, and the chain rule's 1/T is
+/// applied to each chunk's gradient here.
 template <class Coefficients>
-void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& out, Coefficients&& coeff) {
+void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& out, Coefficients&& coeff,
+                      double inv_t = 1.0) {
   const at::ScalarType c = compute_type(x);
   const std::int64_t v = x.size(-1);
   const at::Tensor flat_out = out.view({-1, v});
@@ -182,7 +193,7 @@ void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::T
       const std::int64_t len = std::min(step, n - s);
       const std::int64_t first = b.offset + s;
       const at::Tensor chunk = b.x.narrow(0, s, len);
-      chunk_stats st(chunk, c, false);
+      chunk_stats st(chunk, c, false, inv_t);
       at::Tensor logp = st.xs.sub_(st.log_s);  // in place: xs is this chunk's own copy
       const at::Tensor p = logp.exp();
       const at::Tensor yc = y.defined() ? y.narrow(0, first, len).unsqueeze(1) : at::Tensor();
@@ -202,6 +213,7 @@ void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::T
       } else if (k.b.defined() && yc.defined()) {
         g.scatter_add_(1, yc, -k.b.expand({len, 1}));
       }
+      if (inv_t != 1.0) g.mul_(inv_t);
       flat_out.narrow(0, first, len).copy_(g);
     }
   }
@@ -247,7 +259,7 @@ void dispatch_logits(at::ScalarType t, F&& f) {
 /// int64 [N], or null).
 template <class Src>
 void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t ignore_index,
-                  const std::array<compute_t<Src>*, 4>& out) {
+                  const std::array<compute_t<Src>*, 4>& out, double inv_t) {
   using S = compute_t<Src>;
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
@@ -260,7 +272,7 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
         const auto at_row = [g](S* p) { return p ? p + g : nullptr; };
         // One row through the float kernel (runs inline: one row never starts a thread).
         kernels::logits_forward<S>(row, 1, v, labels ? labels + g : nullptr, ignore_index, at_row(out[0]),
-                                   at_row(out[1]), at_row(out[2]), nullptr, nullptr, at_row(out[3]));
+                                   at_row(out[1]), at_row(out[2]), nullptr, nullptr, at_row(out[3]), inv_t);
       }
     });
   }
@@ -268,9 +280,9 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
 
 /// Backward, row by row, into out [N, V] (contiguous, the logits' dtype): for each row,
 /// skip(g) -> zero row; else coeff(g, row, stats) gives the coefficients and label(g) the one-hot
-/// column (negative: none).
+/// column (negative: none). inv_t = 1/T: the statistics of x / T, the chain rule applied by the writers.
 template <class Src, class Skip, class Label, class Coeff>
-void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Coeff&& coeff) {
+void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Coeff&& coeff, double inv_t) {
   using S = compute_t<Src>;
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
@@ -289,14 +301,14 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
         if constexpr (std::is_same_v<Src, S>) {
           // The statistics pass keeps its exponentials in the output row; a β = 0 gradient
           // (cross-entropy, log-prob, logsumexp) rescales them: one exp per logit.
-          const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), true);
+          const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), true, inv_t);
           const kernels::backward_coefficients k = coeff(g, row, st);
           if (k.beta == 0.0)
             kernels::write_row_backward_kept(o, v, st, block_max.data(), k, label(g), o);
           else
             kernels::write_row_backward(row, v, st, k, label(g), o);
         } else {
-          const kernels::row_stats<S> st = kernels::reduce_row(row, v);
+          const kernels::row_stats<S> st = kernels::reduce_row(row, v, inv_t);
           const kernels::backward_coefficients k = coeff(g, row, st);
           // row is buf: the gradient overwrites it in place, then narrows to the logits' dtype.
           S* w = buf.data();
@@ -334,6 +346,7 @@ inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const 
     chunked_forward(x, with_labels ? labels : at::Tensor(), q, out);
     return out;
   }
+  const double inv_t = 1.0 / q.temperature;
 #if POSTTRAIN_TORCH_CPU_KERNELS
   const std::int64_t v = x.size(-1);
   const std::int64_t* lab = with_labels ? labels.data_ptr<std::int64_t>() : nullptr;
@@ -346,7 +359,7 @@ inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const 
       using S = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
       S* none = nullptr;
       kernels::logits_forward<S>(xp, rows, v, lab, q.ignore_index, ptr(out.logsumexp, none), ptr(out.logprob, none),
-                                 ptr(out.entropy, none), nullptr, nullptr, ptr(out.argmax_hit, none));
+                                 ptr(out.entropy, none), nullptr, nullptr, ptr(out.argmax_hit, none), inv_t);
     };
     if (x.scalar_type() == at::kFloat)
       run(x.data_ptr<float>());
@@ -360,7 +373,7 @@ inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const 
     S* none = nullptr;
     rows_forward<Src>(
         x, lab, q.ignore_index,
-        {ptr(out.logsumexp, none), ptr(out.logprob, none), ptr(out.entropy, none), ptr(out.argmax_hit, none)});
+        {ptr(out.logsumexp, none), ptr(out.logprob, none), ptr(out.entropy, none), ptr(out.argmax_hit, none)}, inv_t);
   });
 #endif
   return out;
@@ -376,8 +389,10 @@ struct row_grads {
 ///   α = g_lse − g_H·H,  β = −g_H,  d = g_lp
 /// (d lse/dx = p, d log p_y/dx = onehot(y) − p, dH/dx = −p(log p + H)); in x's dtype: one read for
 /// the statistics, one read + write, per row (kernel/rows paths) or per chunk (chunked path).
+/// With a temperature T, p = softmax(x / T) and the whole gradient is divided by T (chain rule).
 inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const row_grads& g_in,
-                           std::int64_t ignore_index) {
+                           std::int64_t ignore_index, double temperature = 1.0) {
+  const double inv_t = 1.0 / temperature;
   at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous
   if (out.numel() == 0) return out;
   const at::ScalarType c = compute_type(x);
@@ -395,20 +410,22 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
   const bool need_entropy = g_in.entropy.defined();
   if (choose(x) == logits_path::chunked) {
     const at::Tensor y_safe = with_labels ? at::where(y.ne(ignore_index), y, at::zeros_like(y)) : at::Tensor();
-    chunked_backward(x, y_safe, out,
-                     [&](std::int64_t first, std::int64_t len, const chunk_stats&, const at::Tensor& logp,
-                         const at::Tensor& p, const at::Tensor&) {
-                       const at::Tensor gl = g_lse.narrow(0, first, len).unsqueeze(1);
-                       const at::Tensor gp = g_lp.narrow(0, first, len).unsqueeze(1);
-                       chunk_coefficients k{gl, {}, {}, {}, with_labels ? gp : at::Tensor()};
-                       if (need_entropy) {
-                         const at::Tensor ge = g_ent.narrow(0, first, len).unsqueeze(1);
-                         const at::Tensor h = -(p * logp.clamp_min(-1000.0)).sum(1, true);
-                         k.alpha = k.alpha - ge * h;
-                         k.beta = -ge;
-                       }
-                       return k;
-                     });
+    chunked_backward(
+        x, y_safe, out,
+        [&](std::int64_t first, std::int64_t len, const chunk_stats&, const at::Tensor& logp, const at::Tensor& p,
+            const at::Tensor&) {
+          const at::Tensor gl = g_lse.narrow(0, first, len).unsqueeze(1);
+          const at::Tensor gp = g_lp.narrow(0, first, len).unsqueeze(1);
+          chunk_coefficients k{gl, {}, {}, {}, with_labels ? gp : at::Tensor()};
+          if (need_entropy) {
+            const at::Tensor ge = g_ent.narrow(0, first, len).unsqueeze(1);
+            const at::Tensor h = -(p * logp.clamp_min(-1000.0)).sum(1, true);
+            k.alpha = k.alpha - ge * h;
+            k.beta = -ge;
+          }
+          return k;
+        },
+        inv_t);
     return out;
   }
 #if POSTTRAIN_TORCH_CPU_KERNELS
@@ -427,7 +444,8 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
           const double a = static_cast<double>(gl[r]), b = static_cast<double>(gp[r]);
           const double e = need_entropy ? static_cast<double>(ge[r]) : 0.0;
           return kernels::backward_coefficients{a - (need_entropy ? e * st.entropy() : 0.0), -e, 0.0, 0.0, b};
-        });
+        },
+        inv_t);
   });
 #endif
   return out;
@@ -443,6 +461,7 @@ inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, con
   const std::int64_t v = x.size(-1);
   const at::Tensor w = weights.to(x.device(), c).contiguous().view({-1});
   const at::Tensor y = labels.to(x.device(), at::kLong).contiguous().view({-1});
+  const double inv_t = 1.0 / a.temperature;
   if (choose(x) == logits_path::chunked) {
     const at::Tensor valid_all = y.ne(a.ignore_index);
     const at::Tensor y_safe = at::where(valid_all, y, at::zeros_like(y));
@@ -456,12 +475,13 @@ inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, con
               at::where(valid, w.narrow(0, first, len).unsqueeze(1), at::zeros({len, 1}, w.options()));
           const at::Tensor f = a.dft ? logp.gather(1, yc).exp() : at::ones_like(wr);
           at::Tensor alpha = f;
-          if (a.z_loss > 0.0) alpha = alpha + 2.0 * a.z_loss * (st.log_s + st.m);
+          if (a.z_loss > 0.0) alpha = alpha + 2.0 * a.z_loss * st.lse();
           chunk_coefficients k{
               at::where(valid, wr * alpha, at::zeros_like(wr)), {}, wr * f * (1.0 - a.label_smoothing), {}, {}};
           if (a.label_smoothing > 0.0) k.c = wr * f * (a.label_smoothing / static_cast<double>(v));
           return k;
-        });
+        },
+        inv_t);
     // Rows of ignored labels are exactly 0 even where their logits hold NaN.
     out.view({-1, v}).masked_fill_(valid_all.logical_not().unsqueeze(1), 0.0);
     return out;
@@ -479,7 +499,8 @@ inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, con
         [&](std::int64_t r, const S* row, const kernels::row_stats<S>& st) {
           return kernels::cross_entropy_coefficients(st, row[lab[r]], v, static_cast<double>(wp[r]), a.label_smoothing,
                                                      a.z_loss, a.dft);
-        });
+        },
+        inv_t);
   });
 #endif
   return out;
