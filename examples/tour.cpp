@@ -121,25 +121,33 @@ struct example {
   std::string text, roles;
 };
 
-// The multi-turn mask: inputs are text[0..n-2], labels[t] = text[t+1] when role[t+1] is the model's,
-// else -100 (ignored by sft_loss / sequence_logps). Rows are right-padded with '\n' (label -100).
-// posttrain has no multi-turn mask helper yet; this is the glue a trainer writes.
+// The multi-turn mask with posttrain's batch helpers (posttrain/data/): per character, its token and
+// who wrote it (0 prompt or padding, 1 the model, 2 a tool). role_mask keeps the model's characters as
+// targets (the rest -100, ignored by sft_loss / sequence_logps), shift_labels turns them into next-token
+// labels: inputs are text[0..n-2], labels[t] = text[t+1] when the model wrote it. Rows are right-padded
+// with '\n' (label -100).
 std::pair<Tensor, Tensor> batch_of(const std::vector<example>& xs) {
   std::size_t len = 0;
   for (const auto& x : xs) len = std::max(len, x.text.size());
-  const auto B = static_cast<std::int64_t>(xs.size()), T = static_cast<std::int64_t>(len) - 1;
-  Tensor ids = torch::full({B, T}, kEos, torch::kLong),
-         labels = torch::full({B, T}, pt::default_ignore_index, torch::kLong);
-  auto ia = ids.accessor<std::int64_t, 2>();
-  auto la = labels.accessor<std::int64_t, 2>();
+  const auto B = static_cast<std::int64_t>(xs.size()), n = static_cast<std::int64_t>(len);
+  Tensor tokens = torch::full({B, n}, kEos, torch::kLong), roles = torch::zeros({B, n}, torch::kLong);
+  auto ta = tokens.accessor<std::int64_t, 2>();
+  auto ra = roles.accessor<std::int64_t, 2>();
   for (std::int64_t b = 0; b < B; ++b) {
     const auto& x = xs[static_cast<std::size_t>(b)];
-    for (std::size_t t = 0; t + 1 < x.text.size(); ++t) {
-      ia[b][static_cast<std::int64_t>(t)] = tok(x.text[t]);
-      if (x.roles[t + 1] == 'a') la[b][static_cast<std::int64_t>(t)] = tok(x.text[t + 1]);
+    for (std::size_t t = 0; t < x.text.size(); ++t) {
+      ta[b][static_cast<std::int64_t>(t)] = tok(x.text[t]);
+      ra[b][static_cast<std::int64_t>(t)] = x.roles[t] == 'a' ? 1 : x.roles[t] == 't' ? 2 : 0;
     }
   }
-  return {ids, labels};
+  const auto model_wrote = pt::role_mask(roles, 1, torch::zeros({1})).to(torch::kBool);
+  const auto targets = torch::where(model_wrote, tokens, torch::full_like(tokens, pt::default_ignore_index));
+  // The inputs: a row's last character predicts nothing, so it is padding there too.
+  Tensor ids = tokens.clone();
+  auto ia = ids.accessor<std::int64_t, 2>();
+  for (std::int64_t b = 0; b < B; ++b)
+    ia[b][static_cast<std::int64_t>(xs[static_cast<std::size_t>(b)].text.size()) - 1] = kEos;
+  return {ids.slice(1, 0, n - 1), pt::shift_labels(targets).slice(1, 0, n - 1)};
 }
 example sft_example(const question& q, const std::string& answer) {
   return {q.prompt() + answer, std::string(kPrompt, 'p') + std::string(answer.size(), 'a')};

@@ -309,16 +309,13 @@ TEST_CASE("to_eigen / to_torch: every dtype and any strides, both ways", "[conve
   const auto et = to_eigen<double>(t);
   CHECK(et.shape() == shape_t{3, 2});
   CHECK(std::vector<double>(et.data(), et.data() + 6) == std::vector<double>{1.0, 3.0, -2.5, 0.0, 0.75, -1.0});
-  const auto every_other = base.reshape({6}).slice(0, 0, 6, 2);  // 1, 0.75, 0
-  CHECK(std::vector<double>(to_eigen<double>(every_other).data(), to_eigen<double>(every_other).data() + 3) ==
-        std::vector<double>{1.0, 0.75, 0.0});
+  const auto every_other = to_eigen<double>(base.reshape({6}).slice(0, 0, 6, 2));  // 1, 0.75, 0
+  CHECK(std::vector<double>(every_other.data(), every_other.data() + 3) == std::vector<double>{1.0, 0.75, 0.0});
   // Integer and bool tensors: as values and as ids.
-  const auto ids = torch::tensor({3, 0, 255}, torch::kLong).to(at::kByte);
-  CHECK(std::vector<std::int64_t>(to_eigen_index(ids).data(), to_eigen_index(ids).data() + 3) ==
-        std::vector<std::int64_t>{3, 0, 255});
-  const auto flags = torch::tensor({1, 0, 1}, torch::kLong).to(at::kBool);
-  CHECK(std::vector<double>(to_eigen<double>(flags).data(), to_eigen<double>(flags).data() + 3) ==
-        std::vector<double>{1.0, 0.0, 1.0});
+  const auto ids = to_eigen_index(torch::tensor({3, 0, 255}, torch::kLong).to(at::kByte));
+  CHECK(std::vector<std::int64_t>(ids.data(), ids.data() + 3) == std::vector<std::int64_t>{3, 0, 255});
+  const auto flags = to_eigen<double>(torch::tensor({1, 0, 1}, torch::kLong).to(at::kBool));
+  CHECK(std::vector<double>(flags.data(), flags.data() + 3) == std::vector<double>{1.0, 0.0, 1.0});
   CHECK(longs(to_torch(to_eigen_index(torch::tensor({-100, 7}, torch::kInt)))) == std::vector<std::int64_t>{-100, 7});
 
   // Back: the dtype follows the Eigen scalar unless options name one; values and shape survive.
