@@ -33,15 +33,19 @@ int main() {
   ok &= near(logits.grad()[0][0].item<double>(), (0.25 - 1) / 2, 1e-6, "autograd dlogits[0,0]");
 
   // DPO sigmoid, beta 0.1: margin 0.1 * ((-1 - -2) - (-3 - -3)) = 0.1; loss -log sigmoid(0.1).
-  posttrain::preference_batch<at::Tensor> pairs{torch::tensor({-1.0}), torch::tensor({-3.0})};
-  pairs.ref_chosen_logps = torch::tensor({-2.0});
-  pairs.ref_rejected_logps = torch::tensor({-3.0});
+  // Double tensors, so the 1e-9 check is a double-precision one (torch::tensor({-1.0}) is float32,
+  // LibTorch's default dtype, whose rounding differs between CPUs' vector log1p).
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  posttrain::preference_batch<at::Tensor> pairs{torch::tensor({-1.0}, f64), torch::tensor({-3.0}, f64)};
+  pairs.ref_chosen_logps = torch::tensor({-2.0}, f64);
+  pairs.ref_rejected_logps = torch::tensor({-3.0}, f64);
   const auto dpo = posttrain::dpo(pairs);
   ok &= near(dpo.loss.item<double>(), std::log1p(std::exp(-0.1)), 1e-9, "dpo loss");
 
   // GRPO on-policy, beta 0: the ratio is 1, so the loss is -(mean advantage over kept tokens).
-  posttrain::grpo_batch<at::Tensor> rl{torch::tensor({-0.5, -1.0, -0.2, -0.7}).reshape({2, 2}),
-                                       torch::tensor({1.0, -0.5}), torch::tensor({1.0, 1.0, 1.0, 0.0}).reshape({2, 2})};
+  posttrain::grpo_batch<at::Tensor> rl{torch::tensor({-0.5, -1.0, -0.2, -0.7}, f64).reshape({2, 2}),
+                                       torch::tensor({1.0, -0.5}, f64),
+                                       torch::tensor({1.0, 1.0, 1.0, 0.0}, f64).reshape({2, 2})};
   posttrain::grpo_options grpo_opt;
   grpo_opt.beta = 0.0;
   const auto grpo = posttrain::grpo_loss(rl, grpo_opt);
