@@ -193,6 +193,45 @@ void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
         });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
+// ---- threads: LibTorch's intra-op pool (the default in a torch program) vs a std::thread per call --
+
+/// Runs body with the kernels on the built-in runner (a std::thread per range, started per call: the
+/// threading before the kernels moved onto LibTorch's pool), the same thread count, then restores it.
+template <class F>
+void on_thread_per_call(F&& body) {
+  const int threads = kernels::num_threads();
+  kernels::set_num_threads(threads);
+  kernels::set_parallel_runner(&kernels::builtin_parallel_runner());
+  body();
+  kernels::set_parallel_runner(nullptr);
+  kernels::set_num_threads(cfg.threads);
+}
+/// S1's one call at a small shape (64 x 4096: 4 ranges of work), 100 calls per iteration.
+void threads_small(benchmark::State& st, bool pool) {
+  static const at::Tensor x = logits_f32(64, 4096, 7), y = labels_for(64, 4096);
+  const auto body = [&] {
+    timed(st, timings(), pool ? "T small x100, LibTorch pool" : "T small x100, std::thread per call", [&] {
+      for (int i = 0; i < 100; ++i) {
+        const auto r = posttrain::token_logprobs_and_entropy(x, y);
+        benchmark::DoNotOptimize(r.entropy.data_ptr());
+      }
+    });
+  };
+  if (pool)
+    body();
+  else
+    on_thread_per_call(body);
+}
+void threads_large(benchmark::State& st) {
+  auto& in = s1_inputs::get();
+  on_thread_per_call([&] {
+    timed(st, timings(), "S1 posttrain token_logprobs_and_entropy, std::thread per call", [&] {
+      const auto r = posttrain::token_logprobs_and_entropy(in.x, in.y);
+      benchmark::DoNotOptimize(r.entropy.data_ptr());
+    });
+  });
+}
+
 /// sft_loss's forward (loss and every metric: token accuracy, entropy) on S1's logits and labels: its
 /// floor is S1's one read.
 void s1_sft_forward(benchmark::State& st) {
@@ -481,6 +520,7 @@ void print_summary(const char* self) {
                                  {"S1", "S1 posttrain generic (Eigen, few rows)", g1},
                                  {"S1", "S1 posttrain API on torch", 1},
                                  {"S1", "S1 posttrain token_logprobs_and_entropy", 1},
+                                 {"S1", "S1 posttrain token_logprobs_and_entropy, std::thread per call", 1},
                                  {"S1", "S1 posttrain sft_loss forward on torch", 1},
                                  {"S1", "S1 fused kernel (one pass)", 1},
                                  {"S1bf", "S1 bf16 naive LibTorch", 1},
@@ -510,6 +550,19 @@ void print_summary(const char* self) {
     // Per-row time, so the few-row generic path compares with the full-size naive one.
     const double speedup = get(naive) / (get(r.name) / r.scale);
     std::printf("%-46s %12.1f %10.2f %14.2f\n", r.name.c_str(), 1e3 * get(r.name), get(r.name) / floor, speedup);
+  }
+  if (t.count("T small x100, LibTorch pool") && t.count("T small x100, std::thread per call")) {
+    std::printf("\nthreads (kernels on LibTorch's intra-op pool vs a std::thread per call, same count %d):\n",
+                kernels::num_threads());
+    std::printf("  small 64 x 4096, 100 calls: pool %.2f ms, thread per call %.2f ms -> pool / old %.2f\n",
+                1e3 * get("T small x100, LibTorch pool"), 1e3 * get("T small x100, std::thread per call"),
+                get("T small x100, LibTorch pool") / get("T small x100, std::thread per call"));
+    if (t.count("S1 posttrain token_logprobs_and_entropy, std::thread per call"))
+      std::printf("  S1 one call: pool %.1f ms, thread per call %.1f ms -> pool / old %.2f\n",
+                  1e3 * get("S1 posttrain token_logprobs_and_entropy"),
+                  1e3 * get("S1 posttrain token_logprobs_and_entropy, std::thread per call"),
+                  get("S1 posttrain token_logprobs_and_entropy") /
+                      get("S1 posttrain token_logprobs_and_entropy, std::thread per call"));
   }
   if (t.count("S1 CUDA floor: read")) {
     std::printf("\n=== CUDA (mean ms per call incl. synchronize; floor = LibTorch's read / read+write) ===\n");
@@ -599,6 +652,9 @@ int main(int argc, char** argv) {
   reg("S1/posttrain_generic_eigen_fp32", s1_generic);
   reg("S1/posttrain_api_torch_fp32", [](benchmark::State& s) { s1_posttrain_torch(s, false); });
   reg("S1/posttrain_one_call_torch_fp32", [](benchmark::State& s) { s1_posttrain_one_call(s, false); });
+  reg("S1/posttrain_one_call_torch_fp32_thread_per_call", threads_large);
+  reg("T/small_one_call_pool", [](benchmark::State& s) { threads_small(s, true); });
+  reg("T/small_one_call_thread_per_call", [](benchmark::State& s) { threads_small(s, false); });
   reg("S1/posttrain_sft_loss_forward_torch_fp32", s1_sft_forward);
   reg("S1/fused_kernel_fp32", s1_fused);
   reg("S1/naive_libtorch_bf16", [](benchmark::State& s) { s1_naive(s, true); });

@@ -5,6 +5,7 @@
 // The bottom: errors, the tensor concept, the optional fused hooks.
 #include "posttrain/error.hpp"
 #include "posttrain/fused.hpp"
+#include "posttrain/label_checks.hpp"  // when label values are read (a host transfer on a GPU)
 #include "posttrain/tensor.hpp"
 // Stable primitives.
 #include "posttrain/numerics/aggregate.hpp"

@@ -4,6 +4,7 @@
 // inputs), at V = 256000, logits of ±1e4 and -inf padding; closed forms for uniform rows; results
 // independent of the thread count; the fused cross-entropy forward + backward (into a buffer and in
 // place over the logits) and the general backward against posttrain's analytic backward functions.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -197,6 +198,66 @@ TEST_CASE("kernels: results do not depend on the thread count (1 and 3 threads, 
   REQUIRE(runs[0] == runs[1]);
   kernels::set_num_threads(0);
   CHECK(kernels::num_threads() >= 1);
+}
+
+namespace {
+/// A runner of the caller's: runs the ranges serially in reverse order, counting calls and ranges.
+struct reverse_runner {
+  static inline std::int64_t calls = 0, ranges = 0;
+  static int threads() { return 4; }
+  static void run(std::int64_t n, void* ctx, void (*task)(void*, std::int64_t)) {
+    ++calls;
+    ranges += n;
+    for (std::int64_t i = n - 1; i >= 0; --i) task(ctx, i);
+  }
+};
+}  // namespace
+
+TEST_CASE("kernels: a caller's parallel_runner is used, the cut covers every row once, results are unchanged") {
+  thread_guard guard;
+  // Without a backend's runner (an Eigen-only program) the built-in one runs: the hardware's cores.
+  REQUIRE(&kernels::current_parallel_runner() == &kernels::builtin_parallel_runner());
+  CHECK(kernels::num_threads() >= 1);
+
+  // parallel_row_ranges: the thread count, capped by the rows and by min_elements_per_thread.
+  kernels::set_num_threads(4);
+  CHECK(kernels::parallel_row_ranges(0, 10) == 0);
+  CHECK(kernels::parallel_row_ranges(3, 1 << 20) == 3);
+  CHECK(kernels::parallel_row_ranges(10, 1) == 1);
+  CHECK(kernels::parallel_row_ranges(8, kernels::min_elements_per_thread / 4) == 2);  // 2 ranges of work
+  CHECK(kernels::parallel_row_ranges(100, 1 << 20) == 4);
+  for (const std::int64_t rows : {1, 7, 10, 13}) {
+    std::vector<int> seen(static_cast<std::size_t>(rows), 0);
+    kernels::parallel_rows(rows, 1 << 20, [&](std::int64_t b, std::int64_t e) {
+      REQUIRE(b < e);
+      for (std::int64_t r = b; r < e; ++r) ++seen[static_cast<std::size_t>(r)];
+    });
+    CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
+  }
+
+  // The same kernel on the built-in runner and on a serial runner that runs the ranges backwards.
+  const std::int64_t rows = 6, vocab = 70000;
+  const auto x = test::to_eigen<float>(hard_logits(rows, vocab, 22));
+  const auto run_kernel = [&] {
+    std::vector<float> lse(rows), lp(rows), ent(rows);
+    const auto labels = test::to_eigen(finite_labels(hard_logits(rows, vocab, 22), 5));
+    kernels::logits_forward<float>(x.data(), rows, vocab, labels.data(), -100, lse.data(), lp.data(), ent.data());
+    lse.insert(lse.end(), lp.begin(), lp.end());
+    lse.insert(lse.end(), ent.begin(), ent.end());
+    return lse;
+  };
+  kernels::set_num_threads(0);
+  const auto builtin = run_kernel();
+  static const kernels::parallel_runner reverse{&reverse_runner::threads, &reverse_runner::run};
+  kernels::set_parallel_runner(&reverse);
+  REQUIRE(&kernels::current_parallel_runner() == &reverse);
+  CHECK(kernels::num_threads() == 4);  // the runner's count, as set_num_threads is 0
+  const auto reversed = run_kernel();
+  kernels::set_parallel_runner(nullptr);
+  CHECK(reverse_runner::calls >= 1);
+  CHECK(reverse_runner::ranges >= 4);
+  CHECK(reversed == builtin);
+  CHECK(&kernels::current_parallel_runner() == &kernels::builtin_parallel_runner());
 }
 
 TEST_CASE("kernels: fused cross-entropy forward and backward equal sft_loss and sft_loss_backward") {

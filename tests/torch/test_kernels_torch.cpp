@@ -8,9 +8,13 @@
 // the same checks on a GPU and are skipped (with a warning) where none is present.
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <vector>
 
 #include "posttrain/backends/eigen.hpp"
@@ -420,6 +424,86 @@ TEST_CASE("torch kernels: the chunk-size knobs (rows override bytes, bytes set t
 }
 
 // Catch2 v2 has no SKIP: without a CUDA device these cases WARN "SKIPPED" and return.
+namespace {
+/// A kernels::parallel_runner that hands every call on to the torch backend's runner and records how
+/// many ranges it was given and which threads ran them.
+struct recording_runner {
+  static inline std::mutex m;
+  static inline std::int64_t calls = 0, max_ranges = 0;
+  static inline std::set<std::thread::id> threads;
+  struct forwarded {
+    void* ctx;
+    void (*task)(void*, std::int64_t);
+  };
+  static void reset() {
+    const std::lock_guard<std::mutex> lock(m);
+    calls = max_ranges = 0;
+    threads.clear();
+  }
+  static int count() { return torch_backend::intra_op_runner().threads(); }
+  static void run(std::int64_t n, void* ctx, void (*task)(void*, std::int64_t)) {
+    {
+      const std::lock_guard<std::mutex> lock(m);
+      ++calls;
+      max_ranges = std::max(max_ranges, n);
+    }
+    forwarded f{ctx, task};
+    torch_backend::intra_op_runner().run(n, &f, [](void* c, std::int64_t i) {
+      const auto* fw = static_cast<const forwarded*>(c);
+      {
+        const std::lock_guard<std::mutex> lock(m);
+        threads.insert(std::this_thread::get_id());
+      }
+      fw->task(fw->ctx, i);
+    });
+  }
+};
+}  // namespace
+
+TEST_CASE("torch kernels: the CPU kernels run on LibTorch's intra-op pool and follow at::set_num_threads") {
+  const int torch_threads_before = at::get_num_threads();
+  // Including the torch backend installed its runner; this target gets OpenMP from posttrain::torch,
+  // so at::parallel_for is LibTorch's real pool here.
+  REQUIRE(&kernels::current_parallel_runner() == &torch_backend::intra_op_runner());
+  CHECK(torch_backend::kernels_on_intra_op_pool);
+  static const kernels::parallel_runner recorder{&recording_runner::count, &recording_runner::run};
+  kernels::set_parallel_runner(&recorder);
+
+  // 64 x 4096 logits: 4 ranges' worth of work (min_elements_per_thread = 65536).
+  const at::Tensor x = to_torch(random_normal({64, 4096}, 91), at::kFloat);
+  const at::Tensor y = to_torch(random_labels({64}, 4096, 92));
+
+  at::set_num_threads(1);
+  CHECK(kernels::num_threads() == 1);
+  CHECK(kernels::parallel_row_ranges(64, 4096) == 1);
+  recording_runner::reset();
+  const auto one = token_logprobs_and_entropy(x, y);
+  CHECK(recording_runner::calls == 0);  // one range runs inline on the caller: single-threaded
+
+  at::set_num_threads(2);
+  CHECK(kernels::num_threads() == 2);
+  CHECK(kernels::parallel_row_ranges(64, 4096) == 2);
+  recording_runner::reset();
+  for (int call = 0; call < 3; ++call) {
+    const auto two = token_logprobs_and_entropy(x, y);
+    CHECK(torch::equal(two.logprobs, one.logprobs));  // bitwise: the thread count changes nothing
+    CHECK(torch::equal(two.entropy, one.entropy));
+  }
+  CHECK(recording_runner::calls >= 3);
+  CHECK(recording_runner::max_ranges == 2);
+  CHECK(recording_runner::threads.size() <= 2);  // the pool's two threads, over all three calls
+
+  // kernels::set_num_threads still overrides LibTorch's count (and 0 gives it back).
+  kernels::set_num_threads(3);
+  CHECK(kernels::num_threads() == 3);
+  kernels::set_num_threads(0);
+  CHECK(kernels::num_threads() == 2);
+
+  kernels::set_parallel_runner(nullptr);
+  at::set_num_threads(torch_threads_before);
+  CHECK(&kernels::current_parallel_runner() == &torch_backend::intra_op_runner());
+}
+
 TEST_CASE("torch kernels CUDA: every path check on a CUDA device (SKIPPED without CUDA)") {
   if (!torch::cuda::is_available()) {
     WARN("SKIPPED: no CUDA device (torch::cuda::is_available() is false); the chunked path ran on CPU above");

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "posttrain/error.hpp"
+#include "posttrain/label_checks.hpp"
 #include "posttrain/tensor.hpp"
 
 namespace posttrain::detail {
@@ -103,7 +104,7 @@ T checked_mask(std::string_view fn, std::string_view values_name, const T& value
 }
 
 /// labels[...] for logits[..., V]: integer dtype, same device, shape = logits' without the last
-/// dimension, every value in [0, V) or equal to ignore_index.
+/// dimension, every value in [0, V) or equal to ignore_index (values read as label_checks.hpp says).
 template <tensor T>
 void require_labels(std::string_view fn, const T& logits, const index_tensor_t<T>& labels, std::int64_t ignore_index,
                     std::string_view logits_name = "logits", std::string_view labels_name = "labels") {
@@ -118,6 +119,7 @@ void require_labels(std::string_view fn, const T& logits, const index_tensor_t<T
     fail(fn, labels_name, " has shape ", shape_string(tr::index_shape(labels)), " but ", logits_name, " has shape ",
          shape_string(ops::shape(logits)), "; expected ", labels_name, " of shape ", shape_string(expected));
   const std::int64_t vocab = ops::shape(logits).back();
+  if (!read_label_values(tr::index_device(labels))) return;  // label_checks.hpp: no host transfer
   const std::int64_t bad = tr::index_count_outside(labels, 0, vocab, ignore_index);
   if (bad > 0)
     fail(fn, labels_name, " has ", bad, " value(s) outside [0, ", vocab, ") that are not ignore_index (", ignore_index,

@@ -19,12 +19,12 @@
 // GEMMs: Eigen's (Eigen::Map over the caller's buffers, no copies). Eigen only threads its GEMM
 // under OpenMP, which posttrain's targets do not enable, so the threading is ours: the vocabulary
 // is cut into a fixed number of tiles (`vocab_tiles`, independent of the thread count) and the
-// tiles are shared among kernels::num_threads() std::threads. Per tile t (columns V_t):
+// tiles are shared among kernels::num_threads() ranges on the runner (kernels/parallel.hpp). Per tile t (columns V_t):
 //   Z_c[:, V_t] = X_c·W[V_t]ᵀ;   P_t = G_c[:, V_t]·W[V_t];   ∂W[V_t] += G_c[:, V_t]ᵀ·X_c
 // and ∂X_c = Σ_t P_t summed in tile order. Each tile's products have the same shapes whatever the
 // thread count, so results are bitwise independent of it (Eigen's GEMM blocking, and hence its
-// summation order, depends only on the operand shapes). If the caller compiles with -fopenmp,
-// Eigen's GEMM also starts its own threads inside ours: set Eigen::setNbThreads(1) there.
+// summation order, depends only on the operand shapes). Under -fopenmp (or LibTorch's OpenMP
+// intra-op pool) our ranges run inside an OpenMP team, where Eigen's GEMM stays single-threaded.
 // The chunk/tile/GEMM driver (linear_chunks below) is shared with kernels/linear_logprobs_cpu.hpp.
 #pragma once
 
@@ -34,7 +34,6 @@
 #include <cstdint>
 #include <memory>
 #include <new>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -110,22 +109,14 @@ aligned_array<S> make_aligned_array(std::int64_t n) {
       ::operator new[](static_cast<std::size_t>(n) * sizeof(S), std::align_val_t{workspace_alignment})));
 }
 
-/// Calls f(t) for t in [0, tiles), tile t on thread t mod T (T = min(num_threads(), tiles)).
+/// Calls f(t) for t in [0, tiles), tile t on range t mod T (T = min(num_threads(), tiles)), each range
+/// on the runner (kernels/parallel.hpp). Which thread computes a tile does not change its value.
 template <class F>
 void parallel_tiles(std::int64_t tiles, F&& f) {
   const std::int64_t workers = std::min<std::int64_t>(static_cast<std::int64_t>(num_threads()), tiles);
-  if (workers <= 1) {
-    for (std::int64_t t = 0; t < tiles; ++t) f(t);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<std::size_t>(workers - 1));
-  for (std::int64_t w = 1; w < workers; ++w)
-    pool.emplace_back([&f, w, tiles, workers] {
-      for (std::int64_t t = w; t < tiles; t += workers) f(t);
-    });
-  for (std::int64_t t = 0; t < tiles; t += workers) f(t);
-  for (auto& th : pool) th.join();
+  run_parallel(workers, [&f, tiles, workers](std::int64_t w) {
+    for (std::int64_t t = w; t < tiles; t += workers) f(t);
+  });
 }
 
 }  // namespace detail

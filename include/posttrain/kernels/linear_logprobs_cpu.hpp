@@ -13,7 +13,7 @@
 // The same recompute-in-backward scheme as verl's FusedLinearForPPO
 // (verl/utils/experimental/torch_functional.py): the forward keeps nothing but its outputs; a
 // backward recomputes each chunk's logits. Rows are taken `chunk_rows` at a time through
-// kernels::linear_chunks (kernels/linear_ce_cpu.hpp: vocabulary tiles over std::threads, Eigen's
+// kernels::linear_chunks (kernels/linear_ce_cpu.hpp: vocabulary tiles over the kernels' runner, Eigen's
 // GEMM, results bitwise independent of the thread count); each row is reduced once
 // (kernels::reduce_row) and its gradient written over its logits in place. Extra memory: one
 // chunk of logits, O(C·(V + 8H)). Flops: forward 2·N·H·V, backward 6·N·H·V.

@@ -27,8 +27,8 @@
 // and the backward writers take coefficients of the gradient with respect to z and apply the chain
 // rule dz/dx = a themselves. a = 1 runs the unscaled loops (bit-identical to a kernel without it).
 //
-// Threads: rows are split into contiguous ranges over `num_threads()` std::threads (default: the
-// hardware's cores; `set_num_threads(n)` changes it process-wide, 0 restores the default). A row
+// Threads: rows are split into contiguous ranges (kernels/parallel.hpp: `num_threads()` of them at
+// most, run on LibTorch's intra-op pool in a torch program, `set_num_threads(n)` overrides). A row
 // is always reduced by one thread in one order, so results do not depend on the thread count.
 #pragma once
 
@@ -38,60 +38,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "posttrain/kernels/parallel.hpp"
+
 namespace posttrain::kernels {
-
-namespace detail {
-inline std::atomic<int>& thread_setting() {
-  static std::atomic<int> n{0};
-  return n;
-}
-}  // namespace detail
-
-/// Threads the kernels use: set_num_threads(n), or the hardware's cores when never set (or 0).
-inline int num_threads() {
-  const int n = detail::thread_setting().load(std::memory_order_relaxed);
-  if (n > 0) return n;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int>(hw);
-}
-/// Sets the kernels' thread count for the whole process; n <= 0 means "the hardware's cores".
-inline void set_num_threads(int n) { detail::thread_setting().store(n < 0 ? 0 : n, std::memory_order_relaxed); }
-
-/// A thread is only started for at least this many logits: below it the start costs more.
-inline constexpr std::int64_t min_elements_per_thread = std::int64_t{1} << 16;
-
-/// Calls f(begin, end) over [0, rows) split into contiguous ranges, one per thread (the calling
-/// thread takes the first range).
-template <class F>
-void parallel_rows(std::int64_t rows, std::int64_t cols, F&& f) {
-  if (rows <= 0) return;
-  const std::int64_t by_work =
-      std::max<std::int64_t>(1, rows * std::max<std::int64_t>(cols, 1) / min_elements_per_thread);
-  const std::int64_t workers = std::min<std::int64_t>({static_cast<std::int64_t>(num_threads()), rows, by_work});
-  if (workers <= 1) {
-    f(std::int64_t{0}, rows);
-    return;
-  }
-  const std::int64_t per = rows / workers, extra = rows % workers;
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<std::size_t>(workers - 1));
-  std::int64_t begin = 0;
-  std::int64_t first_end = 0;
-  for (std::int64_t w = 0; w < workers; ++w) {
-    const std::int64_t end = begin + per + (w < extra ? 1 : 0);
-    if (w == 0)
-      first_end = end;
-    else
-      pool.emplace_back([&f, begin, end] { f(begin, end); });
-    begin = end;
-  }
-  f(std::int64_t{0}, first_end);
-  for (auto& t : pool) t.join();
-}
 
 /// Elements reduced per block: fits L1 twice over (the row block and its exponentials).
 inline constexpr std::int64_t block_size = 2048;

@@ -109,6 +109,7 @@ void check_fused_linear_inputs(std::string_view fn, const T& hidden, const T& he
   if (tr::index_shape(labels) != expected)
     fail(fn, "labels has shape ", shape_string(tr::index_shape(labels)), " but hidden has shape ", shape_string(hs),
          "; expected labels of shape ", shape_string(expected));
+  if (!read_label_values(tr::index_device(labels))) return;  // label_checks.hpp: no host transfer
   const std::int64_t bad = tr::index_count_outside(labels, 0, ws[0], ignore_index);
   if (bad > 0)
     fail(fn, "labels has ", bad, " value(s) outside [0, ", ws[0], ") (the head's rows) that are not ignore_index (",

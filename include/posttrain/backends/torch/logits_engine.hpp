@@ -28,6 +28,7 @@
 // Eigen's include path fails here instead of silently running the slower path.
 #if __has_include(<Eigen/Core>)
 #include "posttrain/kernels/logits_cpu.hpp"
+#include "posttrain/backends/torch/intra_op.hpp"
 #define POSTTRAIN_TORCH_CPU_KERNELS 1
 #else
 #define POSTTRAIN_TORCH_CPU_KERNELS 0
