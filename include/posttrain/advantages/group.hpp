@@ -350,9 +350,11 @@ T reinforce_pp_advantages(const T& token_level_rewards, const T& response_mask, 
   return masked_whiten(g, ops::ne(ops::to_dtype(response_mask, ops::dtype_of(g)), 0.0), whitening);
 }
 
-/// REINFORCE++-baseline (verl compute_reinforce_plus_plus_baseline_outcome_advantage; OpenRLHF
-/// reinforce_baseline uses biased variance: whitening.unbiased = false): score = Σ_t r_t, minus its group mean
-/// (singletons per policy; verl: raw), broadcast to tokens, whitened over the batch. -> [B, T].
+/// REINFORCE++-baseline (verl compute_reinforce_plus_plus_baseline_outcome_advantage): score = Σ_t r_t, minus its
+/// group mean (singletons per policy; verl: raw), broadcast to tokens, whitened over the batch. -> [B, T].
+/// This is verl's order (KL-shaped rewards summed, then centred). OpenRLHF reinforce_baseline centres the raw scores
+/// before adding the KL penalty, which differs whenever β != 0: use the (scores, non_score_rewards, ...) overload
+/// below with reinforce_baseline_options::openrlhf().
 template <tensor T>
 T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& response_mask,
                                    const index_tensor_t<T>& group_index,
