@@ -125,13 +125,16 @@ TEST_CASE("Conventions: verl PPO metrics through verl_F.masked_mean (+ 1e-8)", "
   o.reduction = aggregation::seq_mean_token_mean;
   test::check_value("pg_loss (seq-mean-token-mean)", ppo_policy_loss(lp, old, A, m, o).loss,
                     g::verl_pg_loss_seq_mean_token_mean, tol);
-  // default metrics: exact means
+  // default metrics: exact means, and ppo_kl before the clamp (OpenRLHF)
   o.metrics = {};
   CHECK(differs(ppo_policy_loss(lp, old, A, m, o).pg_clipfrac, {g::verl_pg_clipfrac}));
+  o.metrics = masked_options::verl();
+  o.clamped_kl_metric = false;
+  CHECK(differs(ppo_policy_loss(lp, old, A, m, o).approx_kl, {g::verl_ppo_kl}));
 }
 
 TEST_CASE("Conventions: OpenRLHF compute_reward clamps scores before KL shaping", "[conventions]") {
-  const E lp = bt(g::logprobs), ref = bt(g::ref_logprobs), m = bt(g::mask_reward);
+  const E lp = bt(g::logprobs_reward), ref = bt(g::ref_logprobs), m = bt(g::mask_reward);
   const E scores = test::vec(g::scores);
   const kl_reward_options o{.beta = 0.05, .score_clip = score_range{-2.0, 2.0}};
   test::check_values("rewards", kl_shaped_rewards(scores, lp, ref, m, o).rewards, g::openrlhf_reward_clipped, tol);
@@ -200,4 +203,14 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
         kl_shaped_rewards(scores, x, x, m, {.score_clip = score_range{nan, 1.0}});
       },
       "kl_shaped_rewards", "options.score_clip.low");
+  const eigen_index id({g::B}, std::vector<std::int64_t>{0, 0, 1});
+  expect_rejected(
+      [&] { reinforce_pp_baseline_advantages(scores, x, m, id, {.order = static_cast<baseline_order>(5)}); },
+      "reinforce_pp_baseline_advantages", "options.order");
+  expect_rejected([&] { reinforce_pp_baseline_advantages(scores, x, m, id, {.whitening = {.eps = -1.0}}); },
+                  "reinforce_pp_baseline_advantages", "options.whitening.eps");
+  expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
+                  "whitening.count_eps");
+  expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },
+                  "reinforce_pp_baseline_advantages", "whitening.count_eps");
 }

@@ -262,8 +262,9 @@ def main():
     emit_vec("verl_gae_raw", raw)
 
     # 4. PPO metrics (one token past the dual-clip bound with A < 0)
+    # row 1, t = 2: a log-ratio of 25, past verl's clamp at 20 (A < 0, so dual-clip caps its loss)
     LP = [-1.0, -0.5, -2.0, -1.0, -1.0,
-          -0.3, -1.0, -1.5, -0.2, -0.9,
+          -0.3, -1.0, 23.8, -0.2, -0.9,
           -1.0, -1.0, -1.0, -1.0, -1.0]
     OLD = [-1.1, -0.2, -3.3, -1.0, -1.0,
            -0.35, -1.0, -1.2, -0.5, -0.8,
@@ -293,7 +294,10 @@ def main():
     emit_vec("scores", scores)
     emit_vec("ref_logprobs", REF)
     emit_vec("mask_reward", M5)
-    emit_vec("openrlhf_reward_clipped", openrlhf_reward(scores, 0.05, LP, REF, M5, (-2.0, 2.0)))
+    LP5 = list(LP)
+    LP5[7] = -1.5  # inside compute_approx_kl's +-10 clamp (posttrain's k1 has none)
+    emit_vec("logprobs_reward", LP5)
+    emit_vec("openrlhf_reward_clipped", openrlhf_reward(scores, 0.05, LP5, REF, M5, (-2.0, 2.0)))
 
     # 6. REINFORCE++-baseline: OpenRLHF centres the raw scores before the KL penalty; verl sums first
     B6, T6 = 4, 4

@@ -345,7 +345,7 @@ T broadcast_to_tokens(const T& advantages, const T& response_mask) {
 template <tensor T>
 T reinforce_pp_advantages(const T& token_level_rewards, const T& response_mask, double gamma = 1.0,
                           whiten_options whitening = {}) {
-  detail::check_whiten_eps("reinforce_pp_advantages", "whitening.eps", whitening.eps);
+  detail::check_whiten_options("reinforce_pp_advantages", "whitening.", whitening);
   const T g = discounted_returns(token_level_rewards, response_mask, gamma);
   return masked_whiten(g, ops::ne(ops::to_dtype(response_mask, ops::dtype_of(g)), 0.0), whitening);
 }
@@ -360,7 +360,7 @@ T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& respon
                                    const index_tensor_t<T>& group_index,
                                    singleton_policy singleton = singleton_policy::raw, whiten_options whitening = {}) {
   constexpr std::string_view fn = "reinforce_pp_baseline_advantages";
-  detail::check_whiten_eps(fn, "whitening.eps", whitening.eps);
+  detail::check_whiten_options(fn, "whitening.", whitening);
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   const T r = ops::upcast(token_level_rewards);

@@ -53,11 +53,18 @@ struct ppo_options {
   /// How verl's metrics (pg_clipfrac, pg_clipfrac_lower, approx_kl = ppo_kl) count tokens: the exact mean
   /// (default) or masked_options::verl(), verl compute_policy_loss_vanilla's verl_F.masked_mean (+ 1e-8).
   masked_options metrics = {};
+  /// approx_kl from the log-ratio as clip.log_ratio_clamp leaves it (verl compute_policy_loss_vanilla: ppo_kl of the
+  /// clamped negative_approx_kl) or, false (default), before the clamp (OpenRLHF PolicyLoss: ppo_kl of
+  /// raw_policy_log_ratio). The same without a clamp.
+  bool clamped_kl_metric = false;
 
   /// verl's compute_policy_loss("vanilla") defaults: ε = 0.2, dual-clip c = 3, log ρ clamped to ±20, and its
   /// guards: agg_loss seq-mean-token-mean over n + 1e-8 and metrics through verl_F.masked_mean (+ 1e-8).
   static ppo_options verl() {
-    return {.clip = clip_options::verl(), .token_count_eps = 1e-8, .metrics = masked_options::verl()};
+    return {.clip = clip_options::verl(),
+            .token_count_eps = 1e-8,
+            .metrics = masked_options::verl(),
+            .clamped_kl_metric = true};
   }
 };
 
@@ -212,9 +219,13 @@ ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, c
     clipfrac_lower = masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip.clip_c)), ops::lt(A, 0.0)), m,
                                  std::nullopt, opt.metrics);
   const T dlogp = ops::sub(lp, old);
+  // verl ppo_kl reads the clamped log-ratio; OpenRLHF (and the default) the raw one
+  const T kl_logratio = opt.clamped_kl_metric && opt.clip.log_ratio_clamp
+                            ? ops::clamp(dlogp, -*opt.clip.log_ratio_clamp, *opt.clip.log_ratio_clamp)
+                            : dlogp;
   return {loss, per_token, s.ratio, cm.low, cm.high, cm.region, clipfrac, clipfrac_lower,
           // verl ppo_kl = masked_mean(-negative_approx_kl) (k1)
-          masked_mean(ops::neg(dlogp), m, std::nullopt, opt.metrics),
+          masked_mean(ops::neg(kl_logratio), m, std::nullopt, opt.metrics),
           // TRL PPO approxkl = 0.5 * (logprobs_diff ** 2).mean()
           ops::mul(masked_mean(ops::square(dlogp), m), 0.5), masked_mean(s.ratio, m),
           detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true), cm.low_min, cm.high_max,
