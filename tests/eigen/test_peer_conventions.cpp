@@ -176,6 +176,10 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
   expect_rejected([&] { masked_whiten(x, m, {.count_eps = -1.0}); }, "masked_whiten", "options.count_eps");
   expect_rejected([&] { masked_whiten(x, m, {.eps = 0.0, .guard = variance_guard::floor}); }, "masked_whiten",
                   "options.eps");
+  expect_rejected([&] { masked_whiten(x, m, {.guard = static_cast<variance_guard>(9)}); }, "masked_whiten",
+                  "options.guard");
+  expect_rejected([&] { masked_whiten(x, m, {.outside = static_cast<whiten_outside>(9)}); }, "masked_whiten",
+                  "options.outside");
   expect_rejected([&] { aggregate(x, m, aggregation::seq_mean_token_mean, std::nullopt, -1e-8); }, "aggregate",
                   "token_count_eps");
   expect_rejected([&] { aggregation_weights(m, aggregation::seq_mean_token_mean, std::nullopt, nan); },

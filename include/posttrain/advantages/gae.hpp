@@ -32,7 +32,8 @@ namespace posttrain {
 
 /// What gae writes outside the response mask.
 enum class gae_outside {
-  /// 0 in the returns and the raw advantages (default; TRL PPOTrainer masks both).
+  /// 0 in the returns and the raw advantages (default; posttrain's behaviour: nothing is written outside the
+  /// mask, as TRL PPOTrainer zeroes its advantages there).
   zero,
   /// verl compute_gae_advantage_return: the recursion's carried values (advantages_reversed holds lastgaelam,
   /// returns = advantages + values at every position).

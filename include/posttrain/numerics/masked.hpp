@@ -175,6 +175,10 @@ inline void check_whiten_options(std::string_view fn, std::string_view prefix, c
   const std::string eps = std::string(prefix) + "eps", count_eps = std::string(prefix) + "count_eps";
   check_whiten_eps(fn, eps, o.eps);
   check_count_eps(fn, count_eps, o.count_eps);
+  if (o.guard != variance_guard::add && o.guard != variance_guard::floor)
+    fail(fn, prefix, "guard must be variance_guard::add or variance_guard::floor, got ", static_cast<int>(o.guard));
+  if (o.outside != whiten_outside::zero && o.outside != whiten_outside::whitened && o.outside != whiten_outside::keep)
+    fail(fn, prefix, "outside must be whiten_outside::zero, whitened or keep, got ", static_cast<int>(o.outside));
 }
 }  // namespace detail
 
