@@ -97,7 +97,7 @@ T masked_mean(const T& x, const T& mask, std::optional<std::int64_t> dim = std::
 }
 
 /// Masked variance about the masked mean. unbiased (default, as TRL/verl/torchtune): divides by
-/// n - 1; a selection of one element has variance 0 (TRL raises, verl divides by n), and an empty
+/// n - 1; a selection of one element has variance 0 (TRL and verl b178a3c raise), and an empty
 /// one 0. Example (TRL test): x = [1,2,3,4], mask [0,1,1,0] -> 0.5.
 /// options.count_eps > 0 reproduces verl/utils/torch_functional.py masked_var: the mean and the mean of the
 /// squared deviations both divide by n + count_eps, and the unbiased form multiplies by n / (n - 1) (verl raises
