@@ -10,7 +10,11 @@
 //     next kept token bootstraps from the value of the next *kept* token.
 //   false (TRL PPOTrainer, torchtune): the plain recursion over every position; the caller zeroes
 //     rewards and values past the end (TRL keeps the value at the first pad, where it puts the score).
-// Outputs are 0 at masked positions. Advantages are whitened over the mask (TRL and verl both do,
+// Outputs are 0 at masked positions by default (option `outside`, issue 17): gae_outside::carried
+// reproduces verl compute_gae_advantage_return (verl/trainer/ppo/core_algos.py, b178a3c), whose outputs
+// are not masked: a masked position holds the carried A_{next} (0 past the end), its return A + V (= V on
+// trailing padding), and the whitened advantage there is whatever whitening.outside says (verl writes the
+// whitened value: gae_options::verl()). Advantages are whitened over the mask (TRL and verl both do,
 // unbiased variance, ε 1e-8) unless `whiten` is false; returns are never whitened.
 // Advantages and returns are constants in training (no gradient flows through them).
 // Example (torchtune test_rewards): V = R = [[0,0,0,1]], γ = 0.9, λ = 0.95, plain recursion ->
@@ -26,6 +30,16 @@
 
 namespace posttrain {
 
+/// What gae writes outside the response mask.
+enum class gae_outside {
+  /// 0 in the returns and the raw advantages (default; posttrain's behaviour: nothing is written outside the
+  /// mask, as TRL PPOTrainer zeroes its advantages there).
+  zero,
+  /// verl compute_gae_advantage_return: the recursion's carried values (advantages_reversed holds lastgaelam,
+  /// returns = advantages + values at every position).
+  carried,
+};
+
 struct gae_options {
   /// γ (TRL PPOConfig gamma 1.0, verl 1.0, torchtune 1.0).
   double gamma = 1.0;
@@ -36,12 +50,25 @@ struct gae_options {
   /// Whiten the advantages over the mask (TRL, verl); returns are computed before whitening.
   bool whiten = true;
   whiten_options whitening = {};
+  /// Outputs outside the mask: 0 (default) or verl's carried values (see gae_outside).
+  gae_outside outside = gae_outside::zero;
+
+  /// verl b178a3c compute_gae_advantage_return (γ = λ = 1, its defaults): masked tokens skipped, outputs
+  /// unmasked, advantages whitened by verl_F.masked_whiten (whiten_options::verl()).
+  static constexpr gae_options verl(double gamma = 1.0, double lambda = 1.0) {
+    return {.gamma = gamma,
+            .lambda = lambda,
+            .skip_masked = true,
+            .whiten = true,
+            .whitening = whiten_options::verl(),
+            .outside = gae_outside::carried};
+  }
 };
 
 template <tensor T>
 struct gae_result {
-  T advantages;  ///< [B, T], whitened unless options.whiten is false; 0 where masked
-  T returns;     ///< [B, T] A + V before whitening (the critic's target); 0 where masked
+  T advantages;  ///< [B, T], whitened unless options.whiten is false; 0 where masked (see options.outside)
+  T returns;     ///< [B, T] A + V before whitening (the critic's target); 0 where masked (see options.outside)
 };
 
 namespace detail {
@@ -63,7 +90,10 @@ gae_result<T> gae(const T& token_level_rewards, const T& values, const T& respon
   constexpr std::string_view fn = "gae";
   detail::check_discount(fn, "options.gamma", opt.gamma);
   detail::check_discount(fn, "options.lambda", opt.lambda);
-  if (opt.whiten) detail::check_whiten_eps(fn, "options.whitening.eps", opt.whitening.eps);
+  if (opt.whiten) detail::check_whiten_options(fn, "options.whitening.", opt.whitening);
+  if (opt.outside != gae_outside::zero && opt.outside != gae_outside::carried)
+    detail::fail(fn, "options.outside must be gae_outside::zero or gae_outside::carried, got ",
+                 static_cast<int>(opt.outside));
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   detail::require_like(fn, "token_level_rewards", token_level_rewards, "values", values);
@@ -88,7 +118,13 @@ gae_result<T> gae(const T& token_level_rewards, const T& values, const T& respon
       next_value = vt;
       last_adv = a;
     }
-    adv.push_back(a);
+    // verl appends the carried lastgaelam; at a kept position it equals A_t
+    adv.push_back(opt.outside == gae_outside::carried ? last_adv : a);
+  }
+  if (opt.outside == gae_outside::carried) {
+    // verl: returns = advantages + values; advantages = masked_whiten(advantages, response_mask), all unmasked
+    const T raw = detail::reversed_concat(std::move(adv));
+    return {opt.whiten ? masked_whiten(raw, m, opt.whitening) : raw, ops::add(raw, v)};
   }
   const T raw = ops::where(m, detail::reversed_concat(std::move(adv)), 0.0);
   const T returns = ops::where(m, ops::add(raw, v), 0.0);

@@ -345,20 +345,22 @@ T broadcast_to_tokens(const T& advantages, const T& response_mask) {
 template <tensor T>
 T reinforce_pp_advantages(const T& token_level_rewards, const T& response_mask, double gamma = 1.0,
                           whiten_options whitening = {}) {
-  detail::check_whiten_eps("reinforce_pp_advantages", "whitening.eps", whitening.eps);
+  detail::check_whiten_options("reinforce_pp_advantages", "whitening.", whitening);
   const T g = discounted_returns(token_level_rewards, response_mask, gamma);
   return masked_whiten(g, ops::ne(ops::to_dtype(response_mask, ops::dtype_of(g)), 0.0), whitening);
 }
 
-/// REINFORCE++-baseline (verl compute_reinforce_plus_plus_baseline_outcome_advantage; OpenRLHF
-/// reinforce_baseline uses biased variance: whitening.unbiased = false): score = Σ_t r_t, minus its group mean
-/// (singletons per policy; verl: raw), broadcast to tokens, whitened over the batch. -> [B, T].
+/// REINFORCE++-baseline (verl compute_reinforce_plus_plus_baseline_outcome_advantage): score = Σ_t r_t, minus its
+/// group mean (singletons per policy; verl: raw), broadcast to tokens, whitened over the batch. -> [B, T].
+/// This is verl's order (KL-shaped rewards summed, then centred). OpenRLHF reinforce_baseline centres the raw scores
+/// before adding the KL penalty, which differs whenever β != 0: use the (scores, non_score_rewards, ...) overload
+/// below with reinforce_baseline_options::openrlhf().
 template <tensor T>
 T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& response_mask,
                                    const index_tensor_t<T>& group_index,
                                    singleton_policy singleton = singleton_policy::raw, whiten_options whitening = {}) {
   constexpr std::string_view fn = "reinforce_pp_baseline_advantages";
-  detail::check_whiten_eps(fn, "whitening.eps", whitening.eps);
+  detail::check_whiten_options(fn, "whitening.", whitening);
   detail::require_values(fn, "token_level_rewards", token_level_rewards);
   detail::require_rank(fn, "token_level_rewards", token_level_rewards, 2, 2);
   const T r = ops::upcast(token_level_rewards);
@@ -369,6 +371,86 @@ T reinforce_pp_baseline_advantages(const T& token_level_rewards, const T& respon
   const auto st = detail::compute_group_stats(fn, s, group_index);
   const T centred = detail::apply_group_policies(st.centred, s, st, singleton, all_equal_policy::formula);
   return masked_whiten(ops::where(m, ops::unsqueeze(centred, 1), 0.0), m, whitening);
+}
+
+/// The order of REINFORCE++-baseline's two steps when the KL penalty sits in the reward (issue 17).
+enum class baseline_order {
+  /// Shape first, then centre (default; verl compute_reinforce_plus_plus_baseline_outcome_advantage): the group
+  /// mean is taken of score_b + Σ_t (non-score rewards), broadcast over the kept tokens.
+  shaped_sum,
+  /// Centre first, then shape (OpenRLHF experience_maker.py compute_advantages_and_returns, reinforce_baseline):
+  /// the group mean is subtracted from the raw scores, the centred score is placed at the last kept token, the
+  /// per-token non-score rewards are added (openrlhf/models/utils.py compute_reward), and the returns
+  /// G_t = Σ_{k>=t} m_k·r_k (get_cumulative_returns, γ = 1, accumulated across masked tokens) are the advantages.
+  /// The two differ whenever the KL coefficient is non-zero (OpenRLHF's default).
+  score_first,
+};
+
+struct reinforce_baseline_options {
+  /// verl's order (default) or OpenRLHF's (see baseline_order).
+  baseline_order order = baseline_order::shaped_sum;
+  /// A group of one: its raw value (default, verl) or 0 (OpenRLHF: r - mean of one sample).
+  singleton_policy singleton = singleton_policy::raw;
+  /// The batch whitening (whiten_options::openrlhf() for OpenRLHF's normalisation, whiten_options::verl() for
+  /// verl's masked_whiten). Under score_first, positions outside the mask carry the returns OpenRLHF computes there.
+  whiten_options whitening = {};
+
+  /// OpenRLHF 3c3be62 reinforce_baseline: centre the scores first, OpenRLHF's normalisation over every position.
+  static constexpr reinforce_baseline_options openrlhf() {
+    return {.order = baseline_order::score_first,
+            .singleton = singleton_policy::zero,
+            .whitening = whiten_options::openrlhf()};
+  }
+};
+
+/// REINFORCE++-baseline from the scores [B] and the per-token non-score rewards [B, T] (-β·kl_t, e.g.
+/// kl_shaped_rewards(zero scores, ...).rewards; read only at kept tokens), with the order of centring and KL
+/// shaping an option (reinforce_baseline_options). response_mask [B, T], group_index [B] -> advantages [B, T].
+/// shaped_sum equals reinforce_pp_baseline_advantages(token_level_rewards, ...) on the rewards with the score
+/// added at each row's last kept token.
+template <tensor T>
+T reinforce_pp_baseline_advantages(const T& scores, const T& non_score_rewards, const T& response_mask,
+                                   const index_tensor_t<T>& group_index, const reinforce_baseline_options& opt = {}) {
+  constexpr std::string_view fn = "reinforce_pp_baseline_advantages";
+  detail::check_whiten_options(fn, "options.whitening.", opt.whitening);
+  if (opt.order != baseline_order::shaped_sum && opt.order != baseline_order::score_first)
+    detail::fail(fn, "options.order must be baseline_order::shaped_sum or baseline_order::score_first, got ",
+                 static_cast<int>(opt.order));
+  detail::require_values(fn, "non_score_rewards", non_score_rewards);
+  detail::require_rank(fn, "non_score_rewards", non_score_rewards, 2, 2);
+  const T s = detail::checked_scores(fn, scores);
+  if (ops::size(s, 0) != ops::size(non_score_rewards, 0))
+    detail::fail(fn, "scores has shape ", detail::shape_string(ops::shape(scores)), " but non_score_rewards has shape ",
+                 detail::shape_string(ops::shape(non_score_rewards)), "; expected [", ops::size(non_score_rewards, 0),
+                 "]");
+  const T r = ops::upcast(non_score_rewards);
+  const T m = ops::ne(
+      ops::upcast(detail::checked_mask(fn, "non_score_rewards", non_score_rewards, "response_mask", response_mask)),
+      0.0);
+  // the last kept position of each row (-1 when none): where the score sits (OpenRLHF compute_reward eos_indices)
+  const T pos = ops::sub(ops::cumsum(ops::full_like(r, 1.0), 1), 1.0);
+  const T at_last = ops::eq(pos, ops::max(ops::where(m, pos, -1.0), 1, true));  // [B, T]
+  const T kept = ops::where(m, r, 0.0);
+  if (opt.order == baseline_order::shaped_sum) {
+    // verl: token_level_rewards = score at the last token + non-score rewards, summed, then centred
+    const T token_level = ops::add(kept, ops::mul(at_last, ops::unsqueeze(s, 1)));
+    return reinforce_pp_baseline_advantages(token_level, m, group_index, opt.singleton, opt.whitening);
+  }
+  // OpenRLHF: rewards = rewards - rewards.mean(-1) over the group, before compute_reward adds -β·kl
+  const auto st = detail::compute_group_stats(fn, s, group_index);
+  const T centred = detail::apply_group_policies(st.centred, s, st, opt.singleton, all_equal_policy::formula);
+  const T shaped = ops::add(kept, ops::mul(at_last, ops::unsqueeze(centred, 1)));  // [B, T], 0 where masked
+  // get_cumulative_returns: G_t = r_t·m_t + γ·G_{t+1}, γ = 1, never reset (a masked token adds 0)
+  const std::int64_t B = ops::size(r, 0), len = ops::size(r, 1);
+  T running = ops::full(r, {B, 1}, 0.0);
+  std::vector<T> cols;
+  cols.reserve(static_cast<std::size_t>(len));
+  for (std::int64_t t = len - 1; t >= 0; --t) {
+    running = ops::add(ops::slice(shaped, 1, t, 1), running);  // G_t = m_t·r_t + G_{t+1}
+    cols.push_back(running);
+  }
+  const T returns = detail::reversed_concat(std::move(cols));
+  return masked_whiten(returns, m, opt.whitening);
 }
 
 template <tensor T>

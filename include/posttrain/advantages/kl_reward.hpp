@@ -11,6 +11,7 @@
 // -> rewards [[.05, .05, 1.05], [.1, .1, 2.1], [.15, .15, 3.15]].
 #pragma once
 
+#include <optional>
 #include <string_view>
 
 #include "posttrain/detail/validate.hpp"
@@ -25,12 +26,22 @@ enum class score_position {
   first_pad,   ///< the position after it, or the last token when the row is full (TRL PPOTrainer)
 };
 
+/// A closed range [low, high] the scores are clamped to before KL shaping.
+struct score_range {
+  double low;
+  double high;
+};
+
 struct kl_reward_options {
   /// β: verl kl_ctrl.kl_coef 0.001; TRL PPO kl_coef 0.05 (the default here).
   double beta = 0.05;
   /// TRL PPO kl_estimator "k1" (the default here); verl kl_penalty "kl" (k1) too.
   kl_options kl = {.estimator = kl_estimator::k1};
   score_position position = score_position::last_token;
+  /// Clamp the scores to [low, high] before shaping (OpenRLHF openrlhf/models/utils.py compute_reward:
+  /// `r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])`). None (default): TRL, verl, torchtune
+  /// use the scores as they are. low <= high, both finite.
+  std::optional<score_range> score_clip = std::nullopt;
 };
 
 template <tensor T>
@@ -49,6 +60,13 @@ kl_reward_result<T> kl_shaped_rewards(const T& scores, const T& logprobs, const 
                                       const kl_reward_options& opt = {}) {
   constexpr std::string_view fn = "kl_shaped_rewards";
   detail::require_finite(fn, "options.beta", opt.beta);
+  if (opt.score_clip) {
+    detail::require_finite(fn, "options.score_clip.low", opt.score_clip->low);
+    detail::require_finite(fn, "options.score_clip.high", opt.score_clip->high);
+    if (opt.score_clip->low > opt.score_clip->high)
+      detail::fail(fn, "options.score_clip must have low <= high, got [", opt.score_clip->low, ", ",
+                   opt.score_clip->high, "]");
+  }
   detail::require_values(fn, "logprobs", logprobs);
   detail::require_rank(fn, "logprobs", logprobs, 2, 2);
   detail::require_values(fn, "scores", scores);
@@ -66,9 +84,12 @@ kl_reward_result<T> kl_shaped_rewards(const T& scores, const T& logprobs, const 
   const T target =
       opt.position == score_position::last_token ? last : ops::minimum(ops::add(last, 1.0), double(len - 1));
   const T at_score = ops::eq(pos, target);
+  // OpenRLHF compute_reward: scores clamped to reward_clip_range before the KL term is added
+  const T sc =
+      opt.score_clip ? ops::clamp(ops::upcast(scores), opt.score_clip->low, opt.score_clip->high) : ops::upcast(scores);
   // r_t = -β kl_t + [t = t_score] score   (InstructGPT eq. 2)
   const T non_score = ops::mul(kl, -opt.beta);
-  const T rewards = ops::add(non_score, ops::mul(at_score, ops::unsqueeze(ops::upcast(scores), 1)));
+  const T rewards = ops::add(non_score, ops::mul(at_score, ops::unsqueeze(sc, 1)));
   return {rewards, kl, ops::div(ops::sum_all(non_score), double(ops::size(kl, 0))),
           ops::div(ops::sum_all(kl), double(ops::size(kl, 0)))};
 }

@@ -47,9 +47,25 @@ struct ppo_options {
   aggregation reduction = aggregation::token_mean;
   /// The global normaliser of `reduction` (see aggregate.hpp): pass it to make micro-batch sums exact.
   std::optional<double> normalizer = std::nullopt;
+  /// seq_mean_token_mean's per-sequence count guard (aggregate.hpp): 0 (default, TRL) or 1e-8 (verl agg_loss,
+  /// OpenRLHF aggregate_loss). Ignored by the other modes; must be >= 0.
+  double token_count_eps = 0.0;
+  /// How verl's metrics (pg_clipfrac, pg_clipfrac_lower, approx_kl = ppo_kl) count tokens: the exact mean
+  /// (default) or masked_options::verl(), verl compute_policy_loss_vanilla's verl_F.masked_mean (+ 1e-8).
+  masked_options metrics = {};
+  /// approx_kl from the log-ratio as clip.log_ratio_clamp leaves it (verl compute_policy_loss_vanilla: ppo_kl of the
+  /// clamped negative_approx_kl) or, false (default), before the clamp (OpenRLHF PolicyLoss: ppo_kl of
+  /// raw_policy_log_ratio). The same without a clamp.
+  bool clamped_kl_metric = false;
 
-  /// verl's compute_policy_loss("vanilla") defaults: ε = 0.2, dual-clip c = 3, log ρ clamped to ±20.
-  static ppo_options verl() { return {.clip = clip_options::verl()}; }
+  /// verl's compute_policy_loss("vanilla") defaults: ε = 0.2, dual-clip c = 3, log ρ clamped to ±20, and its
+  /// guards: agg_loss seq-mean-token-mean over n + 1e-8 and metrics through verl_F.masked_mean (+ 1e-8).
+  static ppo_options verl() {
+    return {.clip = clip_options::verl(),
+            .token_count_eps = 1e-8,
+            .metrics = masked_options::verl(),
+            .clamped_kl_metric = true};
+  }
 };
 
 template <tensor T>
@@ -88,6 +104,8 @@ namespace detail {
 inline void check_ppo_options(std::string_view fn, const ppo_options& o) {
   check_clip_options(fn, o.clip);
   check_normalizer(fn, o.normalizer);
+  check_token_count_eps(fn, "options.token_count_eps", o.token_count_eps);
+  check_count_eps(fn, "options.metrics.count_eps", o.metrics.count_eps);
 }
 
 template <tensor T>
@@ -191,18 +209,23 @@ ppo_policy_result<T> ppo_policy_loss(const T& logprobs, const T& old_logprobs, c
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::ppo_surrogate(lp, old, A, opt.clip);
   const T per_token = ops::where(m, s.loss, 0.0);
-  const T loss = aggregate(per_token, m, opt.reduction, opt.normalizer);
+  const T loss = aggregate(per_token, m, opt.reduction, opt.normalizer, opt.token_count_eps);
   // TRL clip_ratio/{low,high,region}_mean, low_min, high_max (clip.hpp)
   const auto cm = detail::clip_ratio_metrics(s.ratio, A, m, opt.clip);
-  // verl: pg_clipfrac = masked_mean(pg_losses2 > pg_losses1)
-  const T clipfrac = masked_mean(ops::gt(s.l2, s.l1), m);
+  // verl compute_policy_loss_vanilla: pg_clipfrac = masked_mean(pg_losses2 > pg_losses1) (opt.metrics: its + 1e-8)
+  const T clipfrac = masked_mean(ops::gt(s.l2, s.l1), m, std::nullopt, opt.metrics);
   T clipfrac_lower = ops::scalar_like(lp, 0.0);
   if (opt.clip.clip_c)  // verl: masked_mean((clip_pg_losses1 > pg_losses3) * (A < 0))
-    clipfrac_lower = masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip.clip_c)), ops::lt(A, 0.0)), m);
+    clipfrac_lower = masked_mean(ops::mul(ops::gt(s.clipped_max, ops::mul(A, -*opt.clip.clip_c)), ops::lt(A, 0.0)), m,
+                                 std::nullopt, opt.metrics);
   const T dlogp = ops::sub(lp, old);
+  // verl ppo_kl reads the clamped log-ratio; OpenRLHF (and the default) the raw one
+  const T kl_logratio = opt.clamped_kl_metric && opt.clip.log_ratio_clamp
+                            ? ops::clamp(dlogp, -*opt.clip.log_ratio_clamp, *opt.clip.log_ratio_clamp)
+                            : dlogp;
   return {loss, per_token, s.ratio, cm.low, cm.high, cm.region, clipfrac, clipfrac_lower,
           // verl ppo_kl = masked_mean(-negative_approx_kl) (k1)
-          masked_mean(ops::neg(dlogp), m),
+          masked_mean(ops::neg(kl_logratio), m, std::nullopt, opt.metrics),
           // TRL PPO approxkl = 0.5 * (logprobs_diff ** 2).mean()
           ops::mul(masked_mean(ops::square(dlogp), m), 0.5), masked_mean(s.ratio, m),
           detail::masked_extreme(s.ratio, m, false), detail::masked_extreme(s.ratio, m, true), cm.low_min, cm.high_max,
@@ -219,7 +242,7 @@ T ppo_policy_loss_backward(const T& logprobs, const T& old_logprobs, const T& ad
   const T lp = ops::upcast(logprobs);
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::ppo_surrogate(lp, ops::upcast(old_logprobs), ops::upcast(advantages), opt.clip);
-  const T w = aggregation_weights(m, opt.reduction, opt.normalizer);
+  const T w = aggregation_weights(m, opt.reduction, opt.normalizer, opt.token_count_eps);
   return ops::mul(ops::where(m, ops::mul(s.d_logratio, w), 0.0), grad_loss);
 }
 

@@ -34,6 +34,8 @@ enum class aggregation {
   seq_mean_token_sum,
   /// mean over sequences of the per-sequence token mean (verl "seq-mean-token-mean"; vanilla
   /// GRPO; TRL grpo). Sequences with no token are excluded. normalizer: as seq_mean_token_sum.
+  /// Each sequence divides by its token count n_b exactly (default; TRL) or, with token_count_eps > 0,
+  /// by n_b + token_count_eps (verl agg_loss and OpenRLHF aggregate_loss(token_level_loss=False): 1e-8).
   seq_mean_token_mean,
   /// Σ m·L / (B · T) with T the padded length (Dr. GRPO; TRL dr_grpo uses B ·
   /// max_completion_length). normalizer: the whole divisor. verl's form Σ m·L / T (no mean over
@@ -60,15 +62,24 @@ inline void check_normalizer(std::string_view fn, std::optional<double> normaliz
   require_finite(fn, "normalizer", *normalizer);
   if (*normalizer <= 0) fail(fn, "normalizer must be > 0, got ", *normalizer);
 }
+/// seq_mean_token_mean's per-sequence count guard: finite, >= 0 (0: the exact count).
+inline void check_token_count_eps(std::string_view fn, std::string_view name, double eps) {
+  require_finite(fn, name, eps);
+  if (eps < 0) fail(fn, name, " must be >= 0, got ", eps);
+}
 }  // namespace detail
 
 /// The weights w[B, T] (or w[N] for token_mean/sum on rank-1 masks) with aggregate = Σ w·L.
 /// Rows with no token get weight 0; an all-masked batch gives all-zero weights (loss 0, no NaN).
+/// token_count_eps (seq_mean_token_mean only; ignored by the other modes): 0 (default, TRL) divides each
+/// sequence by its token count, > 0 by count + token_count_eps (verl, OpenRLHF: 1e-8).
 template <tensor T>
-T aggregation_weights(const T& mask, aggregation mode, std::optional<double> normalizer = std::nullopt) {
+T aggregation_weights(const T& mask, aggregation mode, std::optional<double> normalizer = std::nullopt,
+                      double token_count_eps = 0.0) {
   constexpr std::string_view fn = "aggregation_weights";
   detail::require_nonempty(fn, "mask", mask);
   detail::check_normalizer(fn, normalizer);
+  detail::check_token_count_eps(fn, "token_count_eps", token_count_eps);
   const bool per_sequence = mode != aggregation::token_mean && mode != aggregation::sum;
   if (per_sequence) detail::require_rank(fn, "mask", mask, 2, 2);
   const T m = is_floating(ops::dtype_of(mask)) ? mask : ops::to_dtype(mask, dtype::float32);
@@ -90,7 +101,10 @@ T aggregation_weights(const T& mask, aggregation mode, std::optional<double> nor
       const T seqs = normalizer ? ops::scalar_like(mb, *normalizer)             // global count, or
                                 : ops::maximum(ops::sum_all(has_tokens), 1.0);  // local non-empty rows
       T w = ops::div(mb, seqs);
-      if (mode == aggregation::seq_mean_token_mean) w = ops::div(w, ops::maximum(tokens, 1.0));
+      // verl agg_loss "seq-mean-token-mean": Σ_t m·L / (Σ_t m + 1e-8) per sequence (OpenRLHF aggregate_loss
+      // token_level_loss=False likewise); TRL grpo: / clamp(Σ_t m, min=1)
+      if (mode == aggregation::seq_mean_token_mean)
+        w = ops::div(w, token_count_eps > 0 ? ops::add(tokens, token_count_eps) : ops::maximum(tokens, 1.0));
       return w;
     }
   }
@@ -101,14 +115,17 @@ T aggregation_weights(const T& mask, aggregation mode, std::optional<double> nor
 /// are never read (NaN there is harmless). See `aggregation` for each mode's formula.
 /// Example (OpenRLHF test): L = [[1,2,0],[3,4,5],[7,0,0]], M = [[1,1,0],[1,1,1],[1,0,0]],
 /// token_mean -> 22/6 = 3.666667.
+/// token_count_eps: see aggregation_weights (verl/OpenRLHF seq-mean-token-mean guard, 1e-8; default 0).
 template <tensor T>
-T aggregate(const T& loss, const T& mask, aggregation mode, std::optional<double> normalizer = std::nullopt) {
+T aggregate(const T& loss, const T& mask, aggregation mode, std::optional<double> normalizer = std::nullopt,
+            double token_count_eps = 0.0) {
   detail::require_values("aggregate", "loss", loss);
   detail::check_normalizer("aggregate", normalizer);  // named here, not by aggregation_weights below
+  detail::check_token_count_eps("aggregate", "token_count_eps", token_count_eps);
   if (mode != aggregation::token_mean && mode != aggregation::sum)
     detail::require_rank("aggregate", "loss", loss, 2, 2);
   const T m = detail::checked_mask("aggregate", "loss", loss, "mask", mask);
-  const T w = aggregation_weights(m, mode, normalizer);
+  const T w = aggregation_weights(m, mode, normalizer, token_count_eps);
   return ops::sum_all(ops::mul(ops::where(m, loss, 0.0), w));
 }
 

@@ -1,0 +1,220 @@
+// Peer conventions (issue 17): each option reproduces one framework's arithmetic to 1e-12 relative in float64.
+// Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c) and OpenRLHF
+// (3c3be62) formulas with plain Python floats; the defaults (TRL's arithmetic) are checked to stay distinct.
+#include <catch2/catch.hpp>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "posttrain/backends/eigen.hpp"
+#include "posttrain/posttrain.hpp"
+#include "reference/golden_conventions.hpp"
+#include "support/eigen_checks.hpp"
+
+using namespace posttrain;
+namespace g = posttrain::golden_conventions;
+using Catch::Matchers::Contains;
+
+namespace {
+using E = eigen_tensor<double>;
+E bt(const std::vector<double>& v) { return test::make({g::B, g::T}, v); }
+constexpr auto tol = test::conventions_tol;
+
+/// got differs from want by more than the conventions tolerance (an option that changes nothing proves nothing).
+bool differs(const E& got, const std::vector<double>& want) {
+  const auto h = ops::to_host(got);
+  for (std::size_t i = 0; i < h.size(); ++i)
+    if (!tol.accepts(h[i], want[i])) return true;
+  return false;
+}
+
+void expect_rejected(const std::function<void()>& call, const std::string& function, const std::string& argument) {
+  INFO("expected posttrain::" << function << " to reject " << argument);
+  CHECK_THROWS_AS(call(), posttrain::error);
+  CHECK_THROWS_WITH(call(), Catch::Matchers::StartsWith("posttrain::" + function + ": "));
+  CHECK_THROWS_WITH(call(), Contains(argument));
+}
+}  // namespace
+
+TEST_CASE("Conventions: verl masked_mean / masked_var / masked_whiten (count + 1e-8)", "[conventions]") {
+  const E x = bt(g::x), m = bt(g::mask);
+  const auto verl = masked_options::verl();
+  test::check_value("masked_mean", masked_mean(x, m, std::nullopt, verl), g::verl_masked_mean, tol);
+  test::check_values("masked_mean rows", masked_mean(x, m, 1, verl), g::verl_masked_mean_rows, tol);
+  test::check_value("masked_var", masked_var(x, m, true, std::nullopt, verl), g::verl_masked_var, tol);
+  test::check_value("masked_var biased", masked_var(x, m, false, std::nullopt, verl), g::verl_masked_var_biased, tol);
+  test::check_values("masked_whiten", masked_whiten(x, m, whiten_options::verl()), g::verl_masked_whiten, tol);
+  // the default is the exact mean (TRL): it differs from verl's by more than the tolerance
+  CHECK(differs(masked_mean(x, m), {g::verl_masked_mean}));
+  CHECK(differs(masked_whiten(x, m, {.outside = whiten_outside::whitened}), g::verl_masked_whiten));
+  // default: zero outside the mask; keep: the input there
+  const auto zero = ops::to_host(masked_whiten(x, m)),
+             keep = ops::to_host(masked_whiten(x, m, {.outside = whiten_outside::keep}));
+  for (std::size_t i = 0; i < g::x.size(); ++i) {
+    if (g::mask[i] != 0) continue;
+    CHECK(zero[i] == 0.0);
+    CHECK(keep[i] == g::x[i]);
+  }
+}
+
+TEST_CASE("Conventions: OpenRLHF advantage normalisation (biased, floored, every position, centre-only)",
+          "[conventions]") {
+  test::check_values("whiten", masked_whiten(bt(g::x), bt(g::mask), whiten_options::openrlhf()), g::openrlhf_whiten,
+                     tol);
+  test::check_values("centre only (no_std_norm)", masked_whiten(bt(g::x), bt(g::mask), whiten_options::openrlhf(false)),
+                     g::openrlhf_centre, tol);
+  // variance below 1e-8: OpenRLHF floors it, the default adds ε
+  const E xc = bt(g::x_const), mc = bt(g::mask_const);
+  test::check_values("variance floor", masked_whiten(xc, mc, whiten_options::openrlhf()), g::openrlhf_whiten_floor,
+                     tol);
+  whiten_options added = whiten_options::openrlhf();
+  added.guard = variance_guard::add;
+  CHECK(differs(masked_whiten(xc, mc, added), g::openrlhf_whiten_floor));
+}
+
+TEST_CASE("Conventions: seq-mean-token-mean over token count + 1e-8 (verl agg_loss, OpenRLHF aggregate_loss)",
+          "[conventions]") {
+  const E L = bt(g::loss), m = bt(g::mask);
+  const auto mode = aggregation::seq_mean_token_mean;
+  test::check_value("verl agg_loss", aggregate(L, m, mode, std::nullopt, 1e-8), g::verl_seq_mean_token_mean, tol);
+  test::check_value("verl agg_loss, global_batch_size 4", aggregate(L, m, mode, 4.0, 1e-8),
+                    g::verl_seq_mean_token_mean_global, tol);
+  test::check_value("OpenRLHF sample-level", aggregate(L, m, mode, std::nullopt, 1e-8), g::openrlhf_sample_level, tol);
+  // the gradient with respect to the per-token loss is the weight matrix
+  test::check_values("d loss / d L", aggregation_weights(m, mode, std::nullopt, 1e-8), g::verl_seq_mean_token_mean_grad,
+                     tol);
+  // default: exact per-sequence means (TRL grpo)
+  CHECK(differs(aggregate(L, m, mode), {g::verl_seq_mean_token_mean}));
+  // the guard only concerns seq_mean_token_mean
+  test::check_same("token_mean ignores it", aggregate(L, m, aggregation::token_mean, std::nullopt, 1e-8),
+                   aggregate(L, m, aggregation::token_mean), tol);
+}
+
+TEST_CASE("Conventions: verl GAE outputs outside the response mask", "[conventions]") {
+  const E r = bt(g::rewards), v = bt(g::values), m = bt(g::mask);
+  const auto verl = gae(r, v, m, gae_options::verl(0.9, 0.8));
+  test::check_values("advantages (whitened, every position)", verl.advantages, g::verl_gae_advantages, tol);
+  test::check_values("returns (carried A + V)", verl.returns, g::verl_gae_returns, tol);
+  auto raw_opt = gae_options::verl(0.9, 0.8);
+  raw_opt.whiten = false;
+  test::check_values("raw advantages", gae(r, v, m, raw_opt).advantages, g::verl_gae_raw, tol);
+  // default: the same values at kept positions (up to verl's +1e-8 count guard), 0 elsewhere
+  const auto plain = gae(r, v, m, {.gamma = 0.9, .lambda = 0.8});
+  const auto a = ops::to_host(plain.advantages), ret = ops::to_host(plain.returns);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (g::mask[i] != 0) {
+      CHECK(ret[i] == Approx(g::verl_gae_returns[i]).epsilon(1e-12));
+      CHECK(a[i] == Approx(g::verl_gae_advantages[i]).epsilon(1e-6));
+    } else {
+      CHECK(a[i] == 0.0);
+      CHECK(ret[i] == 0.0);
+    }
+  }
+}
+
+TEST_CASE("Conventions: verl PPO metrics through verl_F.masked_mean (+ 1e-8)", "[conventions]") {
+  const E lp = bt(g::logprobs), old = bt(g::old_logprobs), A = bt(g::advantages), m = bt(g::mask);
+  auto o = ppo_options::verl();
+  o.clip.clip_high = 0.28;
+  const auto r = ppo_policy_loss(lp, old, A, m, o);
+  test::check_value("pg_loss (token-mean)", r.loss, g::verl_pg_loss_token_mean, tol);
+  test::check_value("pg_clipfrac", r.pg_clipfrac, g::verl_pg_clipfrac, tol);
+  test::check_value("pg_clipfrac_lower", r.pg_clipfrac_lower, g::verl_pg_clipfrac_lower, tol);
+  test::check_value("ppo_kl", r.approx_kl, g::verl_ppo_kl, tol);
+  o.reduction = aggregation::seq_mean_token_mean;
+  test::check_value("pg_loss (seq-mean-token-mean)", ppo_policy_loss(lp, old, A, m, o).loss,
+                    g::verl_pg_loss_seq_mean_token_mean, tol);
+  // default metrics: exact means, and ppo_kl before the clamp (OpenRLHF)
+  o.metrics = {};
+  CHECK(differs(ppo_policy_loss(lp, old, A, m, o).pg_clipfrac, {g::verl_pg_clipfrac}));
+  o.metrics = masked_options::verl();
+  o.clamped_kl_metric = false;
+  CHECK(differs(ppo_policy_loss(lp, old, A, m, o).approx_kl, {g::verl_ppo_kl}));
+}
+
+TEST_CASE("Conventions: OpenRLHF compute_reward clamps scores before KL shaping", "[conventions]") {
+  const E lp = bt(g::logprobs_reward), ref = bt(g::ref_logprobs), m = bt(g::mask_reward);
+  const E scores = test::vec(g::scores);
+  const kl_reward_options o{.beta = 0.05, .score_clip = score_range{-2.0, 2.0}};
+  test::check_values("rewards", kl_shaped_rewards(scores, lp, ref, m, o).rewards, g::openrlhf_reward_clipped, tol);
+  CHECK(differs(kl_shaped_rewards(scores, lp, ref, m, {.beta = 0.05}).rewards, g::openrlhf_reward_clipped));
+}
+
+TEST_CASE("Conventions: REINFORCE++-baseline, OpenRLHF centres the scores before the KL penalty", "[conventions]") {
+  const auto m6 = test::make({g::B6, g::T6}, g::mask6);
+  const auto lp = test::make({g::B6, g::T6}, g::logprobs6), ref = test::make({g::B6, g::T6}, g::ref_logprobs6);
+  const E scores = test::vec(g::scores6);
+  const eigen_index id({g::B6}, std::vector<std::int64_t>(g::index6.begin(), g::index6.end()));
+  // -β·kl_t at kept tokens: kl_shaped_rewards with zero scores (OpenRLHF compute_reward's kl_reward)
+  const E non_score = kl_shaped_rewards(E({g::B6}, 0.0), lp, ref, m6, {.beta = 0.05}).rewards;
+  test::check_values(
+      "OpenRLHF reinforce_baseline",
+      reinforce_pp_baseline_advantages(scores, non_score, m6, id, reinforce_baseline_options::openrlhf()),
+      g::openrlhf_reinforce_baseline, tol);
+  // verl's order (the default) with verl's masked_whiten guard, zero outside the mask as verl multiplies by it
+  whiten_options verl_whiten = whiten_options::verl();
+  verl_whiten.outside = whiten_outside::zero;
+  const auto verl = reinforce_pp_baseline_advantages(scores, non_score, m6, id, {.whitening = verl_whiten});
+  test::check_values("verl reinforce_plus_plus_baseline", verl, g::verl_reinforce_pp_baseline, tol);
+  // shaped_sum is the token-level entry on the shaped rewards
+  const E kl_shaped = kl_shaped_rewards(scores, lp, ref, m6, {.beta = 0.05}).rewards;
+  test::check_same("shaped_sum = token-level entry",
+                   reinforce_pp_baseline_advantages(scores, non_score, m6, id, {.whitening = verl_whiten}),
+                   reinforce_pp_baseline_advantages(kl_shaped, m6, id, singleton_policy::raw, verl_whiten), tol);
+  CHECK(differs(
+      reinforce_pp_baseline_advantages(scores, non_score, m6, id,
+                                       {.singleton = singleton_policy::zero, .whitening = whiten_options::openrlhf()}),
+      g::openrlhf_reinforce_baseline));
+}
+
+TEST_CASE("Conventions: every new option rejects bad values, naming function and argument", "[conventions]") {
+  const E x = bt(g::x), m = bt(g::mask);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  expect_rejected([&] { masked_mean(x, m, std::nullopt, {.count_eps = -1e-8}); }, "masked_mean", "options.count_eps");
+  expect_rejected([&] { masked_var(x, m, true, std::nullopt, {.count_eps = nan}); }, "masked_var", "options.count_eps");
+  expect_rejected([&] { masked_whiten(x, m, {.count_eps = -1.0}); }, "masked_whiten", "options.count_eps");
+  expect_rejected([&] { masked_whiten(x, m, {.eps = 0.0, .guard = variance_guard::floor}); }, "masked_whiten",
+                  "options.eps");
+  expect_rejected([&] { masked_whiten(x, m, {.guard = static_cast<variance_guard>(9)}); }, "masked_whiten",
+                  "options.guard");
+  expect_rejected([&] { masked_whiten(x, m, {.outside = static_cast<whiten_outside>(9)}); }, "masked_whiten",
+                  "options.outside");
+  expect_rejected([&] { aggregate(x, m, aggregation::seq_mean_token_mean, std::nullopt, -1e-8); }, "aggregate",
+                  "token_count_eps");
+  expect_rejected([&] { aggregation_weights(m, aggregation::seq_mean_token_mean, std::nullopt, nan); },
+                  "aggregation_weights", "token_count_eps");
+  expect_rejected([&] { gae(x, x, m, {.outside = static_cast<gae_outside>(7)}); }, "gae", "options.outside");
+  expect_rejected(
+      [&] {
+        auto o = gae_options::verl();
+        o.whitening.count_eps = -1.0;
+        gae(x, x, m, o);
+      },
+      "gae", "options.whitening.count_eps");
+  expect_rejected([&] { ppo_policy_loss(x, x, x, m, {.token_count_eps = -1.0}); }, "ppo_policy_loss",
+                  "options.token_count_eps");
+  expect_rejected([&] { ppo_policy_loss_backward(x, x, x, m, {.metrics = {.count_eps = nan}}); },
+                  "ppo_policy_loss_backward", "options.metrics.count_eps");
+  const E scores = test::vec(g::scores);
+  expect_rejected(
+      [&] {
+        kl_shaped_rewards(scores, x, x, m, {.score_clip = score_range{2.0, -2.0}});
+      },
+      "kl_shaped_rewards", "options.score_clip");
+  expect_rejected(
+      [&] {
+        kl_shaped_rewards(scores, x, x, m, {.score_clip = score_range{nan, 1.0}});
+      },
+      "kl_shaped_rewards", "options.score_clip.low");
+  const eigen_index id({g::B}, std::vector<std::int64_t>{0, 0, 1});
+  expect_rejected(
+      [&] { reinforce_pp_baseline_advantages(scores, x, m, id, {.order = static_cast<baseline_order>(5)}); },
+      "reinforce_pp_baseline_advantages", "options.order");
+  expect_rejected([&] { reinforce_pp_baseline_advantages(scores, x, m, id, {.whitening = {.eps = -1.0}}); },
+                  "reinforce_pp_baseline_advantages", "options.whitening.eps");
+  expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
+                  "whitening.count_eps");
+  expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },
+                  "reinforce_pp_baseline_advantages", "whitening.count_eps");
+}

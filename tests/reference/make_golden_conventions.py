@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Golden values for tests/eigen/test_peer_conventions.cpp (issue 17, exact peer conventions).
+
+Each function below re-states one framework's formula the way the framework writes it, with plain Python
+floats (float64, no torch, no numpy), on small fixed inputs, and the script prints a C++ header:
+
+    python3 tests/reference/make_golden_conventions.py > tests/reference/golden_conventions.hpp
+
+Sources (read, not copied; the arithmetic is re-typed in the order the framework performs it):
+  verl b178a3c      verl/utils/torch_functional.py   masked_mean, masked_var, masked_whiten
+                    verl/trainer/ppo/core_algos.py   agg_loss, compute_gae_advantage_return,
+                                                     compute_policy_loss_vanilla
+  OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss
+                    openrlhf/models/utils.py         compute_approx_kl, compute_reward
+                    openrlhf/trainer/ppo_utils/experience_maker.py
+                                                     compute_advantages_and_returns, get_cumulative_returns
+"""
+import math
+import sys
+
+B, T = 3, 5
+X = [0.7, -1.3, 2.1, 5.0, -0.4,
+     1.9, 0.25, -0.8, 1.1, 3.3,
+     -2.2, 0.6, 1.4, -0.9, 0.05]
+M = [1, 1, 1, 0, 0,
+     1, 0, 1, 1, 1,
+     0, 0, 0, 0, 0]
+# Nearly constant values: the biased variance (about 3e-11) sits below OpenRLHF's 1e-8 floor. The offsets are
+# multiples of 2^-18, so every sum is exact and the tiny deviations do not depend on the summation order.
+U = 2.0 ** -18
+XC = [1.0, 1.0 + 4 * U, 1.0 - 3 * U, 7.0, 1.0 + U,
+      1.0 - 2 * U, 9.0, 1.0 + 5 * U, 1.0, 1.0 - U,
+      -4.0, 1.0, 1.0 + 2 * U, 1.0, 3.0]
+MC = [1, 1, 1, 0, 1,
+      1, 0, 1, 1, 1,
+      0, 1, 1, 1, 0]
+
+
+def rows(v):
+    return [v[b * T:(b + 1) * T] for b in range(B)]
+
+
+# ---- verl/utils/torch_functional.py ----------------------------------------------------------------
+def verl_masked_sum(values, mask):
+    return sum(v * m for v, m in zip(values, mask))
+
+
+def verl_masked_mean(values, mask):
+    # masked_mean: s / (mask.sum(axis) + 1e-8)
+    return verl_masked_sum(values, mask) / (sum(mask) + 1e-8)
+
+
+def verl_masked_var(values, mask, unbiased=True):
+    # masked_var: mean = masked_mean; variance = masked_mean(centered**2); * mask_sum / (mask_sum - 1)
+    mean = verl_masked_mean(values, mask)
+    centered = [v - mean for v in values]
+    variance = verl_masked_mean([c ** 2 for c in centered], mask)
+    if unbiased:
+        mask_sum = sum(mask)
+        variance = variance * (mask_sum / (mask_sum - 1))
+    return variance
+
+
+def verl_masked_whiten(values, mask):
+    # masked_whiten(shift_mean=True): (values - mean) * rsqrt(var + 1e-8) at every position
+    mean, var = verl_masked_mean(values, mask), verl_masked_var(values, mask)
+    rstd = 1.0 / math.sqrt(var + 1e-8)
+    return [(v - mean) * rstd for v in values]
+
+
+# ---- OpenRLHF experience_maker.py compute_advantages_and_returns (normalisation) ---------------------
+def openrlhf_normalize(adv, mask, std_norm=True):
+    num_actions = sum(mask)
+    mean = sum(a * m for a, m in zip(adv, mask)) / num_actions
+    if std_norm:
+        var = sum((a - mean) ** 2 * m for a, m in zip(adv, mask)) / num_actions
+        rstd = 1.0 / math.sqrt(max(var, 1e-8))  # var.clamp(min=1e-8).rsqrt()
+    else:
+        rstd = 1
+    return [(a - mean) * rstd for a in adv]  # every position, padding included
+
+
+# ---- verl core_algos.agg_loss "seq-mean-token-mean" / OpenRLHF loss.aggregate_loss(token_level_loss=False)
+def verl_seq_mean_token_mean(loss, mask, global_batch_size=None):
+    seq_losses, seq_mask = [], []
+    for lr, mr in zip(rows(loss), rows(mask)):
+        n = sum(mr)
+        seq_losses.append(sum(l * m for l, m in zip(lr, mr)) / (n + 1e-8))
+        seq_mask.append(1.0 if n > 0 else 0.0)
+    if global_batch_size is None:
+        global_batch_size = sum(seq_mask)
+    return sum(s * k for s, k in zip(seq_losses, seq_mask)) / global_batch_size
+
+
+def verl_seq_mean_token_mean_grad(mask, global_batch_size=None):
+    # d agg_loss / d loss_mat: the loss is linear in loss_mat, so this is its coefficient
+    counts = [sum(mr) for mr in rows(mask)]
+    if global_batch_size is None:
+        global_batch_size = sum(1.0 for n in counts if n > 0)
+    out = []
+    for b, mr in enumerate(rows(mask)):
+        n = counts[b]
+        out += [m / (n + 1e-8) * (1.0 if n > 0 else 0.0) / global_batch_size for m in mr]
+    return out
+
+
+def openrlhf_sample_level(loss, mask):
+    token_counts = [sum(mr) for mr in rows(mask)]
+    seq_loss = [sum(l * m for l, m in zip(lr, mr)) / (n + 1e-8)
+                for lr, mr, n in zip(rows(loss), rows(mask), token_counts)]
+    seq_mask = [1.0 if n > 0 else 0.0 for n in token_counts]
+    # masked_mean(seq_loss, seq_mask) (openrlhf/models/utils.py: no guard)
+    return sum(s * k for s, k in zip(seq_loss, seq_mask)) / sum(seq_mask)
+
+
+# ---- verl core_algos.compute_gae_advantage_return ------------------------------------------------------
+def verl_gae(rewards, values, mask, gamma, lam):
+    R, V, Mk = rows(rewards), rows(values), rows(mask)
+    adv_rows = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        nextvalues, lastgaelam = 0.0, 0.0
+        for t in reversed(range(T)):
+            delta = R[b][t] + gamma * nextvalues - V[b][t]
+            lastgaelam_ = delta + gamma * lam * lastgaelam
+            m = Mk[b][t]
+            nextvalues = V[b][t] * m + (1 - m) * nextvalues
+            lastgaelam = lastgaelam_ * m + (1 - m) * lastgaelam
+            adv_rows[b][t] = lastgaelam
+    adv = [a for r in adv_rows for a in r]
+    returns = [a + v for a, v in zip(adv, values)]
+    return verl_masked_whiten(adv, mask), returns, adv
+
+
+# ---- verl core_algos.compute_policy_loss_vanilla (metrics) + agg_loss -----------------------------------
+def verl_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, clip_c, mode):
+    nak = [max(-20.0, min(20.0, a - b)) for a, b in zip(log_prob, old_log_prob)]
+    ratio = [math.exp(x) for x in nak]
+    ppo_kl = verl_masked_mean([-x for x in nak], mask)
+    pg1 = [-A * r for A, r in zip(advantages, ratio)]
+    pg2 = [-A * min(max(r, 1 - clip_low), 1 + clip_high) for A, r in zip(advantages, ratio)]
+    cpg1 = [max(a, b) for a, b in zip(pg1, pg2)]
+    pg_clipfrac = verl_masked_mean([1.0 if b > a else 0.0 for a, b in zip(pg1, pg2)], mask)
+    pg3 = [-A * clip_c for A in advantages]
+    cpg2 = [min(a, b) for a, b in zip(pg3, cpg1)]
+    lower = verl_masked_mean([(1.0 if c > p else 0.0) * (1.0 if A < 0 else 0.0)
+                              for c, p, A in zip(cpg1, pg3, advantages)], mask)
+    pg_losses = [c2 if A < 0 else c1 for A, c1, c2 in zip(advantages, cpg1, cpg2)]
+    if mode == "token-mean":
+        loss = verl_masked_sum(pg_losses, mask) / sum(mask)
+    else:
+        loss = verl_seq_mean_token_mean(pg_losses, mask)
+    return loss, pg_clipfrac, lower, ppo_kl
+
+
+# ---- OpenRLHF models/utils.py compute_approx_kl("k1") + compute_reward ---------------------------------
+def openrlhf_reward(r, kl_coef, log_probs, log_probs_base, mask, clip_range):
+    kl = [max(-10.0, min(10.0, a - b)) for a, b in zip(log_probs, log_probs_base)]
+    if kl_coef <= 0.0:
+        kl_coef = 0.0
+    if clip_range:
+        r = [max(clip_range[0], min(clip_range[1], x)) for x in r]
+    kl_reward = [-kl_coef * k for k in kl]
+    out = []
+    for b, mr in enumerate(rows(mask)):
+        eos = max(t for t in range(T) if mr[t] > 0.5)  # the last kept token
+        out += [kl_reward[b * T + t] + (r[b] if t == eos else 0.0) for t in range(T)]
+    return out
+
+
+# ---- OpenRLHF reinforce_baseline (experience_maker.py compute_advantages_and_returns) -------------------
+def openrlhf_reinforce_baseline(scores, n_samples, kl_coef, log_probs, log_probs_base, mask, b, t):
+    global B, T
+    saved = (B, T)
+    B, T = b, t
+    # rewards = rewards - rewards.mean(-1, keepdim=True) over each prompt's n_samples_per_prompt (contiguous)
+    centred = []
+    for p in range(b // n_samples):
+        grp = scores[p * n_samples:(p + 1) * n_samples]
+        mean = sum(grp) / n_samples
+        centred += [x - mean for x in grp]
+    reward = openrlhf_reward(centred, kl_coef, log_probs, log_probs_base, mask, None)
+    # get_cumulative_returns(gamma = 1): rewards = action_mask * rewards; cumulative = r_t + gamma * cumulative
+    returns = [0.0] * (b * t)
+    for i in range(b):
+        cumulative = 0.0
+        for k in reversed(range(t)):
+            cumulative = mask[i * t + k] * reward[i * t + k] + 1.0 * cumulative
+            returns[i * t + k] = cumulative
+    out = openrlhf_normalize(returns, mask)
+    B, T = saved
+    return out
+
+
+def verl_reinforce_pp_baseline(token_level_rewards, mask, index, b, t):
+    # compute_reinforce_plus_plus_baseline_outcome_advantage: scores = sum(-1); minus the id mean (0 for a
+    # singleton); tile * mask; masked_whiten(...) * mask
+    scores = [sum(token_level_rewards[i * t:(i + 1) * t]) for i in range(b)]
+    groups = {}
+    for i in range(b):
+        groups.setdefault(index[i], []).append(scores[i])
+    means = {k: (0.0 if len(v) == 1 else sum(v) / len(v)) for k, v in groups.items()}
+    scores = [scores[i] - means[index[i]] for i in range(b)]
+    tiled = [scores[i] * mask[i * t + k] for i in range(b) for k in range(t)]
+    return [w * m for w, m in zip(verl_masked_whiten(tiled, mask), mask)]
+
+
+def emit_vec(name, v):
+    print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
+
+
+def emit(name, x):
+    print(f"inline constexpr double {name} = {float(x)!r};")
+
+
+def main():
+    print("// Generated by tests/reference/make_golden_conventions.py (plain Python floats); do not edit.")
+    print("// clang-format off")
+    print("// verl b178a3c and OpenRLHF 3c3be62 formulas re-typed in float64; see the script for each source.")
+    print("#pragma once")
+    print("#include <vector>")
+    print("namespace posttrain::golden_conventions {")
+    print(f"inline constexpr long B = {B}, T = {T};")
+    emit_vec("x", X)
+    emit_vec("mask", M)
+    emit_vec("x_const", XC)
+    emit_vec("mask_const", MC)
+
+    # 1. masked statistics
+    emit("verl_masked_mean", verl_masked_mean(X, M))
+    emit_vec("verl_masked_mean_rows", [verl_masked_sum(xr, mr) / (sum(mr) + 1e-8)
+                                       for xr, mr in zip(rows(X), rows(M))])
+    emit("verl_masked_var", verl_masked_var(X, M))
+    emit("verl_masked_var_biased", verl_masked_var(X, M, unbiased=False))
+    emit_vec("verl_masked_whiten", verl_masked_whiten(X, M))
+    emit_vec("openrlhf_whiten", openrlhf_normalize(X, M))
+    emit_vec("openrlhf_centre", openrlhf_normalize(X, M, std_norm=False))
+    emit_vec("openrlhf_whiten_floor", openrlhf_normalize(XC, MC))
+
+    # 2. sequence aggregation
+    L = [0.3, -1.2, 0.8, 9.0, 9.0,
+         2.5, 9.0, -0.7, 1.6, 0.4,
+         9.0, 9.0, 9.0, 9.0, 9.0]
+    emit_vec("loss", L)
+    emit("verl_seq_mean_token_mean", verl_seq_mean_token_mean(L, M))
+    emit("verl_seq_mean_token_mean_global", verl_seq_mean_token_mean(L, M, global_batch_size=4.0))
+    emit_vec("verl_seq_mean_token_mean_grad", verl_seq_mean_token_mean_grad(M))
+    emit("openrlhf_sample_level", openrlhf_sample_level(L, M))
+
+    # 3. GAE (mask with an observation token inside row 1, trailing padding, an empty row)
+    R = [0.1, -0.2, 0.0, 0.0, 0.0,
+         0.05, 0.3, 0.0, -0.1, 1.0,
+         0.4, 0.0, 0.0, 0.0, 0.0]
+    V = [0.5, 0.2, -0.3, 0.8, 0.1,
+         -0.4, 0.9, 0.3, 0.7, -0.2,
+         0.6, -0.5, 0.2, 0.0, 0.3]
+    R[2] = 1.0  # row 0's score at its last kept token
+    emit_vec("rewards", R)
+    emit_vec("values", V)
+    adv, ret, raw = verl_gae(R, V, M, 0.9, 0.8)
+    emit_vec("verl_gae_advantages", adv)
+    emit_vec("verl_gae_returns", ret)
+    emit_vec("verl_gae_raw", raw)
+
+    # 4. PPO metrics (one token past the dual-clip bound with A < 0)
+    # row 1, t = 2: a log-ratio of 25, past verl's clamp at 20 (A < 0, so dual-clip caps its loss)
+    LP = [-1.0, -0.5, -2.0, -1.0, -1.0,
+          -0.3, -1.0, 23.8, -0.2, -0.9,
+          -1.0, -1.0, -1.0, -1.0, -1.0]
+    OLD = [-1.1, -0.2, -3.3, -1.0, -1.0,
+           -0.35, -1.0, -1.2, -0.5, -0.8,
+           -1.0, -1.0, -1.0, -1.0, -1.0]
+    A = [0.8, -0.6, -1.2, 0.0, 0.0,
+         1.5, 0.0, -0.4, 0.9, -1.1,
+         0.0, 0.0, 0.0, 0.0, 0.0]
+    emit_vec("logprobs", LP)
+    emit_vec("old_logprobs", OLD)
+    emit_vec("advantages", A)
+    for mode, tag in (("token-mean", "token_mean"), ("seq-mean-token-mean", "seq_mean_token_mean")):
+        loss, cf, lower, kl = verl_policy_loss(LP, OLD, A, M, 0.2, 0.28, 3.0, mode)
+        emit(f"verl_pg_loss_{tag}", loss)
+        if tag == "token_mean":
+            emit("verl_pg_clipfrac", cf)
+            emit("verl_pg_clipfrac_lower", lower)
+            emit("verl_ppo_kl", kl)
+
+    # 5. OpenRLHF compute_reward with reward_clip_range (padding: log_probs == base, so kl = 0 there)
+    scores = [3.5, -0.2, -7.0]
+    REF = [-1.2, -0.1, -2.5, -1.0, -1.0,
+           -0.6, -1.0, -1.1, -0.4, -1.3,
+           -1.0, -1.0, -1.0, -1.0, -1.0]
+    M5 = [1, 1, 1, 0, 0,
+          1, 1, 1, 1, 1,
+          1, 1, 0, 0, 0]
+    emit_vec("scores", scores)
+    emit_vec("ref_logprobs", REF)
+    emit_vec("mask_reward", M5)
+    LP5 = list(LP)
+    LP5[7] = -1.5  # inside compute_approx_kl's +-10 clamp (posttrain's k1 has none)
+    emit_vec("logprobs_reward", LP5)
+    emit_vec("openrlhf_reward_clipped", openrlhf_reward(scores, 0.05, LP5, REF, M5, (-2.0, 2.0)))
+
+    # 6. REINFORCE++-baseline: OpenRLHF centres the raw scores before the KL penalty; verl sums first
+    B6, T6 = 4, 4
+    print(f"inline constexpr long B6 = {B6}, T6 = {T6};")
+    scores6 = [1.0, 0.0, 0.5, 0.25]
+    index6 = [0, 0, 1, 1]
+    LP6 = [-0.5, -1.5, -0.25, -2.0,
+           -1.0, -0.75, -3.0, -1.0,
+           -0.2, -0.9, -1.3, -0.6,
+           -2.2, -0.4, -1.0, -1.0]
+    REF6 = [-0.75, -1.0, -0.5, -2.0,
+            -1.5, -0.5, -2.0, -1.0,
+            -0.6, -0.8, -1.0, -0.7,
+            -1.7, -0.9, -1.0, -1.0]
+    M6 = [1, 1, 1, 0,
+          1, 0, 1, 0,
+          1, 1, 1, 1,
+          1, 1, 0, 0]
+    emit_vec("scores6", scores6)
+    print(f"inline const std::vector<long> index6 = {{{', '.join(str(i) for i in index6)}}};")
+    emit_vec("logprobs6", LP6)
+    emit_vec("ref_logprobs6", REF6)
+    emit_vec("mask6", M6)
+    emit_vec("openrlhf_reinforce_baseline",
+             openrlhf_reinforce_baseline(scores6, 2, 0.05, LP6, REF6, M6, B6, T6))
+    # verl's token_level_rewards: score at the last kept token, -beta * kl at kept tokens (apply_kl_penalty)
+    tlr = []
+    for i in range(B6):
+        last = max(k for k in range(T6) if M6[i * T6 + k])
+        for k in range(T6):
+            kl = (LP6[i * T6 + k] - REF6[i * T6 + k]) * M6[i * T6 + k]
+            tlr.append(-0.05 * kl + (scores6[i] if k == last else 0.0))
+    emit_vec("verl_reinforce_pp_baseline", verl_reinforce_pp_baseline(tlr, M6, index6, B6, T6))
+    print("}  // namespace posttrain::golden_conventions")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
