@@ -27,6 +27,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <set>
 #include <span>
 #include <sstream>
 #include <string>
@@ -150,7 +151,8 @@ struct json_value {
   bool flag = false;
   std::string text;  ///< a string's decoded UTF-8, or a number's literal text
   std::vector<json_value> items;
-  std::vector<std::pair<std::string, json_value>> members;
+  std::vector<std::string> keys;    ///< an object's keys, in order
+  std::vector<json_value> members;  ///< an object's values (a vector of pairs would need json_value complete)
 };
 
 class json_reader {
@@ -197,6 +199,7 @@ class json_reader {
     const char c = s_[pos_];
     if (c == '{') {
       v.type = json_value::kind::object;
+      std::set<std::string> seen;  // keys so far: duplicates are an error (a log-time check)
       ++pos_;
       skip_space();
       if (pos_ < s_.size() && s_[pos_] == '}') {
@@ -207,14 +210,14 @@ class json_reader {
         skip_space();
         if (pos_ >= s_.size() || s_[pos_] != '"') error("expected a string key");
         std::string key = string();
-        for (const auto& m : v.members)
-          if (m.first == key) error("duplicate key \"", key, "\"");
+        if (!seen.insert(key).second) error("duplicate key \"", key, "\"");
         skip_space();
         if (pos_ >= s_.size() || s_[pos_] != ':') error("expected ':' after key \"", key, "\"");
         ++pos_;
         skip_space();
         json_value member = value(depth + 1);
-        v.members.emplace_back(std::move(key), std::move(member));
+        v.keys.push_back(std::move(key));
+        v.members.push_back(std::move(member));
         skip_space();
         if (pos_ < s_.size() && s_[pos_] == ',') {
           ++pos_;
@@ -592,10 +595,14 @@ inline safetensors_file parse_safetensors(std::span<const unsigned char> bytes, 
   };
   std::vector<entry> entries;
   safetensors_file out;
-  for (const auto& [name, v] : root.members) {
+  for (std::size_t m = 0; m < root.keys.size(); ++m) {
+    const std::string& name = root.keys[m];
+    const detail::json_value& v = root.members[m];
     if (name == "__metadata__") {
       if (v.type != kind::object) fail("__metadata__ must be an object of strings");
-      for (const auto& [k, mv] : v.members) {
+      for (std::size_t i = 0; i < v.keys.size(); ++i) {
+        const std::string& k = v.keys[i];
+        const detail::json_value& mv = v.members[i];
         if (mv.type != kind::string) fail("__metadata__[\"", k, "\"] must be a string");
         out.metadata[k] = mv.text;
       }
@@ -604,7 +611,9 @@ inline safetensors_file parse_safetensors(std::span<const unsigned char> bytes, 
     const std::string where = "tensor '" + name + "'";
     if (v.type != kind::object) fail(where, ": its entry must be an object {dtype, shape, data_offsets}");
     const detail::json_value *dtype = nullptr, *shape = nullptr, *offsets = nullptr;
-    for (const auto& [k, mv] : v.members) {
+    for (std::size_t i = 0; i < v.keys.size(); ++i) {
+      const std::string& k = v.keys[i];
+      const detail::json_value& mv = v.members[i];
       if (k == "dtype")
         dtype = &mv;
       else if (k == "shape")
