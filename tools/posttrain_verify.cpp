@@ -548,17 +548,17 @@ std::string fmt(double v, int precision = 3) {
 
 void print_template(const loss_spec& s) {
   std::cout << "posttrain-verify --loss " << s.name << "  (" << s.framework << ")\n\ninputs:\n";
-  auto list = [](const std::vector<tensor_spec>& v) {
+  auto list = [](const std::vector<tensor_spec>& v, bool inputs) {
     for (const auto& t : v) {
       std::cout << "  " << std::left << std::setw(22) << t.name << std::setw(15) << t.shape << std::setw(26) << t.dtype
-                << (t.required ? "" : "(optional) ") << t.doc;
+                << (t.required || !inputs ? "" : "(optional) ") << t.doc;
       if (!t.aliases.empty()) std::cout << " [also: " << join(t.aliases) << "]";
       std::cout << '\n';
     }
   };
-  list(s.inputs);
+  list(s.inputs, true);
   std::cout << "\noutputs compared when present:\n";
-  list(s.outputs);
+  list(s.outputs, false);
   std::cout << "\noptions (--set key=value,...):\n";
   for (const auto& o : s.options) {
     std::cout << "  " << std::left << std::setw(22) << o.key << "default " << std::setw(12)
