@@ -30,6 +30,8 @@
 #include "posttrain/kl/estimators.hpp"
 #include "posttrain/losses/dpo.hpp"
 #include "posttrain/losses/grpo.hpp"
+#include "posttrain/losses/ppo.hpp"
+#include "posttrain/losses/reward_model.hpp"
 #include "posttrain/losses/sft.hpp"
 
 namespace {
@@ -80,6 +82,8 @@ struct loss_spec {
   std::vector<tensor_spec> outputs;
   std::vector<option_spec> options;
   std::function<std::string(const options_t&)> explain;
+  /// --preset names; the first is the default ("none": the framework named above, no other choice).
+  std::vector<std::string> presets = {"none"};
 };
 
 const std::string float_dtype = "float (F64/F32/BF16/F16)";
@@ -305,6 +309,55 @@ std::vector<loss_spec> make_specs() {
                 "loss = sum m kl / sum m; kl_penalty = " +
                 o.at("kl_penalty") + "\n";
        }});
+  // -- ppo -------------------------------------------------------------------------------------
+  specs.push_back(
+      {"ppo",
+       "verl core_algos.compute_policy_loss (vanilla) + agg_loss (verl/trainer/ppo/core_algos.py)",
+       {{"log_probs", {"log_prob"}, "[B, T]", float_dtype, true, "current policy per-token log-probs"},
+        {"old_log_probs", {"old_log_prob"}, "[B, T]", float_dtype, true, "the sampling policy's"},
+        {"advantages", {}, "[B, T]", float_dtype, true, "per-token advantages"},
+        {"response_mask", {}, "[B, T]", "float, integer or BOOL", true, "1 on response tokens"}},
+       {{"loss", {"pg_loss"}, "[]", float_dtype, false, "agg_loss(pg_losses, response_mask, loss_agg_mode)"},
+        {"per_token_loss", {"pg_losses"}, "[B, T]", float_dtype, false, "pg_losses times response_mask"},
+        {"pg_clipfrac", {}, "[]", float_dtype, false, "masked_mean(pg_losses2 > pg_losses1)"},
+        {"ppo_kl", {}, "[]", float_dtype, false, "masked_mean(old_log_prob - log_prob)"},
+        {"pg_clipfrac_lower", {}, "[]", float_dtype, false, "masked_mean((clip_pg_losses1 > pg_losses3) & (A < 0))"},
+        {"log_probs.grad", {"log_prob.grad"}, "[B, T]", float_dtype, false, "d loss / d log_probs"}},
+       {{"clip_ratio", "0.2", {}, "epsilon of both sides unless clip_ratio_low/high are set"},
+        {"clip_ratio_low", "", {}, "ratio >= 1 - clip_ratio_low (default clip_ratio)"},
+        {"clip_ratio_high", "", {}, "ratio <= 1 + clip_ratio_high (default clip_ratio)"},
+        {"clip_ratio_c", "3.0", {}, "dual-clip bound for negative advantages"},
+        {"loss_agg_mode",
+         "token-mean",
+         {"token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"},
+         "verl actor.loss_agg_mode"}},
+       [](const options_t& o) {
+         return "log ratio = clamp(log_probs - old_log_probs, -20, 20); ratio = exp(log ratio)\n"
+                "pg_losses = A < 0 ? min(-A clip_ratio_c, max(-A ratio, -A clip(ratio, 1 - lo, 1 + hi)))\n"
+                "                  : max(-A ratio, -A clip(ratio, 1 - lo, 1 + hi))\n"
+                "loss = agg_loss(pg_losses, response_mask, " +
+                o.at("loss_agg_mode") +
+                ")\n"
+                "preset verl: every masked mean divides by sum(mask) + 1e-8 (verl_F.masked_mean), "
+                "seq-mean-token-sum-norm "
+                "divides by T (loss_mask.shape[-1])\n";
+       },
+       {"verl"}});
+  // -- reward --------------------------------------------------------------------------------------
+  specs.push_back(
+      {"reward",
+       "TRL RewardTrainer.compute_loss (trl/trainer/reward_trainer.py)",
+       {{"rewards_chosen", {}, "[B]", float_dtype, true, "the reward model's score of each chosen completion"},
+        {"rewards_rejected", {}, "[B]", float_dtype, true, "rejected"},
+        {"margin", {}, "[B]", float_dtype, false, "the dataset's margin column"}},
+       {{"loss", {}, "[]", float_dtype, false, "-logsigmoid(r_c - r_r - margin).mean() + c mean((r_c + r_r)^2)"},
+        {"rewards_chosen.grad", {}, "[B]", float_dtype, false, "d loss / d rewards_chosen"},
+        {"rewards_rejected.grad", {}, "[B]", float_dtype, false, "d loss / d rewards_rejected"}},
+       {{"center_rewards_coefficient", "0", {}, "TRL RewardConfig.center_rewards_coefficient"}},
+       [](const options_t& o) {
+         return "loss = mean_b -log sigmoid(r_c - r_r - margin) + c mean_b (r_c + r_r)^2, c = " +
+                o.at("center_rewards_coefficient") + "\n";
+       }});
   return specs;
 }
 
@@ -461,7 +514,56 @@ reference_map compute_kl(dump_view& d, const loss_spec& s, const options_t& o) {
   return {{"kl", kl}, {"loss", loss}, {"log_probs.grad", grad}};
 }
 
+reference_map compute_ppo(dump_view& d, const loss_spec& s, const options_t& o) {
+  namespace ops = posttrain::ops;
+  const tensor lp = as_double(*d.find(s.inputs[0])), old = as_double(*d.find(s.inputs[1]));
+  const tensor A = as_double(*d.find(s.inputs[2])), m = as_double(*d.find(s.inputs[3]));
+  posttrain::ppo_options opt = posttrain::ppo_options::verl();
+  const double eps = number_option(o, "clip_ratio");
+  opt.clip.clip_low = o.at("clip_ratio_low").empty() ? eps : number_option(o, "clip_ratio_low");
+  opt.clip.clip_high = o.at("clip_ratio_high").empty() ? eps : number_option(o, "clip_ratio_high");
+  opt.clip.clip_c = number_option(o, "clip_ratio_c");
+  const std::string& mode = o.at("loss_agg_mode");
+  const tensor keep = ops::ne(m, 0.0);
+  const double count = ops::to_host(ops::sum_all(keep))[0];
+  // verl_F.masked_mean: sum / (mask.sum() + 1e-8)
+  const double verl_mean_scale = count / (count + 1e-8);
+  if (mode == "token-mean") {
+    opt.reduction = posttrain::aggregation::token_mean;
+    opt.normalizer = count + 1e-8;
+  } else if (mode == "seq-mean-token-sum") {
+    opt.reduction = posttrain::aggregation::seq_mean_token_sum;
+  } else if (mode == "seq-mean-token-mean") {
+    opt.reduction = posttrain::aggregation::seq_mean_token_mean;
+  } else {
+    opt.reduction = posttrain::aggregation::seq_mean_token_sum_norm;
+    if (lp.shape().size() == 2) opt.normalizer = static_cast<double>(lp.shape()[1]);  // verl: / loss_mask.shape[-1]
+  }
+  const auto r = posttrain::ppo_policy_loss(lp, old, A, m, opt);
+  return {{"loss", r.loss},
+          {"per_token_loss", r.per_token_loss},
+          {"pg_clipfrac", ops::mul(r.pg_clipfrac, verl_mean_scale)},
+          // verl: ppo_kl = masked_mean(-negative_approx_kl) of the log-ratio *after* its clamp to [-20, 20];
+          // ppo_policy_loss's approx_kl takes the unclamped one (they differ only past |log ratio| = 20)
+          {"ppo_kl",
+           ops::div(ops::sum_all(ops::mul(ops::neg(ops::clamp(ops::sub(lp, old), -20.0, 20.0)), keep)), count + 1e-8)},
+          {"pg_clipfrac_lower", ops::mul(r.pg_clipfrac_lower, verl_mean_scale)},
+          {"log_probs.grad", posttrain::ppo_policy_loss_backward(lp, old, A, m, opt)}};
+}
+
+reference_map compute_reward(dump_view& d, const loss_spec& s, const options_t& o) {
+  const tensor rc = as_double(*d.find(s.inputs[0])), rr = as_double(*d.find(s.inputs[1]));
+  posttrain::reward_model_options<tensor> opt;
+  if (const auto* t = d.find(s.inputs[2])) opt.margin = as_double(*t);
+  opt.center_rewards_coefficient = number_option(o, "center_rewards_coefficient");
+  const auto r = posttrain::reward_model_loss(rc, rr, opt);
+  const auto g = posttrain::reward_model_loss_backward(rc, rr, opt);
+  return {{"loss", r.loss}, {"rewards_chosen.grad", g.rewards_chosen}, {"rewards_rejected.grad", g.rewards_rejected}};
+}
+
 reference_map compute(const loss_spec& s, dump_view& d, const options_t& o) {
+  if (s.name == "ppo") return compute_ppo(d, s, o);
+  if (s.name == "reward") return compute_reward(d, s, o);
   if (s.name == "sft") return compute_sft(d, s, o);
   if (s.name == "dpo") return compute_dpo(d, s, o);
   if (s.name == "grpo") return compute_grpo(d, s, o);
@@ -570,12 +672,13 @@ void print_template(const loss_spec& s) {
 
 int run(int argc, char** argv) {
   CLI::App app{"posttrain-verify: check a trainer's dumped tensors against posttrain's double-precision reference"};
-  std::string dump_path, loss_name, template_name;
+  std::string dump_path, loss_name, template_name, preset;
   std::vector<std::string> sets, maps;
   bool json = false, explain = false;
   std::optional<double> atol, rtol;
   app.add_option("dump", dump_path, "the dump: a safetensors file of one step's inputs and outputs");
-  app.add_option("--loss", loss_name, "sft | dpo | grpo | kl");
+  app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward");
+  app.add_option("--preset", preset, "the framework whose arithmetic to reproduce (ppo: verl)");
   app.add_option("--set", sets, "options in the framework's words: key=value[,key=value...]");
   app.add_option("--map", maps, "our tensor name = the dump's name: ours=theirs[,...]");
   app.add_option("--template", template_name, "print the tensors and options LOSS expects, and exit");
@@ -595,9 +698,13 @@ int run(int argc, char** argv) {
     print_template(find_spec(specs, template_name));
     return 0;
   }
-  if (loss_name.empty()) throw usage_error("--loss is required (sft, dpo, grpo, kl); --template LOSS lists a loss");
+  if (loss_name.empty())
+    throw usage_error("--loss is required (sft, dpo, grpo, kl, ppo, reward); --template LOSS lists a loss");
   const loss_spec& spec = find_spec(specs, loss_name);
   const options_t options = parse_options(spec, sets);
+  if (preset.empty()) preset = spec.presets.front();
+  if (std::find(spec.presets.begin(), spec.presets.end(), preset) == spec.presets.end())
+    throw usage_error("--preset " + preset + ": unknown for --loss " + spec.name + "; valid: " + join(spec.presets));
   if (dump_path.empty()) throw usage_error("no dump file given");
   const posttrain::io::safetensors_file file = posttrain::io::read_safetensors(dump_path);
 
@@ -689,6 +796,7 @@ int run(int argc, char** argv) {
     j["loss"] = spec.name;
     j["framework"] = spec.framework;
     j["options"] = options;
+    j["preset"] = preset;
     j["pass"] = all_pass;
     j["tensors"] = nlohmann::json::array();
     for (const auto& r : rows)
@@ -711,7 +819,7 @@ int run(int argc, char** argv) {
     std::cout << j.dump(2) << '\n';
   } else {
     std::cout << "posttrain-verify " << dump_path << "\nloss " << spec.name << " (" << spec.framework
-              << "): " << opts_text
+              << "): " << opts_text << (preset == "none" ? std::string() : ", preset " + preset)
               << "\nreference: posttrain Eigen backend in float64; PASS when |got - ref| <= atol + "
               << "rtol |ref| (tolerance of the least precise of the tensor and the inputs)\n\n";
     std::cout << std::left << std::setw(22) << "tensor" << std::setw(12) << "shape" << std::setw(6) << "dtype"

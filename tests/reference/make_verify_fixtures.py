@@ -268,6 +268,76 @@ def kl_penalty(logp, ref, name, mask):
     }
 
 
+# ---- PPO: verl core_algos.compute_policy_loss ("vanilla") + agg_loss ------------------------------
+
+def verl_masked_mean(values, mask):
+    # verl/utils/torch_functional.py masked_mean: masked_sum / (mask.sum() + 1e-8)
+    return sum(v * m for rv, rm in zip(values, mask) for v, m in zip(rv, rm)) / (sum(map(sum, mask)) + 1e-8)
+
+
+def ppo_verl(logp, old, adv, mask, clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0,
+             loss_agg_mode="token-mean"):
+    lo = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    hi = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    B, T = len(logp), len(logp[0])
+    pg, dpg, gt, lower, negkl = ([[0.0] * T for _ in range(B)] for _ in range(5))
+    for b in range(B):
+        for t in range(T):
+            A = adv[b][t]
+            raw = logp[b][t] - old[b][t]
+            nk = min(max(raw, -20.0), 20.0)  # negative_approx_kl = clamp(log_prob - old_log_prob, -20, 20)
+            ratio = math.exp(nk)
+            l1 = -A * ratio  # pg_losses1
+            l2 = -A * min(max(ratio, 1 - lo), 1 + hi)  # pg_losses2
+            c1 = max(l1, l2)  # clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+            assert abs(l1 - l2) > 1e-9 or 1 - lo < ratio < 1 + hi, "a ratio on a clip boundary"
+            d1 = -A * ratio if (l1 >= l2 or 1 - lo < ratio < 1 + hi) else 0.0  # d c1 / d log_prob
+            l3 = -A * clip_ratio_c  # pg_losses3
+            if A < 0:  # pg_losses = where(A < 0, clip_pg_losses2 = min(pg_losses3, clip_pg_losses1), clip_pg_losses1)
+                assert abs(l3 - c1) > 1e-9
+                loss, d = (l3, 0.0) if l3 < c1 else (c1, d1)
+            else:
+                loss, d = c1, d1
+            if not -20 < raw < 20:
+                d = 0.0
+            pg[b][t], dpg[b][t] = loss, d
+            gt[b][t] = 1.0 if l2 > l1 else 0.0
+            lower[b][t] = 1.0 if (c1 > l3 and A < 0) else 0.0
+            negkl[b][t] = -nk
+    n = sum(map(sum, mask))
+    if loss_agg_mode == "token-mean":
+        w = [[mask[b][t] / (n + 1e-8) for t in range(T)] for b in range(B)]
+    elif loss_agg_mode == "seq-mean-token-sum":  # torch.mean(torch.sum(loss_mat * loss_mask, dim=-1))
+        w = [[mask[b][t] / B for t in range(T)] for b in range(B)]
+    elif loss_agg_mode == "seq-mean-token-mean":  # mean(sum(loss * mask, -1) / sum(mask, -1))
+        w = [[mask[b][t] / sum(mask[b]) / B for t in range(T)] for b in range(B)]
+    elif loss_agg_mode == "seq-mean-token-sum-norm":  # sum(sum(loss * mask, -1)) / loss_mask.shape[-1]
+        w = [[mask[b][t] / T for t in range(T)] for b in range(B)]
+    return {
+        "pg_loss": sum(pg[b][t] * w[b][t] for b in range(B) for t in range(T)),
+        "pg_losses": [[pg[b][t] * mask[b][t] for t in range(T)] for b in range(B)],
+        "pg_clipfrac": verl_masked_mean(gt, mask),
+        "ppo_kl": verl_masked_mean(negkl, mask),
+        "pg_clipfrac_lower": verl_masked_mean(lower, mask),
+        "log_prob.grad": [[dpg[b][t] * w[b][t] for t in range(T)] for b in range(B)],
+    }
+
+
+# ---- reward model: TRL RewardTrainer.compute_loss -------------------------------------------------
+
+def reward_model(rc, rr, margin=None, center_rewards_coefficient=0.0):
+    B = len(rc)
+    z = [rc[i] - rr[i] - (margin[i] if margin else 0.0) for i in range(B)]
+    # loss = -nn.functional.logsigmoid(rewards_chosen - rewards_rejected - margin).mean()
+    loss = sum(-log_sigmoid(v) for v in z) / B
+    # loss += center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+    loss += center_rewards_coefficient * sum((rc[i] + rr[i]) ** 2 for i in range(B)) / B
+    gz = [-sigmoid(-v) / B for v in z]
+    center = [2 * center_rewards_coefficient * (rc[i] + rr[i]) / B for i in range(B)]
+    return {"loss": loss, "rewards_chosen.grad": [gz[i] + center[i] for i in range(B)],
+            "rewards_rejected.grad": [-gz[i] + center[i] for i in range(B)]}
+
+
 # ---- fixtures ----------------------------------------------------------------------------------
 
 tests = []  # (name, status, regex, args)
@@ -423,6 +493,54 @@ def main():
          fx("grpo_sign_flip_f64.safetensors"), "--loss", "grpo", "--set", "loss_type=grpo,epsilon=0.2,beta=0.04")
     test("grpo beta without ref_log_prob", 2, "needs the reference log-probs", fx("dpo_sigmoid_f64.safetensors"),
          "--loss", "grpo", "--map", "log_probs=losses,advantages=losses,response_mask=losses", "--set", "beta=0.1")
+
+    # PPO (verl) ---------------------------------------------------------------------------------
+    adv_t = [[rng.uniform(-1.5, 1.5) for _ in range(T)] for _ in range(B)]
+    old_p = [[lp_ + rng.uniform(-0.5, 0.5) for lp_ in row] for row in logps]
+    old_p[1][0] = logps[1][0] + 1.6  # ratio e^-1.6 = 0.2 with A < 0: the dual clip (c = 3) bounds it
+    adv_t[1][0] = -1.0
+    old_p[0][1] = logps[0][1] - 25.0  # log ratio beyond verl's clamp at 20
+    p_ins = {"log_prob": logps, "old_log_prob": old_p, "advantages": adv_t, "response_mask": mask}
+    for mode, kw, spec in (("token-mean", dict(clip_ratio=0.2), "clip_ratio=0.2,loss_agg_mode=token-mean"),
+                           ("seq-mean-token-mean", dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=2.0),
+                            "clip_ratio_low=0.2,clip_ratio_high=0.28,clip_ratio_c=2,loss_agg_mode=seq-mean-token-mean"),
+                           ("seq-mean-token-sum", dict(), "loss_agg_mode=seq-mean-token-sum"),
+                           ("seq-mean-token-sum-norm", dict(), "loss_agg_mode=seq-mean-token-sum-norm")):
+        out = ppo_verl(logps, old_p, adv_t, mask, loss_agg_mode=mode, **kw)
+        name = "ppo_verl_%s_f64.safetensors" % mode
+        dump(name, "F64", p_ins, out)
+        test("ppo verl %s float64" % mode, 0, "preset verl.*result: PASS \\(6 compared", fx(name), "--loss", "ppo",
+             "--preset", "verl", "--set", spec)
+    good = ppo_verl(logps, old_p, adv_t, mask)
+    bad = dict(good, pg_losses=json.loads(json.dumps(good["pg_losses"])))
+    bad["pg_losses"][2][3] *= 1.0 + 1e-6
+    dump("ppo_wrong_element_f64.safetensors", "F64", p_ins, bad)
+    test("ppo one per-token element off", 1, "per_token_loss .*FAIL +1 element\\(s\\) .*worst at \\[2, 3\\]",
+         fx("ppo_wrong_element_f64.safetensors"), "--loss", "ppo")
+    test("ppo unknown preset", 2, "--preset trl: unknown for --loss ppo; valid: verl",
+         fx("ppo_wrong_element_f64.safetensors"), "--loss", "ppo", "--preset", "trl")
+    test("ppo unknown loss_agg_mode", 2, "valid: token-mean, seq-mean-token-sum, seq-mean-token-mean",
+         fx("ppo_wrong_element_f64.safetensors"), "--loss", "ppo", "--set", "loss_agg_mode=mean")
+
+    # reward model (TRL) -------------------------------------------------------------------------
+    rc = [rng.uniform(-2, 2) for _ in range(5)]
+    rr = [rng.uniform(-2, 2) for _ in range(5)]
+    margin = [rng.uniform(0, 1) for _ in range(5)]
+    dump("reward_f64.safetensors", "F64", {"rewards_chosen": rc, "rewards_rejected": rr},
+         reward_model(rc, rr))
+    test("reward model float64", 0, "result: PASS \\(3 compared", fx("reward_f64.safetensors"), "--loss", "reward")
+    dump("reward_margin_center_f64.safetensors", "F64", {"rewards_chosen": rc, "rewards_rejected": rr,
+                                                         "margin": margin},
+         reward_model(rc, rr, margin, 0.01))
+    test("reward model margin and centring float64", 0, "result: PASS", fx("reward_margin_center_f64.safetensors"),
+         "--loss", "reward", "--set", "center_rewards_coefficient=0.01")
+    test("reward model without its centring fails", 1, "loss .*FAIL", fx("reward_margin_center_f64.safetensors"),
+         "--loss", "reward")
+    rc32, rr32 = round_all(rc), round_all(rr)
+    dump("reward_f32.safetensors", "F32", {"rewards_chosen": rc32, "rewards_rejected": rr32},
+         round_all(reward_model(rc32, rr32)))
+    test("reward model float32", 0, "rewards_chosen.grad +\\[5\\] +F32 .*PASS", fx("reward_f32.safetensors"),
+         "--loss", "reward")
 
     # KL -----------------------------------------------------------------------------------------
     lp = [[rng.uniform(-4, -0.1) for _ in range(T)] for _ in range(B)]
