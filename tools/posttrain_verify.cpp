@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "posttrain/advantages/gae.hpp"
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/check/compare.hpp"
 #include "posttrain/io/safetensors.hpp"
@@ -62,6 +63,7 @@ struct tensor_spec {
   std::string dtype;                 ///< e.g. "float (F32/F64/BF16/F16)"
   bool required = true;
   std::string doc;
+  bool on_mask = false;  ///< an output compared only where response_mask keeps (elsewhere frameworks differ)
 };
 
 struct option_spec {
@@ -358,6 +360,37 @@ std::vector<loss_spec> make_specs() {
          return "loss = mean_b -log sigmoid(r_c - r_r - margin) + c mean_b (r_c + r_r)^2, c = " +
                 o.at("center_rewards_coefficient") + "\n";
        }});
+  // -- gae ---------------------------------------------------------------------------------------
+  specs.push_back(
+      {"gae",
+       "TRL PPOTrainer.train (GAE block, trl/trainer/ppo_trainer.py) or verl compute_gae_advantage_return",
+       {{"token_level_rewards", {"rewards"}, "[B, T]", float_dtype, true, "per-token rewards"},
+        {"values", {}, "[B, T]", float_dtype, true, "the critic's values"},
+        {"response_mask", {}, "[B, T]", "float, integer or BOOL", true, "1 on response tokens"}},
+       {{"advantages",
+         {},
+         "[B, T]",
+         float_dtype,
+         false,
+         "whitened GAE advantages (compared where the mask keeps)",
+         true},
+        {"returns",
+         {},
+         "[B, T]",
+         float_dtype,
+         false,
+         "advantages before whitening + values (where the mask keeps)",
+         true}},
+       {{"gamma", "1.0", {}, "discount"}, {"lam", "0.95", {}, "GAE lambda (TRL lam 0.95; verl's default is 1.0)"}},
+       [](const options_t& o) {
+         return "delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, returns = A + V; A whitened "
+                "over the mask (unbiased variance, + 1e-8 under the root)\n"
+                "preset trl: the plain recursion over every position; preset verl: masked tokens are skipped (V and A "
+                "carried across them) and the whitening's masked means divide by sum(mask) + 1e-8\n"
+                "gamma = " +
+                o.at("gamma") + ", lam = " + o.at("lam") + "\n";
+       },
+       {"trl", "verl"}});
   return specs;
 }
 
@@ -561,7 +594,30 @@ reference_map compute_reward(dump_view& d, const loss_spec& s, const options_t& 
   return {{"loss", r.loss}, {"rewards_chosen.grad", g.rewards_chosen}, {"rewards_rejected.grad", g.rewards_rejected}};
 }
 
-reference_map compute(const loss_spec& s, dump_view& d, const options_t& o) {
+reference_map compute_gae(dump_view& d, const loss_spec& s, const options_t& o, const std::string& preset) {
+  namespace ops = posttrain::ops;
+  const tensor r = as_double(*d.find(s.inputs[0])), v = as_double(*d.find(s.inputs[1]));
+  const tensor m = as_double(*d.find(s.inputs[2]));
+  posttrain::gae_options opt;
+  opt.gamma = number_option(o, "gamma");
+  opt.lambda = number_option(o, "lam");
+  opt.skip_masked = preset == "verl";
+  opt.whiten = preset != "verl";  // TRL's masked_whiten is posttrain's; verl's is below
+  auto g = posttrain::gae(r, v, m, opt);
+  if (preset == "verl") {
+    // verl_F.masked_whiten with verl_F.masked_mean = sum / (sum(mask) + 1e-8), Bessel-corrected variance
+    const tensor keep = ops::ne(m, 0.0);
+    const double n = ops::to_host(ops::sum_all(keep))[0];
+    const tensor mean = ops::div(ops::sum_all(ops::mul(g.advantages, keep)), n + 1e-8);
+    const tensor centered = ops::sub(g.advantages, mean);
+    const tensor var = ops::mul(ops::div(ops::sum_all(ops::mul(ops::square(centered), keep)), n + 1e-8), n / (n - 1));
+    g.advantages = ops::where(keep, ops::div(centered, ops::sqrt(ops::add(var, 1e-8))), 0.0);
+  }
+  return {{"advantages", g.advantages}, {"returns", g.returns}, {"__mask__", m}};
+}
+
+reference_map compute(const loss_spec& s, dump_view& d, const options_t& o, const std::string& preset) {
+  if (s.name == "gae") return compute_gae(d, s, o, preset);
   if (s.name == "ppo") return compute_ppo(d, s, o);
   if (s.name == "reward") return compute_reward(d, s, o);
   if (s.name == "sft") return compute_sft(d, s, o);
@@ -677,8 +733,8 @@ int run(int argc, char** argv) {
   bool json = false, explain = false;
   std::optional<double> atol, rtol;
   app.add_option("dump", dump_path, "the dump: a safetensors file of one step's inputs and outputs");
-  app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward");
-  app.add_option("--preset", preset, "the framework whose arithmetic to reproduce (ppo: verl)");
+  app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward | gae");
+  app.add_option("--preset", preset, "the framework whose arithmetic to reproduce (ppo: verl; gae: trl, verl)");
   app.add_option("--set", sets, "options in the framework's words: key=value[,key=value...]");
   app.add_option("--map", maps, "our tensor name = the dump's name: ours=theirs[,...]");
   app.add_option("--template", template_name, "print the tensors and options LOSS expects, and exit");
@@ -699,7 +755,7 @@ int run(int argc, char** argv) {
     return 0;
   }
   if (loss_name.empty())
-    throw usage_error("--loss is required (sft, dpo, grpo, kl, ppo, reward); --template LOSS lists a loss");
+    throw usage_error("--loss is required (sft, dpo, grpo, kl, ppo, reward, gae); --template LOSS lists a loss");
   const loss_spec& spec = find_spec(specs, loss_name);
   const options_t options = parse_options(spec, sets);
   if (preset.empty()) preset = spec.presets.front();
@@ -731,7 +787,7 @@ int run(int argc, char** argv) {
   }
   if (explain && !json) std::cout << "formula (" << spec.framework << "):\n" << spec.explain(options) << '\n';
 
-  reference_map reference = compute(spec, view, options);
+  reference_map reference = compute(spec, view, options, preset);
 
   std::vector<row> rows;
   std::vector<std::string> absent;
@@ -757,7 +813,12 @@ int run(int argc, char** argv) {
     r.tol = tolerance_for(precision_rank(t->dtype) < precision_rank(least) ? t->dtype : least);
     if (atol) r.tol.atol = *atol, r.tol.basis = "--atol";
     if (rtol) r.tol.rtol = *rtol, r.tol.basis = "--rtol";
-    const std::vector<double> got = t->to_double();
+    std::vector<double> got = t->to_double();
+    if (out.on_mask) {  // padding holds whatever the framework left there: compare the kept positions
+      const std::vector<double> keep = posttrain::ops::to_host(reference.at("__mask__"));
+      for (std::size_t i = 0; i < got.size() && i < keep.size(); ++i)
+        if (keep[i] == 0) got[i] = 0.0;
+    }
     const std::vector<double> ref = posttrain::ops::to_host(want);
     const auto c = posttrain::check::compare_values(got, ref, r.tol.atol, r.tol.rtol);
     std::int64_t arg = got.empty() ? -1 : 0;

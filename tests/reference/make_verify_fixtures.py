@@ -338,6 +338,51 @@ def reward_model(rc, rr, margin=None, center_rewards_coefficient=0.0):
             "rewards_rejected.grad": [-gz[i] + center[i] for i in range(B)]}
 
 
+# ---- GAE: TRL PPOTrainer.train / verl compute_gae_advantage_return --------------------------------
+
+def whiten(values, mask, eps_in_mean):
+    # TRL trl/trainer/utils.py masked_whiten (masked_mean = sum / mask.sum()); verl verl/utils/torch_functional.py
+    # masked_whiten (masked_mean = sum / (mask.sum() + 1e-8)); both: unbiased variance, rsqrt(var + 1e-8)
+    n = sum(map(sum, mask))
+    d = n + (1e-8 if eps_in_mean else 0.0)
+    mean = sum(v * m for rv, rm in zip(values, mask) for v, m in zip(rv, rm)) / d
+    var = sum((v - mean) ** 2 * m for rv, rm in zip(values, mask) for v, m in zip(rv, rm)) / d
+    var *= n / (n - 1)
+    return [[(v - mean) / math.sqrt(var + 1e-8) for v in row] for row in values]
+
+
+def gae_trl(rewards, values, mask, gamma, lam):
+    B, T = len(rewards), len(rewards[0])
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        lastgaelam = 0.0
+        for t in reversed(range(T)):
+            nextvalues = values[b][t + 1] if t < T - 1 else 0.0
+            delta = rewards[b][t] + gamma * nextvalues - values[b][t]
+            lastgaelam = delta + gamma * lam * lastgaelam
+            adv[b][t] = lastgaelam
+    returns = [[adv[b][t] + values[b][t] for t in range(T)] for b in range(B)]
+    w = whiten(adv, mask, eps_in_mean=False)
+    # advantages = torch.masked_fill(advantages, padding_mask, 0)
+    return {"advantages": [[w[b][t] * mask[b][t] for t in range(T)] for b in range(B)], "returns": returns}
+
+
+def gae_verl(rewards, values, mask, gamma, lam):
+    B, T = len(rewards), len(rewards[0])
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        nextvalues, lastgaelam = 0.0, 0.0
+        for t in reversed(range(T)):
+            delta = rewards[b][t] + gamma * nextvalues - values[b][t]
+            lastgaelam_ = delta + gamma * lam * lastgaelam
+            # skip values and TD-error on observation tokens
+            nextvalues = values[b][t] * mask[b][t] + (1 - mask[b][t]) * nextvalues
+            lastgaelam = lastgaelam_ * mask[b][t] + (1 - mask[b][t]) * lastgaelam
+            adv[b][t] = lastgaelam_
+    returns = [[adv[b][t] + values[b][t] for t in range(T)] for b in range(B)]
+    return {"advantages": whiten(adv, mask, eps_in_mean=True), "returns": returns}
+
+
 # ---- fixtures ----------------------------------------------------------------------------------
 
 tests = []  # (name, status, regex, args)
@@ -541,6 +586,34 @@ def main():
          round_all(reward_model(rc32, rr32)))
     test("reward model float32", 0, "rewards_chosen.grad +\\[5\\] +F32 .*PASS", fx("reward_f32.safetensors"),
          "--loss", "reward")
+
+    # GAE (TRL, verl) ----------------------------------------------------------------------------
+    rew = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        rew[b][lengths[b] - 1] = rng.uniform(-1, 2)  # the score on the last response token
+        for t in range(lengths[b]):
+            rew[b][t] -= 0.01 * rng.uniform(0, 1)  # a per-token KL penalty
+    vals = [[rng.uniform(-1, 1) if t < lengths[b] else 0.0 for t in range(T)] for b in range(B)]
+    gae_ins = {"rewards": rew, "values": vals, "response_mask": mask}
+    dump("gae_trl_f64.safetensors", "F64", gae_ins, gae_trl(rew, vals, mask, 1.0, 0.95))
+    test("gae trl float64", 0, "preset trl.*result: PASS \\(2 compared", fx("gae_trl_f64.safetensors"), "--loss",
+         "gae", "--preset", "trl", "--set", "gamma=1.0,lam=0.95")
+    # verl: a multi-turn mask with a tool reply (mask 0) inside the response
+    mt_mask = [row[:] for row in mask]
+    mt_mask[0][2] = 0.0
+    verl_out = gae_verl(rew, vals, mt_mask, 0.99, 1.0)
+    dump("gae_verl_f64.safetensors", "F64", {"token_level_rewards": rew, "values": vals, "response_mask": mt_mask},
+         verl_out)
+    test("gae verl float64", 0, "preset verl.*result: PASS \\(2 compared", fx("gae_verl_f64.safetensors"), "--loss",
+         "gae", "--preset", "verl", "--set", "gamma=0.99,lam=1.0")
+    test("gae verl dump checked as trl fails", 1, "advantages .*FAIL", fx("gae_verl_f64.safetensors"), "--loss", "gae",
+         "--preset", "trl", "--set", "gamma=0.99,lam=1.0")
+    bad = dict(verl_out, returns=json.loads(json.dumps(verl_out["returns"])))
+    bad["returns"][3][1] += 1e-8
+    dump("gae_wrong_element_f64.safetensors", "F64", {"token_level_rewards": rew, "values": vals,
+                                                      "response_mask": mt_mask}, bad)
+    test("gae one return off", 1, "returns .*FAIL +1 element\\(s\\) .*worst at \\[3, 1\\]",
+         fx("gae_wrong_element_f64.safetensors"), "--loss", "gae", "--preset", "verl", "--set", "gamma=0.99,lam=1.0")
 
     # KL -----------------------------------------------------------------------------------------
     lp = [[rng.uniform(-4, -0.1) for _ in range(T)] for _ in range(B)]
