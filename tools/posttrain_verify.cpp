@@ -29,6 +29,7 @@
 #include "posttrain/check/compare.hpp"
 #include "posttrain/io/safetensors.hpp"
 #include "posttrain/kl/estimators.hpp"
+#include "posttrain/losses/distill.hpp"
 #include "posttrain/losses/dpo.hpp"
 #include "posttrain/losses/grpo.hpp"
 #include "posttrain/losses/ppo.hpp"
@@ -391,6 +392,24 @@ std::vector<loss_spec> make_specs() {
                 o.at("gamma") + ", lam = " + o.at("lam") + "\n";
        },
        {"trl", "verl"}});
+  // -- distill -----------------------------------------------------------------------------------
+  specs.push_back(
+      {"distill",
+       "TRL GKDTrainer.generalized_jsd_loss (trl/trainer/gkd_trainer.py)",
+       {{"student_logits", {}, "[B, T, V]", float_dtype, true, "the student's logits, aligned with labels"},
+        {"teacher_logits", {}, "[B, T, V]", float_dtype, true, "the teacher's"},
+        {"labels", {}, "[B, T]", int_dtype, true, "-100 where ignored (already aligned: no shift)"}},
+       {{"loss", {}, "[]", float_dtype, false, "jsd summed over kept tokens / their count (batchmean)"},
+        {"student_logits.grad", {}, "[B, T, V]", float_dtype, false, "d loss / d student_logits"}},
+       {{"beta", "0.5", {}, "teacher weight of the mixture; 0: KL(teacher||student), 1: KL(student||teacher)"},
+        {"temperature", "1.0", {}, "divides both logits"}},
+       [](const options_t& o) {
+         return "s = log_softmax(student / tau), t = log_softmax(teacher / tau), m = log((1 - beta) e^s + beta e^t)\n"
+                "jsd = beta KL(t || m) + (1 - beta) KL(s || m) per token (beta = 0: KL(t || s); beta = 1: KL(s || t), "
+                "TRL's special cases)\n"
+                "loss = sum over labels != -100 / their count; beta = " +
+                o.at("beta") + ", tau = " + o.at("temperature") + "\n";
+       }});
   return specs;
 }
 
@@ -616,7 +635,22 @@ reference_map compute_gae(dump_view& d, const loss_spec& s, const options_t& o, 
   return {{"advantages", g.advantages}, {"returns", g.returns}, {"__mask__", m}};
 }
 
+reference_map compute_distill(dump_view& d, const loss_spec& s, const options_t& o) {
+  const tensor student = as_double(*d.find(s.inputs[0])), teacher = as_double(*d.find(s.inputs[1]));
+  const eigen_index labels = as_index(*d.find(s.inputs[2]));
+  posttrain::distill_options opt;
+  opt.beta = number_option(o, "beta");
+  opt.temperature = number_option(o, "temperature");
+  // TRL: beta == 0 is F.kl_div(student, teacher) = KL(teacher || student); beta == 1 is KL(student || teacher)
+  opt.divergence = opt.beta == 0   ? posttrain::kd_divergence::forward_kl
+                   : opt.beta == 1 ? posttrain::kd_divergence::reverse_kl
+                                   : posttrain::kd_divergence::jsd;
+  const auto r = posttrain::distill_loss(student, teacher, labels, opt);
+  return {{"loss", r.loss}, {"student_logits.grad", posttrain::distill_loss_backward(student, teacher, labels, opt)}};
+}
+
 reference_map compute(const loss_spec& s, dump_view& d, const options_t& o, const std::string& preset) {
+  if (s.name == "distill") return compute_distill(d, s, o);
   if (s.name == "gae") return compute_gae(d, s, o, preset);
   if (s.name == "ppo") return compute_ppo(d, s, o);
   if (s.name == "reward") return compute_reward(d, s, o);
@@ -733,7 +767,7 @@ int run(int argc, char** argv) {
   bool json = false, explain = false;
   std::optional<double> atol, rtol;
   app.add_option("dump", dump_path, "the dump: a safetensors file of one step's inputs and outputs");
-  app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward | gae");
+  app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward | gae | distill");
   app.add_option("--preset", preset, "the framework whose arithmetic to reproduce (ppo: verl; gae: trl, verl)");
   app.add_option("--set", sets, "options in the framework's words: key=value[,key=value...]");
   app.add_option("--map", maps, "our tensor name = the dump's name: ours=theirs[,...]");
@@ -755,7 +789,8 @@ int run(int argc, char** argv) {
     return 0;
   }
   if (loss_name.empty())
-    throw usage_error("--loss is required (sft, dpo, grpo, kl, ppo, reward, gae); --template LOSS lists a loss");
+    throw usage_error(
+        "--loss is required (sft, dpo, grpo, kl, ppo, reward, gae, distill); --template LOSS lists a loss");
   const loss_spec& spec = find_spec(specs, loss_name);
   const options_t options = parse_options(spec, sets);
   if (preset.empty()) preset = spec.presets.front();

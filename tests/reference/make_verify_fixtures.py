@@ -383,6 +383,42 @@ def gae_verl(rewards, values, mask, gamma, lam):
     return {"advantages": whiten(adv, mask, eps_in_mean=True), "returns": returns}
 
 
+# ---- distillation: TRL GKDTrainer.generalized_jsd_loss --------------------------------------------
+
+def gkd_jsd(student, teacher, labels, beta=0.5, temperature=1.0):
+    B, T, V = len(student), len(student[0]), len(student[0][0])
+    total, count = 0.0, 0
+    grad = [[[0.0] * V for _ in range(T)] for _ in range(B)]
+    per = {}
+    for b in range(B):
+        for t in range(T):
+            if labels[b][t] == -100:  # mask = labels != -100; jsd = jsd[mask]
+                continue
+            s = log_softmax([x / temperature for x in student[b][t]])
+            q = log_softmax([y / temperature for y in teacher[b][t]])
+            ps, pt = [math.exp(v) for v in s], [math.exp(v) for v in q]
+            if beta == 0:  # F.kl_div(student_log_probs, teacher_log_probs, log_target=True) = KL(teacher || student)
+                val = sum(pt[i] * (q[i] - s[i]) for i in range(V))
+                g = [-pt[i] / ps[i] for i in range(V)]  # d/ds_i (as probabilities)
+            elif beta == 1:  # KL(student || teacher)
+                val = sum(ps[i] * (s[i] - q[i]) for i in range(V))
+                g = [s[i] - q[i] + 1 for i in range(V)]
+            else:
+                # mixture_log_probs = logsumexp(stack([s + log(1 - beta), t + log(beta)]))
+                m = [math.log((1 - beta) * ps[i] + beta * pt[i]) for i in range(V)]
+                kl_teacher = sum(pt[i] * (q[i] - m[i]) for i in range(V))
+                kl_student = sum(ps[i] * (s[i] - m[i]) for i in range(V))
+                val = beta * kl_teacher + (1 - beta) * kl_student
+                g = [(1 - beta) * (s[i] - m[i]) for i in range(V)]  # d jsd / d p_student_i (derived by hand)
+            total += val
+            count += 1
+            dot = sum(ps[i] * g[i] for i in range(V))
+            per[(b, t)] = [ps[j] * (g[j] - dot) / temperature for j in range(V)]  # through softmax(x / tau)
+    for (b, t), row in per.items():
+        grad[b][t] = [v / count for v in row]  # batchmean over kept tokens: jsd.sum() / mask.sum()
+    return {"loss": total / count, "student_logits.grad": grad}
+
+
 # ---- fixtures ----------------------------------------------------------------------------------
 
 tests = []  # (name, status, regex, args)
@@ -614,6 +650,26 @@ def main():
                                                       "response_mask": mt_mask}, bad)
     test("gae one return off", 1, "returns .*FAIL +1 element\\(s\\) .*worst at \\[3, 1\\]",
          fx("gae_wrong_element_f64.safetensors"), "--loss", "gae", "--preset", "verl", "--set", "gamma=0.99,lam=1.0")
+
+    # distillation (TRL GKD) ---------------------------------------------------------------------
+    Bd, Td, Vd = 2, 3, 6
+    stu = [[[rng.uniform(-2, 2) for _ in range(Vd)] for _ in range(Td)] for _ in range(Bd)]
+    tea = [[[rng.uniform(-2, 2) for _ in range(Vd)] for _ in range(Td)] for _ in range(Bd)]
+    lab = [[rng.randrange(Vd) for _ in range(Td)] for _ in range(Bd)]
+    lab[1][0] = -100
+    d_ins = {"student_logits": stu, "teacher_logits": tea, "labels": lab}
+    for beta, tau in ((0.5, 1.0), (0.1, 0.9), (0.0, 1.0), (1.0, 2.0)):
+        name = "distill_jsd_b%g_t%g_f64.safetensors" % (beta, tau)
+        dump(name, "F64", d_ins, gkd_jsd(stu, tea, lab, beta, tau), {"labels"})
+        test("distill gkd beta %g temperature %g float64" % (beta, tau), 0, "result: PASS \\(2 compared", fx(name),
+             "--loss", "distill", "--set", "beta=%g,temperature=%g" % (beta, tau))
+    good = gkd_jsd(stu, tea, lab, 0.5, 1.0)
+    bad = dict(good, **{"student_logits.grad": json.loads(json.dumps(good["student_logits.grad"]))})
+    bad["student_logits.grad"][0][2][4] = -bad["student_logits.grad"][0][2][4]
+    dump("distill_sign_flip_f64.safetensors", "F64", d_ins, bad, {"labels"})
+    test("distill sign flip of one gradient element", 1,
+         "student_logits.grad .*FAIL +1 element\\(s\\) .*worst at \\[0, 2, 4\\]", fx("distill_sign_flip_f64.safetensors"),
+         "--loss", "distill")
 
     # KL -----------------------------------------------------------------------------------------
     lp = [[rng.uniform(-4, -0.1) for _ in range(T)] for _ in range(B)]
