@@ -608,7 +608,9 @@ inline safetensors_file parse_safetensors(std::span<const unsigned char> bytes, 
       }
       continue;
     }
-    const std::string where = "tensor '" + name + "'";
+    std::string where = "tensor '";  // built piece by piece (see serialize_safetensors on GCC's -Wrestrict)
+    where += name;
+    where += '\'';
     if (v.type != kind::object) fail(where, ": its entry must be an object {dtype, shape, data_offsets}");
     const detail::json_value *dtype = nullptr, *shape = nullptr, *offsets = nullptr;
     for (std::size_t i = 0; i < v.keys.size(); ++i) {
@@ -636,7 +638,11 @@ inline safetensors_file parse_safetensors(std::span<const unsigned char> bytes, 
     std::uint64_t count = 1;
     bool overflow = false;
     for (std::size_t i = 0; i < shape->items.size(); ++i) {
-      const std::uint64_t extent = to_u64(shape->items[i], where + " shape[" + std::to_string(i) + "]");
+      std::string what = where;
+      what += " shape[";
+      what += std::to_string(i);
+      what += ']';
+      const std::uint64_t extent = to_u64(shape->items[i], what);
       if (extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
         fail(where, ": shape[", i, "] = ", extent, " is too large");
       if (extent != 0 && count > std::numeric_limits<std::uint64_t>::max() / extent) overflow = true;
@@ -726,8 +732,17 @@ inline std::vector<unsigned char> serialize_safetensors(const safetensors_file& 
     header += ":{\"dtype\":\"";
     header += st_dtype_name(t.dtype);
     header += "\",\"shape\":[";
-    for (std::size_t k = 0; k < t.shape.size(); ++k) header += (k ? "," : "") + std::to_string(t.shape[k]);
-    header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + t.bytes.size()) + "]}";
+    // appended piece by piece: GCC 12 at -O2 reports a false -Wrestrict for `"literal" + std::string` (users'
+    // -Werror builds include this header)
+    for (std::size_t k = 0; k < t.shape.size(); ++k) {
+      if (k) header += ',';
+      header += std::to_string(t.shape[k]);
+    }
+    header += "],\"data_offsets\":[";
+    header += std::to_string(offset);
+    header += ',';
+    header += std::to_string(offset + t.bytes.size());
+    header += "]}";
     offset += t.bytes.size();
   }
   header += '}';
