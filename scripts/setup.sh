@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # clang-16 + libclang-rt-16-dev (its sanitizer and libFuzzer runtimes) + libfuzzer-16-dev: the fuzz targets (fuzz/).
+# libcli11-dev + nlohmann-json3-dev: the posttrain-verify command (tools/; skipped with a warning without them).
 POSTTRAIN_PACKAGES=(cmake g++ make libeigen3-dev librange-v3-dev catch2 libbenchmark-dev libtorch-dev
-                    clang-16 libclang-rt-16-dev libfuzzer-16-dev)
+                    clang-16 libclang-rt-16-dev libfuzzer-16-dev libcli11-dev nlohmann-json3-dev)
 BUILD_DIR=${POSTTRAIN_BUILD_DIR:-build}
 JOBS=${POSTTRAIN_JOBS:-$(nproc 2>/dev/null || echo 2)}
 
