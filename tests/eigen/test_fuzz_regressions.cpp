@@ -240,3 +240,28 @@ TEST_CASE("fuzz regression: reverse-KL student gradient at teacher logits near -
   top(3.3e38f);
   top(1e308);
 }
+
+TEST_CASE("fuzz regression: fused kd backward where row weight x scale/tau overflows", "[fuzz][eigen][distill]") {
+  // fuzz_distill (fuzz/corpus/distill/crash-c677c16e...), float64: symmetric_kl with ratio 1, V = 1, student [1e4],
+  // teacher [2.42], τ = 2 with τ², row weight g = 1e308: the fused kernel folded g·τ²/τ = 2e308 = +inf into one
+  // coefficient, so inf·q - inf·p = NaN, where the generic path gives the true gradient g·τ·(q - p) = 0 (V = 1:
+  // q = p = 1). The same with two columns and q = p (equal rows), and in float32 with g = FLT_MAX.
+  const auto check = [](auto big) {
+    using S = decltype(big);
+    using U = eigen_tensor<S>;
+    for (const kd_divergence dv : {kd_divergence::forward_kl, kd_divergence::reverse_kl, kd_divergence::symmetric_kl}) {
+      const divergence_options o{
+          .divergence = dv, .symmetric_ratio = 1.0, .temperature = 2.0, .scale_by_temperature_squared = true};
+      INFO(kd_divergence_name(dv));
+      const U s1({1}, {S(1e4)}), t1({1}, {S(2.4200961318379495)});
+      CHECK(kd_per_token_backward(s1, t1, U({}, {big}), o)(0) == S(0));
+      CHECK(generic::kd_per_token_backward(s1, t1, U({}, {big}), o)(0) == S(0));
+      const U s2({1, 2}, {S(0.5), S(-1)}), t2({1, 2}, {S(0.5), S(-1)});
+      const U g2 = kd_per_token_backward(s2, t2, U({1}, {big}), o);
+      CHECK(g2(0, 0) == S(0));
+      CHECK(g2(0, 1) == S(0));
+    }
+  };
+  check(1e308);
+  check(std::numeric_limits<float>::max());
+}

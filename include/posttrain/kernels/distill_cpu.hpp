@@ -323,7 +323,8 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
 /// Fused distillation over rows: value[r] = scale·D(row r) (value may be null), and, when grad is
 /// not null, grad[r, :] = row_weight[r]·scale/τ·dD/ds (row_weight null means 1 for every row). grad
 /// may equal student (the gradient then overwrites the student logits in place); it must not alias
-/// teacher. A row of weight 0 gets an exact 0 gradient.
+/// teacher. A row of weight 0 gets an exact 0 gradient; a row whose weight·scale/τ overflows the dtype gets
+/// the unit-weight gradient scaled afterwards (0 where q = p, not inf - inf).
 template <class S>
 void distill_forward_backward(const S* student, const S* teacher, std::int64_t rows, std::int64_t vocab,
                               const fused_kd_spec& o, S* value, const S* row_weight, S* grad) {
@@ -340,7 +341,18 @@ void distill_forward_backward(const S* student, const S* teacher, std::int64_t r
       }
       const kd_row_stats<S> st = kd_reduce_row(x, y, vocab, inv_tau, need);
       if (value) value[r] = static_cast<S>(kd_row_value(st, o));
-      if (grad) kd_write_row_grad(x, y, vocab, st, o, w * o.scale * inv_tau, grad + r * vocab);
+      if (!grad) continue;
+      const double coef = w * o.scale * inv_tau;
+      if (std::abs(coef) <= static_cast<double>(std::numeric_limits<S>::max())) {
+        kd_write_row_grad(x, y, vocab, st, o, coef, grad + r * vocab);
+      } else {
+        // g·scale/τ past S's range (g = 1e308, τ = 2 with τ²: 2e308) while the gradient may be finite or 0
+        // (q = p: inf·q - inf·p was NaN): the unit-weight gradient, then × scale/τ and × g in double.
+        S* out = grad + r * vocab;
+        kd_write_row_grad(x, y, vocab, st, o, 1.0, out);
+        const double k = o.scale * inv_tau;
+        for (std::int64_t i = 0; i < vocab; ++i) out[i] = static_cast<S>(static_cast<double>(out[i]) * k * w);
+      }
     }
   });
 }
