@@ -5,7 +5,9 @@
 #include <limits>
 
 #include "posttrain/backends/eigen.hpp"
+#include "posttrain/kl/estimators.hpp"
 #include "posttrain/losses/orpo.hpp"
+#include "posttrain/numerics/divergences.hpp"
 #include "posttrain/numerics/logits.hpp"
 
 using namespace posttrain;
@@ -83,4 +85,183 @@ TEST_CASE("fuzz regression: orpo_backward is finite at a chosen log-prob of exac
   CHECK(g.chosen_logps(0) == Approx(left).epsilon(1e-5));
   // the closed form: -β/B / (e^{ū_c - ū_r}(1 - e^{ū_r})) - 1/max(Σ|c|, 1) at ū_c = 0, ū_r = -1
   CHECK(g.chosen_logps(0) == Approx(-0.05 / (std::exp(1.0) * (1 - std::exp(-1.0))) - 1.0).epsilon(1e-12));
+}
+
+TEST_CASE("fuzz regression: orpo_backward is finite at a denormal rejected log-prob", "[fuzz][eigen][orpo]") {
+  // fuzz_preference (fuzz/corpus/preference/crash-0afa5658...): chosen_logps {-0.0078278782330052366},
+  // rejected_logps {-4.94e-324} (a denormal just below 0), lengths 2 / 0 (read as 1), β = 0.1: the loss was
+  // finite (73.89) and d/d rejected_logps +inf (dz/expm1(ū_r) = 0.1/4.9e-324 = 2e323 > DBL_MAX). The true
+  // derivative β σ(-z)/(1 - e^{ū_r}) is beyond double's range there; orpo_backward bounds 1 - e^{ū} below by
+  // the smallest normal t, so it gives β σ(-z)/t (the derivative at ū_r = -t), and the exact formula for |ū| >= t.
+  using T = eigen_tensor<double>;
+  const double uc = -0.0078278782330052366 / 2, t = std::numeric_limits<double>::min();
+  const cpo_batch<T> batch{T({1}, {-0.0078278782330052366}), T({1}, {-4.9406564584124654e-324}), T({1}, {2.0}),
+                           T({1}, {0.0})};
+  const orpo_options o{.beta = 0.1};
+  const double loss = ops::item(orpo(batch, o).loss);
+  REQUIRE(std::isfinite(loss));
+  CHECK(loss == Approx(73.893795795494995).epsilon(1e-12));
+  const auto g = orpo_backward(batch, o);
+  REQUIRE(std::isfinite(g.chosen_logps(0)));
+  REQUIRE(std::isfinite(g.rejected_logps(0)));
+  // z = (ū_c - ū_r) - (log(1 - e^{ū_c}) - log(1 - e^{ū_r})) with 1 - e^{ū_r} = 4.94e-324 exactly
+  const double z = uc - std::log(-std::expm1(uc)) + std::log(4.9406564584124654e-324);
+  const double sig_neg_z = 1.0 / (1.0 + std::exp(z));
+  CHECK(g.rejected_logps(0) == Approx(0.1 * sig_neg_z / t).epsilon(1e-12));
+  // d/d chosen_logps is smooth here: a central difference of the loss, and the closed form
+  // (-β σ(-z)/(1 - e^{ū_c}))/|c| - 1/|c| = -β/((1 - e^{ū_c}) + e^{ū_c - ū_r}(1 - e^{ū_r}))/2 - 1/2
+  const double h = 1e-6;
+  auto plus = batch, minus = batch;
+  plus.chosen_logps(0) += h;
+  minus.chosen_logps(0) -= h;
+  const double central = (ops::item(orpo(plus, o).loss) - ops::item(orpo(minus, o).loss)) / (2 * h);
+  CHECK(g.chosen_logps(0) == Approx(central).epsilon(1e-6));
+  CHECK(g.chosen_logps(0) == Approx(-0.1 * sig_neg_z / -std::expm1(uc) / 2 - 0.5).epsilon(1e-12));
+
+  // Both averages denormal: d_or_c's denominator (1 - e^{ū_c}) + e^{ū_c - ū_r}(1 - e^{ū_r}) ≈ 1e-320 overflowed too.
+  const cpo_batch<T> both{T({1}, {-1e-320}), T({1}, {-4.9406564584124654e-324}), T({1}, {1.0}), T({1}, {1.0})};
+  REQUIRE(std::isfinite(ops::item(orpo(both, o).loss)));
+  const auto gb = orpo_backward(both, o);
+  CHECK(std::isfinite(gb.chosen_logps(0)));
+  CHECK(std::isfinite(gb.rejected_logps(0)));
+  // A small normal ū_r keeps the exact derivative β σ(-z)/(1 - e^{ū_r}) (here ≈ 0.1/1e-300).
+  const cpo_batch<T> normal{T({1}, {-1.0}), T({1}, {-1e-300}), T({1}, {1.0}), T({1}, {1.0})};
+  const double zn = -1.0 - std::log(-std::expm1(-1.0)) + std::log(1e-300);
+  CHECK(orpo_backward(normal, o).rejected_logps(0) == Approx(0.1 / (1.0 + std::exp(zn)) / 1e-300).epsilon(1e-12));
+
+  // float32: a rejected log-prob of -1.4e-45 gave 0.1/1.4e-45 = +inf; now 0.1·σ(-z)/FLT_MIN.
+  using F = eigen_tensor<float>;
+  const cpo_batch<F> bf{F({1}, {-0.0078278782f}), F({1}, {-1.4e-45f}), F({1}, {2.0f}), F({1}, {0.0f})};
+  REQUIRE(std::isfinite(ops::item(orpo(bf, o).loss)));
+  const auto gf = orpo_backward(bf, o);
+  REQUIRE(std::isfinite(gf.rejected_logps(0)));
+  CHECK(std::isfinite(gf.chosen_logps(0)));
+  CHECK(gf.rejected_logps(0) == Approx(0.1 / std::numeric_limits<float>::min()).epsilon(1e-5));
+}
+
+TEST_CASE("fuzz regression: kl_penalty_backward is an exact 0 where the value clamp is active at r = -inf",
+          "[fuzz][eigen][kl]") {
+  // fuzz_rl (fuzz/corpus/rl/crash-22bac71d...), float32: k2 with value_clamp 10, logprobs {-inf, 1e-8},
+  // ref_logprobs {1e-8, 1e-8}: kl_penalty {10, 0}, but the backward multiplied the slope r = -inf by the
+  // clamp's 0/1 mask: 0·(-inf) = NaN. A clamped value's gradient is exactly 0 (torch.clamp's backward).
+  // k3 at r = -inf was inf - inf = NaN before its clamp (10 from Eigen's packet min/max, NaN from the scalar
+  // one); its true value is +inf (e^{-r} dominates), so it clamps to 10 on every path.
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto check = [&](auto zero) {
+    using S = decltype(zero);
+    using T = eigen_tensor<S>;
+    const S e8 = S(9.9999999392252903e-09), ninf = -std::numeric_limits<S>::infinity();
+    const T lp({1, 3}, {ninf, e8, S(0.5)}), ref({1, 3}, {e8, e8, S(0)});
+    const T g({1, 3}, {S(-0.076615549623966217), S(-0.99716180562973022), S(2)});
+    for (const kl_estimator e : {kl_estimator::k1, kl_estimator::abs, kl_estimator::k2, kl_estimator::k3}) {
+      INFO(kl_estimator_name(e));
+      const kl_options o{.estimator = e, .value_clamp = 10.0};
+      const T kl = kl_penalty(lp, ref, o), dkl = kl_penalty_backward(lp, ref, g, o);
+      CHECK(kl(0, 0) == S(e == kl_estimator::k1 ? -10 : 10));
+      CHECK(dkl(0, 0) == S(0));  // clamped: exactly 0, not NaN
+      // r = 0: slope 1 for k1, 0 for the others (sign(0) = 0, r, 1 - e^0)
+      CHECK(dkl(0, 1) == (e == kl_estimator::k1 ? g(0, 1) : S(0)));
+      // r = 0.5, inside the clamp: g·slope, slope = 1, sign(r) = 1, r, 1 - e^{-r}
+      const double slope = e == kl_estimator::k2 ? 0.5 : e == kl_estimator::k3 ? -std::expm1(-0.5) : 1.0;
+      CHECK(dkl(0, 2) == Approx(2 * slope).epsilon(std::is_same_v<S, float> ? 1e-6 : 1e-14));
+      // with the log-ratio clamp as well (verl low_var_kl), still 0 at r = -inf
+      const kl_options lr{.estimator = e, .log_ratio_clamp = 20.0, .value_clamp = 10.0};
+      CHECK(kl_penalty_backward(lp, ref, g, lr)(0, 0) == S(0));
+    }
+    // k3 without a clamp: +inf at r = -inf (not NaN), one element (Eigen's scalar path) or several
+    const kl_options k3{.estimator = kl_estimator::k3};
+    CHECK(kl_penalty(T({1}, {ninf}), T({1}, {S(0)}), k3)(0) == S(inf));
+    CHECK(kl_penalty(lp, ref, k3)(0, 0) == S(inf));
+    const kl_options k3c{.estimator = kl_estimator::k3, .value_clamp = 10.0};
+    CHECK(kl_penalty(T({1}, {ninf}), T({1}, {S(0)}), k3c)(0) == S(10));
+    CHECK(kl_penalty_backward(T({1}, {ninf}), T({1}, {S(0)}), T({1}, {S(1)}), k3c)(0) == S(0));
+  };
+  check(0.0f);
+  check(0.0);
+}
+
+TEST_CASE("fuzz regression: reverse-KL student gradient at teacher logits near -FLT_MAX", "[fuzz][eigen][distill]") {
+  // fuzz_distill (fuzz/corpus/distill/crash-a987fd39...), float64, reverse_kl: student [-0.22197299153124295,
+  // 1e-310], teacher [1e-310, -3.4028234663852886e+38], row weight g = 1e308: D = KL(q||p) = 1.89e38 and the
+  // gradient {-inf, +inf}. That is the true value: g·dD/ds = 1e308 · ∓8.4e37 is beyond double's range (so is
+  // g·D); the fuzz target now checks finiteness only where g·(D + log V + 1)/min(τ, 1) fits the dtype. At g = 1
+  // the gradient is finite and equals the closed form q_v (log q_v - log p_v - K), K = KL(q||p).
+  using T = eigen_tensor<double>;
+  const T s({1, 2}, {-0.22197299153124295, 1e-310}), t({1, 2}, {1e-310, -3.4028234663852886e+38});
+  const divergence_options o{.divergence = kd_divergence::reverse_kl};
+  const double d = ops::item(ops::sum_all(kd_per_token(s, t, o)));
+  REQUIRE(std::isfinite(d));
+  // closed form: log q = s - logsumexp(s); log p = [0, -3.4e38] (log(1 + e^{-3.4e38}) = 0)
+  const double lse = std::log1p(std::exp(-0.22197299153124295 - 1e-310)) + 1e-310;
+  const double lq[2] = {-0.22197299153124295 - lse, 1e-310 - lse}, lp[2] = {0.0, -3.4028234663852886e+38};
+  const double q[2] = {std::exp(lq[0]), std::exp(lq[1])};
+  const double k = q[0] * (lq[0] - lp[0]) + q[1] * (lq[1] - lp[1]);
+  CHECK(d == Approx(k).epsilon(1e-14));
+  const T one({1}, {1.0});
+  for (const T& gr : {kd_per_token_backward(s, t, one, o), generic::kd_per_token_backward(s, t, one, o)})
+    for (int v = 0; v < 2; ++v) {
+      REQUIRE(std::isfinite(gr(0, v)));
+      CHECK(gr(0, v) == Approx(q[v] * (lq[v] - lp[v] - k)).epsilon(1e-12));
+    }
+  // smooth in the student logits: a central difference (D ~ 1e38 moves by ~1e32 at h = 1e-6, far above its ulp)
+  const double h = 1e-6;
+  const T sp({1, 2}, {-0.22197299153124295 + h, 1e-310}), sm({1, 2}, {-0.22197299153124295 - h, 1e-310});
+  const double central =
+      (ops::item(ops::sum_all(kd_per_token(sp, t, o))) - ops::item(ops::sum_all(kd_per_token(sm, t, o)))) / (2 * h);
+  CHECK(kd_per_token_backward(s, t, one, o)(0, 0) == Approx(central).epsilon(1e-6));
+  // g = 1e308: the product overflows with the sign of the closed form
+  const T huge({1}, {1e308});
+  const T gh = kd_per_token_backward(s, t, huge, o);
+  CHECK(gh(0, 0) == -std::numeric_limits<double>::infinity());
+  CHECK(gh(0, 1) == std::numeric_limits<double>::infinity());
+
+  // The same area held a real defect of the fused kernel: q (log q - log p - K) was evaluated as
+  // q·((b - a) + shift), and (b - a) + shift overflows at a column with q = 0 when K is near the top of the
+  // range: student [0, -3.3e38], teacher [-3.3e38, 0] (float32; double at ±1e308) has D = 3.3e38 (1e308),
+  // finite, and the fused gradient was {0, NaN}. The true gradient is {0, 0} (q = [1, 0], d_0 = K).
+  const auto top = [](auto big) {
+    using S = decltype(big);
+    using U = eigen_tensor<S>;
+    const U st({1, 2}, {S(0), -big}), te({1, 2}, {-big, S(0)});
+    for (const kd_divergence dv : {kd_divergence::reverse_kl, kd_divergence::symmetric_kl}) {
+      const divergence_options od{.divergence = dv};
+      const S val = kd_per_token(st, te, od)(0);
+      REQUIRE(std::isfinite(val));
+      for (const U& gr : {kd_per_token_backward(st, te, U({1}, {S(1)}), od),
+                          generic::kd_per_token_backward(st, te, U({1}, {S(1)}), od)})
+        for (int v = 0; v < 2; ++v) {
+          INFO(kd_divergence_name(dv) << " column " << v);
+          REQUIRE(std::isfinite(gr(0, v)));
+          // reverse: 0; symmetric (r = ½): ½ (q - p) = ½ {1, -1}
+          CHECK(gr(0, v) == Approx(dv == kd_divergence::reverse_kl ? 0.0 : (v == 0 ? 0.5 : -0.5)).margin(1e-6));
+        }
+    }
+  };
+  top(3.3e38f);
+  top(1e308);
+}
+
+TEST_CASE("fuzz regression: fused kd backward where row weight x scale/tau overflows", "[fuzz][eigen][distill]") {
+  // fuzz_distill (fuzz/corpus/distill/crash-c677c16e...), float64: symmetric_kl with ratio 1, V = 1, student [1e4],
+  // teacher [2.42], τ = 2 with τ², row weight g = 1e308: the fused kernel folded g·τ²/τ = 2e308 = +inf into one
+  // coefficient, so inf·q - inf·p = NaN, where the generic path gives the true gradient g·τ·(q - p) = 0 (V = 1:
+  // q = p = 1). The same with two columns and q = p (equal rows), and in float32 with g = FLT_MAX.
+  const auto check = [](auto big) {
+    using S = decltype(big);
+    using U = eigen_tensor<S>;
+    for (const kd_divergence dv : {kd_divergence::forward_kl, kd_divergence::reverse_kl, kd_divergence::symmetric_kl}) {
+      const divergence_options o{
+          .divergence = dv, .symmetric_ratio = 1.0, .temperature = 2.0, .scale_by_temperature_squared = true};
+      INFO(kd_divergence_name(dv));
+      const U s1({1}, {S(1e4)}), t1({1}, {S(2.4200961318379495)});
+      CHECK(kd_per_token_backward(s1, t1, U({}, {big}), o)(0) == S(0));
+      CHECK(generic::kd_per_token_backward(s1, t1, U({}, {big}), o)(0) == S(0));
+      const U s2({1, 2}, {S(0.5), S(-1)}), t2({1, 2}, {S(0.5), S(-1)});
+      const U g2 = kd_per_token_backward(s2, t2, U({1}, {big}), o);
+      CHECK(g2(0, 0) == S(0));
+      CHECK(g2(0, 1) == S(0));
+    }
+  };
+  check(1e308);
+  check(std::numeric_limits<float>::max());
 }

@@ -21,6 +21,8 @@
 // Backward w.r.t. the student logits, per row with weight g (d loss / d D_row):
 //   d KL(p||q)/ds = d(-Σ p log q)/ds = q - p;   d KL(q||p)/ds_v = q_v (log q_v - log p_v - KL(q||p))
 //   out[v] = g·scale/τ·[ q_v (w_f + w_r (log q_v - log p_v - K)) - w_f p_v ]
+// evaluated as q_v w_f + w_r (q_v (log q_v - log p_v) - q_v K) - w_f p_v, so no intermediate exceeds the
+// terms of the result (log q_v - log p_v - K overflows for float32 logits near ±3e38 even where q_v = 0).
 // (w_f, w_r) = (1, 0) forward, (0, 1) reverse, (r, 1 - r) symmetric; written into a caller buffer
 // or in place over the student logits (each element is read before it is written). A second read of
 // the row (still in cache for moderate V) recomputes q and p.
@@ -106,6 +108,22 @@ bool kd_shift_fits(S min_x, S mx, S min_y, S my, double inv_tau) {
          (static_cast<double>(my) - static_cast<double>(min_y)) * inv_tau < top;
 }
 
+/// out = e^{arg} with the true value below the normal range: Eigen 3.4's packet exp clamps its argument there
+/// (5.6e-309 in double, 2.9e-39 in float instead of 0 or the denormal), which the products e^b (b - a) of the
+/// reverse KL, with |b - a| up to 1e308, turn into errors of O(1). `arg_min` is a lower bound of arg (from
+/// the block minima) so the common case costs no extra pass; entries below log(smallest normal) take std::exp
+/// (as the Eigen backend's exact_exp).
+template <class S, class Arg>
+void exact_exp_into(const Arg& arg, S arg_min, Eigen::Map<array_t<S>>& out) {
+  out = arg.exp();
+  const S low = std::log(std::numeric_limits<S>::min());
+  if (!(arg_min < low)) return;
+  for (Eigen::Index i = 0; i < out.size(); ++i) {
+    const S v = arg[i];
+    if (v < low) out[i] = std::exp(v);
+  }
+}
+
 /// Which cross sums a call needs (the plain forward-KL backward needs only Z_s and Z_t).
 struct kd_needs {
   bool dab = false, tt = false, dba = false;
@@ -180,8 +198,8 @@ kd_row_stats<S> kd_reduce_row(const S* x, const S* y, std::int64_t vocab, double
         b = (X - st.ms) * it;
         a = (Y - st.mt) * it;
       }
-      es = b.exp();
-      et = a.exp();
+      detail::exact_exp_into(b, static_cast<S>((min_x - st.ms) * it), es);
+      detail::exact_exp_into(a, static_cast<S>((min_y - st.mt) * it), et);
       const double bzs = static_cast<double>(es.sum());
       st.zs += bzs;
       st.zs_both += bzs;
@@ -259,6 +277,7 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
   const double k = wr > 0.0 ? st.reverse_kl_finite() : 0.0;
   alignas(64) S buf_b[block_size];
   alignas(64) S buf_a[block_size];
+  alignas(64) S buf_q[block_size];
   const S it = static_cast<S>(inv_tau), lzs = static_cast<S>(st.log_zs), lzt = static_cast<S>(st.log_zt);
   const S cq = static_cast<S>(coef * wf), cp = static_cast<S>(coef * wf), cr = static_cast<S>(coef * wr);
   // log q - log p - K = b - a + (log Z_t - log Z_s - K)
@@ -277,17 +296,25 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
         b = (X - st.ms) * it;
         a = (Y - st.mt) * it;
       }
-      if (wr == 0.0)
+      if (wr == 0.0) {
         O = cq * (b - lzs).exp() - cp * (a - lzt).exp();
-      else
-        O = (b - lzs).exp() * (cq + cr * ((b - a) + shift)) - cp * (a - lzt).exp();
+      } else {
+        // q·(b - a) + q·shift, distributed: (b - a) + shift can overflow where the true q (log q - log p - K) is
+        // finite or 0 (float32 K ≈ 3e38 at a column with b - a ≈ -3e38 gave -inf, and q = 0 there made it NaN);
+        // each product here is at most |b - a| or |shift| in size. q is the exact exp (q = 5.6e-309 from Eigen's
+        // clamp at b = -1e308 gave q·(b - a) = -0.56 where the true product is 0).
+        Eigen::Map<A> q(buf_q, n);
+        detail::exact_exp_into(b - lzs, static_cast<S>((min_x - st.ms) * it - lzs), q);
+        O = cq * q + cr * (q * (b - a) + q * shift) - cp * (a - lzt).exp();
+      }
     } else {
       for (Eigen::Index i = 0; i < n; ++i) {
         const bool sf = X[i] > neg_inf, tf = Y[i] > neg_inf;
         const double lq = sf ? (static_cast<double>(X[i]) - static_cast<double>(st.ms)) * inv_tau - st.log_zs : 0.0;
         const double lp = tf ? (static_cast<double>(Y[i]) - static_cast<double>(st.mt)) * inv_tau - st.log_zt : 0.0;
         const double q = sf ? std::exp(lq) : 0.0, p = tf ? std::exp(lp) : 0.0;
-        O[i] = static_cast<S>(coef * (q * (wf + wr * (lq - lp - k)) - wf * p));
+        // q (lq - lp) - q k distributed, as in the vector path (lq - lp - k can overflow where q is 0 or tiny)
+        O[i] = static_cast<S>(coef * (q * wf + wr * (q * (lq - lp) - q * k) - wf * p));
       }
     }
   }
@@ -296,7 +323,8 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
 /// Fused distillation over rows: value[r] = scale·D(row r) (value may be null), and, when grad is
 /// not null, grad[r, :] = row_weight[r]·scale/τ·dD/ds (row_weight null means 1 for every row). grad
 /// may equal student (the gradient then overwrites the student logits in place); it must not alias
-/// teacher. A row of weight 0 gets an exact 0 gradient.
+/// teacher. A row of weight 0 gets an exact 0 gradient; a row whose weight·scale/τ overflows the dtype gets
+/// the unit-weight gradient scaled afterwards (0 where q = p, not inf - inf).
 template <class S>
 void distill_forward_backward(const S* student, const S* teacher, std::int64_t rows, std::int64_t vocab,
                               const fused_kd_spec& o, S* value, const S* row_weight, S* grad) {
@@ -313,7 +341,18 @@ void distill_forward_backward(const S* student, const S* teacher, std::int64_t r
       }
       const kd_row_stats<S> st = kd_reduce_row(x, y, vocab, inv_tau, need);
       if (value) value[r] = static_cast<S>(kd_row_value(st, o));
-      if (grad) kd_write_row_grad(x, y, vocab, st, o, w * o.scale * inv_tau, grad + r * vocab);
+      if (!grad) continue;
+      const double coef = w * o.scale * inv_tau;
+      if (std::abs(coef) <= static_cast<double>(std::numeric_limits<S>::max())) {
+        kd_write_row_grad(x, y, vocab, st, o, coef, grad + r * vocab);
+      } else {
+        // g·scale/τ past S's range (g = 1e308, τ = 2 with τ²: 2e308) while the gradient may be finite or 0
+        // (q = p: inf·q - inf·p was NaN): the unit-weight gradient, then × scale/τ and × g in double.
+        S* out = grad + r * vocab;
+        kd_write_row_grad(x, y, vocab, st, o, 1.0, out);
+        const double k = o.scale * inv_tau;
+        for (std::int64_t i = 0; i < vocab; ++i) out[i] = static_cast<S>(static_cast<double>(out[i]) * k * w);
+      }
     }
   });
 }

@@ -74,9 +74,12 @@ std::pair<T, T> kl_value_and_slope(const T& r, kl_estimator e) {
     case kl_estimator::abs: return {ops::abs(r), ops::sign(r)};
     case kl_estimator::k2: return {ops::mul(ops::square(r), 0.5), r};
     case kl_estimator::k3: {
-      // k3 = e^{-r} + r - 1 = expm1(-r) + r (expm1 keeps it accurate for small |r|); d/dr = 1 - e^{-r}
+      // k3 = e^{-r} + r - 1 = expm1(-r) + r (expm1 keeps it accurate for small |r|); d/dr = 1 - e^{-r}.
+      // At r = -inf (a log-prob of -inf under the policy) k3 = +inf (e^{-r} dominates), not inf - inf = NaN
+      // (which a later value clamp would turn into ±v or NaN depending on Eigen's scalar or packet path).
       const T e_neg = ops::expm1(ops::neg(r));
-      return {ops::add(e_neg, r), ops::neg(e_neg)};
+      const double inf = std::numeric_limits<double>::infinity();
+      return {ops::where(ops::eq(r, -inf), inf, ops::add(e_neg, r)), ops::neg(e_neg)};
     }
   }
   return {r, r};
@@ -103,8 +106,9 @@ T kl_penalty(const T& logprobs, const T& ref_logprobs, const kl_options& opt = {
   return ops::add(ops::detach(value), ops::sub(k2, ops::detach(k2)));
 }
 
-/// d(Σ grad · kl_penalty)/d logprobs: grad [...] times the estimator's slope; zero where a clamp
-/// is active (as autograd through torch.clamp); r for straight_through.
+/// d(Σ grad · kl_penalty)/d logprobs: grad [...] times the estimator's slope; an exact zero where a
+/// clamp is active (as autograd through torch.clamp), even where the unclamped slope is infinite
+/// (k2 or k3 at r = ±inf: the slope is selected away, never multiplied by 0); r for straight_through.
 template <tensor T>
 T kl_penalty_backward(const T& logprobs, const T& ref_logprobs, const T& grad, const kl_options& opt = {}) {
   detail::check_kl_inputs("kl_penalty_backward", logprobs, ref_logprobs, opt);
@@ -115,8 +119,9 @@ T kl_penalty_backward(const T& logprobs, const T& ref_logprobs, const T& grad, c
   const double c = detail::bound(opt.log_ratio_clamp), v = detail::bound(opt.value_clamp);
   const T r = opt.log_ratio_clamp ? ops::clamp(r_raw, -c, c) : r_raw;
   auto [value, slope] = detail::kl_value_and_slope(r, opt.estimator);
-  if (opt.log_ratio_clamp) slope = ops::mul(slope, ops::mul(ops::ge(r_raw, -c), ops::le(r_raw, c)));
-  if (opt.value_clamp) slope = ops::mul(slope, ops::mul(ops::ge(value, -v), ops::le(value, v)));
+  // where, not a product with the 0/1 mask: 0·(±inf) would be NaN (fuzz_rl: k2 at r = -inf, value clamped to 10)
+  if (opt.log_ratio_clamp) slope = ops::where(ops::mul(ops::ge(r_raw, -c), ops::le(r_raw, c)), slope, 0.0);
+  if (opt.value_clamp) slope = ops::where(ops::mul(ops::ge(value, -v), ops::le(value, v)), slope, 0.0);
   return ops::mul(g, slope);
 }
 

@@ -10,8 +10,15 @@
 // log(1 - e^{ū}) is computed with log1mexp (log(-expm1) above -ln 2, log1p(-exp) below), as TRL
 // does; Liger's naive log1p(-exp(ū)) loses precision as ū -> 0.
 // Gradient: dz/dū = 1 / (1 - e^{ū}) = -1 / expm1(ū).
+// Near ū = 0 the loss grows only like -log(-ū) (about 745 at the smallest double denormal) while
+// 1/(1 - e^{ū}) ≈ -1/ū exceeds the dtype's range once |ū| is a denormal (1/4.9e-324 = 2e323). The
+// backward bounds each 1 - e^{ū} denominator below by the dtype's smallest normal number t (so its
+// reciprocal, at most 1/t = 4.5e307 in double and 8.5e37 in float32, is finite): a denormal ū gets the
+// derivative at ū = -t, a finite stand-in of the right sign for a value the dtype cannot hold; every
+// |ū| >= t gets the exact formula. The loss is not changed.
 #pragma once
 
+#include <limits>
 #include <string_view>
 
 #include "posttrain/detail/validate.hpp"
@@ -49,6 +56,12 @@ void check_orpo(std::string_view fn, const cpo_batch<T>& b, const orpo_options& 
     const double top = ops::item(ops::max_all(ops::detach(*x)));
     if (!(top <= 0.0)) fail(fn, name, " must be <= 0 (log-probabilities), got a maximum of ", top);
   }
+}
+/// The smallest positive normal number of x's (floating) dtype: the bound of orpo_backward's denominators.
+template <tensor T>
+double orpo_smallest_normal(const T& x) {
+  return ops::dtype_of(x) == dtype::float64 ? std::numeric_limits<double>::min()
+                                            : static_cast<double>(std::numeric_limits<float>::min());
 }
 template <tensor T>
 std::pair<T, T> orpo_average(const cpo_batch<T>& b) {
@@ -96,11 +109,15 @@ dpo_gradients<T> orpo_backward(const cpo_batch<T>& batch, const orpo_options& op
   const T tokens = ops::maximum(ops::sum_all(ops::upcast(batch.chosen_lengths)), 1.0);
   // -dz/expm1(ū_c) = -β/B · σ(-z)/(1 - e^{ū_c}) = -β/B / ((1 - e^{ū_c}) + e^{ū_c - ū_r}(1 - e^{ū_r})) (σ(-z) written
   // out): finite at ū_c = 0 (a chosen log-prob of exactly 0), where σ(-z) = 0 and expm1(ū_c) = 0 gave 0/0 = NaN.
+  // Both denominators are bounded below by the smallest normal t (file comment): a denormal ū_r (fuzz_preference:
+  // ū_r = -4.9e-324, loss 73.89) gave dz/expm1(ū_r) = +inf, and ū_c, ū_r both denormal overflowed d_or_c.
+  const double t = detail::orpo_smallest_normal(uc);
   const T one_minus_c = ops::neg(ops::expm1(uc)), one_minus_r = ops::neg(ops::expm1(ur));
   const T d_or_c = ops::div(ops::scalar_like(uc, -opt.beta / n),
-                            ops::add(one_minus_c, ops::mul(ops::exp(ops::sub(uc, ur)), one_minus_r)));
+                            ops::maximum(ops::add(one_minus_c, ops::mul(ops::exp(ops::sub(uc, ur)), one_minus_r)), t));
   const T gc = ops::sub(ops::div(d_or_c, nc), ops::div(ops::scalar_like(uc, 1.0), tokens));
-  const T gr = ops::div(ops::div(dz, ops::expm1(ur)), nr);
+  // dz/expm1(ū_r) = -dz / (1 - e^{ū_r})
+  const T gr = ops::div(ops::div(ops::neg(dz), ops::maximum(one_minus_r, t)), nr);
   const dtype d = ops::dtype_of(batch.chosen_logps);
   return {ops::to_dtype(ops::mul(gc, grad_loss), d), ops::to_dtype(ops::mul(gr, grad_loss), d)};
 }
