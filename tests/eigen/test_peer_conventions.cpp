@@ -11,6 +11,7 @@
 #include "posttrain/posttrain.hpp"
 #include "reference/golden_conventions.hpp"
 #include "support/eigen_checks.hpp"
+#include "support/finite_difference.hpp"
 
 using namespace posttrain;
 namespace g = posttrain::golden_conventions;
@@ -168,6 +169,50 @@ TEST_CASE("Conventions: REINFORCE++-baseline, OpenRLHF centres the scores before
       g::openrlhf_reinforce_baseline));
 }
 
+TEST_CASE("Conventions: OpenRLHF GSPO, the gradient through the sequence-mean ratio (per-token advantages)",
+          "[conventions]") {
+  const E lp = bt(g::gspo_logprobs), old = bt(g::gspo_old_logprobs), A = bt(g::advantages), m = bt(g::mask);
+  const policy_batch<E> b{.logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old};
+  const auto o = policy_variant_options::openrlhf_gspo();
+  test::check_value("loss", policy_variant_loss(b, o).loss, g::openrlhf_gspo_loss, tol);
+  const E grad = policy_variant_loss_backward(b, o);
+  test::check_values("d loss / d logprobs", grad, g::openrlhf_gspo_grad, tol);
+  // the analytic backward against central differences of the forward in double
+  const auto f = [&](const E& x) {
+    auto bx = b;
+    bx.logprobs = x;
+    return ops::item(policy_variant_loss(bx, o).loss);
+  };
+  test::check_gradient("OpenRLHF gspo backward", grad, f, lp);
+  test::check_values(
+      "grad_loss scales it", policy_variant_loss_backward(b, o, -2.5),
+      [] {
+        auto v = g::openrlhf_gspo_grad;
+        for (auto& x : v) x *= -2.5;
+        return v;
+      }(),
+      tol);
+  // the default (GSPO-token, verl / TRL) has the same value, another gradient with per-token advantages
+  auto token = o;
+  token.gspo_grad = gspo_gradient::token;
+  test::check_value("token form: same value", policy_variant_loss(b, token).loss, g::openrlhf_gspo_loss, tol);
+  CHECK(differs(policy_variant_loss_backward(b, token), g::openrlhf_gspo_grad));
+  // with A constant along each row the two forms agree
+  const policy_batch<E> row_a{
+      .logprobs = lp, .advantages = test::vec({0.7, -1.3, 0.4}), .response_mask = m, .old_logprobs = old};
+  test::check_same("A per sequence: sequence = token form", policy_variant_loss_backward(row_a, o),
+                   policy_variant_loss_backward(row_a, token), tol);
+  // the default's aggregation (exact token counts) differs from OpenRLHF's count + 1e-8
+  auto exact = o;
+  exact.token_count_eps = 0.0;
+  CHECK(differs(policy_variant_loss(b, exact).loss, {g::openrlhf_gspo_loss}));
+  // luspo and ppo with sequence_ratio take the same gradient path
+  auto seq_ppo = o;
+  seq_ppo.variant = policy_variant::ppo;
+  seq_ppo.sequence_ratio = true;
+  test::check_same("ppo + sequence_ratio = gspo", policy_variant_loss_backward(b, seq_ppo), grad, tol);
+}
+
 TEST_CASE("Conventions: every new option rejects bad values, naming function and argument", "[conventions]") {
   const E x = bt(g::x), m = bt(g::mask);
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -213,6 +258,17 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
       "reinforce_pp_baseline_advantages", "options.order");
   expect_rejected([&] { reinforce_pp_baseline_advantages(scores, x, m, id, {.whitening = {.eps = -1.0}}); },
                   "reinforce_pp_baseline_advantages", "options.whitening.eps");
+  const policy_batch<E> pb{.logprobs = x, .advantages = x, .response_mask = m};
+  auto bad_gspo = policy_variant_options::openrlhf_gspo();
+  bad_gspo.gspo_grad = static_cast<gspo_gradient>(4);
+  expect_rejected([&] { policy_variant_loss(pb, bad_gspo); }, "policy_variant_loss", "options.gspo_grad");
+  bad_gspo.gspo_grad = gspo_gradient::sequence;
+  bad_gspo.variant = policy_variant::cispo;
+  expect_rejected([&] { policy_variant_loss_backward(pb, bad_gspo); }, "policy_variant_loss_backward",
+                  "options.gspo_grad");
+  bad_gspo = policy_variant_options::openrlhf_gspo();
+  bad_gspo.token_count_eps = -1e-8;
+  expect_rejected([&] { policy_variant_loss(pb, bad_gspo); }, "policy_variant_loss", "options.token_count_eps");
   expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },

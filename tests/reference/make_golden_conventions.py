@@ -10,7 +10,8 @@ Sources (read, not copied; the arithmetic is re-typed in the order the framework
   verl b178a3c      verl/utils/torch_functional.py   masked_mean, masked_var, masked_whiten
                     verl/trainer/ppo/core_algos.py   agg_loss, compute_gae_advantage_return,
                                                      compute_policy_loss_vanilla
-  OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss
+  OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss, PolicyLoss.forward (policy_loss_type
+                                                     "gspo")
                     openrlhf/models/utils.py         compute_approx_kl, compute_reward
                     openrlhf/trainer/ppo_utils/experience_maker.py
                                                      compute_advantages_and_returns, get_cumulative_returns
@@ -204,6 +205,106 @@ def verl_reinforce_pp_baseline(token_level_rewards, mask, index, b, t):
     return [w * m for w, m in zip(verl_masked_whiten(tiled, mask), mask)]
 
 
+# ---- forward-mode dual numbers: exact derivatives of a formula written with plain floats ------------------
+class Dual:
+    """v + d·ε with ε² = 0: running a formula on Duals seeded d = 1 at one input gives its exact partial."""
+
+    def __init__(self, v, d=0.0):
+        self.v, self.d = float(v), float(d)
+
+    @staticmethod
+    def of(x):
+        return x if isinstance(x, Dual) else Dual(x)
+
+    def __add__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v + o.v, self.d + o.d)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v - o.v, self.d - o.d)
+
+    def __rsub__(self, o):
+        return Dual.of(o) - self
+
+    def __mul__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v * o.v, self.d * o.v + self.v * o.d)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v / o.v, (self.d * o.v - self.v * o.d) / (o.v * o.v))
+
+    def __rtruediv__(self, o):
+        return Dual.of(o) / self
+
+    def __neg__(self):
+        return Dual(-self.v, -self.d)
+
+
+def d_exp(x):
+    e = math.exp(x.v)
+    return Dual(e, e * x.d)
+
+
+def d_clamp(x, lo, hi):
+    # torch.clamp: the value clamped, the gradient passed where lo <= x <= hi
+    if x.v < lo:
+        return Dual(lo)
+    if x.v > hi:
+        return Dual(hi)
+    return x
+
+
+def d_min(a, b):
+    # torch.min(a, b) elementwise (the fixtures have no ties with a non-zero derivative)
+    return a if a.v <= b.v else b
+
+
+def d_sigmoid(x):
+    s = 1.0 / (1.0 + math.exp(-x.v))
+    return Dual(s, s * (1.0 - s) * x.d)
+
+
+def grad_of(f, x):
+    """[df/dx_j] of a scalar formula f(list of Duals) -> Dual, exactly, one forward pass per input."""
+    out = []
+    for j in range(len(x)):
+        out.append(f([Dual(v, 1.0 if k == j else 0.0) for k, v in enumerate(x)]).d)
+    return out
+
+
+# ---- OpenRLHF loss.py PolicyLoss.forward, policy_loss_type="gspo" (3c3be62) -----------------------------
+def openrlhf_gspo(log_probs, old_log_probs, advantages, mask, clip_eps_low, clip_eps_high):
+    # log_ratio = log_probs - old_log_probs (no vLLM IS correction)
+    log_ratio = [a - b for a, b in zip(log_probs, old_log_probs)]
+    ratio = []
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        s = sum((log_ratio[b * T + t] * mr[t] for t in range(T)), Dual(0.0))
+        s = s / max(sum(mr), 1)  # action_mask.sum(-1).clamp(min=1)
+        s = d_exp(s)
+        ratio += [s * mr[t] for t in range(T)]  # ratio.exp().unsqueeze(-1) * action_mask
+    loss = []
+    for r, A in zip(ratio, advantages):
+        surr1 = r * A
+        surr2 = d_clamp(r, 1 - clip_eps_low, 1 + clip_eps_high) * A
+        loss.append(-d_min(surr1, surr2))  # dual_clip None
+    # aggregate_loss(token_level_loss=False) (GSPO forces it): per-sequence token means over count + 1e-8,
+    # then masked_mean over sequences with a token
+    seq_loss, seq_mask = [], []
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        n = sum(mr)
+        seq_loss.append(sum((loss[b * T + t] * mr[t] for t in range(T)), Dual(0.0)) / (n + 1e-8))
+        seq_mask.append(1.0 if n > 0 else 0.0)
+    return sum((s * k for s, k in zip(seq_loss, seq_mask)), Dual(0.0)) / sum(seq_mask)
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -331,6 +432,19 @@ def main():
             kl = (LP6[i * T6 + k] - REF6[i * T6 + k]) * M6[i * T6 + k]
             tlr.append(-0.05 * kl + (scores6[i] if k == last else 0.0))
     emit_vec("verl_reinforce_pp_baseline", verl_reinforce_pp_baseline(tlr, M6, index6, B6, T6))
+
+    # 7. OpenRLHF GSPO with per-token advantages: the gradient through the sequence-mean ratio. Row 0 stays inside
+    # [0.8, 1.2] (every token unclipped, mixed-sign A); row 1's ratio exp(0.2) > 1.2 clips its A > 0 tokens only.
+    GLP = [-0.9, -0.55, -1.08, -2.0, -1.0,
+           -0.05, -1.4, -0.95, -0.4, -0.65,
+           -1.0, -0.7, -1.3, -0.2, -1.1]
+    GOLD = [-1.0, -0.5, -1.2, -1.0, -1.0,
+            -0.35, -1.0, -1.2, -0.5, -0.8,
+            -1.0, -1.0, -1.0, -1.0, -1.0]
+    emit_vec("gspo_logprobs", GLP)
+    emit_vec("gspo_old_logprobs", GOLD)
+    emit("openrlhf_gspo_loss", openrlhf_gspo([Dual(v) for v in GLP], GOLD, A, M, 0.2, 0.2).v)
+    emit_vec("openrlhf_gspo_grad", grad_of(lambda lp: openrlhf_gspo(lp, GOLD, A, M, 0.2, 0.2), GLP))
     print("}  // namespace posttrain::golden_conventions")
 
 
