@@ -213,6 +213,46 @@ TEST_CASE("Conventions: OpenRLHF GSPO, the gradient through the sequence-mean ra
   test::check_same("ppo + sequence_ratio = gspo", policy_variant_loss_backward(b, seq_ppo), grad, tol);
 }
 
+TEST_CASE("Conventions: OpenRLHF rollout IS seq-mask-tis (row filter, token weights)", "[conventions]") {
+  const E lp = bt(g::is_logprobs), old = bt(g::old_logprobs), roll = bt(g::is_rollout_logprobs),
+          A = bt(g::is_advantages), m = bt(g::mask_reward);
+  const policy_batch<E> b{
+      .logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old, .rollout_logprobs = roll};
+  // OpenRLHF PolicyLoss("ppo"): log-ratio clamped to ±20, clip 0.2, token-level masked mean
+  policy_variant_options o{.clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0},
+                           .rollout_is = rollout_is_options::openrlhf_seq_mask_tis(0.5, 5.0)};
+  test::check_value("loss", policy_variant_loss(b, o).loss, g::openrlhf_seq_mask_tis_loss, tol);
+  const E grad = policy_variant_loss_backward(b, o);
+  test::check_values("d loss / d logprobs", grad, g::openrlhf_seq_mask_tis_grad, tol);
+  const auto f = [&](const E& x) {
+    auto bx = b;
+    bx.logprobs = x;
+    return ops::item(policy_variant_loss(bx, o).loss);
+  };
+  test::check_gradient("seq-mask-tis backward", grad, f, lp);
+  // the factor: row 1 dropped (geometric ratio e^1.72 > 5), kept tokens carry their untruncated token ratio
+  const auto w = ops::to_host(policy_variant_loss(b, o).is_weight);
+  CHECK(w[5] == 0.0);
+  CHECK(w[9] == 0.0);
+  CHECK(w[0] == Approx(std::exp(1.9)).epsilon(1e-12));  // above the 5.0 threshold, not truncated
+  CHECK(w[1] == Approx(std::exp(-0.9)).epsilon(1e-12));
+  // the other modes at the same thresholds differ: the geometric mask weights by the row ratio, TIS truncates
+  for (const auto mode : {is_mode::mask, is_mode::truncate}) {
+    auto other = o;
+    other.rollout_is->mode = mode;
+    CHECK(differs(policy_variant_loss(b, other).loss, {g::openrlhf_seq_mask_tis_loss}));
+  }
+  // grpo_loss takes the same factor (β = 0; bnpo is the token-level masked mean)
+  grpo_options go{.loss_type = grpo_loss_type::bnpo,
+                  .beta = 0.0,
+                  .clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0},
+                  .rollout_is = rollout_is_options::openrlhf_seq_mask_tis(0.5, 5.0)};
+  const grpo_batch<E> gb{
+      .logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old, .rollout_logprobs = roll};
+  test::check_value("grpo_loss bnpo", grpo_loss(gb, go).loss, g::openrlhf_seq_mask_tis_loss, tol);
+  test::check_values("grpo_loss_backward bnpo", grpo_loss_backward(gb, go), g::openrlhf_seq_mask_tis_grad, tol);
+}
+
 TEST_CASE("Conventions: every new option rejects bad values, naming function and argument", "[conventions]") {
   const E x = bt(g::x), m = bt(g::mask);
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -269,6 +309,12 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
   bad_gspo = policy_variant_options::openrlhf_gspo();
   bad_gspo.token_count_eps = -1e-8;
   expect_rejected([&] { policy_variant_loss(pb, bad_gspo); }, "policy_variant_loss", "options.token_count_eps");
+  policy_variant_options bad_is{.rollout_is = rollout_is_options::openrlhf_seq_mask_tis()};
+  bad_is.rollout_is->mode = static_cast<is_mode>(7);
+  const policy_batch<E> pbr{.logprobs = x, .advantages = x, .response_mask = m, .rollout_logprobs = x};
+  expect_rejected([&] { policy_variant_loss(pbr, bad_is); }, "policy_variant_loss", "options.rollout_is.mode");
+  bad_is.rollout_is = rollout_is_options::openrlhf_seq_mask_tis(6.0, 5.0);
+  expect_rejected([&] { policy_variant_loss(pbr, bad_is); }, "policy_variant_loss", "options.rollout_is.lower");
   expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },

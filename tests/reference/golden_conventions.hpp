@@ -52,4 +52,9 @@ inline const std::vector<double> gspo_logprobs = {-0.9, -0.55, -1.08, -2.0, -1.0
 inline const std::vector<double> gspo_old_logprobs = {-1.0, -0.5, -1.2, -1.0, -1.0, -0.35, -1.0, -1.2, -0.5, -0.8, -1.0, -1.0, -1.0, -1.0, -1.0};
 inline constexpr double openrlhf_gspo_loss = 0.04539684755006079;
 inline const std::vector<double> openrlhf_gspo_grad = {0.05879461002252049, 0.05879461002252049, 0.05879461002252049, 0.0, 0.0, 0.057253254145624835, 0.0, 0.057253254145624835, 0.057253254145624835, 0.057253254145624835, 0.0, 0.0, 0.0, 0.0, 0.0};
+inline const std::vector<double> is_logprobs = {-1.05, -0.25, -1.5, -1.0, -1.0, -0.2, -1.1, -1.0, -0.3, -0.95, -0.9, -1.1, -1.0, -1.0, -1.0};
+inline const std::vector<double> is_rollout_logprobs = {-3.0, 0.7, -3.4, -4.0, -4.0, -2.35, -2.5, -3.0, -2.2, -2.4000000000000004, -0.8, -1.3, -4.0, -4.0, -4.0};
+inline const std::vector<double> is_advantages = {0.8, -0.6, -1.2, 0.0, 0.0, 1.5, 0.0, -0.4, 0.9, -1.1, 0.5, -0.7, 0.0, 0.0, 0.0};
+inline constexpr double openrlhf_seq_mask_tis_loss = 0.3034731102030526;
+inline const std::vector<double> openrlhf_seq_mask_tis_grad = {-0.5622950064471435, 0.023204461407270074, 0.8023073330735122, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.04524187090179797, 0.08549819307121188, 0.0, 0.0, 0.0};
 }  // namespace posttrain::golden_conventions

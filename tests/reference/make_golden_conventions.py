@@ -305,6 +305,29 @@ def openrlhf_gspo(log_probs, old_log_probs, advantages, mask, clip_eps_low, clip
     return sum((s * k for s, k in zip(seq_loss, seq_mask)), Dual(0.0)) / sum(seq_mask)
 
 
+# ---- OpenRLHF loss.py PolicyLoss.forward, policy_loss_type="ppo" with vllm_is_correction_type="seq-mask-tis" ---
+def openrlhf_ppo_seq_mask_tis(log_probs, old_log_probs, rollout_log_probs, advantages, mask, clip_eps, low, high):
+    raw_policy_log_ratio = [a - b for a, b in zip(log_probs, old_log_probs)]
+    ratio = [d_exp(d_clamp(x, -20.0, 20.0)) for x in raw_policy_log_ratio]
+    loss = []
+    for r, A in zip(ratio, advantages):
+        surr1 = r * A
+        surr2 = d_clamp(r, 1 - clip_eps, 1 + clip_eps) * A
+        loss.append(-d_min(surr1, surr2))
+    rollout_log_ratio = [a - b for a, b in zip(old_log_probs, rollout_log_probs)]
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        rr = rollout_log_ratio[b * T:(b + 1) * T]
+        seq_log_ratio = sum(x * m for x, m in zip(rr, mr)) / sum(mr)  # masked_mean(..., dim=-1), no guard
+        seq_is = math.exp(seq_log_ratio)
+        seq_mask = 1.0 if (seq_is >= low and seq_is <= high) else 0.0
+        for t in range(T):
+            vllm_is = math.exp(rr[t])  # detached, not clamped
+            loss[b * T + t] = seq_mask * vllm_is * loss[b * T + t]
+    # aggregate_loss(token_level_loss=True, batch_num_tokens=None): masked_mean(loss, action_mask)
+    return sum((l * m for l, m in zip(loss, mask)), Dual(0.0)) / sum(mask)
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -445,6 +468,22 @@ def main():
     emit_vec("gspo_old_logprobs", GOLD)
     emit("openrlhf_gspo_loss", openrlhf_gspo([Dual(v) for v in GLP], GOLD, A, M, 0.2, 0.2).v)
     emit_vec("openrlhf_gspo_grad", grad_of(lambda lp: openrlhf_gspo(lp, GOLD, A, M, 0.2, 0.2), GLP))
+
+    # 8. OpenRLHF seq-mask-tis (thresholds [0.5, 5.0]): row 0 kept (geometric ratio exp(1.1/3)) with token ratios
+    # e^1.9 > 5 and e^-0.9 < 0.5 left untruncated, row 1 dropped (exp(8.6/5) > 5), row 2 kept
+    ILP = [-1.05, -0.25, -1.5, -1.0, -1.0,
+           -0.2, -1.1, -1.0, -0.3, -0.95,
+           -0.9, -1.1, -1.0, -1.0, -1.0]
+    IRO = [o - x for o, x in zip(OLD, [1.9, -0.9, 0.1, 3.0, 3.0,
+                                       2.0, 1.5, 1.8, 1.7, 1.6,
+                                       -0.2, 0.3, 3.0, 3.0, 3.0])]
+    AI = list(A[:10]) + [0.5, -0.7, 0.0, 0.0, 0.0]
+    emit_vec("is_logprobs", ILP)
+    emit_vec("is_rollout_logprobs", IRO)
+    emit_vec("is_advantages", AI)
+    f = lambda lp: openrlhf_ppo_seq_mask_tis(lp, OLD, IRO, AI, M5, 0.2, 0.5, 5.0)
+    emit("openrlhf_seq_mask_tis_loss", f([Dual(v) for v in ILP]).v)
+    emit_vec("openrlhf_seq_mask_tis_grad", grad_of(f, ILP))
     print("}  // namespace posttrain::golden_conventions")
 
 

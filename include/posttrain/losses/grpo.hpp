@@ -140,7 +140,8 @@ struct grpo_result {
   T cispo_clip_ratio;    ///< TRL cispo_clip_ratio: mean of (ρ > ε_high) & (A > 0) (0 for other loss types)
   T vespo_phi_seq_mean;  ///< TRL vespo/phi_seq_mean: mean of φ_i over the B rows (1 for other loss types)
   /// TRL sampling/importance_sampling_ratio/{min,mean,max}: of the truncated / masked rollout ratio, over the
-  /// valid tokens (token level) or over the B rows (sequence / geometric level); 1 without rollout_is.
+  /// valid tokens (token level, or mode seq_mask_token) or over the B rows (sequence / geometric level); 1 without
+  /// rollout_is.
   T is_ratio_min, is_ratio_mean, is_ratio_max;
   /// verl actor/ppo_kl (core_algos.compute_policy_loss_vanilla: ppo_kl = masked_mean(-negative_approx_kl),
   /// negative_approx_kl = log_prob - old_log_prob): masked mean of old_logprobs - logprobs (0 on-policy).
@@ -262,7 +263,8 @@ grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {
   // TRL sampling/importance_sampling_ratio/*: token modes over valid tokens, sequence modes over rows
   T is_min = ops::scalar_like(per_token, 1.0), is_mean = is_min, is_max = is_min;
   if (opt.rollout_is) {
-    if (opt.rollout_is->level == is_level::token) {
+    // seq_mask_token weights vary along a row: token statistics
+    if (opt.rollout_is->level == is_level::token || opt.rollout_is->mode == is_mode::seq_mask_token) {
       is_min = detail::masked_extreme(t.is_weight, m, false), is_max = detail::masked_extreme(t.is_weight, m, true);
       is_mean = masked_mean(t.is_weight, m);
     } else {
