@@ -2,6 +2,7 @@
 // Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c) and OpenRLHF
 // (3c3be62) formulas with plain Python floats; the defaults (TRL's arithmetic) are checked to stay distinct.
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <functional>
 #include <limits>
 #include <string>
@@ -253,6 +254,43 @@ TEST_CASE("Conventions: OpenRLHF rollout IS seq-mask-tis (row filter, token weig
   test::check_values("grpo_loss_backward bnpo", grpo_loss_backward(gb, go), g::openrlhf_seq_mask_tis_grad, tol);
 }
 
+TEST_CASE("Conventions: OpenRLHF VanillaKTOLoss, each side's loss against the other side's KL", "[conventions]") {
+  const E ref = test::vec(g::kto_ref_logps), des = test::vec(g::kto_desirable);
+  const auto o = kto_options::openrlhf_vanilla(0.1);
+  struct fixture {
+    const char* name;
+    const std::vector<double>& logps;
+    double loss;
+    const std::vector<double>& grad;
+  };
+  for (const auto& [name, logps, loss, grad] :
+       {fixture{"both baselines > 0", g::kto_logps, g::openrlhf_vanilla_kto_loss, g::openrlhf_vanilla_kto_grad},
+        fixture{"z_U clamped to 0", g::kto_logps_neg, g::openrlhf_vanilla_kto_loss_neg,
+                g::openrlhf_vanilla_kto_grad_neg}}) {
+    INFO(name);
+    const unpaired_batch<E> b{.logps = test::vec(logps), .ref_logps = ref, .desirable = des};
+    const auto r = kto(b, o);
+    test::check_value("loss", r.loss, loss, tol);
+    const E gr = kto_backward(b, o);
+    test::check_values("d loss / d logps", gr, grad, tol);
+    const auto f = [&](const E& x) {
+      auto bx = b;
+      bx.logps = x;
+      return ops::item(kto(bx, o).loss);
+    };
+    test::check_gradient("vanilla KTO backward", gr, f, b.logps);
+    // the baselines, reported: z_D = max(0, mean_D l), z_U = max(0, mean_U l)
+    double sd = 0, su = 0;
+    for (std::size_t i = 0; i < logps.size(); ++i)
+      (g::kto_desirable[i] != 0 ? sd : su) += (logps[i] - g::kto_ref_logps[i]) / 3.0;
+    test::check_value("kl (z_D)", r.kl, std::max(sd, 0.0), tol);
+    test::check_value("kl_rejected (z_U)", r.kl_rejected, std::max(su, 0.0), tol);
+    // the default (TRL: one detached z, here 0 without kl_logps) differs
+    CHECK(differs(kto(b, {.beta = 0.1}).loss, {loss}));
+    CHECK(differs(kto_backward(b, {.beta = 0.1}), grad));
+  }
+}
+
 TEST_CASE("Conventions: every new option rejects bad values, naming function and argument", "[conventions]") {
   const E x = bt(g::x), m = bt(g::mask);
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -315,6 +353,17 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
   expect_rejected([&] { policy_variant_loss(pbr, bad_is); }, "policy_variant_loss", "options.rollout_is.mode");
   bad_is.rollout_is = rollout_is_options::openrlhf_seq_mask_tis(6.0, 5.0);
   expect_rejected([&] { policy_variant_loss(pbr, bad_is); }, "policy_variant_loss", "options.rollout_is.lower");
+  const E kl = test::vec(g::kto_logps), kref = test::vec(g::kto_ref_logps), kdes = test::vec(g::kto_desirable);
+  const unpaired_batch<E> ub{.logps = kl, .ref_logps = kref, .desirable = kdes};
+  auto bad_kto = kto_options::openrlhf_vanilla(0.1);
+  bad_kto.baseline = static_cast<kto_baseline>(3);
+  expect_rejected([&] { kto(ub, bad_kto); }, "kto", "options.baseline");
+  bad_kto = kto_options::openrlhf_vanilla(0.1);
+  bad_kto.loss = kto_loss::apo_zero_unpaired;
+  expect_rejected([&] { kto_backward(ub, bad_kto); }, "kto_backward", "options.baseline");
+  auto with_kl = ub;
+  with_kl.kl_logps = kl, with_kl.ref_kl_logps = kref;
+  expect_rejected([&] { kto(with_kl, kto_options::openrlhf_vanilla(0.1)); }, "kto", "kl_logps");
   expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },

@@ -57,4 +57,12 @@ inline const std::vector<double> is_rollout_logprobs = {-3.0, 0.7, -3.4, -4.0, -
 inline const std::vector<double> is_advantages = {0.8, -0.6, -1.2, 0.0, 0.0, 1.5, 0.0, -0.4, 0.9, -1.1, 0.5, -0.7, 0.0, 0.0, 0.0};
 inline constexpr double openrlhf_seq_mask_tis_loss = 0.3034731102030526;
 inline const std::vector<double> openrlhf_seq_mask_tis_grad = {-0.5622950064471435, 0.023204461407270074, 0.8023073330735122, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.04524187090179797, 0.08549819307121188, 0.0, 0.0, 0.0};
+inline const std::vector<double> kto_logps = {-10.5, -9.0, -16.0, -7.0, -21.0, -9.0};
+inline constexpr double openrlhf_vanilla_kto_loss = 0.4999922102300998;
+inline const std::vector<double> openrlhf_vanilla_kto_grad = {-0.008307367410743121, 0.008321215899730842, 0.008297866011023225, -0.008315163658880196, -0.008294416852153971, 0.008297866011023225};
+inline const std::vector<double> kto_logps_neg = {-10.5, -11.0, -16.5, -7.0, -21.0, -10.5};
+inline constexpr double openrlhf_vanilla_kto_loss_neg = 0.47715036000521577;
+inline const std::vector<double> openrlhf_vanilla_kto_grad_neg = {-0.008282389808090826, 0.004125276211864332, 0.004125276211864332, -0.008295340366679976, -0.008295340366679976, 0.0041666666666666675};
+inline const std::vector<double> kto_ref_logps = {-12.0, -9.5, -15.0, -8.0, -20.0, -11.0};
+inline const std::vector<double> kto_desirable = {1.0, 0.0, 0.0, 1.0, 1.0, 0.0};
 }  // namespace posttrain::golden_conventions

@@ -13,6 +13,7 @@ Sources (read, not copied; the arithmetic is re-typed in the order the framework
   OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss, PolicyLoss.forward (policy_loss_type
                                                      "gspo")
                     openrlhf/models/utils.py         compute_approx_kl, compute_reward
+  OpenRLHF 0489850  openrlhf/models/loss.py          VanillaKTOLoss.forward (removed in 3c3be62)
                     openrlhf/trainer/ppo_utils/experience_maker.py
                                                      compute_advantages_and_returns, get_cumulative_returns
 """
@@ -328,6 +329,20 @@ def openrlhf_ppo_seq_mask_tis(log_probs, old_log_probs, rollout_log_probs, advan
     return sum((l * m for l, m in zip(loss, mask)), Dual(0.0)) / sum(mask)
 
 
+# ---- OpenRLHF loss.py VanillaKTOLoss.forward (0489850) --------------------------------------------------
+def openrlhf_vanilla_kto(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    def clamp_min0(x):  # .clamp(min=0): gradient passed where x >= 0
+        return x if x.v >= 0 else Dual(0.0)
+
+    chosen_logratios = [p - r for p, r in zip(policy_chosen, ref_chosen)]
+    rejected_logratios = [p - r for p, r in zip(policy_rejected, ref_rejected)]
+    chosen_KL = clamp_min0(sum(chosen_logratios, Dual(0.0)) / len(chosen_logratios))  # .mean().clamp(min=0)
+    rejected_KL = clamp_min0(sum(rejected_logratios, Dual(0.0)) / len(rejected_logratios))
+    losses = ([1 - d_sigmoid(beta * (c - rejected_KL)) for c in chosen_logratios] +
+              [1 - d_sigmoid(beta * (chosen_KL - r)) for r in rejected_logratios])
+    return sum(losses, Dual(0.0)) / len(losses)  # torch.cat(...).mean()
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -484,6 +499,25 @@ def main():
     f = lambda lp: openrlhf_ppo_seq_mask_tis(lp, OLD, IRO, AI, M5, 0.2, 0.5, 5.0)
     emit("openrlhf_seq_mask_tis_loss", f([Dual(v) for v in ILP]).v)
     emit_vec("openrlhf_seq_mask_tis_grad", grad_of(f, ILP))
+
+    # 9. OpenRLHF VanillaKTOLoss, β = 0.1, three desirable and three undesirable examples interleaved as posttrain
+    # takes them (desirable flags); the second fixture's undesirable mean log-ratio is negative, so z_U = 0
+    KD = [1, 0, 0, 1, 1, 0]
+    KREF = [-12.0, -9.5, -15.0, -8.0, -20.0, -11.0]
+    for tag, KLP in (("", [-10.5, -9.0, -16.0, -7.0, -21.0, -9.0]),
+                     ("_neg", [-10.5, -11.0, -16.5, -7.0, -21.0, -10.5])):
+        chosen = [i for i in range(6) if KD[i]]
+        rejected = [i for i in range(6) if not KD[i]]
+
+        def f(lp):
+            return openrlhf_vanilla_kto([lp[i] for i in chosen], [lp[i] for i in rejected],
+                                        [KREF[i] for i in chosen], [KREF[i] for i in rejected], 0.1)
+
+        emit_vec(f"kto_logps{tag}", KLP)
+        emit(f"openrlhf_vanilla_kto_loss{tag}", f([Dual(v) for v in KLP]).v)
+        emit_vec(f"openrlhf_vanilla_kto_grad{tag}", grad_of(f, KLP))
+    emit_vec("kto_ref_logps", KREF)
+    emit_vec("kto_desirable", KD)
     print("}  // namespace posttrain::golden_conventions")
 
 
