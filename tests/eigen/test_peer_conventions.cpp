@@ -1,8 +1,8 @@
 // Peer conventions (issue 17): each option reproduces one framework's arithmetic to 1e-12 relative in float64.
 // Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c) and OpenRLHF
 // (3c3be62) formulas with plain Python floats; the defaults (TRL's arithmetic) are checked to stay distinct.
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <functional>
 #include <limits>
 #include <string>
@@ -291,6 +291,57 @@ TEST_CASE("Conventions: OpenRLHF VanillaKTOLoss, each side's loss against the ot
   }
 }
 
+TEST_CASE("Conventions: TRL grpo loss_type averages over every row, empty ones included", "[conventions]") {
+  const E lp = bt(g::gspo_logprobs), old = bt(g::old_logprobs), m = bt(g::mask);
+  const grpo_batch<E> b{
+      .logprobs = lp, .advantages = test::vec(g::grpo_advantages), .response_mask = m, .old_logprobs = old};
+  grpo_options o{.loss_type = grpo_loss_type::grpo};
+  o.count_empty_rows = true;
+  test::check_value("loss", grpo_loss(b, o).loss, g::trl_grpo_loss_empty_row, tol);
+  const E grad = grpo_loss_backward(b, o);
+  test::check_values("d loss / d logprobs", grad, g::trl_grpo_grad_empty_row, tol);
+  const auto f = [&](const E& x) {
+    auto bx = b;
+    bx.logprobs = x;
+    return ops::item(grpo_loss(bx, o).loss);
+  };
+  test::check_gradient("grpo backward", grad, f, lp);
+  // = an explicit normaliser B; the default counts only the two rows with tokens (3/2 times TRL's here)
+  test::check_same("normalizer = B", grpo_loss(b, {.loss_type = grpo_loss_type::grpo, .normalizer = 3.0}).loss,
+                   grpo_loss(b, o).loss, tol);
+  const auto plain = grpo_loss(b, {.loss_type = grpo_loss_type::grpo}).loss;
+  CHECK(differs(plain, {g::trl_grpo_loss_empty_row}));
+  test::check_value("default: over non-empty rows", plain, g::trl_grpo_loss_empty_row * 3.0 / 2.0, tol);
+  // sapo reads it too (its normaliser is grpo's)
+  auto sapo = o;
+  sapo.loss_type = grpo_loss_type::sapo;
+  CHECK_NOTHROW(grpo_loss(b, sapo));
+}
+
+TEST_CASE("Conventions: verl value loss metrics through verl_F.masked_mean (+ 1e-8)", "[conventions]") {
+  const E V = bt(g::vf_vpreds), old = bt(g::vf_old_values), R = bt(g::vf_returns), m = bt(g::mask);
+  auto o = value_options::verl(0.5);
+  const auto r = value_loss(V, old, R, m, o);
+  test::check_value("vf_loss (token-mean)", r.loss, g::verl_vf_loss_token_mean, tol);
+  test::check_value("vf_clipfrac", r.clipfrac, g::verl_vf_clipfrac, tol);
+  test::check_value("vpred_mean", r.vpred_mean, g::verl_vpred_mean, tol);
+  test::check_values("d vf_loss / d vpreds (token-mean)", value_loss_backward(V, old, R, m, o),
+                     g::verl_vf_grad_token_mean, tol);
+  o.reduction = aggregation::seq_mean_token_mean;
+  test::check_value("vf_loss (seq-mean-token-mean)", value_loss(V, old, R, m, o).loss,
+                    g::verl_vf_loss_seq_mean_token_mean, tol);
+  const E grad = value_loss_backward(V, old, R, m, o);
+  test::check_values("d vf_loss / d vpreds (seq-mean-token-mean)", grad, g::verl_vf_grad_seq_mean_token_mean, tol);
+  const auto f = [&](const E& x) { return ops::item(value_loss(x, old, R, m, o).loss); };
+  test::check_gradient("value backward", grad, f, V);
+  // the defaults: exact means
+  const auto plain = value_loss(V, old, R, m, {.clip = 0.5});
+  CHECK(differs(plain.clipfrac, {g::verl_vf_clipfrac}));
+  CHECK(differs(plain.vpred_mean, {g::verl_vpred_mean}));
+  CHECK(differs(value_loss(V, old, R, m, {.clip = 0.5, .reduction = aggregation::seq_mean_token_mean}).loss,
+                {g::verl_vf_loss_seq_mean_token_mean}));
+}
+
 TEST_CASE("Conventions: every new option rejects bad values, naming function and argument", "[conventions]") {
   const E x = bt(g::x), m = bt(g::mask);
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -364,6 +415,18 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
   auto with_kl = ub;
   with_kl.kl_logps = kl, with_kl.ref_kl_logps = kref;
   expect_rejected([&] { kto(with_kl, kto_options::openrlhf_vanilla(0.1)); }, "kto", "kl_logps");
+  const grpo_batch<E> gb{.logprobs = x, .advantages = x, .response_mask = m};
+  grpo_options bad_grpo{.loss_type = grpo_loss_type::dapo};
+  bad_grpo.count_empty_rows = true;
+  expect_rejected([&] { grpo_loss(gb, bad_grpo); }, "grpo_loss", "options.count_empty_rows");
+  expect_rejected([&] { grpo_loss_backward(gb, bad_grpo); }, "grpo_loss_backward", "options.count_empty_rows");
+  auto bad_value = value_options::verl();
+  bad_value.metrics.count_eps = -1.0;
+  expect_rejected([&] { value_loss(x, x, x, m, bad_value); }, "value_loss", "options.metrics.count_eps");
+  bad_value = value_options::verl();
+  bad_value.token_count_eps = nan;
+  expect_rejected([&] { value_loss_backward(x, x, x, m, bad_value); }, "value_loss_backward",
+                  "options.token_count_eps");
   expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },

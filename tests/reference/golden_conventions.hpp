@@ -65,4 +65,16 @@ inline constexpr double openrlhf_vanilla_kto_loss_neg = 0.47715036000521577;
 inline const std::vector<double> openrlhf_vanilla_kto_grad_neg = {-0.008282389808090826, 0.004125276211864332, 0.004125276211864332, -0.008295340366679976, -0.008295340366679976, 0.0041666666666666675};
 inline const std::vector<double> kto_ref_logps = {-12.0, -9.5, -15.0, -8.0, -20.0, -11.0};
 inline const std::vector<double> kto_desirable = {1.0, 0.0, 0.0, 1.0, 1.0, 0.0};
+inline const std::vector<double> grpo_advantages = {0.9, -0.6, 1.3};
+inline constexpr double trl_grpo_loss_empty_row = -0.06542433971848764;
+inline const std::vector<double> trl_grpo_grad_empty_row = {0.0, -0.07046880897187134, 0.0, 0.0, 0.0, 0.06749294037880016, 0.0, 0.06420127083438706, 0.055258545903782375, 0.05809171213641415, 0.0, 0.0, 0.0, 0.0, 0.0};
+inline const std::vector<double> vf_vpreds = {0.9, -0.3, 0.65, 0.0, 0.0, 1.2, 0.0, -0.1, 0.3, 0.75, 0.0, 0.0, 0.0, 0.0, 0.0};
+inline const std::vector<double> vf_old_values = {0.2, -0.2, 0.5, 0.0, 0.0, 0.4, 0.0, 0.6, 0.35, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0};
+inline const std::vector<double> vf_returns = {1.0, 0.1, 0.2, 0.0, 0.0, 0.1, 0.0, 0.5, -0.4, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0};
+inline constexpr double verl_vf_loss_token_mean = 0.18107142857142855;
+inline const std::vector<double> verl_vf_grad_token_mean = {0.0, -0.05714285714285715, 0.06428571428571428, 0.0, 0.0, 0.15714285714285714, 0.0, -0.08571428571428572, 0.09999999999999999, -0.021428571428571436, 0.0, 0.0, 0.0, 0.0, 0.0};
+inline constexpr double verl_vf_clipfrac = 0.14285714265306124;
+inline constexpr double verl_vpred_mean = 0.48571428502040814;
+inline constexpr double verl_vf_loss_seq_mean_token_mean = 0.16786458288224823;
+inline const std::vector<double> verl_vf_grad_seq_mean_token_mean = {0.0, -0.06666666644444445, 0.07499999975, 0.0, 0.0, 0.13749999965624998, 0.0, -0.0749999998125, 0.08749999978125, -0.018749999953125002, 0.0, 0.0, 0.0, 0.0, 0.0};
 }  // namespace posttrain::golden_conventions

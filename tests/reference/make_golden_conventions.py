@@ -9,11 +9,13 @@ floats (float64, no torch, no numpy), on small fixed inputs, and the script prin
 Sources (read, not copied; the arithmetic is re-typed in the order the framework performs it):
   verl b178a3c      verl/utils/torch_functional.py   masked_mean, masked_var, masked_whiten
                     verl/trainer/ppo/core_algos.py   agg_loss, compute_gae_advantage_return,
-                                                     compute_policy_loss_vanilla
+                                                     compute_policy_loss_vanilla, compute_value_loss
+                    verl/workers/critic/dp_critic.py critic/vpred_mean
   OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss, PolicyLoss.forward (policy_loss_type
                                                      "gspo")
                     openrlhf/models/utils.py         compute_approx_kl, compute_reward
   OpenRLHF 0489850  openrlhf/models/loss.py          VanillaKTOLoss.forward (removed in 3c3be62)
+  TRL f2cd577       trl/trainer/grpo_trainer.py      GRPOTrainer._compute_loss (loss_type "grpo")
                     openrlhf/trainer/ppo_utils/experience_maker.py
                                                      compute_advantages_and_returns, get_cumulative_returns
 """
@@ -343,6 +345,49 @@ def openrlhf_vanilla_kto(policy_chosen, policy_rejected, ref_chosen, ref_rejecte
     return sum(losses, Dual(0.0)) / len(losses)  # torch.cat(...).mean()
 
 
+# ---- TRL grpo_trainer.py GRPOTrainer._compute_loss, loss_type="grpo", token-level IS, beta = 0 (f2cd577) -------
+def trl_grpo_loss(per_token_logps, old_per_token_logps, advantages, mask, epsilon_low, epsilon_high):
+    per_token_loss = []
+    for b in range(B):
+        A = advantages[b]  # advantages.unsqueeze(1)
+        for t in range(T):
+            coef_1 = d_exp(per_token_logps[b * T + t] - old_per_token_logps[b * T + t])
+            coef_2 = d_clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+            per_token_loss.append(-d_min(coef_1 * A, coef_2 * A))
+    # ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(): every row counted
+    rows_ = []
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        rows_.append(sum((per_token_loss[b * T + t] * mr[t] for t in range(T)), Dual(0.0)) / max(sum(mr), 1.0))
+    return sum(rows_, Dual(0.0)) / B
+
+
+# ---- verl core_algos.compute_value_loss (+ agg_loss) and dp_critic vpred_mean (b178a3c) ------------------------
+def verl_value_loss(vpreds, returns, values, mask, cliprange_value, mode):
+    def d_max(a, b):
+        return a if a.v >= b.v else b
+
+    loss_mat, gt = [], []
+    for v, R, old in zip(vpreds, returns, values):
+        vpredclipped = d_max(d_min(v, Dual(old + cliprange_value)), Dual(old - cliprange_value))  # clip_by_value
+        vf_losses1 = (v - R) * (v - R)
+        vf_losses2 = (vpredclipped - R) * (vpredclipped - R)
+        loss_mat.append(d_max(vf_losses1, vf_losses2))  # torch.max (no ties in the fixture)
+        gt.append(1.0 if vf_losses2.v > vf_losses1.v else 0.0)
+    if mode == "token-mean":
+        vf_loss = 0.5 * (sum((l * m for l, m in zip(loss_mat, mask)), Dual(0.0)) / sum(mask))
+    else:  # seq-mean-token-mean
+        seq = []
+        for b in range(B):
+            mr = mask[b * T:(b + 1) * T]
+            seq.append((sum((loss_mat[b * T + t] * mr[t] for t in range(T)), Dual(0.0)) / (sum(mr) + 1e-8),
+                        1.0 if sum(mr) > 0 else 0.0))
+        vf_loss = 0.5 * (sum((x * k for x, k in seq), Dual(0.0)) / sum(k for _, k in seq))
+    vf_clipfrac = verl_masked_mean(gt, mask)
+    vpred_mean = verl_masked_mean([v.v for v in vpreds], mask)
+    return vf_loss, vf_clipfrac, vpred_mean
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -518,6 +563,35 @@ def main():
         emit_vec(f"openrlhf_vanilla_kto_grad{tag}", grad_of(f, KLP))
     emit_vec("kto_ref_logps", KREF)
     emit_vec("kto_desirable", KD)
+
+    # 10. TRL grpo over a batch whose last row has no completion token (M): TRL's .mean() counts it
+    GA = [0.9, -0.6, 1.3]
+    emit_vec("grpo_advantages", GA)
+    g = lambda lp: trl_grpo_loss(lp, OLD, GA, M, 0.2, 0.2)
+    emit("trl_grpo_loss_empty_row", g([Dual(v) for v in GLP]).v)
+    emit_vec("trl_grpo_grad_empty_row", grad_of(g, GLP))
+
+    # 11. verl value loss, cliprange_value 0.5 (V - V_old past +-0.5 at three kept tokens)
+    VP = [0.9, -0.3, 0.65, 0.0, 0.0,
+          1.2, 0.0, -0.1, 0.3, 0.75,
+          0.0, 0.0, 0.0, 0.0, 0.0]
+    VOLD = [0.2, -0.2, 0.5, 0.0, 0.0,
+            0.4, 0.0, 0.6, 0.35, 0.7,
+            0.0, 0.0, 0.0, 0.0, 0.0]
+    VRET = [1.0, 0.1, 0.2, 0.0, 0.0,
+            0.1, 0.0, 0.5, -0.4, 0.9,
+            0.0, 0.0, 0.0, 0.0, 0.0]
+    emit_vec("vf_vpreds", VP)
+    emit_vec("vf_old_values", VOLD)
+    emit_vec("vf_returns", VRET)
+    for mode, tag in (("token-mean", "token_mean"), ("seq-mean-token-mean", "seq_mean_token_mean")):
+        vf = lambda vp: verl_value_loss(vp, VRET, VOLD, M, 0.5, mode)[0]
+        loss, clipfrac, vpred_mean = verl_value_loss([Dual(v) for v in VP], VRET, VOLD, M, 0.5, mode)
+        emit(f"verl_vf_loss_{tag}", loss.v)
+        emit_vec(f"verl_vf_grad_{tag}", grad_of(vf, VP))
+        if tag == "token_mean":
+            emit("verl_vf_clipfrac", clipfrac)
+            emit("verl_vpred_mean", vpred_mean)
     print("}  // namespace posttrain::golden_conventions")
 
 
