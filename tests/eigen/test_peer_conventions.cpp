@@ -1,6 +1,7 @@
 // Peer conventions (issue 17): each option reproduces one framework's arithmetic to 1e-12 relative in float64.
-// Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c) and OpenRLHF
-// (3c3be62) formulas with plain Python floats; the defaults (TRL's arithmetic) are checked to stay distinct.
+// Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c), OpenRLHF
+// (3c3be62, 0489850) and TRL (f2cd577) formulas with plain Python floats and differentiates them exactly with dual
+// numbers; analytic backwards are also checked against central differences, and each default is checked to differ.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <functional>
