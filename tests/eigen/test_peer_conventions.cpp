@@ -1,6 +1,8 @@
 // Peer conventions (issue 17): each option reproduces one framework's arithmetic to 1e-12 relative in float64.
-// Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c) and OpenRLHF
-// (3c3be62) formulas with plain Python floats; the defaults (TRL's arithmetic) are checked to stay distinct.
+// Golden values come from tests/reference/make_golden_conventions.py, which re-types verl (b178a3c), OpenRLHF
+// (3c3be62, 0489850) and TRL (f2cd577) formulas with plain Python floats and differentiates them exactly with dual
+// numbers; analytic backwards are also checked against central differences, and each default is checked to differ.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <functional>
 #include <limits>
@@ -11,6 +13,7 @@
 #include "posttrain/posttrain.hpp"
 #include "reference/golden_conventions.hpp"
 #include "support/eigen_checks.hpp"
+#include "support/finite_difference.hpp"
 
 using namespace posttrain;
 namespace g = posttrain::golden_conventions;
@@ -168,6 +171,178 @@ TEST_CASE("Conventions: REINFORCE++-baseline, OpenRLHF centres the scores before
       g::openrlhf_reinforce_baseline));
 }
 
+TEST_CASE("Conventions: OpenRLHF GSPO, the gradient through the sequence-mean ratio (per-token advantages)",
+          "[conventions]") {
+  const E lp = bt(g::gspo_logprobs), old = bt(g::gspo_old_logprobs), A = bt(g::advantages), m = bt(g::mask);
+  const policy_batch<E> b{.logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old};
+  const auto o = policy_variant_options::openrlhf_gspo();
+  test::check_value("loss", policy_variant_loss(b, o).loss, g::openrlhf_gspo_loss, tol);
+  const E grad = policy_variant_loss_backward(b, o);
+  test::check_values("d loss / d logprobs", grad, g::openrlhf_gspo_grad, tol);
+  // the analytic backward against central differences of the forward in double
+  const auto f = [&](const E& x) {
+    auto bx = b;
+    bx.logprobs = x;
+    return ops::item(policy_variant_loss(bx, o).loss);
+  };
+  test::check_gradient("OpenRLHF gspo backward", grad, f, lp);
+  test::check_values(
+      "grad_loss scales it", policy_variant_loss_backward(b, o, -2.5),
+      [] {
+        auto v = g::openrlhf_gspo_grad;
+        for (auto& x : v) x *= -2.5;
+        return v;
+      }(),
+      tol);
+  // the default (GSPO-token, verl / TRL) has the same value, another gradient with per-token advantages
+  auto token = o;
+  token.gspo_grad = gspo_gradient::token;
+  test::check_value("token form: same value", policy_variant_loss(b, token).loss, g::openrlhf_gspo_loss, tol);
+  CHECK(differs(policy_variant_loss_backward(b, token), g::openrlhf_gspo_grad));
+  // with A constant along each row the two forms agree
+  const policy_batch<E> row_a{
+      .logprobs = lp, .advantages = test::vec({0.7, -1.3, 0.4}), .response_mask = m, .old_logprobs = old};
+  test::check_same("A per sequence: sequence = token form", policy_variant_loss_backward(row_a, o),
+                   policy_variant_loss_backward(row_a, token), tol);
+  // the default's aggregation (exact token counts) differs from OpenRLHF's count + 1e-8
+  auto exact = o;
+  exact.token_count_eps = 0.0;
+  CHECK(differs(policy_variant_loss(b, exact).loss, {g::openrlhf_gspo_loss}));
+  // luspo and ppo with sequence_ratio take the same gradient path
+  auto seq_ppo = o;
+  seq_ppo.variant = policy_variant::ppo;
+  seq_ppo.sequence_ratio = true;
+  test::check_same("ppo + sequence_ratio = gspo", policy_variant_loss_backward(b, seq_ppo), grad, tol);
+}
+
+TEST_CASE("Conventions: OpenRLHF rollout IS seq-mask-tis (row filter, token weights)", "[conventions]") {
+  const E lp = bt(g::is_logprobs), old = bt(g::old_logprobs), roll = bt(g::is_rollout_logprobs),
+          A = bt(g::is_advantages), m = bt(g::mask_reward);
+  const policy_batch<E> b{
+      .logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old, .rollout_logprobs = roll};
+  // OpenRLHF PolicyLoss("ppo"): log-ratio clamped to ±20, clip 0.2, token-level masked mean
+  policy_variant_options o{.clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0},
+                           .rollout_is = rollout_is_options::openrlhf_seq_mask_tis(0.5, 5.0)};
+  test::check_value("loss", policy_variant_loss(b, o).loss, g::openrlhf_seq_mask_tis_loss, tol);
+  const E grad = policy_variant_loss_backward(b, o);
+  test::check_values("d loss / d logprobs", grad, g::openrlhf_seq_mask_tis_grad, tol);
+  const auto f = [&](const E& x) {
+    auto bx = b;
+    bx.logprobs = x;
+    return ops::item(policy_variant_loss(bx, o).loss);
+  };
+  test::check_gradient("seq-mask-tis backward", grad, f, lp);
+  // the factor: row 1 dropped (geometric ratio e^1.72 > 5), kept tokens carry their untruncated token ratio
+  const auto w = ops::to_host(policy_variant_loss(b, o).is_weight);
+  CHECK(w[5] == 0.0);
+  CHECK(w[9] == 0.0);
+  CHECK(w[0] == Approx(std::exp(1.9)).epsilon(1e-12));  // above the 5.0 threshold, not truncated
+  CHECK(w[1] == Approx(std::exp(-0.9)).epsilon(1e-12));
+  // the other modes at the same thresholds differ: the geometric mask weights by the row ratio, TIS truncates
+  for (const auto mode : {is_mode::mask, is_mode::truncate}) {
+    auto other = o;
+    other.rollout_is->mode = mode;
+    CHECK(differs(policy_variant_loss(b, other).loss, {g::openrlhf_seq_mask_tis_loss}));
+  }
+  // grpo_loss takes the same factor (β = 0; bnpo is the token-level masked mean)
+  grpo_options go{.loss_type = grpo_loss_type::bnpo,
+                  .beta = 0.0,
+                  .clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0},
+                  .rollout_is = rollout_is_options::openrlhf_seq_mask_tis(0.5, 5.0)};
+  const grpo_batch<E> gb{
+      .logprobs = lp, .advantages = A, .response_mask = m, .old_logprobs = old, .rollout_logprobs = roll};
+  test::check_value("grpo_loss bnpo", grpo_loss(gb, go).loss, g::openrlhf_seq_mask_tis_loss, tol);
+  test::check_values("grpo_loss_backward bnpo", grpo_loss_backward(gb, go), g::openrlhf_seq_mask_tis_grad, tol);
+}
+
+TEST_CASE("Conventions: OpenRLHF VanillaKTOLoss, each side's loss against the other side's KL", "[conventions]") {
+  const E ref = test::vec(g::kto_ref_logps), des = test::vec(g::kto_desirable);
+  const auto o = kto_options::openrlhf_vanilla(0.1);
+  struct fixture {
+    const char* name;
+    const std::vector<double>& logps;
+    double loss;
+    const std::vector<double>& grad;
+  };
+  for (const auto& [name, logps, loss, grad] :
+       {fixture{"both baselines > 0", g::kto_logps, g::openrlhf_vanilla_kto_loss, g::openrlhf_vanilla_kto_grad},
+        fixture{"z_U clamped to 0", g::kto_logps_neg, g::openrlhf_vanilla_kto_loss_neg,
+                g::openrlhf_vanilla_kto_grad_neg}}) {
+    INFO(name);
+    const unpaired_batch<E> b{.logps = test::vec(logps), .ref_logps = ref, .desirable = des};
+    const auto r = kto(b, o);
+    test::check_value("loss", r.loss, loss, tol);
+    const E gr = kto_backward(b, o);
+    test::check_values("d loss / d logps", gr, grad, tol);
+    const auto f = [&](const E& x) {
+      auto bx = b;
+      bx.logps = x;
+      return ops::item(kto(bx, o).loss);
+    };
+    test::check_gradient("vanilla KTO backward", gr, f, b.logps);
+    // the baselines, reported: z_D = max(0, mean_D l), z_U = max(0, mean_U l)
+    double sd = 0, su = 0;
+    for (std::size_t i = 0; i < logps.size(); ++i)
+      (g::kto_desirable[i] != 0 ? sd : su) += (logps[i] - g::kto_ref_logps[i]) / 3.0;
+    test::check_value("kl (z_D)", r.kl, std::max(sd, 0.0), tol);
+    test::check_value("kl_rejected (z_U)", r.kl_rejected, std::max(su, 0.0), tol);
+    // the default (TRL: one detached z, here 0 without kl_logps) differs
+    CHECK(differs(kto(b, {.beta = 0.1}).loss, {loss}));
+    CHECK(differs(kto_backward(b, {.beta = 0.1}), grad));
+  }
+}
+
+TEST_CASE("Conventions: TRL grpo loss_type averages over every row, empty ones included", "[conventions]") {
+  const E lp = bt(g::gspo_logprobs), old = bt(g::old_logprobs), m = bt(g::mask);
+  const grpo_batch<E> b{
+      .logprobs = lp, .advantages = test::vec(g::grpo_advantages), .response_mask = m, .old_logprobs = old};
+  grpo_options o{.loss_type = grpo_loss_type::grpo};
+  o.count_empty_rows = true;
+  test::check_value("loss", grpo_loss(b, o).loss, g::trl_grpo_loss_empty_row, tol);
+  const E grad = grpo_loss_backward(b, o);
+  test::check_values("d loss / d logprobs", grad, g::trl_grpo_grad_empty_row, tol);
+  const auto f = [&](const E& x) {
+    auto bx = b;
+    bx.logprobs = x;
+    return ops::item(grpo_loss(bx, o).loss);
+  };
+  test::check_gradient("grpo backward", grad, f, lp);
+  // = an explicit normaliser B; the default counts only the two rows with tokens (3/2 times TRL's here)
+  test::check_same("normalizer = B", grpo_loss(b, {.loss_type = grpo_loss_type::grpo, .normalizer = 3.0}).loss,
+                   grpo_loss(b, o).loss, tol);
+  const auto plain = grpo_loss(b, {.loss_type = grpo_loss_type::grpo}).loss;
+  CHECK(differs(plain, {g::trl_grpo_loss_empty_row}));
+  test::check_value("default: over non-empty rows", plain, g::trl_grpo_loss_empty_row * 3.0 / 2.0, tol);
+  // sapo reads it too (its normaliser is grpo's)
+  auto sapo = o;
+  sapo.loss_type = grpo_loss_type::sapo;
+  CHECK_NOTHROW(grpo_loss(b, sapo));
+}
+
+TEST_CASE("Conventions: verl value loss metrics through verl_F.masked_mean (+ 1e-8)", "[conventions]") {
+  const E V = bt(g::vf_vpreds), old = bt(g::vf_old_values), R = bt(g::vf_returns), m = bt(g::mask);
+  auto o = value_options::verl(0.5);
+  const auto r = value_loss(V, old, R, m, o);
+  test::check_value("vf_loss (token-mean)", r.loss, g::verl_vf_loss_token_mean, tol);
+  test::check_value("vf_clipfrac", r.clipfrac, g::verl_vf_clipfrac, tol);
+  test::check_value("vpred_mean", r.vpred_mean, g::verl_vpred_mean, tol);
+  test::check_values("d vf_loss / d vpreds (token-mean)", value_loss_backward(V, old, R, m, o),
+                     g::verl_vf_grad_token_mean, tol);
+  o.reduction = aggregation::seq_mean_token_mean;
+  test::check_value("vf_loss (seq-mean-token-mean)", value_loss(V, old, R, m, o).loss,
+                    g::verl_vf_loss_seq_mean_token_mean, tol);
+  const E grad = value_loss_backward(V, old, R, m, o);
+  test::check_values("d vf_loss / d vpreds (seq-mean-token-mean)", grad, g::verl_vf_grad_seq_mean_token_mean, tol);
+  const auto f = [&](const E& x) { return ops::item(value_loss(x, old, R, m, o).loss); };
+  test::check_gradient("value backward", grad, f, V);
+  // the defaults: exact means
+  const auto plain = value_loss(V, old, R, m, {.clip = 0.5});
+  CHECK(differs(plain.clipfrac, {g::verl_vf_clipfrac}));
+  CHECK(differs(plain.vpred_mean, {g::verl_vpred_mean}));
+  CHECK(differs(value_loss(V, old, R, m, {.clip = 0.5, .reduction = aggregation::seq_mean_token_mean}).loss,
+                {g::verl_vf_loss_seq_mean_token_mean}));
+}
+
 TEST_CASE("Conventions: every new option rejects bad values, naming function and argument", "[conventions]") {
   const E x = bt(g::x), m = bt(g::mask);
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -213,6 +388,46 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
       "reinforce_pp_baseline_advantages", "options.order");
   expect_rejected([&] { reinforce_pp_baseline_advantages(scores, x, m, id, {.whitening = {.eps = -1.0}}); },
                   "reinforce_pp_baseline_advantages", "options.whitening.eps");
+  const policy_batch<E> pb{.logprobs = x, .advantages = x, .response_mask = m};
+  auto bad_gspo = policy_variant_options::openrlhf_gspo();
+  bad_gspo.gspo_grad = static_cast<gspo_gradient>(4);
+  expect_rejected([&] { policy_variant_loss(pb, bad_gspo); }, "policy_variant_loss", "options.gspo_grad");
+  bad_gspo.gspo_grad = gspo_gradient::sequence;
+  bad_gspo.variant = policy_variant::cispo;
+  expect_rejected([&] { policy_variant_loss_backward(pb, bad_gspo); }, "policy_variant_loss_backward",
+                  "options.gspo_grad");
+  bad_gspo = policy_variant_options::openrlhf_gspo();
+  bad_gspo.token_count_eps = -1e-8;
+  expect_rejected([&] { policy_variant_loss(pb, bad_gspo); }, "policy_variant_loss", "options.token_count_eps");
+  policy_variant_options bad_is{.rollout_is = rollout_is_options::openrlhf_seq_mask_tis()};
+  bad_is.rollout_is->mode = static_cast<is_mode>(7);
+  const policy_batch<E> pbr{.logprobs = x, .advantages = x, .response_mask = m, .rollout_logprobs = x};
+  expect_rejected([&] { policy_variant_loss(pbr, bad_is); }, "policy_variant_loss", "options.rollout_is.mode");
+  bad_is.rollout_is = rollout_is_options::openrlhf_seq_mask_tis(6.0, 5.0);
+  expect_rejected([&] { policy_variant_loss(pbr, bad_is); }, "policy_variant_loss", "options.rollout_is.lower");
+  const E kl = test::vec(g::kto_logps), kref = test::vec(g::kto_ref_logps), kdes = test::vec(g::kto_desirable);
+  const unpaired_batch<E> ub{.logps = kl, .ref_logps = kref, .desirable = kdes};
+  auto bad_kto = kto_options::openrlhf_vanilla(0.1);
+  bad_kto.baseline = static_cast<kto_baseline>(3);
+  expect_rejected([&] { kto(ub, bad_kto); }, "kto", "options.baseline");
+  bad_kto = kto_options::openrlhf_vanilla(0.1);
+  bad_kto.loss = kto_loss::apo_zero_unpaired;
+  expect_rejected([&] { kto_backward(ub, bad_kto); }, "kto_backward", "options.baseline");
+  auto with_kl = ub;
+  with_kl.kl_logps = kl, with_kl.ref_kl_logps = kref;
+  expect_rejected([&] { kto(with_kl, kto_options::openrlhf_vanilla(0.1)); }, "kto", "kl_logps");
+  const grpo_batch<E> gb{.logprobs = x, .advantages = x, .response_mask = m};
+  grpo_options bad_grpo{.loss_type = grpo_loss_type::dapo};
+  bad_grpo.count_empty_rows = true;
+  expect_rejected([&] { grpo_loss(gb, bad_grpo); }, "grpo_loss", "options.count_empty_rows");
+  expect_rejected([&] { grpo_loss_backward(gb, bad_grpo); }, "grpo_loss_backward", "options.count_empty_rows");
+  auto bad_value = value_options::verl();
+  bad_value.metrics.count_eps = -1.0;
+  expect_rejected([&] { value_loss(x, x, x, m, bad_value); }, "value_loss", "options.metrics.count_eps");
+  bad_value = value_options::verl();
+  bad_value.token_count_eps = nan;
+  expect_rejected([&] { value_loss_backward(x, x, x, m, bad_value); }, "value_loss_backward",
+                  "options.token_count_eps");
   expect_rejected([&] { reinforce_pp_advantages(x, m, 1.0, {.count_eps = -1.0}); }, "reinforce_pp_advantages",
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },

@@ -9,9 +9,13 @@ floats (float64, no torch, no numpy), on small fixed inputs, and the script prin
 Sources (read, not copied; the arithmetic is re-typed in the order the framework performs it):
   verl b178a3c      verl/utils/torch_functional.py   masked_mean, masked_var, masked_whiten
                     verl/trainer/ppo/core_algos.py   agg_loss, compute_gae_advantage_return,
-                                                     compute_policy_loss_vanilla
-  OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss
+                                                     compute_policy_loss_vanilla, compute_value_loss
+                    verl/workers/critic/dp_critic.py critic/vpred_mean
+  OpenRLHF 3c3be62  openrlhf/models/loss.py          aggregate_loss, PolicyLoss.forward (policy_loss_type
+                                                     "gspo")
                     openrlhf/models/utils.py         compute_approx_kl, compute_reward
+  OpenRLHF 0489850  openrlhf/models/loss.py          VanillaKTOLoss.forward (removed in 3c3be62)
+  TRL f2cd577       trl/trainer/grpo_trainer.py      GRPOTrainer._compute_loss (loss_type "grpo")
                     openrlhf/trainer/ppo_utils/experience_maker.py
                                                      compute_advantages_and_returns, get_cumulative_returns
 """
@@ -204,6 +208,186 @@ def verl_reinforce_pp_baseline(token_level_rewards, mask, index, b, t):
     return [w * m for w, m in zip(verl_masked_whiten(tiled, mask), mask)]
 
 
+# ---- forward-mode dual numbers: exact derivatives of a formula written with plain floats ------------------
+class Dual:
+    """v + d·ε with ε² = 0: running a formula on Duals seeded d = 1 at one input gives its exact partial."""
+
+    def __init__(self, v, d=0.0):
+        self.v, self.d = float(v), float(d)
+
+    @staticmethod
+    def of(x):
+        return x if isinstance(x, Dual) else Dual(x)
+
+    def __add__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v + o.v, self.d + o.d)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v - o.v, self.d - o.d)
+
+    def __rsub__(self, o):
+        return Dual.of(o) - self
+
+    def __mul__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v * o.v, self.d * o.v + self.v * o.d)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        o = Dual.of(o)
+        return Dual(self.v / o.v, (self.d * o.v - self.v * o.d) / (o.v * o.v))
+
+    def __rtruediv__(self, o):
+        return Dual.of(o) / self
+
+    def __neg__(self):
+        return Dual(-self.v, -self.d)
+
+
+def d_exp(x):
+    e = math.exp(x.v)
+    return Dual(e, e * x.d)
+
+
+def d_clamp(x, lo, hi):
+    # torch.clamp: the value clamped, the gradient passed where lo <= x <= hi
+    if x.v < lo:
+        return Dual(lo)
+    if x.v > hi:
+        return Dual(hi)
+    return x
+
+
+def d_min(a, b):
+    # torch.min(a, b) elementwise (the fixtures have no ties with a non-zero derivative)
+    return a if a.v <= b.v else b
+
+
+def d_sigmoid(x):
+    s = 1.0 / (1.0 + math.exp(-x.v))
+    return Dual(s, s * (1.0 - s) * x.d)
+
+
+def grad_of(f, x):
+    """[df/dx_j] of a scalar formula f(list of Duals) -> Dual, exactly, one forward pass per input."""
+    out = []
+    for j in range(len(x)):
+        out.append(f([Dual(v, 1.0 if k == j else 0.0) for k, v in enumerate(x)]).d)
+    return out
+
+
+# ---- OpenRLHF loss.py PolicyLoss.forward, policy_loss_type="gspo" (3c3be62) -----------------------------
+def openrlhf_gspo(log_probs, old_log_probs, advantages, mask, clip_eps_low, clip_eps_high):
+    # log_ratio = log_probs - old_log_probs (no vLLM IS correction)
+    log_ratio = [a - b for a, b in zip(log_probs, old_log_probs)]
+    ratio = []
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        s = sum((log_ratio[b * T + t] * mr[t] for t in range(T)), Dual(0.0))
+        s = s / max(sum(mr), 1)  # action_mask.sum(-1).clamp(min=1)
+        s = d_exp(s)
+        ratio += [s * mr[t] for t in range(T)]  # ratio.exp().unsqueeze(-1) * action_mask
+    loss = []
+    for r, A in zip(ratio, advantages):
+        surr1 = r * A
+        surr2 = d_clamp(r, 1 - clip_eps_low, 1 + clip_eps_high) * A
+        loss.append(-d_min(surr1, surr2))  # dual_clip None
+    # aggregate_loss(token_level_loss=False) (GSPO forces it): per-sequence token means over count + 1e-8,
+    # then masked_mean over sequences with a token
+    seq_loss, seq_mask = [], []
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        n = sum(mr)
+        seq_loss.append(sum((loss[b * T + t] * mr[t] for t in range(T)), Dual(0.0)) / (n + 1e-8))
+        seq_mask.append(1.0 if n > 0 else 0.0)
+    return sum((s * k for s, k in zip(seq_loss, seq_mask)), Dual(0.0)) / sum(seq_mask)
+
+
+# ---- OpenRLHF loss.py PolicyLoss.forward, policy_loss_type="ppo" with vllm_is_correction_type="seq-mask-tis" ---
+def openrlhf_ppo_seq_mask_tis(log_probs, old_log_probs, rollout_log_probs, advantages, mask, clip_eps, low, high):
+    raw_policy_log_ratio = [a - b for a, b in zip(log_probs, old_log_probs)]
+    ratio = [d_exp(d_clamp(x, -20.0, 20.0)) for x in raw_policy_log_ratio]
+    loss = []
+    for r, A in zip(ratio, advantages):
+        surr1 = r * A
+        surr2 = d_clamp(r, 1 - clip_eps, 1 + clip_eps) * A
+        loss.append(-d_min(surr1, surr2))
+    rollout_log_ratio = [a - b for a, b in zip(old_log_probs, rollout_log_probs)]
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        rr = rollout_log_ratio[b * T:(b + 1) * T]
+        seq_log_ratio = sum(x * m for x, m in zip(rr, mr)) / sum(mr)  # masked_mean(..., dim=-1), no guard
+        seq_is = math.exp(seq_log_ratio)
+        seq_mask = 1.0 if (seq_is >= low and seq_is <= high) else 0.0
+        for t in range(T):
+            vllm_is = math.exp(rr[t])  # detached, not clamped
+            loss[b * T + t] = seq_mask * vllm_is * loss[b * T + t]
+    # aggregate_loss(token_level_loss=True, batch_num_tokens=None): masked_mean(loss, action_mask)
+    return sum((l * m for l, m in zip(loss, mask)), Dual(0.0)) / sum(mask)
+
+
+# ---- OpenRLHF loss.py VanillaKTOLoss.forward (0489850) --------------------------------------------------
+def openrlhf_vanilla_kto(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    def clamp_min0(x):  # .clamp(min=0): gradient passed where x >= 0
+        return x if x.v >= 0 else Dual(0.0)
+
+    chosen_logratios = [p - r for p, r in zip(policy_chosen, ref_chosen)]
+    rejected_logratios = [p - r for p, r in zip(policy_rejected, ref_rejected)]
+    chosen_KL = clamp_min0(sum(chosen_logratios, Dual(0.0)) / len(chosen_logratios))  # .mean().clamp(min=0)
+    rejected_KL = clamp_min0(sum(rejected_logratios, Dual(0.0)) / len(rejected_logratios))
+    losses = ([1 - d_sigmoid(beta * (c - rejected_KL)) for c in chosen_logratios] +
+              [1 - d_sigmoid(beta * (chosen_KL - r)) for r in rejected_logratios])
+    return sum(losses, Dual(0.0)) / len(losses)  # torch.cat(...).mean()
+
+
+# ---- TRL grpo_trainer.py GRPOTrainer._compute_loss, loss_type="grpo", token-level IS, beta = 0 (f2cd577) -------
+def trl_grpo_loss(per_token_logps, old_per_token_logps, advantages, mask, epsilon_low, epsilon_high):
+    per_token_loss = []
+    for b in range(B):
+        A = advantages[b]  # advantages.unsqueeze(1)
+        for t in range(T):
+            coef_1 = d_exp(per_token_logps[b * T + t] - old_per_token_logps[b * T + t])
+            coef_2 = d_clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+            per_token_loss.append(-d_min(coef_1 * A, coef_2 * A))
+    # ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(): every row counted
+    rows_ = []
+    for b in range(B):
+        mr = mask[b * T:(b + 1) * T]
+        rows_.append(sum((per_token_loss[b * T + t] * mr[t] for t in range(T)), Dual(0.0)) / max(sum(mr), 1.0))
+    return sum(rows_, Dual(0.0)) / B
+
+
+# ---- verl core_algos.compute_value_loss (+ agg_loss) and dp_critic vpred_mean (b178a3c) ------------------------
+def verl_value_loss(vpreds, returns, values, mask, cliprange_value, mode):
+    def d_max(a, b):
+        return a if a.v >= b.v else b
+
+    loss_mat, gt = [], []
+    for v, R, old in zip(vpreds, returns, values):
+        vpredclipped = d_max(d_min(v, Dual(old + cliprange_value)), Dual(old - cliprange_value))  # clip_by_value
+        vf_losses1 = (v - R) * (v - R)
+        vf_losses2 = (vpredclipped - R) * (vpredclipped - R)
+        loss_mat.append(d_max(vf_losses1, vf_losses2))  # torch.max (no ties in the fixture)
+        gt.append(1.0 if vf_losses2.v > vf_losses1.v else 0.0)
+    if mode == "token-mean":
+        vf_loss = 0.5 * (sum((l * m for l, m in zip(loss_mat, mask)), Dual(0.0)) / sum(mask))
+    else:  # seq-mean-token-mean
+        seq = []
+        for b in range(B):
+            mr = mask[b * T:(b + 1) * T]
+            seq.append((sum((loss_mat[b * T + t] * mr[t] for t in range(T)), Dual(0.0)) / (sum(mr) + 1e-8),
+                        1.0 if sum(mr) > 0 else 0.0))
+        vf_loss = 0.5 * (sum((x * k for x, k in seq), Dual(0.0)) / sum(k for _, k in seq))
+    vf_clipfrac = verl_masked_mean(gt, mask)
+    vpred_mean = verl_masked_mean([v.v for v in vpreds], mask)
+    return vf_loss, vf_clipfrac, vpred_mean
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -331,6 +515,83 @@ def main():
             kl = (LP6[i * T6 + k] - REF6[i * T6 + k]) * M6[i * T6 + k]
             tlr.append(-0.05 * kl + (scores6[i] if k == last else 0.0))
     emit_vec("verl_reinforce_pp_baseline", verl_reinforce_pp_baseline(tlr, M6, index6, B6, T6))
+
+    # 7. OpenRLHF GSPO with per-token advantages: the gradient through the sequence-mean ratio. Row 0 stays inside
+    # [0.8, 1.2] (every token unclipped, mixed-sign A); row 1's ratio exp(0.2) > 1.2 clips its A > 0 tokens only.
+    GLP = [-0.9, -0.55, -1.08, -2.0, -1.0,
+           -0.05, -1.4, -0.95, -0.4, -0.65,
+           -1.0, -0.7, -1.3, -0.2, -1.1]
+    GOLD = [-1.0, -0.5, -1.2, -1.0, -1.0,
+            -0.35, -1.0, -1.2, -0.5, -0.8,
+            -1.0, -1.0, -1.0, -1.0, -1.0]
+    emit_vec("gspo_logprobs", GLP)
+    emit_vec("gspo_old_logprobs", GOLD)
+    emit("openrlhf_gspo_loss", openrlhf_gspo([Dual(v) for v in GLP], GOLD, A, M, 0.2, 0.2).v)
+    emit_vec("openrlhf_gspo_grad", grad_of(lambda lp: openrlhf_gspo(lp, GOLD, A, M, 0.2, 0.2), GLP))
+
+    # 8. OpenRLHF seq-mask-tis (thresholds [0.5, 5.0]): row 0 kept (geometric ratio exp(1.1/3)) with token ratios
+    # e^1.9 > 5 and e^-0.9 < 0.5 left untruncated, row 1 dropped (exp(8.6/5) > 5), row 2 kept
+    ILP = [-1.05, -0.25, -1.5, -1.0, -1.0,
+           -0.2, -1.1, -1.0, -0.3, -0.95,
+           -0.9, -1.1, -1.0, -1.0, -1.0]
+    IRO = [o - x for o, x in zip(OLD, [1.9, -0.9, 0.1, 3.0, 3.0,
+                                       2.0, 1.5, 1.8, 1.7, 1.6,
+                                       -0.2, 0.3, 3.0, 3.0, 3.0])]
+    AI = list(A[:10]) + [0.5, -0.7, 0.0, 0.0, 0.0]
+    emit_vec("is_logprobs", ILP)
+    emit_vec("is_rollout_logprobs", IRO)
+    emit_vec("is_advantages", AI)
+    f = lambda lp: openrlhf_ppo_seq_mask_tis(lp, OLD, IRO, AI, M5, 0.2, 0.5, 5.0)
+    emit("openrlhf_seq_mask_tis_loss", f([Dual(v) for v in ILP]).v)
+    emit_vec("openrlhf_seq_mask_tis_grad", grad_of(f, ILP))
+
+    # 9. OpenRLHF VanillaKTOLoss, β = 0.1, three desirable and three undesirable examples interleaved as posttrain
+    # takes them (desirable flags); the second fixture's undesirable mean log-ratio is negative, so z_U = 0
+    KD = [1, 0, 0, 1, 1, 0]
+    KREF = [-12.0, -9.5, -15.0, -8.0, -20.0, -11.0]
+    for tag, KLP in (("", [-10.5, -9.0, -16.0, -7.0, -21.0, -9.0]),
+                     ("_neg", [-10.5, -11.0, -16.5, -7.0, -21.0, -10.5])):
+        chosen = [i for i in range(6) if KD[i]]
+        rejected = [i for i in range(6) if not KD[i]]
+
+        def f(lp):
+            return openrlhf_vanilla_kto([lp[i] for i in chosen], [lp[i] for i in rejected],
+                                        [KREF[i] for i in chosen], [KREF[i] for i in rejected], 0.1)
+
+        emit_vec(f"kto_logps{tag}", KLP)
+        emit(f"openrlhf_vanilla_kto_loss{tag}", f([Dual(v) for v in KLP]).v)
+        emit_vec(f"openrlhf_vanilla_kto_grad{tag}", grad_of(f, KLP))
+    emit_vec("kto_ref_logps", KREF)
+    emit_vec("kto_desirable", KD)
+
+    # 10. TRL grpo over a batch whose last row has no completion token (M): TRL's .mean() counts it
+    GA = [0.9, -0.6, 1.3]
+    emit_vec("grpo_advantages", GA)
+    g = lambda lp: trl_grpo_loss(lp, OLD, GA, M, 0.2, 0.2)
+    emit("trl_grpo_loss_empty_row", g([Dual(v) for v in GLP]).v)
+    emit_vec("trl_grpo_grad_empty_row", grad_of(g, GLP))
+
+    # 11. verl value loss, cliprange_value 0.5 (V - V_old past +-0.5 at three kept tokens)
+    VP = [0.9, -0.3, 0.65, 0.0, 0.0,
+          1.2, 0.0, -0.1, 0.3, 0.75,
+          0.0, 0.0, 0.0, 0.0, 0.0]
+    VOLD = [0.2, -0.2, 0.5, 0.0, 0.0,
+            0.4, 0.0, 0.6, 0.35, 0.7,
+            0.0, 0.0, 0.0, 0.0, 0.0]
+    VRET = [1.0, 0.1, 0.2, 0.0, 0.0,
+            0.1, 0.0, 0.5, -0.4, 0.9,
+            0.0, 0.0, 0.0, 0.0, 0.0]
+    emit_vec("vf_vpreds", VP)
+    emit_vec("vf_old_values", VOLD)
+    emit_vec("vf_returns", VRET)
+    for mode, tag in (("token-mean", "token_mean"), ("seq-mean-token-mean", "seq_mean_token_mean")):
+        vf = lambda vp: verl_value_loss(vp, VRET, VOLD, M, 0.5, mode)[0]
+        loss, clipfrac, vpred_mean = verl_value_loss([Dual(v) for v in VP], VRET, VOLD, M, 0.5, mode)
+        emit(f"verl_vf_loss_{tag}", loss.v)
+        emit_vec(f"verl_vf_grad_{tag}", grad_of(vf, VP))
+        if tag == "token_mean":
+            emit("verl_vf_clipfrac", clipfrac)
+            emit("verl_vpred_mean", vpred_mean)
     print("}  // namespace posttrain::golden_conventions")
 
 

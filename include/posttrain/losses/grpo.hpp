@@ -10,6 +10,7 @@
 //              (TRL use_bias_correction_kl; ρ not detached, as TRL)
 //   presets (TRL loss_type; each is an aggregation mode with a normaliser, aggregate.hpp):
 //     grpo     mean over sequences of the per-sequence token mean   (Shao et al. 2024 eq. 3; seq-mean-token-mean)
+//              over the rows with a token; count_empty_rows: over all B rows, as TRL's .mean() (also sapo)
 //     bnpo     Σ m·L / Σ m over the local batch                     (token-mean, local count)
 //     dr_grpo  Σ m·L / (B · max_completion_length)                   (Liu et al. 2025 "Dr. GRPO" §3.1;
 //              max_completion_length defaults to the padded T)
@@ -112,6 +113,11 @@ struct grpo_options {
   /// TRL off_policy_mask_threshold (OPSM); top_entropy_quantile (needs batch.entropies).
   std::optional<double> opsm_delta = std::nullopt;
   std::optional<double> top_entropy_quantile = std::nullopt;
+  /// grpo/sapo's mean over sequences: over the rows with a token (false, default: verl seq-mean-token-mean, the
+  /// aggregate.hpp convention) or over every row of the batch, empty ones included (true: TRL f2cd577
+  /// GRPOTrainer._compute_loss `(... / mask.sum(-1).clamp(min=1.0)).mean()`, which differs once a row has no
+  /// completion token, e.g. with mask_truncated_completions). An explicit `normalizer` takes precedence.
+  bool count_empty_rows = false;
 };
 
 template <tensor T>
@@ -140,7 +146,8 @@ struct grpo_result {
   T cispo_clip_ratio;    ///< TRL cispo_clip_ratio: mean of (ρ > ε_high) & (A > 0) (0 for other loss types)
   T vespo_phi_seq_mean;  ///< TRL vespo/phi_seq_mean: mean of φ_i over the B rows (1 for other loss types)
   /// TRL sampling/importance_sampling_ratio/{min,mean,max}: of the truncated / masked rollout ratio, over the
-  /// valid tokens (token level) or over the B rows (sequence / geometric level); 1 without rollout_is.
+  /// valid tokens (token level, or mode seq_mask_token) or over the B rows (sequence / geometric level); 1 without
+  /// rollout_is.
   T is_ratio_min, is_ratio_mean, is_ratio_max;
   /// verl actor/ppo_kl (core_algos.compute_policy_loss_vanilla: ppo_kl = masked_mean(-negative_approx_kl),
   /// negative_approx_kl = log_prob - old_log_prob): masked mean of old_logprobs - logprobs (0 on-policy).
@@ -190,6 +197,9 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
   check_normalizer(fn, o.normalizer);
   if (o.max_completion_length && *o.max_completion_length <= 0)
     detail::fail(fn, "options.max_completion_length must be > 0, got ", *o.max_completion_length);
+  if (o.count_empty_rows && o.loss_type != grpo_loss_type::grpo && o.loss_type != grpo_loss_type::sapo)
+    detail::fail(fn, "options.count_empty_rows applies to loss_type grpo or sapo (their mean over sequences), got ",
+                 grpo_loss_type_name(o.loss_type));
   const bool seq_level = o.importance_sampling_level == grpo_is_level::sequence || o.loss_type == grpo_loss_type::luspo;
   if (o.bias_corrected_kl && seq_level)
     detail::fail(fn,
@@ -237,6 +247,8 @@ grpo_terms<T> grpo_compute(std::string_view fn, const grpo_batch<T>& b, const gr
   }
   // TRL luspo: (per_token_loss · |o_i|).mean() over the B rows = Σ m·L / B
   if (o.loss_type == grpo_loss_type::luspo && !normalizer) normalizer = double(ops::size(lp, 0));
+  // TRL grpo/sapo: .mean() over every row, empty ones included
+  if (o.count_empty_rows && !normalizer) normalizer = double(ops::size(lp, 0));
   return {m, loss, d, kl, A, coef1, v.phi, v.is_weight, seq_level && ops::rank(b.advantages) == 1, normalizer};
 }
 
@@ -262,7 +274,8 @@ grpo_result<T> grpo_loss(const grpo_batch<T>& batch, const grpo_options& opt = {
   // TRL sampling/importance_sampling_ratio/*: token modes over valid tokens, sequence modes over rows
   T is_min = ops::scalar_like(per_token, 1.0), is_mean = is_min, is_max = is_min;
   if (opt.rollout_is) {
-    if (opt.rollout_is->level == is_level::token) {
+    // seq_mask_token weights vary along a row: token statistics
+    if (opt.rollout_is->level == is_level::token || opt.rollout_is->mode == is_mode::seq_mask_token) {
       is_min = detail::masked_extreme(t.is_weight, m, false), is_max = detail::masked_extreme(t.is_weight, m, true);
       is_mean = masked_mean(t.is_weight, m);
     } else {

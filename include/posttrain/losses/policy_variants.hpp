@@ -15,6 +15,10 @@
 //           s_{i,t} = sg(s_i)·π_t/sg(π_t) (Zheng et al. 2025 arXiv:2507.18071 eq. 13-14, GSPO-token;
 //           verl gspo; TRL importance_sampling_level="sequence"): value s_i, ∂s_{i,t}/∂logπ_t = s_i.
 //           With A constant per sequence it has the gradient of TRL's sequence form (shown in the tests).
+//           gspo_gradient = sequence (OpenRLHF PolicyLoss policy_loss_type="gspo", models/loss.py at 3c3be62):
+//           the same value, the gradient through s_i itself, ∂s_i/∂logπ_t = s_i·m_t/|o_i| (|o_i| clamped to
+//           ≥ 1), so ∂loss/∂logπ_t = (m_t/|o_i|)·Σ_t' w_t'·∂L_t'/∂log s_i. With per-token advantages A_t this
+//           differs from the token form; with A constant along the row the two agree.
 //   luspo   gspo per token, aggregated as Σ_i |o_i|·L_i / B (TRL loss_type="luspo": (L·|o|).mean())
 //   gmpo    -Ā_i · exp(Σ_t m·sgnA·min(sgnA·lr, sgnA·clip(lr, -ε_l, ε_h)) / |o_i|), Ā_i the row's mean
 //           advantage (Zhao et al. 2025 arXiv:2507.20673 eq. 7; verl policy_loss "geo_mean", lr clamped to ±20);
@@ -62,6 +66,9 @@
 namespace posttrain {
 
 enum class policy_variant { ppo, gspo, luspo, gmpo, cispo, sapo, vespo, reinforce, gpg, clip_cov, kl_cov };
+/// GSPO's gradient: the token form sg(s_i)·π_t/sg(π_t) (GSPO-token, arXiv:2507.18071 eq. 13-14; verl gspo, TRL
+/// importance_sampling_level="sequence") or through the sequence-mean ratio s_i itself (OpenRLHF gspo).
+enum class gspo_gradient { token, sequence };
 /// CISPO's bound on the stop-gradient weight: TRL `clamp(ρ, max=epsilon_high)`, or verl's [1-ε_l, 1+ε_h].
 enum class cispo_bound { trl_absolute, verl_two_sided };
 
@@ -91,6 +98,25 @@ struct policy_variant_options {
   /// How per-token losses become the scalar (verl loss_agg_mode) and its global normaliser (aggregate.hpp).
   aggregation reduction = aggregation::token_mean;
   std::optional<double> normalizer = std::nullopt;
+  /// How the gradient reaches logπ through a sequence ratio (gspo, luspo, ppo with sequence_ratio): token form
+  /// (default: GSPO-token, verl, TRL) or through s_i = exp(masked mean log-ratio) (OpenRLHF gspo, whose per-token
+  /// advantages then mix along the row).
+  gspo_gradient gspo_grad = gspo_gradient::token;
+  /// ε added to each row's token count by seq_mean_token_mean (aggregate.hpp; OpenRLHF aggregate_loss 1e-8).
+  double token_count_eps = 0.0;
+
+  /// OpenRLHF PolicyLoss(policy_loss_type="gspo") at 3c3be62: ratio exp(Σ m·lr / max(|o|, 1)) without a clamp,
+  /// gradient through it, clip [1-ε_l, 1+ε_h] (OpenRLHF eps_clip 0.2), sample-level aggregation with token
+  /// count + 1e-8. OpenRLHF forms lr against rollout_log_probs when its vLLM IS correction is on: pass those as
+  /// old_logprobs then.
+  static policy_variant_options openrlhf_gspo(double clip_low = 0.2, std::optional<double> clip_high = std::nullopt) {
+    policy_variant_options o{.variant = policy_variant::gspo,
+                             .clip = {.clip_low = clip_low, .clip_high = clip_high},
+                             .reduction = aggregation::seq_mean_token_mean};
+    o.gspo_grad = gspo_gradient::sequence;
+    o.token_count_eps = 1e-8;
+    return o;
+  }
 
   // TRL GRPOTrainer presets (loss_type and its normaliser; pass the global token count as normalizer for
   // the dapo-style ones to match TRL's num_items_in_batch).
@@ -180,6 +206,15 @@ inline void check_variant_specific_options(std::string_view fn, const policy_var
   if (o.opsm_delta) require_finite(fn, "options.opsm_delta", *o.opsm_delta);
   if (o.top_entropy_quantile && !(*o.top_entropy_quantile >= 0 && *o.top_entropy_quantile <= 1))
     fail(fn, "options.top_entropy_quantile must be in [0, 1], got ", *o.top_entropy_quantile);
+  if (o.gspo_grad != gspo_gradient::token && o.gspo_grad != gspo_gradient::sequence)
+    fail(fn, "options.gspo_grad must be gspo_gradient::token or gspo_gradient::sequence, got ",
+         static_cast<int>(o.gspo_grad));
+  if (o.gspo_grad == gspo_gradient::sequence && o.variant != policy_variant::gspo &&
+      o.variant != policy_variant::luspo && !(o.variant == policy_variant::ppo && o.sequence_ratio))
+    fail(fn,
+         "options.gspo_grad = sequence needs a sequence ratio through PPO's surrogate (variant gspo, luspo, or ppo "
+         "with sequence_ratio)");
+  check_token_count_eps(fn, "options.token_count_eps", o.token_count_eps);
 }
 
 /// The one check of policy_variant_options, run once per public call.
@@ -193,6 +228,8 @@ template <tensor T>
 struct variant_terms {
   T mask, loss, d_logp, ratio, A, factor, phi, is_weight, is_raw, keep, lp, cov_sel;
   bool spread = false;  ///< GMPO: d_logp is ∂g_i/∂logπ_t, the per-row loss g_i spread over the row
+  /// OpenRLHF gspo: d_logp is ∂L_t/∂log s_i, which reaches logπ_t' as m_t'/|o_i| (the row's mean)
+  bool through_row_mean = false;
   aggregation reduction;
   std::optional<double> normalizer;
 };
@@ -222,7 +259,11 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
       o.variant == policy_variant::gspo || o.variant == policy_variant::luspo || (o.sequence_ratio && !cov);
   // GSPO eq. 7: log s_i = (1/|o_i|) Σ_t log ρ_t; token form: same value on every token, ∂/∂logπ_t = 1
   // written sg(log s_i) + logπ_t - sg(logπ_t) (verl gspo) so autograd through it gives the token form
-  const T lr = seq ? ops::add(ops::detach(row_mean_b(lr_tok, m)), ops::sub(lp, ops::detach(lp))) : lr_tok;
+  // OpenRLHF gspo: log s_i itself, so autograd spreads ∂/∂log s_i over the row (m_t/|o_i| each)
+  const bool through_row_mean = seq && o.gspo_grad == gspo_gradient::sequence;
+  const T lr = through_row_mean ? row_mean_b(lr_tok, m)
+               : seq            ? ops::add(ops::detach(row_mean_b(lr_tok, m)), ops::sub(lp, ops::detach(lp)))
+                                : lr_tok;
   const auto& clamp = o.clip.log_ratio_clamp;
   const double c = clamp ? *clamp : 0.0;
   const T lr_c = clamp ? ops::clamp(lr, -c, c) : lr;
@@ -358,7 +399,8 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   keep = ops::mul(keep, m);
   // TRL: VESPO's rollout ratio lives in φ, the loss is not multiplied by it
   const T factor = ops::detach(o.variant == policy_variant::vespo ? keep : ops::mul(is.weight, keep));
-  return {m, loss, d, ratio, A, factor, phi, is.weight, is.raw, keep, lp, cov_sel, spread, reduction, normalizer};
+  return {m,      loss, d,  ratio,   A,      factor,           phi,       is.weight,
+          is.raw, keep, lp, cov_sel, spread, through_row_mean, reduction, normalizer};
 }
 
 }  // namespace detail
@@ -370,7 +412,7 @@ policy_variant_result<T> policy_variant_loss(const policy_batch<T>& batch, const
   detail::check_variant_options(fn, opt);
   const auto t = detail::variant_compute(fn, batch, opt);
   const T per_token = ops::where(t.mask, ops::mul(t.loss, t.factor), 0.0);
-  const T loss = aggregate(per_token, t.mask, t.reduction, t.normalizer);
+  const T loss = aggregate(per_token, t.mask, t.reduction, t.normalizer, opt.token_count_eps);
   const double eps_l = opt.clip.clip_low, eps_h = opt.clip.high();
   const T& m = t.mask;
   const auto cm = detail::clip_ratio_metrics(t.ratio, t.A, m, opt.clip);  // TRL clip_ratio/* (clip.hpp)
@@ -398,7 +440,14 @@ T policy_variant_loss_backward(const policy_batch<T>& batch, const policy_varian
   constexpr std::string_view fn = "policy_variant_loss_backward";
   detail::check_variant_options(fn, opt);
   const auto t = detail::variant_compute(fn, batch, opt);
-  const T w = ops::mul(aggregation_weights(t.mask, t.reduction, t.normalizer), t.factor);  // ∂loss/∂L_t
+  const T w = ops::mul(aggregation_weights(t.mask, t.reduction, t.normalizer, opt.token_count_eps),
+                       t.factor);  // ∂loss/∂L_t
+  if (t.through_row_mean) {
+    // OpenRLHF gspo: ∂loss/∂logπ_t = (m_t/|o_i|)·Σ_t' w_t'·∂L_t'/∂log s_i, |o_i| clamped to ≥ 1
+    const T G = ops::sum(ops::where(t.mask, ops::mul(t.d_logp, w), 0.0), 1, true);  // [B, 1]
+    const T n = ops::maximum(ops::sum(t.mask, 1, true), 1.0);                       // [B, 1]
+    return ops::mul(ops::where(t.mask, ops::mul(ops::div(G, n), ops::full_like(t.lp, 1.0)), 0.0), grad_loss);
+  }
   if (!t.spread) return ops::mul(ops::where(t.mask, ops::mul(t.d_logp, w), 0.0), grad_loss);
   // GMPO: L_t = g_i on every token of row i, so ∂loss/∂logπ_t = (Σ_{t'} w_{t'}) · ∂g_i/∂logπ_t
   const T W = ops::mul(ops::sum(ops::where(t.mask, w, 0.0), 1, true), ops::full_like(t.lp, 1.0));

@@ -8,6 +8,9 @@
 // ∂L_v/∂V = (V - R) on the unclipped branch, (V_clip - R)·[V inside the clip range] on the clipped one
 // (ties split evenly, as torch.max does).
 // vf_clipfrac (verl critic/vf_clipfrac, TRL val/clipfrac_avg): masked mean of (V_clip - R)² > (V - R)².
+// verl's guards (value_options::verl()): vf_clipfrac and vpred_mean through verl_F.masked_mean (n + 1e-8,
+// core_algos.compute_value_loss and workers/critic/dp_critic.py at b178a3c), agg_loss seq-mean-token-mean over
+// n_b + 1e-8; `metrics` and `token_count_eps` choose them, the defaults are the exact means (TRL).
 // Example: V = 1.5, V_old = 1, R = 0, ε_v = 0.2: V_clip = 1.2, L_v = ½ max(2.25, 1.44) = 1.125.
 #pragma once
 
@@ -29,6 +32,20 @@ struct value_options {
   /// How per-token losses become the scalar (verl loss_agg_mode; the same field name as every other loss).
   aggregation reduction = aggregation::token_mean;
   std::optional<double> normalizer = std::nullopt;
+  /// seq_mean_token_mean's per-sequence count guard (aggregate.hpp): 0 (default, TRL) or 1e-8 (verl agg_loss).
+  double token_count_eps = 0.0;
+  /// How clipfrac and vpred_mean count tokens: the exact mean (default, TRL) or masked_options::verl()
+  /// (verl compute_value_loss vf_clipfrac and dp_critic vpred_mean: verl_F.masked_mean, n + 1e-8).
+  masked_options metrics = {};
+
+  /// verl compute_value_loss / dp_critic: cliprange_value 0.5 and its guards (metrics and seq-mean-token-mean
+  /// over n + 1e-8).
+  static value_options verl(double cliprange_value = 0.5) {
+    value_options o{.clip = cliprange_value};
+    o.token_count_eps = 1e-8;
+    o.metrics = masked_options::verl();
+    return o;
+  }
 };
 
 template <tensor T>
@@ -46,6 +63,8 @@ inline void check_value_options(std::string_view fn, const value_options& o) {
     if (*o.clip <= 0) fail(fn, "options.clip must be > 0 when set, got ", *o.clip);
   }
   check_normalizer(fn, o.normalizer);
+  check_token_count_eps(fn, "options.token_count_eps", o.token_count_eps);
+  check_count_eps(fn, "options.metrics.count_eps", o.metrics.count_eps);
 }
 
 template <tensor T>
@@ -89,8 +108,9 @@ value_result<T> value_loss(const T& values, const T& old_values, const T& return
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::value_surrogate(V, ops::upcast(old_values), ops::upcast(returns), opt);
   const T per_token = ops::where(m, s.loss, 0.0);
-  return {aggregate(per_token, m, opt.reduction, opt.normalizer), per_token,
-          masked_mean(ops::gt(s.clipped_sq, s.unclipped_sq), m), masked_mean(V, m)};
+  return {aggregate(per_token, m, opt.reduction, opt.normalizer, opt.token_count_eps), per_token,
+          masked_mean(ops::gt(s.clipped_sq, s.unclipped_sq), m, std::nullopt, opt.metrics),
+          masked_mean(V, m, std::nullopt, opt.metrics)};
 }
 
 /// ∂(grad_loss · value_loss(...).loss)/∂values.
@@ -102,7 +122,7 @@ T value_loss_backward(const T& values, const T& old_values, const T& returns, co
   const T m0 = detail::checked_value_inputs(fn, values, old_values, returns, response_mask);
   const T m = ops::ne(ops::upcast(m0), 0.0);
   const auto s = detail::value_surrogate(ops::upcast(values), ops::upcast(old_values), ops::upcast(returns), opt);
-  const T w = aggregation_weights(m, opt.reduction, opt.normalizer);
+  const T w = aggregation_weights(m, opt.reduction, opt.normalizer, opt.token_count_eps);
   return ops::mul(ops::where(m, ops::mul(s.d_values, w), 0.0), grad_loss);
 }
 
