@@ -741,8 +741,6 @@ void stage_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng) {
        .caption = "The adaptive controller keeps the leashed policy's KL near its target; without the "
                   "leash the KL grows while exact-match (the thing the reward model was meant to "
                   "measure) falls: reward hacking of an imperfect reward model."});
-  teach_ppo_surrogate();
-  teach_kl_estimators(true);
   std::printf("                        RM reward          exact-match      KL               greedy Q:3+4?\n");
   std::printf("    leash (target %.1f)  %6.2f -> %6.2f   %.2f -> %.2f     %.3f -> %6.3f   \"%s\"  (beta ends %.3f)\n",
               kKlTarget, with.before.rm, with.after.rm, with.before.em, with.after.em, with.before.kl, with.after.kl,
@@ -758,6 +756,8 @@ void stage_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng) {
               without.after.em < with.after.em - 0.1,
           "without the leash: more RM reward, far larger KL, lower exact-match (reward hacking)");
   }
+  teach_ppo_surrogate();
+  teach_kl_estimators(true);
 }
 
 // ---------------------------------------------------------------------------------------------
