@@ -381,7 +381,7 @@ void stage_sft(TinyLM& policy, TinyLM& early, const config& cfg) {
     if (step == cfg.sft_early) early = copy_of(policy);
     if (step == 1 || step % 25 == 0 || step == cfg.sft_steps || step == cfg.sft_early) {
       em_x.push_back(step), em_y.push_back(greedy_exact_match(policy, qs));
-      if (step == 1 || step % 100 == 0 || step == cfg.sft_steps || step == cfg.sft_early)
+      if (step == 1 || step % 50 == 0 || step == cfg.sft_steps || step == cfg.sft_early)
         std::printf("  step %4d  loss %.3f  token_acc %.3f  entropy %.3f  exact-match %.2f  (%.1fs)\n", step, l,
                     sft.token_accuracy.item<double>(), sft.entropy.item<double>(), em_y.back(), t.seconds());
     }
@@ -488,6 +488,9 @@ TinyLM stage_rm(TinyLM& sft, const config& cfg, std::mt19937& rng, std::vector<p
                   res.accuracy.item<double>(), res.margin.item<double>(), t.seconds());
   }
   auto h1 = heldout();
+  char held_acc[64];
+  std::snprintf(held_acc, sizeof held_acc, "%.3f before, %.3f after.", h0.accuracy.item<double>(),
+                h1.accuracy.item<double>());
   g_plots->add(
       {.name = "03-reward-model",
        .title = "Stage 2, reward model: Bradley-Terry loss and pair accuracy",
@@ -499,8 +502,7 @@ TinyLM stage_rm(TinyLM& sft, const config& cfg, std::mt19937& rng, std::vector<p
        .caption =
            std::string("The reward model (the SFT transformer with a scalar head) learns the rule: correct beats "
                        "wrong, and among correct answers the unpadded one wins. Held-out accuracy: ") +
-           std::to_string(h0.accuracy.item<double>()).substr(0, 5) + " before, " +
-           std::to_string(h1.accuracy.item<double>()).substr(0, 5) + " after."});
+           held_acc});
   std::printf("  after:  held-out accuracy %.3f  loss %.3f  margin %.2f\n", h1.accuracy.item<double>(),
               h1.loss.item<double>(), h1.margin.item<double>());
   if (!cfg.quick) claim(h1.accuracy.item<double>() >= 0.9, "RM held-out accuracy >= 0.9");
