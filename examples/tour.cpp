@@ -18,6 +18,10 @@
 //
 //   posttrain_tour            the full tour (1-3 minutes on a 2-core machine, one thread)
 //   posttrain_tour --quick    every stage for a few steps: a smoke test of the invariants (ctest)
+//   --out DIR                 where the pictures go (default tour-out): per stage a gnuplot data file and
+//                             script, the PNG when gnuplot is on PATH, and index.md showing them in order
+//                             (tour_plots.hpp); teaching pictures of the PPO surrogate, the KL estimators
+//                             and DPO's sigma(-x) weight are computed with posttrain's functions
 //
 // Exit status 1 when an invariant fails (a loss is not finite, SFT does not lower its loss, a masked
 // tool token gets a non-zero gradient); the full tour also states whether each stage's claim held.
@@ -40,6 +44,8 @@
 #include <utility>
 #include <vector>
 
+#include "tour_plots.hpp"
+
 namespace {
 namespace pt = posttrain;
 using torch::Tensor;
@@ -49,11 +55,18 @@ using torch::Tensor;
 struct config {
   bool quick = false;
   int base_steps = 150, sft_steps = 400, sft_early = 150, rm_steps = 150, ppo_iters = 30, dpo_steps = 60,
-      grpo_iters = 40, agent_steps = 250;
+      grpo_iters = 30, agent_steps = 250;
 };
 
 bool g_failed = false;  // an invariant failed (exit status 1)
 std::vector<std::pair<std::string, bool>> g_claims;
+tour_plots::plotter* g_plots = nullptr;  // the pictures (tour_plots.hpp)
+using tour_plots::figure, tour_plots::line;
+std::vector<double> steps_1_to(std::size_t n) {  // 1, 2, ..., n
+  std::vector<double> x;
+  for (std::size_t i = 1; i <= n; ++i) x.push_back(double(i));
+  return x;
+}
 
 void check(bool ok, const std::string& what) {
   if (!ok) {
@@ -111,7 +124,9 @@ std::vector<question> all_questions() {
   return q;
 }
 constexpr std::int64_t kPrompt = 6;  // "Q:3+4?"
-constexpr double kRlLr = 2e-4;       // PPO and GRPO learning rate (SFT: 5e-3; RL moves in smaller steps)
+constexpr double kRlLr = 2e-4;       // PPO's learning rate (SFT: 5e-3; RL moves in smaller steps)
+constexpr double kGrpoLr = 1e-3;     // GRPO's: its batch (800 answers, every question) is less noisy
+constexpr int kGrpoWarmup = 5;       // GRPO's learning rate rises linearly over its first 5 iterations
 constexpr double kBeta0 = 1.0;       // PPO's initial KL coefficient
 constexpr double kKlTarget = 0.5;    // PPO's KL target (nats per answer)
 
@@ -271,6 +286,15 @@ double sampled_exact_match(TinyLM& m, int n) {
     for (int i = 0; i < n; ++i) qs.push_back(q);
   return exact_match(qs, sample(m, prompts_of(qs), 6, 1.0).response);
 }
+// The expected exact-match reward at temperature 1, computed exactly rather than sampled:
+// E[r] = (1/100) sum_q pi(gold answer | q) = (1/100) sum_q exp(sum_t log p(y_t | q, y_<t)).
+double expected_reward(TinyLM& m) {
+  torch::NoGradGuard ng;
+  std::vector<example> xs;
+  for (const auto& q : all_questions()) xs.push_back(sft_example(q, q.gold()));
+  auto [ids, labels] = batch_of(xs);
+  return pt::sequence_logps(m->logits(ids), labels).logps.exp().mean().item<double>();
+}
 double greedy_exact_match(TinyLM& m, const std::vector<question>& qs) {
   return exact_match(qs, sample(m, prompts_of(qs), 6, 0.0).response);
 }
@@ -296,6 +320,7 @@ void stage_base(TinyLM& base, const config& cfg, std::mt19937& rng) {
   };
   auto opt = adamw(base, 3e-3);
   double first = 0, last = 0;
+  std::vector<double> losses;
   timer t;
   for (int step = 1; step <= cfg.base_steps; ++step) {
     std::vector<example> xs;
@@ -307,6 +332,7 @@ void stage_base(TinyLM& base, const config& cfg, std::mt19937& rng) {
     opt.step();
     const double l = sft.loss.item<double>();
     check(finite(l), "base loss is finite");
+    losses.push_back(l);
     if (step == 1) first = l;
     last = l;
     if (step == 1 || step % 50 == 0 || step == cfg.base_steps)
@@ -314,6 +340,14 @@ void stage_base(TinyLM& base, const config& cfg, std::mt19937& rng) {
                   t.seconds());
   }
   check(last < first, "base loss falls");
+  g_plots->add(
+      {.name = "01-base",
+       .title = "Stage 0, base model: next-token loss on documents of questions",
+       .xlabel = "step",
+       .ylabel = "loss (nats per token)",
+       .lines = {{.title = "training loss (16 documents per step)", .x = steps_1_to(losses.size()), .y = losses}},
+       .caption = "Pre-training on documents that are lists of questions: the model learns the format "
+                  "\"Q:a+b?\" and, asked a question, continues with another question."});
   auto sample_text = greedy_text(base, "Q:3+4?", 8);
   std::printf("  sample: \"Q:3+4?\" -> \"%s\"\n", show(sample_text).c_str());
   claim(sample_text.rfind(" Q:", 0) == 0, "asked a question, the base model continues with another question");
@@ -332,6 +366,7 @@ void stage_sft(TinyLM& policy, TinyLM& early, const config& cfg) {
               show(greedy_text(policy, "Q:3+4?", 6)).c_str());
   auto opt = adamw(policy, 5e-3);
   double first = 0, last = 0;
+  std::vector<double> losses, em_x, em_y;
   timer t;
   for (int step = 1; step <= cfg.sft_steps; ++step) {
     auto sft = pt::sft_loss(policy->logits(ids), labels);
@@ -340,14 +375,29 @@ void stage_sft(TinyLM& policy, TinyLM& early, const config& cfg) {
     opt.step();
     const double l = sft.loss.item<double>();
     check(finite(l), "SFT loss is finite");
+    losses.push_back(l);
     if (step == 1) first = l;
     last = l;
     if (step == cfg.sft_early) early = copy_of(policy);
-    if (step == 1 || step % 100 == 0 || step == cfg.sft_steps || step == cfg.sft_early)
-      std::printf("  step %4d  loss %.3f  token_acc %.3f  entropy %.3f  exact-match %.2f  (%.1fs)\n", step, l,
-                  sft.token_accuracy.item<double>(), sft.entropy.item<double>(), greedy_exact_match(policy, qs),
-                  t.seconds());
+    if (step == 1 || step % 25 == 0 || step == cfg.sft_steps || step == cfg.sft_early) {
+      em_x.push_back(step), em_y.push_back(greedy_exact_match(policy, qs));
+      if (step == 1 || step % 50 == 0 || step == cfg.sft_steps || step == cfg.sft_early)
+        std::printf("  step %4d  loss %.3f  token_acc %.3f  entropy %.3f  exact-match %.2f  (%.1fs)\n", step, l,
+                    sft.token_accuracy.item<double>(), sft.entropy.item<double>(), em_y.back(), t.seconds());
+    }
   }
+  g_plots->add(
+      {.name = "02-sft",
+       .title = "Stage 1, SFT: loss on the answer tokens, and greedy exact-match",
+       .xlabel = "step",
+       .ylabel = "loss (nats per answer token)",
+       .y2label = "exact-match (100 questions, greedy)",
+       .lines = {{.title = "SFT loss", .x = steps_1_to(losses.size()), .y = losses},
+                 {.title = "exact-match", .x = em_x, .y = em_y, .y2 = true, .points = true}},
+       .caption = std::string("Supervised fine-tuning on the 100 questions (one batch): the loss counts only the "
+                              "answer's tokens (prompt labels -100). The checkpoint at step ") +
+                  std::to_string(cfg.sft_early) + " is where PPO and GRPO start.",
+       .logy = true});
   check(last < first, "SFT loss falls");
   const double em1 = greedy_exact_match(policy, qs);
   std::printf("  after:  exact-match %.2f   \"Q:3+4?\" -> \"%s\"\n", em1,
@@ -421,6 +471,7 @@ TinyLM stage_rm(TinyLM& sft, const config& cfg, std::mt19937& rng, std::vector<p
   std::printf("  before: held-out accuracy %.3f  loss %.3f\n", h0.accuracy.item<double>(), h0.loss.item<double>());
   auto opt = adamw(rm, 1e-3);
   std::uniform_int_distribution<std::size_t> pick(0, train_pairs.size() - 1);
+  std::vector<double> losses, accs;
   timer t;
   for (int step = 1; step <= cfg.rm_steps; ++step) {
     std::vector<pair_> mb;
@@ -431,15 +482,141 @@ TinyLM stage_rm(TinyLM& sft, const config& cfg, std::mt19937& rng, std::vector<p
     res.loss.backward();
     opt.step();
     check(finite(res.loss.item<double>()), "RM loss is finite");
+    losses.push_back(res.loss.item<double>()), accs.push_back(res.accuracy.item<double>());
     if (step == 1 || step % 25 == 0 || step == cfg.rm_steps)
       std::printf("  step %4d  loss %.3f  train accuracy %.3f  margin %.2f  (%.1fs)\n", step, res.loss.item<double>(),
                   res.accuracy.item<double>(), res.margin.item<double>(), t.seconds());
   }
   auto h1 = heldout();
+  char held_acc[64];
+  std::snprintf(held_acc, sizeof held_acc, "%.3f before, %.3f after.", h0.accuracy.item<double>(),
+                h1.accuracy.item<double>());
+  g_plots->add(
+      {.name = "03-reward-model",
+       .title = "Stage 2, reward model: Bradley-Terry loss and pair accuracy",
+       .xlabel = "step",
+       .ylabel = "loss -log sigma(r_c - r_r)",
+       .y2label = "accuracy (r_c > r_r)",
+       .lines = {{.title = "training loss (32 pairs)", .x = steps_1_to(losses.size()), .y = losses},
+                 {.title = "training batch accuracy", .x = steps_1_to(accs.size()), .y = accs, .y2 = true}},
+       .caption =
+           std::string("The reward model (the SFT transformer with a scalar head) learns the rule: correct beats "
+                       "wrong, and among correct answers the unpadded one wins. Held-out accuracy: ") +
+           held_acc});
   std::printf("  after:  held-out accuracy %.3f  loss %.3f  margin %.2f\n", h1.accuracy.item<double>(),
               h1.loss.item<double>(), h1.margin.item<double>());
   if (!cfg.quick) claim(h1.accuracy.item<double>() >= 0.9, "RM held-out accuracy >= 0.9");
   return rm;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Teaching pictures, computed with posttrain's functions on made-up inputs (no model).
+
+// PPO's clipped surrogate min(rho A, clip(rho, 1-eps, 1+eps) A) against the ratio rho, for A = +1 and
+// A = -1: ppo_policy_loss's per-token loss is its negative.
+void teach_ppo_surrogate() {
+  std::vector<double> rho;
+  for (int i = 1; i <= 200; ++i) rho.push_back(0.01 * i);  // 0.01 .. 2
+  const auto n = static_cast<std::int64_t>(rho.size());
+  const auto logp = torch::tensor(rho, torch::kDouble).log(), old = torch::zeros({n}, torch::kDouble);
+  const auto mask = torch::ones({n}, torch::kDouble);
+  auto surrogate = [&](double a) {
+    const auto res = pt::ppo_policy_loss(logp, old, torch::full({n}, a, torch::kDouble), mask);
+    const auto v = (-res.per_token_loss).contiguous();
+    return std::vector<double>(v.data_ptr<double>(), v.data_ptr<double>() + n);
+  };
+  std::vector<double> up, down;
+  for (double r : rho) up.push_back(r), down.push_back(-r);
+  g_plots->add({.name = "06-ppo-surrogate",
+                .title = "PPO's clipped surrogate min(rho A, clip(rho, 0.8, 1.2) A) against the ratio rho",
+                .xlabel = "rho = pi(y|x) / pi_old(y|x)",
+                .ylabel = "objective (to maximise)",
+                .lines = {{.title = "A = +1 (ppo_policy_loss)", .x = rho, .y = surrogate(1.0)},
+                          {.title = "A = -1 (ppo_policy_loss)", .x = rho, .y = surrogate(-1.0)},
+                          {.title = "rho A, A = +1 (unclipped)", .x = rho, .y = up, .dashed = true},
+                          {.title = "rho A, A = -1 (unclipped)", .x = rho, .y = down, .dashed = true}},
+                .caption = "The objective goes flat (zero gradient) once the ratio has moved past 1.2 for a good "
+                           "action (A > 0) or below 0.8 for a bad one (A < 0): one batch cannot push the policy "
+                           "far. In the other direction it is not clipped, so a mistake can always be undone."});
+}
+
+// The KL estimators (Schulman 2020) with samples from the policy q = N(0, 1) against p = N(1, 1):
+// KL(q || p) = 1/2 exactly. k1 = r, k2 = r^2/2, k3 = e^{-r} - 1 + r with r = log q(x) - log p(x) (kl_penalty).
+// For each sample count n: the mean and the spread (std over 400 repeats) of the n-sample average.
+void teach_kl_estimators(bool print) {
+  constexpr int repeats = 400;
+  constexpr double mu = 1.0, exact = mu * mu / 2;
+  std::mt19937 gen(7);  // its own stream: the training stages' random numbers do not change
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> ns;
+  std::vector<std::vector<double>> mean(3), sd(3);
+  const pt::kl_estimator est[3] = {pt::kl_estimator::k1, pt::kl_estimator::k2, pt::kl_estimator::k3};
+  if (print) std::printf("  aside, the KL estimators (q = N(0,1) samples, p = N(1,1), exact KL 0.5): mean ± std\n");
+  for (std::int64_t n = 1; n <= 1024; n *= 4) {
+    std::vector<double> xs;
+    for (std::int64_t i = 0; i < repeats * n; ++i) xs.push_back(normal(gen));
+    const auto x = torch::tensor(xs, torch::kDouble).view({repeats, n});
+    const auto logq = -0.5 * x * x, logp = -0.5 * (x - mu) * (x - mu);  // the 1/sqrt(2 pi) cancels
+    ns.push_back(double(n));
+    std::string row;
+    for (int k = 0; k < 3; ++k) {
+      const auto avg = pt::kl_penalty(logq, logp, {.estimator = est[k]}).mean(1);  // [repeats]
+      mean[static_cast<std::size_t>(k)].push_back(avg.mean().item<double>());
+      sd[static_cast<std::size_t>(k)].push_back(avg.std().item<double>());
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "  %s %.3f ± %.3f", pt::kl_estimator_name(est[k]),
+                    mean[static_cast<std::size_t>(k)].back(), sd[static_cast<std::size_t>(k)].back());
+      row += buf;
+    }
+    if (print) std::printf("    n = %4lld:%s\n", static_cast<long long>(n), row.c_str());
+  }
+  auto shifted = [&](double f) {
+    std::vector<double> v;
+    for (double n : ns) v.push_back(n * f);
+    return v;
+  };
+  g_plots->add({.name = "07-kl-estimators",
+                .title = "KL estimators: mean ± std of an n-sample average vs the exact KL(q||p) = 0.5",
+                .xlabel = "samples n (drawn from q = N(0,1); p = N(1,1))",
+                .ylabel = "estimate of KL(q || p)",
+                .lines = {{.title = "k1 = r", .x = shifted(0.9), .y = mean[0], .err = sd[0]},
+                          {.title = "k2 = r^2/2", .x = shifted(1.0), .y = mean[1], .err = sd[1]},
+                          {.title = "k3 = exp(-r) - 1 + r", .x = shifted(1.1), .y = mean[2], .err = sd[2]},
+                          {.title = "exact KL = 0.5", .x = {0.7, 1500.0}, .y = {exact, exact}, .dashed = true}},
+                .caption = "r = log q(x) - log p(x) per sample, from posttrain's kl_penalty; 400 repeats per n. "
+                           "k1 is unbiased but its spread is the largest (and single samples go negative); k2 has "
+                           "a small spread but is biased (here 0.625, not 0.5); k3 is unbiased with a small spread, "
+                           "which is why GRPO and verl use it.",
+                .logx = true});
+}
+
+// DPO's gradient weight: with x = beta * margin, dL/dx = -sigma(-x) for L = -log sigma(x), read from
+// autograd through posttrain's dpo: wrong-way pairs (x < 0) get weight ~1, learned pairs (x >> 0) ~0.
+void teach_dpo_weight() {
+  std::vector<double> xs;
+  for (int i = -60; i <= 60; ++i) xs.push_back(0.1 * i);
+  const auto n = static_cast<std::int64_t>(xs.size());
+  auto x = torch::tensor(xs, torch::kDouble).requires_grad_(true);
+  const auto zero = torch::zeros({n}, torch::kDouble);
+  pt::preference_batch<Tensor> b{x, zero};
+  b.ref_chosen_logps = zero, b.ref_rejected_logps = zero;
+  const auto res = pt::dpo(b, {.beta = 1.0});
+  res.loss.backward();  // loss = mean over the n pairs
+  const auto w = (-x.grad() * double(n)).contiguous();
+  const auto l = res.per_pair_loss.detach().contiguous();
+  g_plots->add({.name = "09-dpo-weight",
+                .title = "DPO: loss -log sigma(x) and its gradient weight sigma(-x), x = beta * margin",
+                .xlabel = "x = beta[(log pi - log pi_ref)(y_c) - (log pi - log pi_ref)(y_r)]",
+                .ylabel = "",
+                .lines = {{.title = "loss -log sigma(x) (dpo per_pair_loss)",
+                           .x = xs,
+                           .y = std::vector<double>(l.data_ptr<double>(), l.data_ptr<double>() + n)},
+                          {.title = "-dL/dx = sigma(-x) (autograd through dpo)",
+                           .x = xs,
+                           .y = std::vector<double>(w.data_ptr<double>(), w.data_ptr<double>() + n)}},
+                .caption = "Every pair's gradient is scaled by sigma(-x): pairs the policy ranks the wrong way "
+                           "(x < 0) get weight near 1, pairs already ranked right by a wide margin get almost none, "
+                           "so DPO stops pushing once the margin is large."});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,6 +645,7 @@ struct ppo_summary {
   ppo_eval before, after;
   double beta = 0;
   std::string sample;
+  std::vector<double> reward, kl, em;  // per iteration (the training batch)
 };
 ppo_summary run_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng, bool leash, double kl_target) {
   TinyLM policy = copy_of(sft), ref = copy_of(sft);
@@ -516,6 +694,7 @@ ppo_summary run_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rn
       check(finite(res.loss.item<double>()), "PPO loss is finite");
     }
     const double kl = shaped.mean_kl.item<double>();
+    s.reward.push_back(scores.mean().item<double>()), s.kl.push_back(kl), s.em.push_back(exact_match(qs, r.response));
     if (leash) ctl.update(kl, B);
     if (it == 1 || it % 10 == 0 || it == cfg.ppo_iters)
       std::printf("  [%s] iter %3d  RM reward %6.2f  exact-match %.2f  KL %.3f  beta %.3f  clipfrac %.3f  (%.1fs)\n",
@@ -541,6 +720,29 @@ void stage_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng) {
     torch::NoGradGuard ng;
     return rm_scores(rm, {question{3, 4}}, {question{3, 4}.gold()}).item<double>();
   }());
+  const auto iters = steps_1_to(with.reward.size());
+  g_plots->add({.name = "04-ppo-reward",
+                .title = "Stage 3, PPO: reward-model score of the sampled answers, with and without the KL leash",
+                .xlabel = "PPO iteration (64 rollouts, 2 epochs)",
+                .ylabel = "mean RM reward (training batch)",
+                .lines = {{.title = "with the leash (adaptive beta)", .x = iters, .y = with.reward},
+                          {.title = "without (beta = 0)", .x = iters, .y = without.reward}},
+                .caption = "Both runs raise the reward model's score; the unleashed one raises it by moving "
+                           "further from the reference (next picture)."});
+  g_plots->add(
+      {.name = "05-ppo-kl",
+       .title = "Stage 3, PPO: KL to the reference (nats per answer) and exact-match",
+       .xlabel = "PPO iteration",
+       .ylabel = "KL(pi || pi_ref), k1 summed over the answer",
+       .y2label = "exact-match of the batch",
+       .lines = {{.title = "KL with the leash", .x = iters, .y = with.kl},
+                 {.title = "KL without", .x = iters, .y = without.kl},
+                 {.title = "KL target", .x = {1.0, double(iters.size())}, .y = {kKlTarget, kKlTarget}, .dashed = true},
+                 {.title = "exact-match with the leash", .x = iters, .y = with.em, .y2 = true},
+                 {.title = "exact-match without", .x = iters, .y = without.em, .y2 = true}},
+       .caption = "The adaptive controller keeps the leashed policy's KL near its target; without the "
+                  "leash the KL grows while exact-match (the thing the reward model was meant to "
+                  "measure) falls: reward hacking of an imperfect reward model."});
   std::printf("                        RM reward          exact-match      KL               greedy Q:3+4?\n");
   std::printf("    leash (target %.1f)  %6.2f -> %6.2f   %.2f -> %.2f     %.3f -> %6.3f   \"%s\"  (beta ends %.3f)\n",
               kKlTarget, with.before.rm, with.after.rm, with.before.em, with.after.em, with.before.kl, with.after.kl,
@@ -556,6 +758,8 @@ void stage_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng) {
               without.after.em < with.after.em - 0.1,
           "without the leash: more RM reward, far larger KL, lower exact-match (reward hacking)");
   }
+  teach_ppo_surrogate();
+  teach_kl_estimators(true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -588,8 +792,9 @@ std::pair<Tensor, Tensor> ref_logps(TinyLM& ref, const pair_batch& pb) {
           pt::sequence_logps(ref->logits(pb.r_ids), pb.r_labels).logps};
 }
 
-void run_dpo(TinyLM& sft, const config& cfg, std::mt19937& rng, const std::vector<pair_>& train,
-             const std::vector<pair_>& held, pt::dpo_loss kind, const char* name, double beta) {
+std::vector<double> run_dpo(TinyLM& sft, const config& cfg, std::mt19937& rng, const std::vector<pair_>& train,
+                            const std::vector<pair_>& held, pt::dpo_loss kind, const char* name, double beta) {
+  std::vector<double> accs;  // held-out implicit-reward accuracy every 5 steps
   TinyLM policy = copy_of(sft), ref = copy_of(sft);
   auto opt = adamw(policy, 5e-4);
   const pt::dpo_options o{.beta = beta, .loss = kind};
@@ -614,6 +819,7 @@ void run_dpo(TinyLM& sft, const config& cfg, std::mt19937& rng, const std::vecto
     res.loss.backward();
     opt.step();
     check(finite(res.loss.item<double>()), std::string(name) + " loss is finite");
+    if (step % 5 == 0 || step == cfg.dpo_steps) accs.push_back(evaluate().reward_accuracy.item<double>());
     if (step == 1 || step % 20 == 0 || step == cfg.dpo_steps)
       std::printf("  [%s] step %4d  loss %.4f  train accuracy %.3f  margin %.3f  (%.1fs)\n", name, step,
                   res.loss.item<double>(), res.reward_accuracy.item<double>(), res.reward_margin.item<double>(),
@@ -625,6 +831,8 @@ void run_dpo(TinyLM& sft, const config& cfg, std::mt19937& rng, const std::vecto
               e1.reward_accuracy.item<double>(), e1.reward_margin.item<double>(), em);
   if (!cfg.quick && kind == pt::dpo_loss::sigmoid)
     claim(e1.reward_accuracy.item<double>() >= 0.9, "DPO held-out implicit-reward accuracy >= 0.9");
+  accs.insert(accs.begin(), e0.reward_accuracy.item<double>());
+  return accs;
 }
 
 void stage_dpo(TinyLM& sft, const config& cfg, std::mt19937& rng, const std::vector<pair_>& train,
@@ -634,34 +842,52 @@ void stage_dpo(TinyLM& sft, const config& cfg, std::mt19937& rng, const std::vec
   std::printf(
       "  DPO: L = -log sigma(x)  (Rafailov et al. 2023 eq. 7);  IPO: L = (x/beta - 1/(2 tau))^2 on per-token\n");
   std::printf("  means (Azar et al. 2023 eq. 17, TRL's form).  implicit reward = beta (log pi - log pi_ref)(y)\n");
-  run_dpo(sft, cfg, rng, train, held, pt::dpo_loss::sigmoid, "DPO beta 0.1", 0.1);
-  run_dpo(sft, cfg, rng, train, held, pt::dpo_loss::ipo, "IPO beta 0.1", 0.1);
+  const auto dpo_acc = run_dpo(sft, cfg, rng, train, held, pt::dpo_loss::sigmoid, "DPO beta 0.1", 0.1);
+  const auto ipo_acc = run_dpo(sft, cfg, rng, train, held, pt::dpo_loss::ipo, "IPO beta 0.1", 0.1);
+  std::vector<double> x;
+  for (std::size_t i = 0; i < dpo_acc.size(); ++i) x.push_back(std::min(5.0 * double(i), double(cfg.dpo_steps)));
+  g_plots->add({.name = "08-dpo",
+                .title = "Stage 4, DPO and IPO: held-out implicit-reward accuracy",
+                .xlabel = "step (32 pairs)",
+                .ylabel = "fraction of held-out pairs with beta(l_c - l_r) > 0",
+                .lines = {{.title = "DPO beta 0.1", .x = x, .y = dpo_acc, .points = true},
+                          {.title = "IPO beta 0.1", .x = x, .y = ipo_acc, .points = true}},
+                .caption = "The same preference pairs as the reward model, on 30 held-out questions: the policy's "
+                           "own log-ratio to the reference ranks the pairs, with no reward model and no rollouts."});
+  teach_dpo_weight();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Stage 5: GRPO with an exact-match reward, from the early SFT checkpoint (room to improve).
-void stage_grpo(TinyLM& early, const config& cfg, std::mt19937& rng) {
+void stage_grpo(TinyLM& early, const config& cfg) {
   std::printf("\n== Stage 5: RL from a verifiable reward — GRPO (DAPO loss), reward = exact match\n");
   std::printf(
       "  A_i = (r_i - mean_g r) / (std_g r + eps) per group of G samples   (grpo_advantages; DeepSeekMath eq. 3)\n");
   std::printf("  L = -sum_{i,t} min(rho A_i, clip(rho, 0.8, 1.28) A_i) / sum_i |y_i|   (DAPO eq. 8, clip-higher)\n");
   TinyLM policy = copy_of(early);  // DAPO drops the KL term (beta = 0): no reference needed
-  auto opt = adamw(policy, kRlLr);
+  auto opt = adamw(policy, kGrpoLr);
   const auto all = all_questions();
-  std::uniform_int_distribution<std::size_t> pick(0, all.size() - 1);
-  constexpr std::int64_t Q = 16, G = 8, L = 6;
-  const double em0 = greedy_exact_match(policy, all), s0 = sampled_exact_match(policy, 4);
-  std::printf("  start: the SFT checkpoint after %d steps: greedy exact-match %.2f, sampled %.3f\n", cfg.sft_early, em0,
-              s0);
-  std::vector<double> rewards_seen;
+  constexpr std::int64_t G = 8, L = 6;
+  const auto Q = static_cast<std::int64_t>(all.size());
+  // The fixed evaluation: the exact expected reward (no sampling noise), a sampled one, greedy exact-match.
+  const double x0 = expected_reward(policy), s0 = sampled_exact_match(policy, 4), em0 = greedy_exact_match(policy, all);
+  std::printf(
+      "  start: the SFT checkpoint after %d steps (room to improve): expected reward %.3f, greedy exact-match %.2f\n",
+      cfg.sft_early, x0, em0);
+  std::printf("  each iteration: %lld answers (temperature 1) to each of the %lld questions, 2 AdamW steps, lr %g\n",
+              static_cast<long long>(G), static_cast<long long>(Q), kGrpoLr);
+  std::printf("  (warmed up over %d iterations);  expected reward = (1/100) sum_q pi(gold answer | q), exact\n",
+              kGrpoWarmup);
+  std::vector<double> rewards_seen, ex_x{0.0}, ex_y{x0};
   timer t;
   for (int it = 1; it <= cfg.grpo_iters; ++it) {
+    // a fresh AdamW's first steps move every weight by ~lr whatever its gradient: warm the rate up
+    static_cast<torch::optim::AdamWOptions&>(opt.param_groups()[0].options())
+        .lr(kGrpoLr * std::min(1.0, double(it) / kGrpoWarmup));
     std::vector<question> qs;
     std::vector<std::int64_t> gi;
-    for (std::int64_t q = 0; q < Q; ++q) {
-      const auto& x = all[pick(rng)];
-      for (std::int64_t g = 0; g < G; ++g) qs.push_back(x), gi.push_back(q);
-    }
+    for (std::int64_t q = 0; q < Q; ++q)
+      for (std::int64_t g = 0; g < G; ++g) qs.push_back(all[static_cast<std::size_t>(q)]), gi.push_back(q);
     auto r = sample(policy, prompts_of(qs), L, 1.0);
     auto reward_v = exact_match_each(qs, r.response);
     auto scores = torch::tensor(reward_v, torch::kFloat);  // [Q·G]
@@ -692,25 +918,33 @@ void stage_grpo(TinyLM& early, const config& cfg, std::mt19937& rng) {
     }
     const double mean_r = scores.mean().item<double>();
     rewards_seen.push_back(mean_r);
-    if (it == 1 || it % 10 == 0 || it == cfg.grpo_iters)
+    if (it % 5 == 0 || it == cfg.grpo_iters) ex_x.push_back(it), ex_y.push_back(expected_reward(policy));
+    if (it == 1 || it % 5 == 0 || it == cfg.grpo_iters)
       std::printf(
-          "  iter %3d  mean reward %.3f  pass@%lld %.2f  entropy %.3f  clip low/high %.3f/%.3f  zero-std groups "
-          "%.2f  (%.1fs)\n",
+          "  iter %3d  batch reward %.3f  pass@%lld %.2f  entropy %.3f  clip low/high %.3f/%.3f  zero-std groups "
+          "%.2f  expected reward %.3f  (%.1fs)\n",
           it, mean_r, static_cast<long long>(G), double(pass) / double(Q), entropy.item<double>(),
           res.clip_ratio_low.item<double>(), res.clip_ratio_high.item<double>(),
-          adv.frac_reward_zero_std.item<double>(), t.seconds());
+          adv.frac_reward_zero_std.item<double>(), ex_x.back() == it ? ex_y.back() : expected_reward(policy),
+          t.seconds());
   }
-  const double em1 = greedy_exact_match(policy, all), s1 = sampled_exact_match(policy, 4);
-  // Compare the mean reward of the first and last fifth of iterations (one batch is noisy).
-  const std::size_t k = std::max<std::size_t>(1, rewards_seen.size() / 5);
-  double head = 0, tail = 0;
-  for (std::size_t i = 0; i < k; ++i) head += rewards_seen[i], tail += rewards_seen[rewards_seen.size() - 1 - i];
-  head /= double(k), tail /= double(k);
-  std::printf("  mean reward, first %zu iters %.3f -> last %zu iters %.3f;  greedy exact-match %.2f -> %.2f\n", k, head,
-              k, tail, em0, em1);
-  std::printf("  reward on 4 samples of each of the 100 questions (temperature 1): %.3f -> %.3f\n", s0, s1);
+  const double x1 = expected_reward(policy), s1 = sampled_exact_match(policy, 4), em1 = greedy_exact_match(policy, all);
+  std::printf(
+      "  expected reward %.3f -> %.3f;  sampled (4 x 100, temperature 1) %.3f -> %.3f;  greedy exact-match "
+      "%.2f -> %.2f\n",
+      x0, x1, s0, s1, em0, em1);
+  std::printf("  sample: \"Q:3+4?\" -> \"%s\"\n", show(greedy_text(policy, "Q:3+4?", 6)).c_str());
+  g_plots->add({.name = "10-grpo",
+                .title = "Stage 5, GRPO: exact-match reward",
+                .xlabel = "GRPO iteration (8 samples x 100 questions, 2 updates)",
+                .ylabel = "mean reward",
+                .lines = {{.title = "sampled batch", .x = steps_1_to(rewards_seen.size()), .y = rewards_seen},
+                          {.title = "expected reward, 100 questions (exact)", .x = ex_x, .y = ex_y, .points = true}},
+                .caption = "The reward is 1 when the sampled answer is exactly right. The points are the "
+                           "policy's exact expected reward at temperature 1, the mean over the 100 questions of "
+                           "pi(gold answer | question), computed from the model's probabilities, not sampled."});
   if (!cfg.quick) {
-    claim(s1 > s0 + 0.02, "GRPO raises the mean reward (4 samples x 100 questions)");
+    claim(x1 >= x0 + 0.05, "GRPO raises the mean reward (exact expected reward, by 0.05 or more)");
     claim(em1 >= em0, "GRPO does not lower greedy exact-match");
   }
 }
@@ -810,6 +1044,7 @@ void stage_agent(TinyLM& sft, const config& cfg, std::mt19937& rng) {
   std::printf("  before: with the tool exact-match %.2f, answering directly %.2f;  \"%s\"\n", tool0, direct0,
               s0.c_str());
   auto opt = adamw(policy, 2e-3);
+  std::vector<double> losses;
   timer t;
   for (int step = 1; step <= cfg.agent_steps; ++step) {
     std::vector<example> xs;
@@ -820,6 +1055,7 @@ void stage_agent(TinyLM& sft, const config& cfg, std::mt19937& rng) {
     sft.loss.backward();
     opt.step();
     check(finite(sft.loss.item<double>()), "agentic loss is finite");
+    losses.push_back(sft.loss.item<double>());
     if (step == 1 || step % 50 == 0 || step == cfg.agent_steps)
       std::printf("  step %4d  loss %.3f  token_acc %.3f  (%.1fs)\n", step, sft.loss.item<double>(),
                   sft.token_accuracy.item<double>(), t.seconds());
@@ -827,6 +1063,16 @@ void stage_agent(TinyLM& sft, const config& cfg, std::mt19937& rng) {
   const double tool1 = tool_episode_exact_match(policy, eval_qs, &s1), direct1 = direct_exact_match(policy, eval_qs);
   std::printf("  after:  with the tool exact-match %.2f, answering directly %.2f;  \"%s\"\n", tool1, direct1,
               s1.c_str());
+  g_plots->add(
+      {.name = "11-agent",
+       .title = "Stage 6, agentic: loss on the model's tokens of two-turn tool episodes",
+       .xlabel = "step (32 episodes)",
+       .ylabel = "loss (nats per model-written token)",
+       .lines = {{.title = "SFT loss, tool tokens masked (-100)", .x = steps_1_to(losses.size()), .y = losses}},
+       .caption = "Episodes \"Q:37+45? C:37+45=082 A:082\\n\": the model writes the call and the answer, "
+                  "the calculator writes \"082\". Those tool tokens are in the input but get label -100, "
+                  "so they add nothing to the loss and get exactly zero gradient (checked).",
+       .logy = true});
   if (!cfg.quick) claim(tool1 >= 0.9, "with the tool, two-digit sums are answered (exact-match >= 0.9)");
 }
 
@@ -835,6 +1081,7 @@ void stage_agent(TinyLM& sft, const config& cfg, std::mt19937& rng) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they are printed
   config cfg;
+  std::string out_dir = "tour-out";
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       cfg = {.quick = true,
@@ -846,8 +1093,10 @@ int main(int argc, char** argv) {
              .dpo_steps = 3,
              .grpo_iters = 2,
              .agent_steps = 3};
+    } else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
+      out_dir = argv[++i];
     } else {
-      std::printf("usage: %s [--quick]\n", argv[0]);
+      std::printf("usage: %s [--quick] [--out DIR]   (pictures and index.md into DIR, default tour-out)\n", argv[0]);
       return 2;
     }
   }
@@ -862,6 +1111,14 @@ int main(int argc, char** argv) {
   std::printf(
       "task: \"Q:3+4?\" -> \" A:07\\n\" (single-digit sums, 100 questions); stage 6: two-digit sums with a tool\n");
 
+  tour_plots::plotter plots(out_dir);
+  g_plots = &plots;
+  if (plots.rendering())
+    std::printf("pictures: gnuplot found; writing PNGs to %s\n", plots.folder().c_str());
+  else
+    std::printf("pictures: gnuplot not found, so plots are skipped (data and gnuplot scripts still go to %s)\n",
+                plots.folder().c_str());
+
   TinyLM base;
   stage_base(base, cfg, rng);
   TinyLM sft = copy_of(base), early;
@@ -870,9 +1127,13 @@ int main(int argc, char** argv) {
   TinyLM rm = stage_rm(sft, cfg, rng, train_pairs, held_pairs);
   stage_ppo(early, rm, cfg, rng);
   stage_dpo(sft, cfg, rng, train_pairs, held_pairs);
-  stage_grpo(early, cfg, rng);
+  stage_grpo(early, cfg);
   stage_agent(sft, cfg, rng);
 
+  const auto pngs = plots.finish("The posttrain tour, stage by stage");
+  std::printf("\n== Pictures: %zu written to %s, in order in index.md%s\n", pngs.size(), plots.folder().c_str(),
+              plots.rendering() ? "" : " (plots skipped: gnuplot not found)");
+  for (const auto& f : pngs) std::printf("  %s\n", f.c_str());
   std::printf("\n== Summary (%.1fs)\n", total.seconds());
   for (const auto& [what, ok] : g_claims) std::printf("  %-8s %s\n", ok ? "holds" : "NOT MET", what.c_str());
   if (g_failed) {

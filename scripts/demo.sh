@@ -3,7 +3,8 @@
 # causal transformer on CPU through every stage of post-training (base, SFT, reward model, PPO with
 # and without the KL leash, DPO/IPO, GRPO, a tool-using episode with masked tool tokens), every loss
 # computed by posttrain's torch backend, and prints each stage's numbers before and after (about two
-# minutes on a 2-core machine). Without LibTorch it runs examples/quickstart.cpp (the Eigen reference)
+# minutes on a 2-core machine). With gnuplot (gnuplot-nox) it draws a picture per stage into tour-out/
+# (pass --out DIR for another folder), listed in order in tour-out/index.md. Without LibTorch it runs examples/quickstart.cpp (the Eigen reference)
 # instead and says so. Run from anywhere, as root or with sudo available.
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 

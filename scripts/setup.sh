@@ -5,8 +5,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # clang-16 + libclang-rt-16-dev (its sanitizer and libFuzzer runtimes) + libfuzzer-16-dev: the fuzz targets (fuzz/).
 # libcli11-dev + nlohmann-json3-dev: the posttrain-verify command (tools/; skipped with a warning without them).
+# gnuplot-nox: the tour's pictures (examples/tour_plots.hpp; without it the tour runs and says plots were skipped).
 POSTTRAIN_PACKAGES=(cmake g++ make libeigen3-dev librange-v3-dev catch2 libbenchmark-dev libtorch-dev
-                    clang-16 libclang-rt-16-dev libfuzzer-16-dev libcli11-dev nlohmann-json3-dev)
+                    clang-16 libclang-rt-16-dev libfuzzer-16-dev libcli11-dev nlohmann-json3-dev gnuplot-nox)
 BUILD_DIR=${POSTTRAIN_BUILD_DIR:-build}
 JOBS=${POSTTRAIN_JOBS:-$(nproc 2>/dev/null || echo 2)}
 
