@@ -1095,6 +1095,10 @@ int main(int argc, char** argv) {
              .agent_steps = 3};
     } else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
       out_dir = argv[++i];
+      if (out_dir.find('\'') != std::string::npos) {  // tour_plots.hpp quotes it in a shell command
+        std::printf("tour: --out %s contains a single quote; choose another folder name\n", out_dir.c_str());
+        return 2;
+      }
     } else {
       std::printf("usage: %s [--quick] [--out DIR]   (pictures and index.md into DIR, default tour-out)\n", argv[0]);
       return 2;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,6 +42,9 @@ class plotter {
   /// Creates `dir`; an empty dir turns the plotter off (nothing written).
   explicit plotter(std::string dir) : dir_(std::move(dir)) {
     if (dir_.empty()) return;
+    // The folder is quoted in a shell command below: refuse the one character that would end the quote.
+    if (dir_.find('\'') != std::string::npos)
+      throw std::invalid_argument("tour: --out " + dir_ + " contains a single quote; choose another folder name");
     std::filesystem::create_directories(dir_);
     gnuplot_ = std::system("command -v gnuplot >/dev/null 2>&1") == 0;
   }
