@@ -341,9 +341,9 @@ std::vector<loss_spec> make_specs() {
                 "loss = agg_loss(pg_losses, response_mask, " +
                 o.at("loss_agg_mode") +
                 ")\n"
-                "preset verl: every masked mean divides by sum(mask) + 1e-8 (verl_F.masked_mean), "
-                "seq-mean-token-sum-norm "
-                "divides by T (loss_mask.shape[-1])\n";
+                "preset verl (posttrain::ppo_options::verl()): every masked mean divides by sum(mask) + 1e-8 "
+                "(verl_F.masked_mean), seq-mean-token-mean each row's by its count + 1e-8, seq-mean-token-sum-norm "
+                "divides by T (loss_mask.shape[-1]), ppo_kl is of the clamped log ratio\n";
        },
        {"verl"}});
   // -- reward --------------------------------------------------------------------------------------
@@ -578,9 +578,8 @@ reference_map compute_ppo(dump_view& d, const loss_spec& s, const options_t& o) 
   const std::string& mode = o.at("loss_agg_mode");
   const tensor keep = ops::ne(m, 0.0);
   const double count = ops::to_host(ops::sum_all(keep))[0];
-  // verl_F.masked_mean: sum / (mask.sum() + 1e-8)
-  const double verl_mean_scale = count / (count + 1e-8);
   if (mode == "token-mean") {
+    // verl agg_loss token-mean: verl_F.masked_mean, sum / (mask.sum() + 1e-8)
     opt.reduction = posttrain::aggregation::token_mean;
     opt.normalizer = count + 1e-8;
   } else if (mode == "seq-mean-token-sum") {
@@ -591,15 +590,14 @@ reference_map compute_ppo(dump_view& d, const loss_spec& s, const options_t& o) 
     opt.reduction = posttrain::aggregation::seq_mean_token_sum_norm;
     if (lp.shape().size() == 2) opt.normalizer = static_cast<double>(lp.shape()[1]);  // verl: / loss_mask.shape[-1]
   }
+  // ppo_options::verl() gives verl's metrics: pg_clipfrac / pg_clipfrac_lower / ppo_kl as verl_F.masked_mean
+  // (sum / (mask.sum() + 1e-8)), ppo_kl of the log-ratio after its clamp to [-20, 20] (clamped_kl_metric).
   const auto r = posttrain::ppo_policy_loss(lp, old, A, m, opt);
   return {{"loss", r.loss},
           {"per_token_loss", r.per_token_loss},
-          {"pg_clipfrac", ops::mul(r.pg_clipfrac, verl_mean_scale)},
-          // verl: ppo_kl = masked_mean(-negative_approx_kl) of the log-ratio *after* its clamp to [-20, 20];
-          // ppo_policy_loss's approx_kl takes the unclamped one (they differ only past |log ratio| = 20)
-          {"ppo_kl",
-           ops::div(ops::sum_all(ops::mul(ops::neg(ops::clamp(ops::sub(lp, old), -20.0, 20.0)), keep)), count + 1e-8)},
-          {"pg_clipfrac_lower", ops::mul(r.pg_clipfrac_lower, verl_mean_scale)},
+          {"pg_clipfrac", r.pg_clipfrac},
+          {"ppo_kl", r.approx_kl},
+          {"pg_clipfrac_lower", r.pg_clipfrac_lower},
           {"log_probs.grad", posttrain::ppo_policy_loss_backward(lp, old, A, m, opt)}};
 }
 

@@ -309,8 +309,8 @@ def ppo_verl(logp, old, adv, mask, clip_ratio=0.2, clip_ratio_low=None, clip_rat
         w = [[mask[b][t] / (n + 1e-8) for t in range(T)] for b in range(B)]
     elif loss_agg_mode == "seq-mean-token-sum":  # torch.mean(torch.sum(loss_mat * loss_mask, dim=-1))
         w = [[mask[b][t] / B for t in range(T)] for b in range(B)]
-    elif loss_agg_mode == "seq-mean-token-mean":  # mean(sum(loss * mask, -1) / sum(mask, -1))
-        w = [[mask[b][t] / sum(mask[b]) / B for t in range(T)] for b in range(B)]
+    elif loss_agg_mode == "seq-mean-token-mean":  # mean(sum(loss * mask, -1) / (sum(mask, -1) + 1e-8))
+        w = [[mask[b][t] / (sum(mask[b]) + 1e-8) / B for t in range(T)] for b in range(B)]
     elif loss_agg_mode == "seq-mean-token-sum-norm":  # sum(sum(loss * mask, -1)) / loss_mask.shape[-1]
         w = [[mask[b][t] / T for t in range(T)] for b in range(B)]
     return {
