@@ -177,6 +177,17 @@ TEST_CASE("cross-backend + autograd: reward model, CPO family, ORPO, KTO, BCO", 
           o.add("kto rewards chosen", r.rewards_chosen);
           o.add("kto grad", kto_backward(unpaired_of(m), k));
         }
+        {  // OpenRLHF VanillaKTOLoss: the two opposite-side baselines from the batch itself (no kl_logps)
+          auto u = unpaired_of(m);
+          u.kl_logps.reset();
+          u.ref_kl_logps.reset();
+          const auto k = kto_options::openrlhf_vanilla(0.1);
+          const auto r = kto(u, k);
+          o.add("vanilla kto loss", r.loss);
+          o.add("vanilla kto z_D", r.kl);
+          o.add("vanilla kto z_U", r.kl_rejected);
+          o.add("vanilla kto grad", kto_backward(u, k));
+        }
         o.add("bco loss", bco(unpaired_of(m), {.delta = 0.3}).loss);
         o.add("bco grad", bco_backward(unpaired_of(m), {.delta = 0.3}));
         return o;
@@ -220,6 +231,15 @@ TEST_CASE("cross-backend + autograd: reward model, CPO family, ORPO, KTO, BCO", 
       kto(b, k).loss.backward();
       require_agree("kto", kto_backward(b, k), ops::to_host(b.logps.grad()), tol);
       CHECK_FALSE(b.kl_logps->grad().defined());
+    }
+    {  // vanilla KTO: autograd reaches the logps through both (undetached) baselines too
+      auto b = unpaired_of(m);
+      b.kl_logps.reset();
+      b.ref_kl_logps.reset();
+      b.logps.requires_grad_();
+      const auto k = kto_options::openrlhf_vanilla(0.1);
+      kto(b, k).loss.backward();
+      require_agree("vanilla kto", kto_backward(b, k), ops::to_host(b.logps.grad()), tol);
     }
     {
       auto b = unpaired_of(m);

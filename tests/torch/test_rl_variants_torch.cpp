@@ -4,7 +4,8 @@
 // log-ratios within and far outside the clip range (spread 0.35 and 2.0). LibTorch autograd through each
 // forward equals the analytic backward (stop-gradient weights and GSPO's token form included), also with
 // per-token advantages where GSPO's token form differs from the sequence form. Clip-Cov / KL-Cov (both selection
-// rules) and VESPO with a token-level rollout ratio join the list. The GRPO presets (cispo, sapo, luspo, vespo,
+// rules), VESPO with a token-level rollout ratio, OpenRLHF's GSPO (gradient through the sequence mean) and
+// seq-mask-tis join the list. The GRPO presets (cispo, sapo, luspo, vespo,
 // grpo with importance_sampling_level sequence; β·KL, rollout IS, OPSM) likewise: LibTorch vs Eigen on values,
 // TRL's metrics and gradients, and autograd vs the analytic backward.
 #include <torch/torch.h>
@@ -77,6 +78,12 @@ std::vector<policy_variant_options> cases() {
       o.cov_selection = rule, o.cov_seed = 3;
       out.push_back(o);
     }
+  // OpenRLHF conventions (issue 17): GSPO's gradient through the sequence-mean ratio (differs from the token
+  // form under the per-token advantages of the autograd test), and seq-mask-tis rollout correction.
+  out.push_back(policy_variant_options::openrlhf_gspo());
+  o = policy_variant_options{.variant = policy_variant::ppo, .clip = {.clip_low = 0.2, .clip_high = 0.28}};
+  o.rollout_is = rollout_is_options::openrlhf_seq_mask_tis();
+  out.push_back(o);
   return out;
 }
 }  // namespace
