@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "posttrain/advantages/gae.hpp"
+#include "posttrain/advantages/group.hpp"
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/check/compare.hpp"
 #include "posttrain/io/safetensors.hpp"
@@ -392,6 +393,42 @@ std::vector<loss_spec> make_specs() {
                 o.at("gamma") + ", lam = " + o.at("lam") + "\n";
        },
        {"trl", "verl"}});
+  // -- group advantages -------------------------------------------------------------------------
+  specs.push_back(
+      {"advantages",
+       "TRL GRPOTrainer._generate_and_score_completions (trl/trainer/grpo_trainer.py) or verl "
+       "core_algos.compute_grpo_outcome_advantage / compute_rloo_outcome_advantage",
+       {{"rewards", {"scores"}, "[N]", float_dtype, true, "one outcome reward per completion"},
+        {"index",
+         {"uid", "group_index"},
+         "[N]",
+         int_dtype,
+         false,
+         "group id per completion (verl uid); without it, consecutive blocks of num_generations (TRL)"},
+        {"response_mask",
+         {},
+         "[N, T]",
+         "float, integer or BOOL",
+         false,
+         "verl: each completion's advantage is broadcast over its response tokens"}},
+       {{"advantages", {}, "[N] or [N, T]", float_dtype, false, "the group-relative advantages"}},
+       {{"estimator", "grpo", {"grpo", "rloo"}, "verl adv_estimator"},
+        {"scale_rewards",
+         "group",
+         {"group", "batch", "none"},
+         "TRL scale_rewards (none is verl norm_adv_by_std_in_grpo=False, Dr. GRPO)"},
+        {"epsilon", "", {}, "added to the std; default by preset: trl 1e-4, verl 1e-6"},
+        {"num_generations", "", {}, "the group size when the dump has no index (TRL)"}},
+       [](const options_t& o) {
+         return std::string(o.at("estimator") == "rloo"
+                                ? "A_i = r_i - (sum_{j in g, j != i} r_j) / (n_g - 1)\n"
+                                : "A_i = (r_i - mean_g) / (std + epsilon), std: unbiased, of the group (group), the "
+                                  "batch (batch) or 1 (none)\n") +
+                "preset trl: groups are consecutive blocks of num_generations (or index), epsilon 1e-4; preset verl: "
+                "groups by index (uid), epsilon 1e-6, a singleton group keeps its raw score (mean 0, std 1), "
+                "the advantage times response_mask when the dump has one\n";
+       },
+       {"trl", "verl"}});
   // -- distill -----------------------------------------------------------------------------------
   specs.push_back(
       {"distill",
@@ -633,6 +670,52 @@ reference_map compute_gae(dump_view& d, const loss_spec& s, const options_t& o, 
   return {{"advantages", g.advantages}, {"returns", g.returns}, {"__mask__", m}};
 }
 
+reference_map compute_advantages(dump_view& d, const loss_spec& s, const options_t& o, const std::string& preset) {
+  namespace ops = posttrain::ops;
+  const tensor r = as_double(*d.find(s.inputs[0]));
+  if (r.shape().size() != 1)
+    throw usage_error("rewards must be [N], got " + posttrain::detail::shape_string(r.shape()));
+  const std::int64_t n = r.shape()[0];
+  eigen_index groups;
+  if (const auto* t = d.find(s.inputs[1])) {
+    groups = as_index(*t);
+  } else {
+    const auto g = optional_number(o, "num_generations");
+    if (!g) throw usage_error("--loss advantages: the dump has no index (uid) tensor; pass --set num_generations=G");
+    const auto size = static_cast<std::int64_t>(*g);
+    if (size < 1 || static_cast<double>(size) != *g || n % size != 0)
+      throw usage_error("--set num_generations=" + o.at("num_generations") +
+                        ": must be a positive integer dividing N = " + std::to_string(n));
+    std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
+    for (std::int64_t i = 0; i < n; ++i) ids[static_cast<std::size_t>(i)] = i / size;  // TRL rewards.view(-1, G)
+    groups = eigen_index({n}, ids);
+  }
+  const bool verl = preset == "verl";
+  // verl gives a singleton group mean 0 and std 1 (its score unchanged); TRL has no singleton groups (G >= 2).
+  const auto singleton = verl ? posttrain::singleton_policy::raw : posttrain::singleton_policy::zero;
+  tensor adv;
+  if (o.at("estimator") == "rloo") {
+    adv = posttrain::rloo_advantages(r, groups, singleton);
+  } else {
+    posttrain::group_options g;
+    const std::string& scale = o.at("scale_rewards");
+    g.scale = scale == "batch"  ? posttrain::group_scale::batch
+              : scale == "none" ? posttrain::group_scale::none
+                                : posttrain::group_scale::group;
+    g.eps = o.at("epsilon").empty() ? (verl ? 1e-6 : 1e-4) : number_option(o, "epsilon");
+    g.singleton = singleton;
+    adv = posttrain::grpo_advantages(r, groups, g).advantages;
+  }
+  if (const auto* m = d.find(s.inputs[2])) {
+    const tensor mask = as_double(*m);
+    if (mask.shape().size() != 2 || mask.shape()[0] != n)
+      throw usage_error("response_mask must be [N, T] with N = " + std::to_string(n) + ", got " +
+                        posttrain::detail::shape_string(mask.shape()));
+    adv = ops::mul(ops::reshape(adv, {n, 1}), mask);  // verl: scores.unsqueeze(-1) * response_mask
+  }
+  return {{"advantages", adv}};
+}
+
 reference_map compute_distill(dump_view& d, const loss_spec& s, const options_t& o) {
   const tensor student = as_double(*d.find(s.inputs[0])), teacher = as_double(*d.find(s.inputs[1]));
   const eigen_index labels = as_index(*d.find(s.inputs[2]));
@@ -650,6 +733,7 @@ reference_map compute_distill(dump_view& d, const loss_spec& s, const options_t&
 reference_map compute(const loss_spec& s, dump_view& d, const options_t& o, const std::string& preset) {
   if (s.name == "distill") return compute_distill(d, s, o);
   if (s.name == "gae") return compute_gae(d, s, o, preset);
+  if (s.name == "advantages") return compute_advantages(d, s, o, preset);
   if (s.name == "ppo") return compute_ppo(d, s, o);
   if (s.name == "reward") return compute_reward(d, s, o);
   if (s.name == "sft") return compute_sft(d, s, o);

@@ -385,6 +385,54 @@ def gae_verl(rewards, values, mask, gamma, lam):
 
 # ---- distillation: TRL GKDTrainer.generalized_jsd_loss --------------------------------------------
 
+# ---- group advantages: TRL GRPOTrainer._generate_and_score_completions / verl core_algos -----------------
+
+def std_unbiased(xs):
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def grpo_adv_trl(rewards, G, scale_rewards="group"):
+    """trl/trainer/grpo_trainer.py _generate_and_score_completions: mean over rewards.view(-1, G); std of the
+    group (rewards.view(-1, G).std(dim=1), unbiased) or of the batch (rewards.std()); advantages = rewards - mean,
+    divided by (std + 1e-4) unless scale_rewards == "none"."""
+    out, batch_std = [], std_unbiased(rewards)
+    for i, r in enumerate(rewards):
+        g = rewards[(i // G) * G:(i // G + 1) * G]
+        a = r - sum(g) / G
+        if scale_rewards == "group":
+            a /= std_unbiased(g) + 1e-4
+        elif scale_rewards == "batch":
+            a /= batch_std + 1e-4
+        out.append(a)
+    return {"advantages": out}
+
+
+def grpo_adv_verl(scores, index, mask, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """verl/trainer/ppo/core_algos.py compute_grpo_outcome_advantage: per uid, mean and torch.std (unbiased); a
+    singleton gets mean 0 and std 1; (score - mean) / (std + epsilon), or score - mean; then
+    scores.unsqueeze(-1) * response_mask."""
+    out = []
+    for i, sc in enumerate(scores):
+        g = [scores[j] for j in range(len(scores)) if index[j] == index[i]]
+        mean, std = (0.0, 1.0) if len(g) == 1 else (sum(g) / len(g), std_unbiased(g))
+        a = (sc - mean) / (std + epsilon) if norm_adv_by_std_in_grpo else sc - mean
+        out.append([a * m for m in mask[i]])
+    return {"advantages": out}
+
+
+def rloo_adv_verl(scores, index, mask):
+    """verl core_algos.compute_rloo_outcome_advantage: with n > 1 members, score * n/(n-1) - mean * n/(n-1); a
+    singleton keeps its score; then times response_mask."""
+    out = []
+    for i, sc in enumerate(scores):
+        g = [scores[j] for j in range(len(scores)) if index[j] == index[i]]
+        n = len(g)
+        a = sc if n == 1 else sc * n / (n - 1) - (sum(g) / n) * n / (n - 1)
+        out.append([a * m for m in mask[i]])
+    return {"advantages": out}
+
+
 def gkd_jsd(student, teacher, labels, beta=0.5, temperature=1.0):
     B, T, V = len(student), len(student[0]), len(student[0][0])
     total, count = 0.0, 0
@@ -650,6 +698,46 @@ def main():
                                                       "response_mask": mt_mask}, bad)
     test("gae one return off", 1, "returns .*FAIL +1 element\\(s\\) .*worst at \\[3, 1\\]",
          fx("gae_wrong_element_f64.safetensors"), "--loss", "gae", "--preset", "verl", "--set", "gamma=0.99,lam=1.0")
+
+    # group advantages (TRL GRPO, verl GRPO / RLOO) ------------------------------------------------
+    arng = random.Random(2026)  # its own stream: the fixtures after this section keep their values
+    G = 4
+    rw = [round(arng.uniform(0, 1), 3) for _ in range(3 * G)]
+    rw[4:8] = [0.5] * 4  # an all-equal group: advantage 0 (std 0 + epsilon)
+    for scale in ("group", "batch", "none"):
+        name = "adv_trl_%s_f64.safetensors" % scale
+        dump(name, "F64", {"rewards": rw}, grpo_adv_trl(rw, G, scale))
+        test("advantages trl scale_rewards=%s float64" % scale, 0, "preset trl.*result: PASS \\(1 compared", fx(name),
+             "--loss", "advantages", "--set", "num_generations=%d,scale_rewards=%s" % (G, scale))
+    test("advantages trl group dump checked with batch scaling fails", 1, "advantages .*FAIL",
+         fx("adv_trl_group_f64.safetensors"), "--loss", "advantages", "--set", "num_generations=4,scale_rewards=batch")
+    test("advantages without index or num_generations", 2, "pass --set num_generations",
+         fx("adv_trl_group_f64.safetensors"), "--loss", "advantages")
+    test("advantages num_generations not dividing N", 2, "must be a positive integer dividing N = 12",
+         fx("adv_trl_group_f64.safetensors"), "--loss", "advantages", "--set", "num_generations=5")
+    # verl: uids out of order, groups of 3, 2 and a singleton, a multi-turn response mask
+    sc = [round(arng.uniform(-1, 2), 3) for _ in range(6)]
+    uid = [7, 3, 7, 11, 3, 7]
+    vmask = [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]]
+    v_ins = {"scores": sc, "uid": uid, "response_mask": vmask}
+    dump("adv_verl_grpo_f64.safetensors", "F64", v_ins, grpo_adv_verl(sc, uid, vmask), {"uid"})
+    test("advantages verl grpo float64", 0, "preset verl.*result: PASS \\(1 compared",
+         fx("adv_verl_grpo_f64.safetensors"), "--loss", "advantages", "--preset", "verl")
+    dump("adv_verl_grpo_nostd_f64.safetensors", "F64", v_ins,
+         grpo_adv_verl(sc, uid, vmask, norm_adv_by_std_in_grpo=False), {"uid"})
+    test("advantages verl grpo without std float64", 0, "result: PASS", fx("adv_verl_grpo_nostd_f64.safetensors"),
+         "--loss", "advantages", "--preset", "verl", "--set", "scale_rewards=none")
+    dump("adv_verl_rloo_f64.safetensors", "F64", v_ins, rloo_adv_verl(sc, uid, vmask), {"uid"})
+    test("advantages verl rloo float64", 0, "result: PASS", fx("adv_verl_rloo_f64.safetensors"), "--loss",
+         "advantages", "--preset", "verl", "--set", "estimator=rloo")
+    test("advantages verl rloo dump checked as grpo fails", 1, "advantages .*FAIL",
+         fx("adv_verl_rloo_f64.safetensors"), "--loss", "advantages", "--preset", "verl")
+    good = grpo_adv_verl(sc, uid, vmask)
+    bad = {"advantages": json.loads(json.dumps(good["advantages"]))}
+    bad["advantages"][2][3] = -bad["advantages"][2][3]
+    dump("adv_verl_sign_flip_f64.safetensors", "F64", v_ins, bad, {"uid"})
+    test("advantages verl sign flip of one element", 1, "advantages .*FAIL +1 element\\(s\\) .*worst at \\[2, 3\\]",
+         fx("adv_verl_sign_flip_f64.safetensors"), "--loss", "advantages", "--preset", "verl")
 
     # distillation (TRL GKD) ---------------------------------------------------------------------
     Bd, Td, Vd = 2, 3, 6
