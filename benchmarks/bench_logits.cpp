@@ -193,6 +193,26 @@ void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
         });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
+// ---- small batch: sft_loss forward + backward on [64, 12, 64] logits (issue 14 item 5) ----------------
+
+/// A new user's shape: 64 sequences of 12 tokens over a 64-token vocabulary; 100 steps per iteration,
+/// posttrain's sft_loss(...).loss.backward() beside at::cross_entropy_loss + backward on the same tensors.
+void small_sft(benchmark::State& st, bool posttrain_path) {
+  static const at::Tensor x0 = logits_f32(64 * 12, 64, 11).reshape({64, 12, 64});
+  static const at::Tensor y = labels_for(64 * 12, 64).reshape({64, 12});
+  at::Tensor x = x0.detach().clone().requires_grad_();
+  timed(st, timings(), posttrain_path ? "small sft_loss + backward x100" : "small cross_entropy + backward x100", [&] {
+    for (int i = 0; i < 100; ++i) {
+      x.mutable_grad() = at::Tensor();
+      if (posttrain_path)
+        posttrain::sft_loss(x, y).loss.backward();
+      else
+        at::cross_entropy_loss(x.reshape({-1, 64}), y.reshape({-1})).backward();
+      benchmark::DoNotOptimize(x.grad().data_ptr());
+    }
+  });
+}
+
 // ---- threads: LibTorch's intra-op pool (the default in a torch program) vs a std::thread per call --
 
 /// Runs body with the kernels on the built-in runner (a std::thread per range, started per call: the
@@ -564,6 +584,12 @@ void print_summary(const char* self) {
                   get("S1 posttrain token_logprobs_and_entropy") /
                       get("S1 posttrain token_logprobs_and_entropy, std::thread per call"));
   }
+  if (t.count("small sft_loss + backward x100") && t.count("small cross_entropy + backward x100"))
+    std::printf(
+        "\nsmall batch [64, 12, 64], 100 steps: sft_loss + backward %.2f ms, LibTorch cross_entropy + backward "
+        "%.2f ms -> %.2fx\n",
+        1e3 * get("small sft_loss + backward x100"), 1e3 * get("small cross_entropy + backward x100"),
+        get("small sft_loss + backward x100") / get("small cross_entropy + backward x100"));
   if (t.count("S1 CUDA floor: read")) {
     std::printf("\n=== CUDA (mean ms per call incl. synchronize; floor = LibTorch's read / read+write) ===\n");
     struct cuda_row {
@@ -654,6 +680,8 @@ int main(int argc, char** argv) {
   reg("S1/posttrain_one_call_torch_fp32", [](benchmark::State& s) { s1_posttrain_one_call(s, false); });
   reg("S1/posttrain_one_call_torch_fp32_thread_per_call", threads_large);
   reg("T/small_one_call_pool", [](benchmark::State& s) { threads_small(s, true); });
+  reg("small/sft_loss_fwd_bwd_x100", [](benchmark::State& s) { small_sft(s, true); });
+  reg("small/cross_entropy_fwd_bwd_x100", [](benchmark::State& s) { small_sft(s, false); });
   reg("T/small_one_call_thread_per_call", [](benchmark::State& s) { threads_small(s, false); });
   reg("S1/posttrain_sft_loss_forward_torch_fp32", s1_sft_forward);
   reg("S1/fused_kernel_fp32", s1_fused);
