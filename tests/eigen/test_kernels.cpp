@@ -258,6 +258,15 @@ TEST_CASE("kernels: a caller's parallel_runner is used, the cut covers every row
   CHECK(reverse_runner::ranges >= 4);
   CHECK(reversed == builtin);
   CHECK(&kernels::current_parallel_runner() == &kernels::builtin_parallel_runner());
+
+  // A runner without its functions is rejected by name (and the current one stays).
+  static const kernels::parallel_runner broken{&reverse_runner::threads, nullptr};
+  CHECK_THROWS_AS(kernels::set_parallel_runner(&broken), posttrain::error);
+  CHECK_THROWS_WITH(kernels::set_parallel_runner(&broken),
+                    Catch::Matchers::Contains("kernels::set_parallel_runner") &&
+                        Catch::Matchers::Contains("null threads or run function"));
+  CHECK_THROWS_AS(kernels::set_default_parallel_runner(&broken), posttrain::error);
+  CHECK(&kernels::current_parallel_runner() == &kernels::builtin_parallel_runner());
 }
 
 TEST_CASE("kernels: fused cross-entropy forward and backward equal sft_loss and sft_loss_backward") {

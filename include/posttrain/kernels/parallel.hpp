@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "posttrain/error.hpp"
+
 namespace posttrain::kernels {
 
 /// Where the kernels' ranges run. `run(n, ctx, task)` calls task(ctx, i) exactly once for every i in
@@ -72,11 +74,15 @@ inline const parallel_runner& builtin_parallel_runner() {
 /// Installs the runner a backend brings (the torch backend: LibTorch's intra-op pool); nullptr
 /// removes it. The caller's own runner (set_parallel_runner) still takes precedence.
 inline void set_default_parallel_runner(const parallel_runner* r) {
+  if (r && (!r->threads || !r->run))
+    posttrain::detail::fail("kernels::set_default_parallel_runner", "runner has a null threads or run function");
   detail::default_runner_slot().store(r, std::memory_order_release);
 }
 /// Installs the caller's runner for the whole process (it must outlive its use); nullptr restores
 /// the backend's default.
 inline void set_parallel_runner(const parallel_runner* r) {
+  if (r && (!r->threads || !r->run))
+    posttrain::detail::fail("kernels::set_parallel_runner", "runner has a null threads or run function");
   detail::user_runner_slot().store(r, std::memory_order_release);
 }
 /// The runner in use: the caller's, else the backend's default, else the built-in one.

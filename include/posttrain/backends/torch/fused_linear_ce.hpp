@@ -34,8 +34,8 @@
 #include <vector>
 
 #include "posttrain/backends/linear_kernel_options.hpp"
-#include "posttrain/backends/torch/logits_engine.hpp"
 #include "posttrain/backends/torch/intra_op.hpp"
+#include "posttrain/backends/torch/logits_engine.hpp"
 #include "posttrain/backends/torch/memory.hpp"
 #include "posttrain/backends/torch/tensor.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"

@@ -27,8 +27,8 @@
 // CMake's posttrain::torch carries Eigen and defines POSTTRAIN_REQUIRE_CPU_KERNELS, so a build that lost
 // Eigen's include path fails here instead of silently running the slower path.
 #if __has_include(<Eigen/Core>)
-#include "posttrain/kernels/logits_cpu.hpp"
 #include "posttrain/backends/torch/intra_op.hpp"
+#include "posttrain/kernels/logits_cpu.hpp"
 #define POSTTRAIN_TORCH_CPU_KERNELS 1
 #else
 #define POSTTRAIN_TORCH_CPU_KERNELS 0
