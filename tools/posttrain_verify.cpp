@@ -13,9 +13,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <functional>
 #include <iomanip>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -36,6 +39,11 @@
 #include "posttrain/losses/ppo.hpp"
 #include "posttrain/losses/reward_model.hpp"
 #include "posttrain/losses/sft.hpp"
+#if POSTTRAIN_VERIFY_WITH_TORCH
+#include <dlfcn.h>
+
+#include <filesystem>
+#endif
 
 namespace {
 
@@ -461,6 +469,62 @@ const loss_spec& find_spec(const std::vector<loss_spec>& specs, const std::strin
 
 // ---- the dump -------------------------------------------------------------------------------
 
+#if POSTTRAIN_VERIFY_WITH_TORCH
+/// Reads a torch.save file through the module posttrain_verify_torch (tools/torch_save.hpp), loaded now: from the
+/// tool's own folder (the build tree) or POSTTRAIN_VERIFY_TORCH_MODULE_DIR relative to it (an install).
+posttrain::io::safetensors_file read_torch_save(const std::vector<unsigned char>& bytes, const std::string& path) {
+  using entry_t = void (*)(const unsigned char*, std::size_t, const std::string*, posttrain::io::safetensors_file*,
+                           std::string*);
+  std::error_code ec;
+  const std::filesystem::path exe_dir = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path();
+  std::string tried;
+  void* module = nullptr;
+  for (const auto& dir : {exe_dir, exe_dir / POSTTRAIN_VERIFY_TORCH_MODULE_DIR}) {
+    const std::string file = (dir / POSTTRAIN_VERIFY_TORCH_MODULE).string();
+    module = dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL);  // never closed: LibTorch does not unload cleanly
+    if (module) break;
+    const char* why = dlerror();
+    tried += std::string(tried.empty() ? "" : "; ") + (why ? why : file);
+  }
+  if (!module)
+    throw usage_error(path + ": a torch.save file, but the tool's LibTorch module cannot be loaded (" + tried + ")");
+  void* symbol = dlsym(module, "posttrain_verify_read_torch_save");
+  if (!symbol) throw usage_error(path + ": the tool's LibTorch module has no posttrain_verify_read_torch_save");
+  entry_t entry;
+  std::memcpy(&entry, &symbol, sizeof entry);
+  posttrain::io::safetensors_file file;
+  std::string error;
+  entry(bytes.data(), bytes.size(), &path, &file, &error);
+  if (!error.empty()) throw usage_error(error);
+  return file;
+}
+#endif
+
+/// Reads a dump, its format told by its first bytes: "PK" (a zip archive) is torch.save's default format, read
+/// through LibTorch's unpickler when the tool is built with LibTorch (tools/torch_save.hpp); 0x80 0x02 (a bare
+/// pickle) is torch.save's legacy format (_use_new_zipfile_serialization=False), refused; anything else is
+/// parsed as safetensors. Returns the tensors and the format's name.
+std::pair<posttrain::io::safetensors_file, std::string> read_dump(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw usage_error(path + ": cannot open the file");
+  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw usage_error(path + ": read error");
+  if (bytes.size() >= 2 && bytes[0] == 'P' && bytes[1] == 'K') {
+#if POSTTRAIN_VERIFY_WITH_TORCH
+    return {read_torch_save(bytes, path), "torch.save"};
+#else
+    throw usage_error(path +
+                      ": a zip archive (torch.save's format): reading .pt dumps needs posttrain-verify built with "
+                      "LibTorch (this build has none); or dump with safetensors.torch.save_file");
+#endif
+  }
+  if (bytes.size() >= 2 && bytes[0] == 0x80 && bytes[1] == 0x02)
+    throw usage_error(path +
+                      ": a legacy torch.save file (a bare pickle, _use_new_zipfile_serialization=False): save it "
+                      "with torch.save's default zip format, or with safetensors");
+  return {posttrain::io::parse_safetensors(bytes, path), "safetensors"};
+}
+
 struct dump_view {
   const posttrain::io::safetensors_file* file;
   std::map<std::string, std::string> map;  ///< ours -> theirs
@@ -848,7 +912,7 @@ int run(int argc, char** argv) {
   std::vector<std::string> sets, maps;
   bool json = false, explain = false;
   std::optional<double> atol, rtol;
-  app.add_option("dump", dump_path, "the dump: a safetensors file of one step's inputs and outputs");
+  app.add_option("dump", dump_path, "the dump: a safetensors or torch.save (.pt, with LibTorch) file of one step's inputs and outputs");
   app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward | gae | distill");
   app.add_option("--preset", preset, "the framework whose arithmetic to reproduce (ppo: verl; gae: trl, verl)");
   app.add_option("--set", sets, "options in the framework's words: key=value[,key=value...]");
@@ -879,7 +943,7 @@ int run(int argc, char** argv) {
   if (std::find(spec.presets.begin(), spec.presets.end(), preset) == spec.presets.end())
     throw usage_error("--preset " + preset + ": unknown for --loss " + spec.name + "; valid: " + join(spec.presets));
   if (dump_path.empty()) throw usage_error("no dump file given");
-  const posttrain::io::safetensors_file file = posttrain::io::read_safetensors(dump_path);
+  const auto [file, format] = read_dump(dump_path);
 
   dump_view view{&file, parse_maps(maps), {}};
   std::vector<std::string> missing_inputs;
@@ -971,6 +1035,7 @@ int run(int argc, char** argv) {
   if (json) {
     nlohmann::json j;
     j["dump"] = dump_path;
+    j["format"] = format;
     j["loss"] = spec.name;
     j["framework"] = spec.framework;
     j["options"] = options;
@@ -996,7 +1061,7 @@ int run(int argc, char** argv) {
     if (explain) j["explain"] = spec.explain(options);
     std::cout << j.dump(2) << '\n';
   } else {
-    std::cout << "posttrain-verify " << dump_path << "\nloss " << spec.name << " (" << spec.framework
+    std::cout << "posttrain-verify " << dump_path << " (" << format << ")\nloss " << spec.name << " (" << spec.framework
               << "): " << opts_text << (preset == "none" ? std::string() : ", preset " + preset)
               << "\nreference: posttrain Eigen backend in float64; PASS when |got - ref| <= atol + "
               << "rtol |ref| (tolerance of the least precise of the tensor and the inputs)\n\n";
