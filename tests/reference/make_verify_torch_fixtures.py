@@ -413,6 +413,18 @@ def main():
                  "log_probs.grad .*FAIL +1 element\\(s\\) .*worst at %s" % index_text(i, [Bg, Tg]),
                  [fx("grpo_sign_flip_%s.%s" % (tag, ext))] + grpo_args, torch_only)
 
+    # reward model: one element of a gradient off by 1e-9 (float64, both formats)
+    good = dumps[("reward", "f64")]
+    bad = dict(good, **{"rewards_rejected.grad": good["rewards_rejected.grad"].clone()})
+    bad["rewards_rejected.grad"][2] += 1e-9
+    assert worst_index(bad["rewards_rejected.grad"], good["rewards_rejected.grad"], TOL["f64"]) == 2
+    dump("reward_wrong_element_f64", bad)
+    for ext, torch_only in (("safetensors", False), ("pt", True)):
+        test("torch reward model one gradient element off f64 (%s)" % ext, 1,
+             "rewards_rejected.grad .*FAIL +1 element\\(s\\) out of tolerance; worst at \\[2\\]",
+             [fx("reward_wrong_element_f64.%s" % ext), "--loss", "reward", "--set", "center_rewards_coefficient=0.01"],
+             torch_only)
+
     # malformed torch.save files --------------------------------------------------------------------
     good = dumps[("dpo_sigmoid", "f64")]
     good_pt = torch_save_bytes(good)
@@ -423,8 +435,8 @@ def main():
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
             for info in src.infolist():
                 data = change(info.filename, src.read(info.filename))
-                if data is not None:
-                    z.writestr(info.filename, data)
+                if data is not None:  # a fixed time stamp: the same bytes on every run
+                    z.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), data)
         return out.getvalue()
 
     def malformed(name, blob, regex, torch_only=True):
@@ -435,6 +447,7 @@ def main():
     malformed("bad_truncated.pt", good_pt[: len(good_pt) // 2], "torch.save file: .*zip archive")
     malformed("bad_no_pickle.pt", rezip(good_pt, lambda n, d: None if n.endswith("data.pkl") else d),
               "the archive has no data.pkl")
+    # (the legacy format keys storages by id(): its bytes differ from run to run, its first two bytes do not)
     malformed("bad_legacy.pt", torch_save_bytes(good, _use_new_zipfile_serialization=False),
               "a legacy torch.save file", torch_only=False)
     malformed("bad_protocol4.pt", torch_save_bytes(good, pickle_protocol=4),
