@@ -3,11 +3,12 @@
 //   posttrain-verify step.safetensors --loss dpo --set loss_type=sigmoid,beta=0.1
 //   posttrain-verify --template grpo
 //
-// The dump (safetensors) holds one step's inputs and whichever outputs the trainer saved, under the
-// framework's names (TRL/verl). Every input is converted to double, the loss is recomputed with the Eigen
-// reference, and each output present in the dump is compared element-wise with the tolerance of its
-// precision: |got - reference| <= atol + rtol·|reference|. Exit status: 0 every compared output passes,
-// 1 one fails, 2 the input or the command line is malformed (one line on stderr).
+// The dump (safetensors; or torch.save's zip format, read through LibTorch's unpickler in a module loaded for
+// .pt dumps only, when the tool was built with LibTorch) holds one step's inputs and whichever outputs the
+// trainer saved, under the framework's names (TRL/verl). Every input is converted to double, the loss is
+// recomputed with the Eigen reference, and each output present in the dump is compared element-wise with the
+// tolerance of its precision: |got - reference| <= atol + rtol·|reference|. Exit status: 0 every compared output
+// passes, 1 one fails, 2 the input or the command line is malformed (one line on stderr).
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cmath>
@@ -473,8 +474,8 @@ const loss_spec& find_spec(const std::vector<loss_spec>& specs, const std::strin
 /// Reads a torch.save file through the module posttrain_verify_torch (tools/torch_save.hpp), loaded now: from the
 /// tool's own folder (the build tree) or POSTTRAIN_VERIFY_TORCH_MODULE_DIR relative to it (an install).
 posttrain::io::safetensors_file read_torch_save(const std::vector<unsigned char>& bytes, const std::string& path) {
-  using entry_t = void (*)(const unsigned char*, std::size_t, const std::string*, posttrain::io::safetensors_file*,
-                           std::string*);
+  using entry_t =
+      void (*)(const unsigned char*, std::size_t, const std::string*, posttrain::io::safetensors_file*, std::string*);
   std::error_code ec;
   const std::filesystem::path exe_dir = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path();
   std::string tried;
@@ -912,7 +913,8 @@ int run(int argc, char** argv) {
   std::vector<std::string> sets, maps;
   bool json = false, explain = false;
   std::optional<double> atol, rtol;
-  app.add_option("dump", dump_path, "the dump: a safetensors or torch.save (.pt, with LibTorch) file of one step's inputs and outputs");
+  app.add_option("dump", dump_path,
+                 "the dump: a safetensors or torch.save (.pt, with LibTorch) file of one step's inputs and outputs");
   app.add_option("--loss", loss_name, "sft | dpo | grpo | kl | ppo | reward | gae | distill");
   app.add_option("--preset", preset, "the framework whose arithmetic to reproduce (ppo: verl; gae: trl, verl)");
   app.add_option("--set", sets, "options in the framework's words: key=value[,key=value...]");

@@ -108,9 +108,8 @@ posttrain::io::safetensor convert(const std::string& name, const at::Tensor& t,
     if (__builtin_add_overflow(last, std::uint64_t{1}, &need) || __builtin_mul_overflow(need, item, &need) ||
         need > nbytes)
       fail("tensor '" + name + "' with shape " + posttrain::detail::shape_string(shape) + ", strides " +
-           posttrain::detail::shape_string(std::vector<std::int64_t>(strides.begin(), strides.end())) +
-           " and offset " + std::to_string(offset) + " reaches past its storage of " + std::to_string(nbytes) +
-           " bytes");
+           posttrain::detail::shape_string(std::vector<std::int64_t>(strides.begin(), strides.end())) + " and offset " +
+           std::to_string(offset) + " reaches past its storage of " + std::to_string(nbytes) + " bytes");
   }
   posttrain::io::safetensor out{name, dtype, shape, {}};
   out.bytes.resize(static_cast<size_t>(numel) * item);
@@ -127,16 +126,17 @@ void check_torch_pickle(std::string_view p) {
   auto bad = [](std::size_t at, const std::string& what) {
     fail("data.pkl: " + what + " at byte " + std::to_string(at));
   };
-  std::size_t depth = 0;            // items on the stack
-  std::vector<std::size_t> marks;   // the depth at each open MARK
-  std::set<std::uint32_t> memo;     // memo slots written
+  std::size_t depth = 0;           // items on the stack
+  std::vector<std::size_t> marks;  // the depth at each open MARK
+  std::set<std::uint32_t> memo;    // memo slots written
   std::size_t i = 0;
   auto need = [&](std::size_t at, std::size_t n) {  // n argument bytes after the opcode at `at`
     if (p.size() - i < n) bad(at, "truncated argument");
   };
   auto le = [&](std::size_t n) {
     std::uint32_t v = 0;
-    for (std::size_t k = 0; k < n; ++k) v |= static_cast<std::uint32_t>(static_cast<unsigned char>(p[i + k])) << (8 * k);
+    for (std::size_t k = 0; k < n; ++k)
+      v |= static_cast<std::uint32_t>(static_cast<unsigned char>(p[i + k])) << (8 * k);
     i += n;
     return v;
   };
@@ -163,16 +163,16 @@ void check_torch_pickle(std::string_view p) {
         if (le(1) > 2) bad(at, "pickle protocol above 2 (torch.save's default pickle_protocol=2 is supported)");
         break;
       case '(': marks.push_back(depth); break;  // MARK
-      case '.':                                  // STOP
+      case '.':                                 // STOP
         if (depth != 1 || !marks.empty()) bad(at, "STOP with " + std::to_string(depth) + " items on the stack");
         return;
-      case '0': pop(at, 1); break;  // POP
-      case '1': pop_mark(at); break;  // POP_MARK
-      case '2': pop(at, 1), depth += 2; break;  // DUP
+      case '0': pop(at, 1); break;                   // POP
+      case '1': pop_mark(at); break;                 // POP_MARK
+      case '2': pop(at, 1), depth += 2; break;       // DUP
       case 'J': need(at, 4), le(4), ++depth; break;  // BININT
       case 'K': need(at, 1), le(1), ++depth; break;  // BININT1
       case 'M': need(at, 2), le(2), ++depth; break;  // BININT2
-      case 0x8a: {  // LONG1
+      case 0x8a: {                                   // LONG1
         need(at, 1);
         const std::uint32_t n = le(1);
         need(at, n);
@@ -180,7 +180,7 @@ void check_torch_pickle(std::string_view p) {
         break;
       }
       case 'G': need(at, 8), i += 8, ++depth; break;  // BINFLOAT
-      case 'X': {  // BINUNICODE
+      case 'X': {                                     // BINUNICODE
         need(at, 4);
         const std::uint32_t n = le(4);
         need(at, n);
@@ -196,25 +196,36 @@ void check_torch_pickle(std::string_view p) {
         ++depth;
         break;
       }
-      case 'N': case 0x88: case 0x89: case ')': case ']': case '}': ++depth; break;  // NONE TRUE FALSE () [] {}
+      case 'N':
+      case 0x88:
+      case 0x89:
+      case ')':
+      case ']':
+      case '}': ++depth; break;              // NONE TRUE FALSE () [] {}
       case 'Q': pop(at, 1), ++depth; break;  // BINPERSID
       case 'R': pop(at, 2), ++depth; break;  // REDUCE
-      case 't': case 'l': case 'd': {  // TUPLE LIST DICT
+      case 't':
+      case 'l':
+      case 'd': {  // TUPLE LIST DICT
         const std::size_t n = pop_mark(at);
         if (op == 'd' && n % 2 != 0) bad(at, "DICT with an odd number of items");
         ++depth;
         break;
       }
-      case 0x85: case 0x86: case 0x87: pop(at, op - 0x84u), ++depth; break;  // TUPLE1..3
-      case 'a': pop(at, 2), ++depth; break;  // APPEND
-      case 's': pop(at, 3), ++depth; break;  // SETITEM
-      case 'e': case 'u': {  // APPENDS SETITEMS: MARK items on top of the container
+      case 0x85:
+      case 0x86:
+      case 0x87: pop(at, op - 0x84u), ++depth; break;  // TUPLE1..3
+      case 'a': pop(at, 2), ++depth; break;            // APPEND
+      case 's': pop(at, 3), ++depth; break;            // SETITEM
+      case 'e':
+      case 'u': {  // APPENDS SETITEMS: MARK items on top of the container
         const std::size_t n = pop_mark(at);
         if (op == 'u' && n % 2 != 0) bad(at, "SETITEMS with an odd number of items");
         if (above_mark() < 1) bad(at, "no container below the MARK");
         break;
       }
-      case 'q': case 'r': {  // BINPUT LONG_BINPUT
+      case 'q':
+      case 'r': {  // BINPUT LONG_BINPUT
         need(at, op == 'q' ? 1 : 4);
         const std::uint32_t slot = le(op == 'q' ? 1 : 4);
         if (above_mark() < 1) bad(at, "memo write from an empty stack");
@@ -222,7 +233,8 @@ void check_torch_pickle(std::string_view p) {
         memo.insert(slot);
         break;
       }
-      case 'h': case 'j': {  // BINGET LONG_BINGET
+      case 'h':
+      case 'j': {  // BINGET LONG_BINGET
         need(at, op == 'h' ? 1 : 4);
         if (!memo.count(le(op == 'h' ? 1 : 4))) bad(at, "memo read of a slot never written");
         ++depth;
@@ -266,8 +278,7 @@ posttrain::io::safetensors_file read_torch_save(std::span<const unsigned char> b
     for (const auto& kv : root.toGenericDict()) {
       if (!kv.key().isString()) fail("a key of the dict is a " + std::string(kv.key().tagKind()) + ", not a str");
       const std::string& name = kv.key().toStringRef();
-      if (!kv.value().isTensor())
-        fail("'" + name + "' is a " + std::string(kv.value().tagKind()) + ", not a tensor");
+      if (!kv.value().isTensor()) fail("'" + name + "' is a " + std::string(kv.value().tagKind()) + ", not a tensor");
       file.add(convert(name, kv.value().toTensor(), record_bytes));
     }
     file.metadata["format"] = "torch.save";
