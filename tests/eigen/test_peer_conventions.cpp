@@ -4,6 +4,7 @@
 // numbers; analytic backwards are also checked against central differences, and each default is checked to differ.
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <functional>
 #include <limits>
 #include <string>
@@ -432,4 +433,78 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },
                   "reinforce_pp_baseline_advantages", "whitening.count_eps");
+}
+
+TEST_CASE("Conventions: TRL WPO weights (use_weighting) from the policy's logits, through the DPO loss",
+          "[conventions][dpo]") {
+  const auto logits = test::make({g::BW, g::TW, g::VW}, g::wpo_logits);
+  const eigen_index labels({g::BW, g::TW}, std::vector<std::int64_t>(g::wpo_labels.begin(), g::wpo_labels.end()));
+  const E w = wpo_weights(logits, labels);
+  test::check_values("weights", w, g::trl_wpo_weights, tol);
+  CHECK(ops::to_host(w)[0] > 1.0);  // TRL f2cd577 does not clamp at 1
+  // TRL's concatenated batch [chosen 0, chosen 1, rejected 0, rejected 1]
+  const E logps = sequence_logps(logits, labels).logps;
+  preference_batch<E> b{ops::slice(logps, 0, 0, 2), ops::slice(logps, 0, 2, 2)};
+  b.ref_chosen_logps = test::vec(g::wpo_ref_chosen);
+  b.ref_rejected_logps = test::vec(g::wpo_ref_rejected);
+  b.chosen_weights = ops::slice(w, 0, 0, 2);
+  b.rejected_weights = ops::slice(w, 0, 2, 2);
+  test::check_value("weighted sigmoid DPO loss", dpo(b, {.beta = 0.1}).loss, g::trl_wpo_dpo_loss, tol);
+  const auto grad = dpo_backward(b, {.beta = 0.1});
+  const auto& gw = g::trl_wpo_dpo_grad;
+  test::check_values("d loss / d chosen_logps (weights constant)", grad.chosen_logps, {gw[0], gw[1]}, tol);
+  test::check_values("d loss / d rejected_logps", grad.rejected_logps, {gw[2], gw[3]}, tol);
+  // closed forms: logits [0, 0] -> w = 1; an empty row -> exp(0) = 1
+  test::check_values("uniform and empty rows",
+                     wpo_weights(test::make({2, 1, 2}, {0.0, 0.0, 5.0, -3.0}), eigen_index({2, 1}, {1, -100})),
+                     {1.0, 1.0}, tol);
+  // float32: the same weights to float32 precision
+  test::check_values("float32", wpo_weights(test::make<float>({g::BW, g::TW, g::VW}, g::wpo_logits), labels),
+                     g::trl_wpo_weights, test::float32_tol);
+  expect_rejected(
+      [&] {
+        (void)wpo_weights(test::make({4, 12}, g::wpo_logits), labels);
+      },
+      "wpo_weights", "logits must have rank 3");
+  expect_rejected(
+      [&] {
+        (void)wpo_weights(logits, eigen_index({g::BW, g::TW}, std::vector<std::int64_t>(12, 4)));
+      },
+      "wpo_weights", "outside [0, 4)");
+}
+
+TEST_CASE("Conventions: TRL multi-reward normalize_then_sum renormalises over the batch", "[conventions][grpo]") {
+  const auto rewards = test::make({6, 2}, g::multi_rewards);
+  const eigen_index groups({6}, std::vector<std::int64_t>{0, 0, 0, 1, 1, 1});
+  const E trl = grpo_advantages_multi(rewards, {1.0, 0.5}, groups, multi_reward::normalize_then_sum_batch);
+  test::check_values("normalize_then_sum (TRL)", trl, g::trl_normalize_then_sum, tol);
+  // the batch step is what differs from the per-group sum alone
+  CHECK(differs(grpo_advantages_multi(rewards, {1.0, 0.5}, groups, multi_reward::normalize_then_sum),
+                g::trl_normalize_then_sum));
+  // zero mean and unit (unbiased) std up to ε: (x - m) / (s + 1e-4) has std s / (s + 1e-4)
+  const auto a = ops::to_host(trl);
+  double mean = 0.0;
+  for (double v : a) mean += v / 6.0;
+  CHECK(std::abs(mean) < 1e-15);
+  // one row: 0, not NaN
+  const auto one = grpo_advantages_multi(test::make({1, 2}, {1.0, 2.0}), {1.0, 1.0}, eigen_index({1}, {0}),
+                                         multi_reward::normalize_then_sum_batch);
+  test::check_values("one row", one, {0.0}, tol);
+}
+
+TEST_CASE("Conventions: TRL frac_reward_zero_std under scale_rewards=\"batch\" is of the batch std",
+          "[conventions][grpo]") {
+  const E s = test::vec(g::batch_scores);
+  const eigen_index groups({6}, std::vector<std::int64_t>{0, 0, 1, 1, 2, 2});
+  const auto r = grpo_advantages(s, groups, {.scale = group_scale::batch});
+  test::check_values("advantages", r.advantages, g::trl_batch_advantages, tol);
+  test::check_value("frac_reward_zero_std (batch std > 0)", r.frac_reward_zero_std, g::trl_batch_frac_zero_std, tol);
+  // the group std counts group 1 (equal rewards): a third of the rows
+  test::check_value("group scaling counts the equal group",
+                    grpo_advantages(s, groups, {.scale = group_scale::group}).frac_reward_zero_std, 1.0 / 3.0, tol);
+  const auto eq = grpo_advantages(test::vec(std::vector<double>(6, 0.7)), groups, {.scale = group_scale::batch});
+  test::check_value("all equal", eq.frac_reward_zero_std, g::trl_batch_frac_zero_std_equal, tol);
+  // isclose(std, 0): a group std of 7.1e-9 counts as zero (TRL atol 1e-8), 2.8e-8 does not
+  const auto tiny = grpo_advantages(test::vec({1.0, 1.0 + 1e-8, 2.0, 2.0 + 4e-8}), eigen_index({4}, {0, 0, 1, 1}));
+  test::check_value("isclose threshold", tiny.frac_reward_zero_std, 0.5, tol);
 }
