@@ -36,7 +36,8 @@
 //   ppo_objective_result  the policy's and the value's keys together, plus TRL's `loss` (the total)
 //   distill_result        TRL GKDTrainer: loss                                              (verl: none)
 //   group_advantage_result TRL GRPOTrainer._generate_and_score_completions: reward (mean of the group
-//                         means), reward_std (mean of the group stds), frac_reward_zero_std   (verl: none)
+//                         means), reward_std (mean of the group stds), frac_reward_zero_std (of the batch
+//                         std under group_scale::batch, as TRL)                               (verl: none)
 // (gae_result, remax_result carry no scalars: nothing to log.) ppo_policy_result's `entropy` and the
 // variants' / GRPO's `entropy` are 0 unless the caller passed per-token entropies.
 #pragma once
