@@ -508,3 +508,64 @@ TEST_CASE("Conventions: TRL frac_reward_zero_std under scale_rewards=\"batch\" i
   const auto tiny = grpo_advantages(test::vec({1.0, 1.0 + 1e-8, 2.0, 2.0 + 4e-8}), eigen_index({4}, {0, 0, 1, 1}));
   test::check_value("isclose threshold", tiny.frac_reward_zero_std, 0.5, tol);
 }
+
+TEST_CASE("Whole step, TRL GRPO: group advantages -> dapo loss with k3 -> logged metrics", "[conventions][step]") {
+  const auto bt4 = [](const std::vector<double>& v) { return test::make({g::BS, g::TS}, v); };
+  const E lp = bt4(g::step_logprobs), m = bt4(g::step_mask);
+  const auto adv = grpo_advantages(test::vec(g::step_scores), eigen_index({g::BS}, {0, 0, 1, 1}));
+  test::check_values("advantages (scale group, 1e-4)", adv.advantages, g::trl_step_advantages, tol);
+  const grpo_batch<E> b{.logprobs = lp,
+                        .advantages = adv.advantages,
+                        .response_mask = m,
+                        .old_logprobs = bt4(g::step_old_logprobs),
+                        .ref_logprobs = bt4(g::step_ref_logprobs)};
+  const grpo_options o{.beta = 0.04, .clip = clip_options::trl(0.2, 0.28)};  // loss_type dapo, k3: TRL's defaults
+  const auto r = grpo_loss(b, o);
+  test::check_value("loss", r.loss, g::trl_step_loss, tol);
+  test::check_value("kl", r.kl, g::trl_step_kl, tol);
+  test::check_value("clip_ratio/low_mean", r.clip_ratio_low, g::trl_step_clip_ratio_low, tol);
+  test::check_value("clip_ratio/high_mean", r.clip_ratio_high, g::trl_step_clip_ratio_high, tol);
+  test::check_value("clip_ratio/region_mean", r.clip_ratio_region, g::trl_step_clip_ratio_region, tol);
+  test::check_value("clip_ratio/low_min", r.clip_ratio_low_min, g::trl_step_clip_ratio_low_min, tol);
+  test::check_value("clip_ratio/high_max", r.clip_ratio_high_max, g::trl_step_clip_ratio_high_max, tol);
+  test::check_values("d loss / d logprobs", grpo_loss_backward(b, o), g::trl_step_grad, tol);
+  const auto keyed = metrics(r);
+  CHECK(keyed.at("clip_ratio/region_mean") == Approx(g::trl_step_clip_ratio_region).epsilon(1e-12));
+}
+
+TEST_CASE("Whole step, verl PPO: GAE -> vanilla policy loss and value loss -> metrics (ppo_options::verl())",
+          "[conventions][step]") {
+  const E r = bt(g::rewards), v = bt(g::values), m = bt(g::mask), lp = bt(g::logprobs), old = bt(g::old_logprobs);
+  const auto est = gae(r, v, m, gae_options::verl(0.9, 0.8));
+  const auto o = ppo_options::verl();
+  const auto pg = ppo_policy_loss(lp, old, est.advantages, m, o);
+  test::check_value("actor/pg_loss", pg.loss, g::verl_step_pg_loss, tol);
+  test::check_value("actor/pg_clipfrac", pg.pg_clipfrac, g::verl_step_pg_clipfrac, tol);
+  test::check_value("actor/pg_clipfrac_lower", pg.pg_clipfrac_lower, g::verl_step_pg_clipfrac_lower, tol);
+  test::check_value("actor/ppo_kl", pg.approx_kl, g::verl_step_ppo_kl, tol);
+  test::check_values("d pg_loss / d logprobs", ppo_policy_loss_backward(lp, old, est.advantages, m, o),
+                     g::verl_step_pg_grad, tol);
+  const E vp = bt(g::vf_vpreds);
+  const auto vo = value_options::verl(0.5);
+  const auto vf = value_loss(vp, v, est.returns, m, vo);
+  test::check_value("critic/vf_loss", vf.loss, g::verl_step_vf_loss, tol);
+  test::check_value("critic/vf_clipfrac", vf.clipfrac, g::verl_step_vf_clipfrac, tol);
+  test::check_value("critic/vpred_mean", vf.vpred_mean, g::verl_step_vpred_mean, tol);
+  test::check_values("d vf_loss / d vpreds", value_loss_backward(vp, v, est.returns, m, vo), g::verl_step_vf_grad, tol);
+}
+
+TEST_CASE("Whole step, OpenRLHF: reinforce_baseline advantages -> PPO policy loss -> metrics", "[conventions][step]") {
+  const auto b6 = [](const std::vector<double>& x) { return test::make({g::B6, g::T6}, x); };
+  const E m6 = b6(g::mask6), old = b6(g::logprobs6), ref = b6(g::ref_logprobs6), lp = b6(g::openrlhf_step_logprobs);
+  const eigen_index id({g::B6}, std::vector<std::int64_t>(g::index6.begin(), g::index6.end()));
+  const E non_score = kl_shaped_rewards(E({g::B6}, 0.0), old, ref, m6, {.beta = 0.05}).rewards;
+  const E adv = reinforce_pp_baseline_advantages(test::vec(g::scores6), non_score, m6, id,
+                                                 reinforce_baseline_options::openrlhf());
+  // OpenRLHF PolicyLoss "ppo": clip 0.2, log-ratio clamped to ±20, token-level masked mean, ppo_kl of the raw ratio
+  const ppo_options o{.clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0}};
+  const auto pg = ppo_policy_loss(lp, old, adv, m6, o);
+  test::check_value("policy loss", pg.loss, g::openrlhf_step_loss, tol);
+  test::check_value("clip_ratio (surr2 < surr1)", pg.pg_clipfrac, g::openrlhf_step_clip_ratio, tol);
+  test::check_value("ppo_kl", pg.approx_kl, g::openrlhf_step_ppo_kl, tol);
+  test::check_values("d loss / d log_probs", ppo_policy_loss_backward(lp, old, adv, m6, o), g::openrlhf_step_grad, tol);
+}

@@ -473,6 +473,79 @@ def trl_sum_then_normalize_batch(rewards, num_generations):
     return adv, frac_zero
 
 
+# ---- Whole steps: advantages -> policy loss -> metrics, each framework's order ---------------------------------
+def d_max2(a, b):
+    # torch.max(a, b) elementwise (the fixtures have no ties with different derivatives)
+    return a if a.v >= b.v else b
+
+
+def trl_grpo_dapo_step(lp, old, ref, adv, mask, b, t, eps_low, eps_high, beta):
+    """TRL GRPOTrainer._compute_loss (f2cd577), loss_type "dapo" (the default), token-level IS, beta != 0:
+    coef_1 = exp(lp - old); coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high);
+    per_token_loss = -min(coef_1 A, coef_2 A) + beta (exp(ref - lp) - (ref - lp) - 1);
+    loss = (per_token_loss * mask).sum() / num_items_in_batch (one process: mask.sum()).
+    Returns the loss (Dual) and the logged metrics (floats)."""
+    total, kl_sum, low, high, region = Dual(0.0), 0.0, 0.0, 0.0, 0.0
+    row_low, row_high = [], []
+    for i in range(b):
+        rl, rh, n = 0.0, 0.0, 0.0
+        for k in range(t):
+            j = i * t + k
+            A, m = adv[i], mask[j]
+            coef_1 = d_exp(lp[j] - old[j])
+            coef_2 = d_clamp(coef_1, 1 - eps_low, 1 + eps_high)
+            per_token = -d_min(coef_1 * A, coef_2 * A)
+            d = ref[j] - lp[j]
+            kl = d_exp(d) - d - 1.0
+            total = total + (per_token + beta * kl) * m
+            kl_sum += kl.v * m
+            is_low = 1.0 if (coef_1.v < 1 - eps_low and A < 0) else 0.0
+            is_high = 1.0 if (coef_1.v > 1 + eps_high and A > 0) else 0.0
+            low += is_low * m
+            high += is_high * m
+            region += max(is_low, is_high) * m
+            rl += is_low * m
+            rh += is_high * m
+            n += m
+        if n > 0:  # masked_seq_mean is NaN for an empty row; nanmin / nanmax skip it
+            row_low.append(rl / n)
+            row_high.append(rh / n)
+    n = sum(mask)
+    metrics = {"kl": kl_sum / n, "clip_ratio_low": low / n, "clip_ratio_high": high / n,
+               "clip_ratio_region": region / n, "clip_ratio_low_min": min(row_low),
+               "clip_ratio_high_max": max(row_high)}
+    return total / max(n, 1.0), metrics
+
+
+def verl_pg_loss_dual(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, clip_c):
+    """compute_policy_loss_vanilla's pg_losses on Duals, agg_loss token-mean (as verl_policy_loss above)."""
+    losses = []
+    for lp, o, A in zip(log_prob, old_log_prob, advantages):
+        ratio = d_exp(d_clamp(lp - o, -20.0, 20.0))
+        pg1 = -(ratio * A)
+        pg2 = -(d_clamp(ratio, 1 - clip_low, 1 + clip_high) * A)
+        cpg1 = d_max2(pg1, pg2)
+        cpg2 = d_min(Dual(-A * clip_c), cpg1)
+        losses.append(cpg2 if A < 0 else cpg1)
+    return sum((l * m for l, m in zip(losses, mask)), Dual(0.0)) / sum(mask)
+
+
+def openrlhf_ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_eps):
+    """OpenRLHF loss.py PolicyLoss.forward (3c3be62), policy_loss_type "ppo", token_level_loss, no dual clip, no IS:
+    ratio = exp(clamp(log_probs - old, -20, 20)); loss = -min(surr1, surr2); masked_mean over every token;
+    clip_ratio = masked_mean(surr2 < surr1); ppo_kl = masked_mean(-(log_probs - old))."""
+    loss, clipped = Dual(0.0), 0.0
+    for lp, o, A, m in zip(log_probs, old_log_probs, advantages, mask):
+        ratio = d_exp(d_clamp(lp - o, -20.0, 20.0))
+        surr1 = ratio * A
+        surr2 = d_clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A
+        loss = loss + (-d_min(surr1, surr2)) * m
+        clipped += (1.0 if surr2.v < surr1.v else 0.0) * m
+    n = sum(mask)
+    ppo_kl = sum(-(Dual.of(lp).v - o) * m for lp, o, m in zip(log_probs, old_log_probs, mask)) / n
+    return loss / n, clipped / n, ppo_kl
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -724,6 +797,61 @@ def main():
     emit_vec("trl_batch_advantages", adv)
     emit("trl_batch_frac_zero_std", frac)
     emit("trl_batch_frac_zero_std_equal", trl_sum_then_normalize_batch([0.7] * 6, 2)[1])
+    # 15. Whole steps. (a) TRL GRPO, f2cd577 defaults but beta = 0.04 and epsilon_high = 0.28: group advantages
+    # (num_generations 2, (r - mean) / (std + 1e-4)) -> dapo loss with k3 -> logged metrics; row 3 is empty
+    BS, TS = 4, 4
+    print(f"inline constexpr long BS = {BS}, TS = {TS};")
+    S_SCORES = [1.0, 0.0, 0.25, 0.75]
+    S_LP = [-0.9, -1.6, -0.2, -1.1, -0.5, -2.4, -0.7, -1.0, -1.2, -0.4, -0.8, -2.0, -1.0, -1.0, -1.0, -1.0]
+    S_OLD = [-1.0, -1.3, -0.5, -1.0, -0.7, -2.0, -0.7, -1.4, -1.0, -0.45, -1.2, -2.0, -1.0, -1.0, -1.0, -1.0]
+    S_REF = [-1.2, -1.5, -0.3, -0.9, -0.4, -2.2, -0.6, -1.1, -1.1, -0.5, -1.0, -1.9, -1.0, -1.0, -1.0, -1.0]
+    S_M = [1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    for name, v in (("step_scores", S_SCORES), ("step_logprobs", S_LP), ("step_old_logprobs", S_OLD),
+                    ("step_ref_logprobs", S_REF), ("step_mask", S_M)):
+        emit_vec(name, v)
+    adv = []
+    for g0 in range(0, BS, 2):
+        grp = S_SCORES[g0:g0 + 2]
+        mean = sum(grp) / 2
+        std = trl_nanstd(grp)
+        adv += [(r - mean) / (std + 1e-4) for r in grp]
+    emit_vec("trl_step_advantages", adv)
+    f = lambda lp: trl_grpo_dapo_step(lp, S_OLD, S_REF, adv, S_M, BS, TS, 0.2, 0.28, 0.04)[0]
+    loss, metrics = trl_grpo_dapo_step([Dual(v) for v in S_LP], S_OLD, S_REF, adv, S_M, BS, TS, 0.2, 0.28, 0.04)
+    emit("trl_step_loss", loss.v)
+    emit_vec("trl_step_grad", grad_of(f, S_LP))
+    for k, v in metrics.items():
+        emit(f"trl_step_{k}", v)
+
+    # (b) verl PPO: GAE (gamma 0.9, lam 0.8, whitened) -> compute_policy_loss_vanilla (ppo_options::verl(): clip 0.2,
+    # dual-clip 3, log-ratio clamp 20, token-mean) and compute_value_loss (cliprange_value 0.5) on GAE's returns
+    adv, ret, _ = verl_gae(R, V, M, 0.9, 0.8)
+    f = lambda lp: verl_pg_loss_dual(lp, OLD, adv, M, 0.2, 0.2, 3.0)
+    loss, cf, lower, kl = verl_policy_loss(LP, OLD, adv, M, 0.2, 0.2, 3.0, "token-mean")
+    emit("verl_step_pg_loss", loss)
+    emit("verl_step_pg_loss_dual", f([Dual(v) for v in LP]).v)
+    emit_vec("verl_step_pg_grad", grad_of(f, LP))
+    emit("verl_step_pg_clipfrac", cf)
+    emit("verl_step_pg_clipfrac_lower", lower)
+    emit("verl_step_ppo_kl", kl)
+    vf_loss, vf_clipfrac, vpred_mean = verl_value_loss([Dual(v) for v in VP], ret, V, M, 0.5, "token-mean")
+    emit("verl_step_vf_loss", vf_loss.v)
+    emit_vec("verl_step_vf_grad", grad_of(lambda vp: verl_value_loss(vp, ret, V, M, 0.5, "token-mean")[0], VP))
+    emit("verl_step_vf_clipfrac", vf_clipfrac)
+    emit("verl_step_vpred_mean", vpred_mean)
+
+    # (c) OpenRLHF: reinforce_baseline advantages (fixture 6: KL coef 0.05, 2 samples per prompt, normalised) ->
+    # PolicyLoss "ppo" (clip 0.2, clamp 20, token level) with the updated policy's log-probs
+    adv6 = openrlhf_reinforce_baseline(scores6, 2, 0.05, LP6, REF6, M6, B6, T6)
+    LPN = [v + d for v, d in zip(LP6, [0.3, -0.25, 0.05, 0.0, -0.1, 0.4, 0.0, 0.0,
+                                       0.15, -0.3, 0.02, -0.2, 0.25, 0.1, 0.0, 0.0])]
+    emit_vec("openrlhf_step_logprobs", LPN)
+    f = lambda lp: openrlhf_ppo_policy_loss(lp, LP6, adv6, M6, 0.2)[0]
+    loss, clip_ratio, ppo_kl = openrlhf_ppo_policy_loss([Dual(v) for v in LPN], LP6, adv6, M6, 0.2)
+    emit("openrlhf_step_loss", loss.v)
+    emit_vec("openrlhf_step_grad", grad_of(f, LPN))
+    emit("openrlhf_step_clip_ratio", clip_ratio)
+    emit("openrlhf_step_ppo_kl", ppo_kl)
     print("}  // namespace posttrain::golden_conventions")
 
 
