@@ -499,6 +499,9 @@ TEST_CASE("Conventions: TRL frac_reward_zero_std under scale_rewards=\"batch\" i
   const auto r = grpo_advantages(s, groups, {.scale = group_scale::batch});
   test::check_values("advantages", r.advantages, g::trl_batch_advantages, tol);
   test::check_value("frac_reward_zero_std (batch std > 0)", r.frac_reward_zero_std, g::trl_batch_frac_zero_std, tol);
+  // TRL logs reward_std = nanstd(rewards), the batch std, under every scaling
+  test::check_value("reward_std", r.reward_std, g::trl_reward_std, tol);
+  CHECK(metrics(grpo_advantages(s, groups)).at("reward_std") == Approx(g::trl_reward_std).epsilon(1e-12));
   // the group std counts group 1 (equal rewards): a third of the rows
   test::check_value("group scaling counts the equal group",
                     grpo_advantages(s, groups, {.scale = group_scale::group}).frac_reward_zero_std, 1.0 / 3.0, tol);

@@ -92,6 +92,7 @@ inline const std::vector<double> batch_scores = {1.0, 0.0, 0.5, 0.5, 0.9, 0.2};
 inline const std::vector<double> trl_batch_advantages = {1.2920972927863807, -1.2920972927863807, 0.0, 0.0, 0.9044681049504665, -0.9044681049504667};
 inline constexpr double trl_batch_frac_zero_std = 0.0;
 inline constexpr double trl_batch_frac_zero_std_equal = 1.0;
+inline constexpr double trl_reward_std = 0.38686776379877746;
 inline constexpr long BS = 4, TS = 4;
 inline const std::vector<double> step_scores = {1.0, 0.0, 0.25, 0.75};
 inline const std::vector<double> step_logprobs = {-0.9, -1.6, -0.2, -1.1, -0.5, -2.4, -0.7, -1.0, -1.2, -0.4, -0.8, -2.0, -1.0, -1.0, -1.0, -1.0};

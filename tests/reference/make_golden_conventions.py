@@ -797,6 +797,7 @@ def main():
     emit_vec("trl_batch_advantages", adv)
     emit("trl_batch_frac_zero_std", frac)
     emit("trl_batch_frac_zero_std_equal", trl_sum_then_normalize_batch([0.7] * 6, 2)[1])
+    emit("trl_reward_std", trl_nanstd(SR))  # the logged reward_std: nanstd(rewards) over the batch
     # 15. Whole steps. (a) TRL GRPO, f2cd577 defaults but beta = 0.04 and epsilon_high = 0.28: group advantages
     # (num_generations 2, (r - mean) / (std + 1e-4)) -> dapo loss with k3 -> logged metrics; row 3 is empty
     BS, TS = 4, 4

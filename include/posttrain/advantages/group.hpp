@@ -69,6 +69,9 @@ struct group_advantage_result {
   /// group_scale::batch the batch std, so every row or none (TRL GRPOTrainer._generate_and_score_completions,
   /// f2cd577: is_std_zero = isclose(std_rewards, 0)).
   T frac_reward_zero_std;
+  /// TRL reward_std: the unbiased std of the scores over the whole batch (GRPOTrainer logs nanstd(rewards),
+  /// f2cd577; older TRL logged the mean of the group stds, which is mean_all(group_std)). 0-d; 0 for one row.
+  T reward_std;
 };
 
 namespace detail {
@@ -205,8 +208,9 @@ group_advantage_result<T> grpo_advantages(const T& scores, const index_tensor_t<
   T adv = raw_single ? ops::where(single, s, st.centred) : st.centred;  // r - mean
   const bool batch = opt.scale == group_scale::batch;
   const T all = ops::full_like(s, 1.0);
-  // TRL scale_rewards="batch": rewards.std() over every row (unbiased), shifted by max r; [B]
-  const T bstd = batch ? ops::mul(all, ops::sqrt(masked_var(ops::sub(s, ops::max_all(s)), all))) : all;
+  // TRL scale_rewards="batch": rewards.std() over every row (unbiased); [B]
+  const T reward_std = ops::sqrt(masked_var(ops::sub(s, ops::max_all(s)), all));  // 0-d, shifted by max r
+  const T bstd = batch ? ops::mul(all, reward_std) : all;
   // TRL logs frac_reward_zero_std from the std its scaling uses: torch.isclose(std_rewards, 0), i.e. std <= 1e-8
   constexpr double zero_std_atol = 1e-8;
   const T zero_std = batch ? ops::le(bstd, zero_std_atol)
@@ -218,7 +222,7 @@ group_advantage_result<T> grpo_advantages(const T& scores, const index_tensor_t<
     adv = ops::div(adv, ops::add(sd, opt.eps));
   }
   adv = detail::apply_group_policies(adv, adv, st, opt.singleton, opt.all_equal);
-  return {adv, st.mean, st.std, ops::div(ops::sum_all(zero_std), double(ops::size(s, 0)))};
+  return {adv, st.mean, st.std, ops::div(ops::sum_all(zero_std), double(ops::size(s, 0))), reward_std};
 }
 
 /// How several rewards per row [B, K] are combined (TRL multi_objective_aggregation).
