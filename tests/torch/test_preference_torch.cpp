@@ -353,6 +353,19 @@ TEST_CASE("cross-backend + autograd: PRM loss, hard / soft / whole-vocabulary la
   }
 }
 
+TEST_CASE("cross-backend: WPO weights from logits (TRL use_weighting)", "[dpo][wpo][cross]") {
+  const auto logits = random_normal({4, 6, 9}, 95, 2.0);
+  const auto labels = random_labels({4, 6}, 9, 96, 0.3);
+  on_every_backend([&](const auto& m) {
+    outputs o;
+    o.add("wpo weights", wpo_weights(m.values(logits), m.labels(labels)));
+    return o;
+  });
+  // detached: no graph through the weights
+  const auto x = torch_maker{at::kDouble}.leaf(logits);
+  CHECK_FALSE(wpo_weights(x, torch_maker{at::kDouble}.labels(labels)).requires_grad());
+}
+
 TEST_CASE("torch: every DPO loss stays finite (values and autograd) at log-ratios of ±5000", "[dpo][extreme]") {
   for (auto dt : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
     for (const auto& [name, opt] : dpo_configurations()) {
