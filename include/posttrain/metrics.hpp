@@ -35,8 +35,9 @@
 //                         verl dp_critic.update_critic: critic/vf_loss, critic/vf_clipfrac, critic/vpred_mean
 //   ppo_objective_result  the policy's and the value's keys together, plus TRL's `loss` (the total)
 //   distill_result        TRL GKDTrainer: loss                                              (verl: none)
-//   group_advantage_result TRL GRPOTrainer._generate_and_score_completions: reward (mean of the group
-//                         means), reward_std (mean of the group stds), frac_reward_zero_std   (verl: none)
+//   group_advantage_result TRL GRPOTrainer._generate_and_score_completions (f2cd577): reward (the batch
+//                         mean = the mean of the per-row group means), reward_std (the batch std, nanstd(rewards)),
+//                         frac_reward_zero_std (of the batch std under group_scale::batch)   (verl: none)
 // (gae_result, remax_result carry no scalars: nothing to log.) ppo_policy_result's `entropy` and the
 // variants' / GRPO's `entropy` are 0 unless the caller passed per-token entropies.
 #pragma once
@@ -296,13 +297,13 @@ std::map<std::string, double> metrics(const distill_result<T>& r, metric_keys ke
   return detail::host_metrics<T>("metrics", {{"loss", r.loss}});
 }
 
-/// TRL GRPOTrainer: reward = mean of the per-row group means, reward_std = mean of the group stds,
-/// frac_reward_zero_std.
+/// TRL GRPOTrainer (f2cd577): reward = nanmean(rewards) (= the mean of the per-row group means), reward_std =
+/// nanstd(rewards) (the batch std; older TRL logged the mean of the group stds), frac_reward_zero_std.
 template <tensor T>
 std::map<std::string, double> metrics(const group_advantage_result<T>& r, metric_keys keys = metric_keys::trl) {
   if (keys == metric_keys::verl) detail::no_verl_keys("group_advantage_result");
   return detail::host_metrics<T>("metrics", {{"reward", detail::mean_all(r.group_mean)},
-                                             {"reward_std", detail::mean_all(r.group_std)},
+                                             {"reward_std", r.reward_std},
                                              {"frac_reward_zero_std", r.frac_reward_zero_std}});
 }
 

@@ -21,6 +21,7 @@
 #include "posttrain/losses/fused_linear_logprobs.hpp"  // likewise
 #include "posttrain/losses/kto.hpp"
 #include "posttrain/losses/orpo.hpp"
+#include "posttrain/losses/prm.hpp"  // process reward model (OpenRLHF PRMLoss)
 #include "posttrain/losses/reward_model.hpp"
 #include "posttrain/losses/sequence_logps.hpp"
 #include "posttrain/losses/sft.hpp"

@@ -203,10 +203,11 @@ TEST_CASE("metrics: value loss and the combined PPO objective", "[metrics][rl]")
 
 TEST_CASE("metrics: group advantages under TRL's reward keys", "[metrics][rl]") {
   const auto g = grpo_advantages(make({4}, {1.0, 0.0, 2.0, 2.0}), eigen_index({4}, {0, 0, 1, 1}));
-  // TRL: reward = mean of the per-row group means = (0.5 + 0.5 + 2 + 2) / 4; reward_std = (std{1,0}·2 + 0) / 4
+  // TRL f2cd577: reward = nanmean(rewards) = the mean of the per-row group means = (0.5 + 0.5 + 2 + 2) / 4;
+  // reward_std = nanstd(rewards), the batch std: deviations -0.25, -1.25, 0.75, 0.75 -> sqrt(2.75 / 3)
   const auto m = metrics(g);
   CHECK(m.at("reward") == Approx(1.25).epsilon(1e-12));
-  CHECK(m.at("reward_std") == Approx(std::sqrt(0.5) / 2.0).epsilon(1e-12));
+  CHECK(m.at("reward_std") == Approx(std::sqrt(2.75 / 3.0)).epsilon(1e-12));
   CHECK(m.at("frac_reward_zero_std") == Approx(0.5).epsilon(1e-12));
 }
 

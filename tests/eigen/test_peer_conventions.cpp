@@ -4,6 +4,7 @@
 // numbers; analytic backwards are also checked against central differences, and each default is checked to differ.
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <functional>
 #include <limits>
 #include <string>
@@ -432,4 +433,142 @@ TEST_CASE("Conventions: every new option rejects bad values, naming function and
                   "whitening.count_eps");
   expect_rejected([&] { reinforce_pp_baseline_advantages(x, m, id, singleton_policy::raw, {.count_eps = nan}); },
                   "reinforce_pp_baseline_advantages", "whitening.count_eps");
+}
+
+TEST_CASE("Conventions: TRL WPO weights (use_weighting) from the policy's logits, through the DPO loss",
+          "[conventions][dpo]") {
+  const auto logits = test::make({g::BW, g::TW, g::VW}, g::wpo_logits);
+  const eigen_index labels({g::BW, g::TW}, std::vector<std::int64_t>(g::wpo_labels.begin(), g::wpo_labels.end()));
+  const E w = wpo_weights(logits, labels);
+  test::check_values("weights", w, g::trl_wpo_weights, tol);
+  CHECK(ops::to_host(w)[0] > 1.0);  // TRL f2cd577 does not clamp at 1
+  // TRL's concatenated batch [chosen 0, chosen 1, rejected 0, rejected 1]
+  const E logps = sequence_logps(logits, labels).logps;
+  preference_batch<E> b{ops::slice(logps, 0, 0, 2), ops::slice(logps, 0, 2, 2)};
+  b.ref_chosen_logps = test::vec(g::wpo_ref_chosen);
+  b.ref_rejected_logps = test::vec(g::wpo_ref_rejected);
+  b.chosen_weights = ops::slice(w, 0, 0, 2);
+  b.rejected_weights = ops::slice(w, 0, 2, 2);
+  test::check_value("weighted sigmoid DPO loss", dpo(b, {.beta = 0.1}).loss, g::trl_wpo_dpo_loss, tol);
+  const auto grad = dpo_backward(b, {.beta = 0.1});
+  const auto& gw = g::trl_wpo_dpo_grad;
+  test::check_values("d loss / d chosen_logps (weights constant)", grad.chosen_logps, {gw[0], gw[1]}, tol);
+  test::check_values("d loss / d rejected_logps", grad.rejected_logps, {gw[2], gw[3]}, tol);
+  // closed forms: logits [0, 0] -> w = 1; an empty row -> exp(0) = 1
+  test::check_values("uniform and empty rows",
+                     wpo_weights(test::make({2, 1, 2}, {0.0, 0.0, 5.0, -3.0}), eigen_index({2, 1}, {1, -100})),
+                     {1.0, 1.0}, tol);
+  // float32: the same weights to float32 precision
+  test::check_values("float32", wpo_weights(test::make<float>({g::BW, g::TW, g::VW}, g::wpo_logits), labels),
+                     g::trl_wpo_weights, test::float32_tol);
+  expect_rejected(
+      [&] {
+        (void)wpo_weights(test::make({4, 12}, g::wpo_logits), labels);
+      },
+      "wpo_weights", "logits must have rank 3");
+  expect_rejected(
+      [&] {
+        (void)wpo_weights(logits, eigen_index({g::BW, g::TW}, std::vector<std::int64_t>(12, 4)));
+      },
+      "wpo_weights", "outside [0, 4)");
+}
+
+TEST_CASE("Conventions: TRL multi-reward normalize_then_sum renormalises over the batch", "[conventions][grpo]") {
+  const auto rewards = test::make({6, 2}, g::multi_rewards);
+  const eigen_index groups({6}, std::vector<std::int64_t>{0, 0, 0, 1, 1, 1});
+  const E trl = grpo_advantages_multi(rewards, {1.0, 0.5}, groups, multi_reward::normalize_then_sum_batch);
+  test::check_values("normalize_then_sum (TRL)", trl, g::trl_normalize_then_sum, tol);
+  // the batch step is what differs from the per-group sum alone
+  CHECK(differs(grpo_advantages_multi(rewards, {1.0, 0.5}, groups, multi_reward::normalize_then_sum),
+                g::trl_normalize_then_sum));
+  // zero mean and unit (unbiased) std up to ε: (x - m) / (s + 1e-4) has std s / (s + 1e-4)
+  const auto a = ops::to_host(trl);
+  double mean = 0.0;
+  for (double v : a) mean += v / 6.0;
+  CHECK(std::abs(mean) < 1e-15);
+  // one row: 0, not NaN
+  const auto one = grpo_advantages_multi(test::make({1, 2}, {1.0, 2.0}), {1.0, 1.0}, eigen_index({1}, {0}),
+                                         multi_reward::normalize_then_sum_batch);
+  test::check_values("one row", one, {0.0}, tol);
+}
+
+TEST_CASE("Conventions: TRL frac_reward_zero_std under scale_rewards=\"batch\" is of the batch std",
+          "[conventions][grpo]") {
+  const E s = test::vec(g::batch_scores);
+  const eigen_index groups({6}, std::vector<std::int64_t>{0, 0, 1, 1, 2, 2});
+  const auto r = grpo_advantages(s, groups, {.scale = group_scale::batch});
+  test::check_values("advantages", r.advantages, g::trl_batch_advantages, tol);
+  test::check_value("frac_reward_zero_std (batch std > 0)", r.frac_reward_zero_std, g::trl_batch_frac_zero_std, tol);
+  // TRL logs reward_std = nanstd(rewards), the batch std, under every scaling
+  test::check_value("reward_std", r.reward_std, g::trl_reward_std, tol);
+  CHECK(metrics(grpo_advantages(s, groups)).at("reward_std") == Approx(g::trl_reward_std).epsilon(1e-12));
+  // the group std counts group 1 (equal rewards): a third of the rows
+  test::check_value("group scaling counts the equal group",
+                    grpo_advantages(s, groups, {.scale = group_scale::group}).frac_reward_zero_std, 1.0 / 3.0, tol);
+  const auto eq = grpo_advantages(test::vec(std::vector<double>(6, 0.7)), groups, {.scale = group_scale::batch});
+  test::check_value("all equal", eq.frac_reward_zero_std, g::trl_batch_frac_zero_std_equal, tol);
+  // isclose(std, 0): a group std of 7.1e-9 counts as zero (TRL atol 1e-8), 2.8e-8 does not
+  const auto tiny = grpo_advantages(test::vec({1.0, 1.0 + 1e-8, 2.0, 2.0 + 4e-8}), eigen_index({4}, {0, 0, 1, 1}));
+  test::check_value("isclose threshold", tiny.frac_reward_zero_std, 0.5, tol);
+}
+
+TEST_CASE("Whole step, TRL GRPO: group advantages -> dapo loss with k3 -> logged metrics", "[conventions][step]") {
+  const auto bt4 = [](const std::vector<double>& v) { return test::make({g::BS, g::TS}, v); };
+  const E lp = bt4(g::step_logprobs), m = bt4(g::step_mask);
+  const auto adv = grpo_advantages(test::vec(g::step_scores), eigen_index({g::BS}, {0, 0, 1, 1}));
+  test::check_values("advantages (scale group, 1e-4)", adv.advantages, g::trl_step_advantages, tol);
+  const grpo_batch<E> b{.logprobs = lp,
+                        .advantages = adv.advantages,
+                        .response_mask = m,
+                        .old_logprobs = bt4(g::step_old_logprobs),
+                        .ref_logprobs = bt4(g::step_ref_logprobs)};
+  const grpo_options o{.beta = 0.04, .clip = clip_options::trl(0.2, 0.28)};  // loss_type dapo, k3: TRL's defaults
+  const auto r = grpo_loss(b, o);
+  test::check_value("loss", r.loss, g::trl_step_loss, tol);
+  test::check_value("kl", r.kl, g::trl_step_kl, tol);
+  test::check_value("clip_ratio/low_mean", r.clip_ratio_low, g::trl_step_clip_ratio_low, tol);
+  test::check_value("clip_ratio/high_mean", r.clip_ratio_high, g::trl_step_clip_ratio_high, tol);
+  test::check_value("clip_ratio/region_mean", r.clip_ratio_region, g::trl_step_clip_ratio_region, tol);
+  test::check_value("clip_ratio/low_min", r.clip_ratio_low_min, g::trl_step_clip_ratio_low_min, tol);
+  test::check_value("clip_ratio/high_max", r.clip_ratio_high_max, g::trl_step_clip_ratio_high_max, tol);
+  test::check_values("d loss / d logprobs", grpo_loss_backward(b, o), g::trl_step_grad, tol);
+  const auto keyed = metrics(r);
+  CHECK(keyed.at("clip_ratio/region_mean") == Approx(g::trl_step_clip_ratio_region).epsilon(1e-12));
+}
+
+TEST_CASE("Whole step, verl PPO: GAE -> vanilla policy loss and value loss -> metrics (ppo_options::verl())",
+          "[conventions][step]") {
+  const E r = bt(g::rewards), v = bt(g::values), m = bt(g::mask), lp = bt(g::logprobs), old = bt(g::old_logprobs);
+  const auto est = gae(r, v, m, gae_options::verl(0.9, 0.8));
+  const auto o = ppo_options::verl();
+  const auto pg = ppo_policy_loss(lp, old, est.advantages, m, o);
+  test::check_value("actor/pg_loss", pg.loss, g::verl_step_pg_loss, tol);
+  test::check_value("actor/pg_clipfrac", pg.pg_clipfrac, g::verl_step_pg_clipfrac, tol);
+  test::check_value("actor/pg_clipfrac_lower", pg.pg_clipfrac_lower, g::verl_step_pg_clipfrac_lower, tol);
+  test::check_value("actor/ppo_kl", pg.approx_kl, g::verl_step_ppo_kl, tol);
+  test::check_values("d pg_loss / d logprobs", ppo_policy_loss_backward(lp, old, est.advantages, m, o),
+                     g::verl_step_pg_grad, tol);
+  const E vp = bt(g::vf_vpreds);
+  const auto vo = value_options::verl(0.5);
+  const auto vf = value_loss(vp, v, est.returns, m, vo);
+  test::check_value("critic/vf_loss", vf.loss, g::verl_step_vf_loss, tol);
+  test::check_value("critic/vf_clipfrac", vf.clipfrac, g::verl_step_vf_clipfrac, tol);
+  test::check_value("critic/vpred_mean", vf.vpred_mean, g::verl_step_vpred_mean, tol);
+  test::check_values("d vf_loss / d vpreds", value_loss_backward(vp, v, est.returns, m, vo), g::verl_step_vf_grad, tol);
+}
+
+TEST_CASE("Whole step, OpenRLHF: reinforce_baseline advantages -> PPO policy loss -> metrics", "[conventions][step]") {
+  const auto b6 = [](const std::vector<double>& x) { return test::make({g::B6, g::T6}, x); };
+  const E m6 = b6(g::mask6), old = b6(g::logprobs6), ref = b6(g::ref_logprobs6), lp = b6(g::openrlhf_step_logprobs);
+  const eigen_index id({g::B6}, std::vector<std::int64_t>(g::index6.begin(), g::index6.end()));
+  const E non_score = kl_shaped_rewards(E({g::B6}, 0.0), old, ref, m6, {.beta = 0.05}).rewards;
+  const E adv = reinforce_pp_baseline_advantages(test::vec(g::scores6), non_score, m6, id,
+                                                 reinforce_baseline_options::openrlhf());
+  // OpenRLHF PolicyLoss "ppo": clip 0.2, log-ratio clamped to ±20, token-level masked mean, ppo_kl of the raw ratio
+  const ppo_options o{.clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0}};
+  const auto pg = ppo_policy_loss(lp, old, adv, m6, o);
+  test::check_value("policy loss", pg.loss, g::openrlhf_step_loss, tol);
+  test::check_value("clip_ratio (surr2 < surr1)", pg.pg_clipfrac, g::openrlhf_step_clip_ratio, tol);
+  test::check_value("ppo_kl", pg.approx_kl, g::openrlhf_step_ppo_kl, tol);
+  test::check_values("d loss / d log_probs", ppo_policy_loss_backward(lp, old, adv, m6, o), g::openrlhf_step_grad, tol);
 }

@@ -15,7 +15,11 @@ Sources (read, not copied; the arithmetic is re-typed in the order the framework
                                                      "gspo")
                     openrlhf/models/utils.py         compute_approx_kl, compute_reward
   OpenRLHF 0489850  openrlhf/models/loss.py          VanillaKTOLoss.forward (removed in 3c3be62)
-  TRL f2cd577       trl/trainer/grpo_trainer.py      GRPOTrainer._compute_loss (loss_type "grpo")
+  TRL f2cd577       trl/trainer/grpo_trainer.py      GRPOTrainer._compute_loss (loss_type "grpo"),
+                                                     _generate_and_score_completions (multi_objective_aggregation,
+                                                     scale_rewards="batch", frac_reward_zero_std)
+                    trl/trainer/utils.py             nanstd
+                    trl/trainer/dpo_trainer.py       DPOTrainer._compute_loss (use_weighting: WPO weights)
                     openrlhf/trainer/ppo_utils/experience_maker.py
                                                      compute_advantages_and_returns, get_cumulative_returns
 """
@@ -388,6 +392,160 @@ def verl_value_loss(vpreds, returns, values, mask, cliprange_value, mode):
     return vf_loss, vf_clipfrac, vpred_mean
 
 
+# ---- TRL dpo_trainer.py DPOTrainer._compute_loss, use_weighting (WPO eq. 2), loss_type "sigmoid" (f2cd577) ------
+def logsumexp(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def trl_wpo_weights(logits, labels, mask, b, t, v):
+    """lse1 = logsumexp(x), lse2 = logsumexp(2x), log_denom = lse2 - 2 lse1,
+    aligned = (per_token_logps - log_denom) * mask, weights = exp(aligned.sum(1) / mask.sum(1).clamp_min(1))."""
+    weights = []
+    for i in range(b):
+        total, count = 0.0, 0
+        for k in range(t):
+            row = logits[(i * t + k) * v:(i * t + k + 1) * v]
+            lse1 = logsumexp(row)
+            lse2 = logsumexp([2.0 * x for x in row])
+            log_denom = lse2 - 2.0 * lse1
+            m = mask[i * t + k]
+            logp = (row[labels[i * t + k]] - lse1) if m else 0.0  # selective_log_softmax, zeroed off the mask
+            total += (logp - log_denom) * m
+            count += m
+        weights.append(math.exp(total / max(count, 1)))
+    return weights
+
+
+def d_neg_logsigmoid(x):
+    # -F.logsigmoid(x) = softplus(-x); derivative -sigmoid(-x)
+    return Dual(math.log1p(math.exp(-x.v)), -(1.0 / (1.0 + math.exp(x.v))) * x.d)
+
+
+def trl_dpo_sigmoid_weighted(chosen, rejected, ref_chosen, ref_rejected, w_chosen, w_rejected, beta):
+    # per_sequence_loss = -logsigmoid(beta * delta_score); per_sequence_loss *= chosen_weights * rejected_weights;
+    # loss += per_sequence_loss.mean()
+    losses = []
+    for c, r, rc, rr, wc, wr in zip(chosen, rejected, ref_chosen, ref_rejected, w_chosen, w_rejected):
+        delta = (c - rc) - (r - rr)
+        losses.append(d_neg_logsigmoid(beta * delta) * (wc * wr))
+    return sum(losses, Dual(0.0)) / len(losses)
+
+
+# ---- TRL grpo_trainer.py _generate_and_score_completions (f2cd577); trl/trainer/utils.py nanstd (unbiased) ------
+def trl_nanstd(xs):
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / len(xs)
+    return math.sqrt(var * len(xs) / (len(xs) - 1))
+
+
+def trl_normalize_then_sum(rewards_per_func, weights, num_generations):
+    """grouped = view(-1, G, K); reward_k = (grouped - mean_k) / (std_k + 1e-4); rewards = (reward_k * w).nansum(1);
+    std_rewards = nanstd(rewards); advantages = (rewards - nanmean(rewards)) / (std_rewards + 1e-4)."""
+    n, k_count = len(rewards_per_func), len(weights)
+    reward_k = [[0.0] * k_count for _ in range(n)]
+    for g0 in range(0, n, num_generations):
+        for k in range(k_count):
+            col = [rewards_per_func[i][k] for i in range(g0, g0 + num_generations)]
+            mean_k = sum(col) / len(col)
+            std_k = trl_nanstd(col)
+            for i in range(g0, g0 + num_generations):
+                reward_k[i][k] = (rewards_per_func[i][k] - mean_k) / (std_k + 1e-4)
+    rewards = [sum(reward_k[i][k] * weights[k] for k in range(k_count)) for i in range(n)]
+    std_rewards = trl_nanstd(rewards)
+    mean = sum(rewards) / n
+    adv = [(r - mean) / (std_rewards + 1e-4) for r in rewards]
+    frac_zero = 1.0 if abs(std_rewards) <= 1e-8 else 0.0  # torch.isclose(std, 0): atol 1e-8
+    return adv, frac_zero
+
+
+def trl_sum_then_normalize_batch(rewards, num_generations):
+    """scale_rewards="batch": advantages = (r - group mean) / (nanstd(rewards) + 1e-4);
+    is_std_zero = isclose(std_rewards, 0) with std_rewards the batch std expanded to every row."""
+    n = len(rewards)
+    std_rewards = trl_nanstd(rewards)
+    adv = []
+    for g0 in range(0, n, num_generations):
+        group = rewards[g0:g0 + num_generations]
+        mean = sum(group) / len(group)
+        adv += [(r - mean) / (std_rewards + 1e-4) for r in group]
+    frac_zero = 1.0 if abs(std_rewards) <= 1e-8 else 0.0
+    return adv, frac_zero
+
+
+# ---- Whole steps: advantages -> policy loss -> metrics, each framework's order ---------------------------------
+def d_max2(a, b):
+    # torch.max(a, b) elementwise (the fixtures have no ties with different derivatives)
+    return a if a.v >= b.v else b
+
+
+def trl_grpo_dapo_step(lp, old, ref, adv, mask, b, t, eps_low, eps_high, beta):
+    """TRL GRPOTrainer._compute_loss (f2cd577), loss_type "dapo" (the default), token-level IS, beta != 0:
+    coef_1 = exp(lp - old); coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high);
+    per_token_loss = -min(coef_1 A, coef_2 A) + beta (exp(ref - lp) - (ref - lp) - 1);
+    loss = (per_token_loss * mask).sum() / num_items_in_batch (one process: mask.sum()).
+    Returns the loss (Dual) and the logged metrics (floats)."""
+    total, kl_sum, low, high, region = Dual(0.0), 0.0, 0.0, 0.0, 0.0
+    row_low, row_high = [], []
+    for i in range(b):
+        rl, rh, n = 0.0, 0.0, 0.0
+        for k in range(t):
+            j = i * t + k
+            A, m = adv[i], mask[j]
+            coef_1 = d_exp(lp[j] - old[j])
+            coef_2 = d_clamp(coef_1, 1 - eps_low, 1 + eps_high)
+            per_token = -d_min(coef_1 * A, coef_2 * A)
+            d = ref[j] - lp[j]
+            kl = d_exp(d) - d - 1.0
+            total = total + (per_token + beta * kl) * m
+            kl_sum += kl.v * m
+            is_low = 1.0 if (coef_1.v < 1 - eps_low and A < 0) else 0.0
+            is_high = 1.0 if (coef_1.v > 1 + eps_high and A > 0) else 0.0
+            low += is_low * m
+            high += is_high * m
+            region += max(is_low, is_high) * m
+            rl += is_low * m
+            rh += is_high * m
+            n += m
+        if n > 0:  # masked_seq_mean is NaN for an empty row; nanmin / nanmax skip it
+            row_low.append(rl / n)
+            row_high.append(rh / n)
+    n = sum(mask)
+    metrics = {"kl": kl_sum / n, "clip_ratio_low": low / n, "clip_ratio_high": high / n,
+               "clip_ratio_region": region / n, "clip_ratio_low_min": min(row_low),
+               "clip_ratio_high_max": max(row_high)}
+    return total / max(n, 1.0), metrics
+
+
+def verl_pg_loss_dual(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, clip_c):
+    """compute_policy_loss_vanilla's pg_losses on Duals, agg_loss token-mean (as verl_policy_loss above)."""
+    losses = []
+    for lp, o, A in zip(log_prob, old_log_prob, advantages):
+        ratio = d_exp(d_clamp(lp - o, -20.0, 20.0))
+        pg1 = -(ratio * A)
+        pg2 = -(d_clamp(ratio, 1 - clip_low, 1 + clip_high) * A)
+        cpg1 = d_max2(pg1, pg2)
+        cpg2 = d_min(Dual(-A * clip_c), cpg1)
+        losses.append(cpg2 if A < 0 else cpg1)
+    return sum((l * m for l, m in zip(losses, mask)), Dual(0.0)) / sum(mask)
+
+
+def openrlhf_ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_eps):
+    """OpenRLHF loss.py PolicyLoss.forward (3c3be62), policy_loss_type "ppo", token_level_loss, no dual clip, no IS:
+    ratio = exp(clamp(log_probs - old, -20, 20)); loss = -min(surr1, surr2); masked_mean over every token;
+    clip_ratio = masked_mean(surr2 < surr1); ppo_kl = masked_mean(-(log_probs - old))."""
+    loss, clipped = Dual(0.0), 0.0
+    for lp, o, A, m in zip(log_probs, old_log_probs, advantages, mask):
+        ratio = d_exp(d_clamp(lp - o, -20.0, 20.0))
+        surr1 = ratio * A
+        surr2 = d_clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A
+        loss = loss + (-d_min(surr1, surr2)) * m
+        clipped += (1.0 if surr2.v < surr1.v else 0.0) * m
+    n = sum(mask)
+    ppo_kl = sum(-(Dual.of(lp).v - o) * m for lp, o, m in zip(log_probs, old_log_probs, mask)) / n
+    return loss / n, clipped / n, ppo_kl
+
+
 def emit_vec(name, v):
     print(f"inline const std::vector<double> {name} = {{{', '.join(repr(float(x)) for x in v)}}};")
 
@@ -592,6 +750,109 @@ def main():
         if tag == "token_mean":
             emit("verl_vf_clipfrac", clipfrac)
             emit("verl_vpred_mean", vpred_mean)
+    # 12. TRL WPO (use_weighting): weights from the policy's own logits, then the sigmoid DPO loss of each pair times
+    # w_chosen * w_rejected. Rows are TRL's concatenated batch [chosen 0, chosen 1, rejected 0, rejected 1] of shifted
+    # logits [4, 3, 4]; row 0's most likely labels give a weight above 1 (no clamp in f2cd577); row 3 has one token.
+    BW, TW, VW = 4, 3, 4
+    print(f"inline constexpr long BW = {BW}, TW = {TW}, VW = {VW};")
+    WL = [2.0, 0.0, 0.0, 0.0, 1.5, 1.0, -0.5, 0.0, 0.3, 0.1, 3.0, -1.0,
+          0.2, -0.7, 1.1, 0.4, -1.2, 2.2, 0.0, 0.5, 0.9, 0.9, -0.3, 0.1,
+          -0.4, 0.6, 0.0, 1.7, 0.8, -2.0, 0.5, 0.25, 1.0, 1.0, 1.0, 1.0,
+          3.0, -1.0, 0.5, 0.0, 0.1, 0.2, 0.3, 0.4, -5.0, 2.0, 1.0, 0.0]
+    WY = [0, 0, 2, 2, 1, 3, 3, 0, 1, 0, 0, 0]
+    WM = [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0]
+    emit_vec("wpo_logits", WL)
+    print(f"inline const std::vector<long> wpo_labels = {{{', '.join(str(y if m else -100) for y, m in zip(WY, WM))}}};")
+    w = trl_wpo_weights(WL, WY, WM, BW, TW, VW)
+    emit_vec("trl_wpo_weights", w)
+    logps = []
+    for i in range(BW):
+        lp = 0.0
+        for k in range(TW):
+            row = WL[(i * TW + k) * VW:(i * TW + k + 1) * VW]
+            if WM[i * TW + k]:
+                lp += row[WY[i * TW + k]] - logsumexp(row)
+        logps.append(lp)
+    WREF_C, WREF_R = [-2.5, -3.0], [-4.0, -1.5]
+    emit_vec("wpo_ref_chosen", WREF_C)
+    emit_vec("wpo_ref_rejected", WREF_R)
+    f = lambda cr: trl_dpo_sigmoid_weighted(cr[:2], cr[2:], WREF_C, WREF_R, w[:2], w[2:], 0.1)
+    emit("trl_wpo_dpo_loss", f([Dual(v) for v in logps]).v)
+    emit_vec("trl_wpo_dpo_grad", grad_of(f, logps))  # [d/d chosen_logps (2), d/d rejected_logps (2)]
+
+    # 13. TRL multi_objective_aggregation="normalize_then_sum": per-reward group normalisation, weighted sum, then
+    # once more over the batch; 2 groups of 3 generations, 2 reward functions, weights [1.0, 0.5]; the second
+    # reward is constant in group 2 (exactly representable, so TRL's plain mean centres it to exactly 0)
+    MR = [[1.0, 0.2], [0.0, 0.9], [0.5, 0.7], [0.5, 0.5], [1.0, 0.5], [0.25, 0.5]]
+    emit_vec("multi_rewards", [x for r in MR for x in r])
+    adv, frac = trl_normalize_then_sum(MR, [1.0, 0.5], 3)
+    emit_vec("trl_normalize_then_sum", adv)
+    emit("trl_normalize_then_sum_frac_zero_std", frac)
+
+    # 14. TRL scale_rewards="batch": advantages over the batch std, frac_reward_zero_std from the batch std (0 here,
+    # although group 1 has equal rewards: the group std would count it); and an all-equal batch (frac 1)
+    SR = [1.0, 0.0, 0.5, 0.5, 0.9, 0.2]
+    emit_vec("batch_scores", SR)
+    adv, frac = trl_sum_then_normalize_batch(SR, 2)
+    emit_vec("trl_batch_advantages", adv)
+    emit("trl_batch_frac_zero_std", frac)
+    emit("trl_batch_frac_zero_std_equal", trl_sum_then_normalize_batch([0.7] * 6, 2)[1])
+    emit("trl_reward_std", trl_nanstd(SR))  # the logged reward_std: nanstd(rewards) over the batch
+    # 15. Whole steps. (a) TRL GRPO, f2cd577 defaults but beta = 0.04 and epsilon_high = 0.28: group advantages
+    # (num_generations 2, (r - mean) / (std + 1e-4)) -> dapo loss with k3 -> logged metrics; row 3 is empty
+    BS, TS = 4, 4
+    print(f"inline constexpr long BS = {BS}, TS = {TS};")
+    S_SCORES = [1.0, 0.0, 0.25, 0.75]
+    S_LP = [-0.9, -1.6, -0.2, -1.1, -0.5, -2.4, -0.7, -1.0, -1.2, -0.4, -0.8, -2.0, -1.0, -1.0, -1.0, -1.0]
+    S_OLD = [-1.0, -1.3, -0.5, -1.0, -0.7, -2.0, -0.7, -1.4, -1.0, -0.45, -1.2, -2.0, -1.0, -1.0, -1.0, -1.0]
+    S_REF = [-1.2, -1.5, -0.3, -0.9, -0.4, -2.2, -0.6, -1.1, -1.1, -0.5, -1.0, -1.9, -1.0, -1.0, -1.0, -1.0]
+    S_M = [1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    for name, v in (("step_scores", S_SCORES), ("step_logprobs", S_LP), ("step_old_logprobs", S_OLD),
+                    ("step_ref_logprobs", S_REF), ("step_mask", S_M)):
+        emit_vec(name, v)
+    adv = []
+    for g0 in range(0, BS, 2):
+        grp = S_SCORES[g0:g0 + 2]
+        mean = sum(grp) / 2
+        std = trl_nanstd(grp)
+        adv += [(r - mean) / (std + 1e-4) for r in grp]
+    emit_vec("trl_step_advantages", adv)
+    f = lambda lp: trl_grpo_dapo_step(lp, S_OLD, S_REF, adv, S_M, BS, TS, 0.2, 0.28, 0.04)[0]
+    loss, metrics = trl_grpo_dapo_step([Dual(v) for v in S_LP], S_OLD, S_REF, adv, S_M, BS, TS, 0.2, 0.28, 0.04)
+    emit("trl_step_loss", loss.v)
+    emit_vec("trl_step_grad", grad_of(f, S_LP))
+    for k, v in metrics.items():
+        emit(f"trl_step_{k}", v)
+
+    # (b) verl PPO: GAE (gamma 0.9, lam 0.8, whitened) -> compute_policy_loss_vanilla (ppo_options::verl(): clip 0.2,
+    # dual-clip 3, log-ratio clamp 20, token-mean) and compute_value_loss (cliprange_value 0.5) on GAE's returns
+    adv, ret, _ = verl_gae(R, V, M, 0.9, 0.8)
+    f = lambda lp: verl_pg_loss_dual(lp, OLD, adv, M, 0.2, 0.2, 3.0)
+    loss, cf, lower, kl = verl_policy_loss(LP, OLD, adv, M, 0.2, 0.2, 3.0, "token-mean")
+    emit("verl_step_pg_loss", loss)
+    emit("verl_step_pg_loss_dual", f([Dual(v) for v in LP]).v)
+    emit_vec("verl_step_pg_grad", grad_of(f, LP))
+    emit("verl_step_pg_clipfrac", cf)
+    emit("verl_step_pg_clipfrac_lower", lower)
+    emit("verl_step_ppo_kl", kl)
+    vf_loss, vf_clipfrac, vpred_mean = verl_value_loss([Dual(v) for v in VP], ret, V, M, 0.5, "token-mean")
+    emit("verl_step_vf_loss", vf_loss.v)
+    emit_vec("verl_step_vf_grad", grad_of(lambda vp: verl_value_loss(vp, ret, V, M, 0.5, "token-mean")[0], VP))
+    emit("verl_step_vf_clipfrac", vf_clipfrac)
+    emit("verl_step_vpred_mean", vpred_mean)
+
+    # (c) OpenRLHF: reinforce_baseline advantages (fixture 6: KL coef 0.05, 2 samples per prompt, normalised) ->
+    # PolicyLoss "ppo" (clip 0.2, clamp 20, token level) with the updated policy's log-probs
+    adv6 = openrlhf_reinforce_baseline(scores6, 2, 0.05, LP6, REF6, M6, B6, T6)
+    LPN = [v + d for v, d in zip(LP6, [0.3, -0.25, 0.05, 0.0, -0.1, 0.4, 0.0, 0.0,
+                                       0.15, -0.3, 0.02, -0.2, 0.25, 0.1, 0.0, 0.0])]
+    emit_vec("openrlhf_step_logprobs", LPN)
+    f = lambda lp: openrlhf_ppo_policy_loss(lp, LP6, adv6, M6, 0.2)[0]
+    loss, clip_ratio, ppo_kl = openrlhf_ppo_policy_loss([Dual(v) for v in LPN], LP6, adv6, M6, 0.2)
+    emit("openrlhf_step_loss", loss.v)
+    emit_vec("openrlhf_step_grad", grad_of(f, LPN))
+    emit("openrlhf_step_clip_ratio", clip_ratio)
+    emit("openrlhf_step_ppo_kl", ppo_kl)
     print("}  // namespace posttrain::golden_conventions")
 
 

@@ -305,6 +305,67 @@ TEST_CASE("cross-backend + autograd: LD-DPO log-probs and Plackett-Luce", "[sequ
   }
 }
 
+TEST_CASE("cross-backend + autograd: PRM loss, hard / soft / whole-vocabulary labels", "[prm][cross][grad]") {
+  // [3, 6] positions over V = 11; placeholder 4 at seven positions; reward columns 9 and 2 (unsorted)
+  const auto logits = random_normal({3, 6, 11}, 91, 2.0);
+  const host_labels ids{{3, 6}, {4, 1, 4, 0, 4, 7, 3, 4, 2, 4, 8, 4, 4, 5, 6, 1, 0, 2}};
+  const host_labels hard{{3, 6}, {9, 3, 2, -100, 2, 0, 7, 9, 1, -100, 5, 2, 9, 0, 0, 0, 3, 8}};
+  const host_labels vocab{{3, 6}, {9, 3, 2, -100, 10, 0, 7, 1, 1, -100, 5, 6, 0, 0, 0, 0, 3, 8}};
+  const host_tensor soft{
+      {3, 6}, {0.9, -100, 0.5, -100, 0.0, -100, -100, 1.0, -100, 0.25, -100, 0.7, 0.4, -100, -100, -100, -100, -100}};
+  const prm_options opt = prm_options::openrlhf(4, {9, 2});
+  const prm_options whole{.placeholder_token_id = 4};
+  on_every_backend([&](const auto& m) {
+    const auto x = m.values(logits);
+    const auto h = prm_loss(m.labels(ids), x, m.labels(hard), opt);
+    const auto s = prm_loss_soft(m.labels(ids), x, m.values(soft), opt);
+    const auto w = prm_loss(m.labels(ids), x, m.labels(vocab), whole);
+    outputs o;
+    o.add("hard loss", h.loss);
+    o.add("hard per-step", h.per_step_loss);
+    o.add("hard accuracy", h.accuracy);
+    o.add("hard grad", prm_loss_backward(m.labels(ids), x, m.labels(hard), opt));
+    o.add("soft loss", s.loss);
+    o.add("soft accuracy", s.accuracy);
+    o.add("soft grad", prm_loss_soft_backward(m.labels(ids), x, m.values(soft), opt));
+    o.add("vocab loss", w.loss);
+    o.add("vocab accuracy", w.accuracy);
+    o.add("vocab grad", prm_loss_backward(m.labels(ids), x, m.labels(vocab), whole));
+    return o;
+  });
+  for (auto dt : {at::kFloat, at::kDouble}) {
+    const torch_maker m{dt};
+    const auto tol = tolerance_for(dtype_of(dt));
+    const auto x = m.values(logits);
+    require_agree("prm hard autograd", prm_loss_backward(m.labels(ids), x, m.labels(hard), opt),
+                  ops::to_host(autograd_grad(
+                      x, [&](const at::Tensor& z) { return prm_loss(m.labels(ids), z, m.labels(hard), opt).loss; })),
+                  tol);
+    require_agree(
+        "prm soft autograd", prm_loss_soft_backward(m.labels(ids), x, m.values(soft), opt),
+        ops::to_host(autograd_grad(
+            x, [&](const at::Tensor& z) { return prm_loss_soft(m.labels(ids), z, m.values(soft), opt).loss; })),
+        tol);
+    require_agree("prm vocab autograd", prm_loss_backward(m.labels(ids), x, m.labels(vocab), whole),
+                  ops::to_host(autograd_grad(
+                      x, [&](const at::Tensor& z) { return prm_loss(m.labels(ids), z, m.labels(vocab), whole).loss; })),
+                  tol);
+  }
+}
+
+TEST_CASE("cross-backend: WPO weights from logits (TRL use_weighting)", "[dpo][wpo][cross]") {
+  const auto logits = random_normal({4, 6, 9}, 95, 2.0);
+  const auto labels = random_labels({4, 6}, 9, 96, 0.3);
+  on_every_backend([&](const auto& m) {
+    outputs o;
+    o.add("wpo weights", wpo_weights(m.values(logits), m.labels(labels)));
+    return o;
+  });
+  // detached: no graph through the weights
+  const auto x = torch_maker{at::kDouble}.leaf(logits);
+  CHECK_FALSE(wpo_weights(x, torch_maker{at::kDouble}.labels(labels)).requires_grad());
+}
+
 TEST_CASE("torch: every DPO loss stays finite (values and autograd) at log-ratios of ±5000", "[dpo][extreme]") {
   for (auto dt : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
     for (const auto& [name, opt] : dpo_configurations()) {

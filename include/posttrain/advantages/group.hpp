@@ -64,8 +64,14 @@ struct group_advantage_result {
   T advantages;  ///< [B]
   T group_mean;  ///< [B]: the mean of each row's group (TRL logs `reward`)
   T group_std;   ///< [B]: unbiased std of each row's group (TRL `reward_std`), 0 for singletons
-  /// TRL frac_reward_zero_std: fraction of rows whose group std is 0 (all rewards equal).
+  /// TRL frac_reward_zero_std: fraction of rows whose std is 0 by torch.isclose(std, 0) (std <= 1e-8), the std
+  /// being the one TRL's scaling uses: the row's group std (scale group or none; singletons count as 0), or under
+  /// group_scale::batch the batch std, so every row or none (TRL GRPOTrainer._generate_and_score_completions,
+  /// f2cd577: is_std_zero = isclose(std_rewards, 0)).
   T frac_reward_zero_std;
+  /// TRL reward_std: the unbiased std of the scores over the whole batch (GRPOTrainer logs nanstd(rewards),
+  /// f2cd577; older TRL logged the mean of the group stds, which is mean_all(group_std)). 0-d; 0 for one row.
+  T reward_std;
 };
 
 namespace detail {
@@ -200,29 +206,41 @@ group_advantage_result<T> grpo_advantages(const T& scores, const index_tensor_t<
   const bool raw_single = opt.singleton == singleton_policy::raw;
   // verl: a singleton group has mean 0 and std 1
   T adv = raw_single ? ops::where(single, s, st.centred) : st.centred;  // r - mean
+  const bool batch = opt.scale == group_scale::batch;
+  const T all = ops::full_like(s, 1.0);
+  // TRL scale_rewards="batch": rewards.std() over every row (unbiased); [B]
+  const T reward_std = ops::sqrt(masked_var(ops::sub(s, ops::max_all(s)), all));  // 0-d, shifted by max r
+  const T bstd = batch ? ops::mul(all, reward_std) : all;
+  // TRL logs frac_reward_zero_std from the std its scaling uses: torch.isclose(std_rewards, 0), i.e. std <= 1e-8
+  constexpr double zero_std_atol = 1e-8;
+  const T zero_std = batch ? ops::le(bstd, zero_std_atol)
+                           : ops::maximum(ops::mul(ops::le(st.std, zero_std_atol), ops::gt(st.count, 1.0)), single);
   if (opt.scale != group_scale::none) {
-    T sd;
-    if (opt.scale == group_scale::group) {
-      sd = raw_single ? ops::where(single, 1.0, st.std) : st.std;
-    } else {  // TRL scale_rewards="batch": rewards.std() over every row (unbiased), shifted by max r
-      const T all = ops::full_like(s, 1.0);
-      const T bstd = ops::sqrt(masked_var(ops::sub(s, ops::max_all(s)), all));
-      sd = ops::mul(all, bstd);
-    }
+    T sd = bstd;
+    if (opt.scale == group_scale::group) sd = raw_single ? ops::where(single, 1.0, st.std) : st.std;
     if (opt.std_floor) sd = ops::maximum(sd, *opt.std_floor);
     adv = ops::div(adv, ops::add(sd, opt.eps));
   }
   adv = detail::apply_group_policies(adv, adv, st, opt.singleton, opt.all_equal);
-  const T zero_std = ops::mul(ops::le(st.std, 0.0), ops::gt(st.count, 1.0));
-  return {adv, st.mean, st.std, ops::div(ops::sum_all(ops::maximum(zero_std, single)), double(ops::size(s, 0)))};
+  return {adv, st.mean, st.std, ops::div(ops::sum_all(zero_std), double(ops::size(s, 0))), reward_std};
 }
 
 /// How several rewards per row [B, K] are combined (TRL multi_objective_aggregation).
-enum class multi_reward { sum_then_normalize, normalize_then_sum };
+enum class multi_reward {
+  sum_then_normalize,  ///< grpo_advantages(Σ_k w_k r_k) (TRL default)
+  normalize_then_sum,  ///< Σ_k w_k grpo_advantages(r_k), no batch step (GDPO-style)
+  /// Σ_k w_k grpo_advantages(r_k), then (x - mean_B x) / (std_B x + ε) over the batch (TRL "normalize_then_sum")
+  normalize_then_sum_batch,
+};
 
 /// GRPO advantages from K rewards per row, rewards [B, K], weights (K values; TRL reward_weights):
 ///   sum_then_normalize (TRL default): grpo_advantages(Σ_k w_k r_k)
-///   normalize_then_sum (GDPO-style): Σ_k w_k grpo_advantages(r_k), each reward normalised within its group.
+///   normalize_then_sum (GDPO-style): x = Σ_k w_k grpo_advantages(r_k), each reward normalised within its group.
+///   normalize_then_sum_batch: x as above, then normalised once more over the batch, (x - mean_B x) /
+///     (std_B x + ε), std unbiased, ε = opt.eps (TRL GRPOTrainer._generate_and_score_completions,
+///     multi_objective_aggregation="normalize_then_sum", f2cd577: advantages = (rewards - nanmean(rewards)) /
+///     (nanstd(rewards) + 1e-4)). TRL divides each reward by its group std + 1e-4 whatever scale_rewards says:
+///     keep opt.scale = group_scale::group (the default) to match it. A batch of one row gives 0.
 template <tensor T>
 T grpo_advantages_multi(const T& rewards, const std::vector<double>& weights, const index_tensor_t<T>& group_index,
                         multi_reward mode = multi_reward::sum_then_normalize, const group_options& opt = {}) {
@@ -246,7 +264,12 @@ T grpo_advantages_multi(const T& rewards, const std::vector<double>& weights, co
   for (std::int64_t k = 1; k < K; ++k)
     total = ops::add(
         total, ops::mul(grpo_advantages(column(k), group_index, opt).advantages, weights[static_cast<std::size_t>(k)]));
-  return total;
+  if (mode == multi_reward::normalize_then_sum) return total;
+  // TRL: (x - mean_B) / (std_B + ε), unbiased std over every row
+  const T all = ops::full_like(total, 1.0);
+  const T centred = ops::sub(total, ops::div(ops::sum_all(total), static_cast<double>(B)));
+  const T bstd = ops::sqrt(masked_var(centred, all));
+  return ops::div(centred, ops::add(bstd, opt.eps));
 }
 
 /// RLOO (Ahmadian et al. 2024, eq. 4; Kool et al. 2019): A_i = r_i - (Σ_{j≠i} r_j) / (n_g - 1).

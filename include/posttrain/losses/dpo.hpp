@@ -30,7 +30,8 @@
 //                 (sorted over the batch, so each pair's loss depends on the whole batch)
 //   sigmoid_norm  -log σ(β(s_c/|c| - s_r/|r|))                            length-normalised DPO (Tulu 3)
 //   sft           -Σ_b chosen_logps / Σ_b |c|: token-mean NLL of the chosen completions (RPO = sigmoid + sft)
-// loss = Σ_k weight_k · mean_b(L_k · w_c · w_r), w the optional (detached) WPO weights.
+// loss = Σ_k weight_k · mean_b(L_k · w_c · w_r), w the optional (detached) WPO weights (TRL use_weighting:
+// compute them from the policy's logits with wpo_weights, sequence_logps.hpp).
 // Gradient of standard DPO: ∂L/∂chosen_logps = -β σ(-x) / B, ∂L/∂rejected_logps = +β σ(-x) / B:
 // the pair the model already ranks correctly (x large) gets almost no push; a mis-ranked one the most.
 // Example (torchtune test vector): l_c - l_r = 10 (x = 1, β = 0.1) -> sigmoid loss 0.313262.
@@ -127,7 +128,7 @@ struct preference_batch {
   std::optional<T> ref_rejected_logps = std::nullopt;  ///< [B]
   std::optional<T> chosen_lengths = std::nullopt;      ///< [B] completion token counts (ipo, sigmoid_norm, sft)
   std::optional<T> rejected_lengths = std::nullopt;    ///< [B]
-  std::optional<T> chosen_weights = std::nullopt;      ///< [B] WPO weights (treated as constants)
+  std::optional<T> chosen_weights = std::nullopt;      ///< [B] WPO weights (constants; wpo_weights computes TRL's)
   std::optional<T> rejected_weights = std::nullopt;    ///< [B]
 };
 

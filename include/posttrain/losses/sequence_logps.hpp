@@ -9,6 +9,7 @@
 // temperature T (default 1 = none): log p = log softmax(logits / T) and the gradient carries 1/T,
 // as TRL and verl score completions sampled at temperature T (`logits /= temperature`).
 // ld_sequence_logps stays at T = 1.
+// wpo_weights: WPO's per-sequence weight from the policy's own logits (TRL use_weighting), see below.
 #pragma once
 
 #include <cstdint>
@@ -136,6 +137,31 @@ T ld_sequence_logps_backward(const T& logits, const index_tensor_t<T>& labels, c
   const T per_token = ops::mul(w, ops::unsqueeze(ops::upcast(grad), 1));
   return ops::to_dtype(detail::token_logprobs_backward_unchecked(x, labels, per_token, ignore_index),
                        ops::dtype_of(logits));
+}
+
+/// WPO weights (Zhou et al. 2024, arXiv:2406.11827 eq. 2, the length-normalised form TRL computes): per
+/// sequence, the geometric mean over completion tokens of the policy's probability of the token relative to its
+/// self-collision probability Σ_v p_v², detached:
+///   w_b = exp( Σ_t m_bt (log p(y_t) - log Σ_v p_v(t)²) / max(Σ_t m_bt, 1) ),  log Σ_v p_v² = lse(2x) - 2 lse(x)
+/// TRL DPOTrainer._compute_loss (use_weighting, f2cd577): the logits are TRL's shift_logits, m its
+/// shift_completion_mask (here labels != ignore_index), no clamp; the DPO loss of pair b is then multiplied by
+/// w_chosen · w_rejected: pass them as preference_batch::chosen_weights / rejected_weights (dpo.hpp). An empty row
+/// gets weight 1 (exp(0 / 1)). logits [B, T, V], labels [B, T] -> [B] in the compute dtype (float32 for half),
+/// detached (TRL: torch.no_grad()). Each logsumexp is of the logits shifted by their row max (2x included).
+/// Example: one token, logits [0, 0] (p = ½, ½; Σ p² = ½) -> w = exp(log ½ - log ½) = 1.
+template <tensor T>
+T wpo_weights(const T& logits, const index_tensor_t<T>& labels, std::int64_t ignore_index = default_ignore_index) {
+  const sequence_logps_options o{.ignore_index = ignore_index};
+  detail::check_sequence_logps("wpo_weights", logits, labels, o);
+  const T x = ops::detach(ops::upcast(logits));
+  const T lp = detail::token_logprobs_unchecked(x, labels, ignore_index);  // [B, T], 0 where ignored
+  const T xs = detail::shift_by_row_max(x);                                // [B, T, V]
+  // log Σ_v p_v² = lse(2 xs) - 2 lse(xs)  (TRL: lse2 - 2·lse1)
+  const T log_denom = ops::sub(detail::logsumexp_unchecked(ops::mul(xs, 2.0)),
+                               ops::mul(detail::logsumexp_unchecked(xs), 2.0));  // [B, T]
+  const T m = tensor_traits<T>::index_not_equal(labels, ignore_index, lp);       // [B, T] 0/1
+  const T aligned = ops::where(m, ops::sub(lp, log_denom), 0.0);
+  return ops::detach(ops::exp(ops::div(ops::sum(aligned, 1), ops::maximum(ops::sum(m, 1), 1.0))));
 }
 
 }  // namespace posttrain

@@ -86,8 +86,11 @@ value_terms<T> value_surrogate(const T& V, const T& V_old, const T& R, const val
   const T e1 = ops::sub(V, R);
   const T sq1 = ops::square(e1);
   if (!o.clip) return {ops::mul(sq1, 0.5), e1, sq1, sq1};
-  const T vc = ops::add(V_old, ops::clamp(ops::sub(V, V_old), -*o.clip, *o.clip));
+  // V_clip = clamp(V, V_old - ε, V_old + ε), as verl clip_by_value and TRL PPOTrainer write it: exactly V inside the
+  // range (OpenRLHF's V_old + clamp(V - V_old, ±ε) can be an ulp off V there, which flips vf_clipfrac's strict > on a
+  // tie: the loss then agrees to rounding, the metric not)
   const T inside = ops::mul(ops::ge(ops::sub(V, V_old), -*o.clip), ops::le(ops::sub(V, V_old), *o.clip));
+  const T vc = ops::where(inside, V, ops::add(V_old, ops::clamp(ops::sub(V, V_old), -*o.clip, *o.clip)));
   const T e2 = ops::sub(vc, R);
   const T sq2 = ops::square(e2);
   // ½ max((V - R)², (V_clip - R)²)   (PPO2 / verl compute_value_loss)
