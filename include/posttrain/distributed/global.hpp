@@ -21,7 +21,8 @@
 // Row order: "the whole batch" is the concatenation of rank 0's rows, then rank 1's, ...; within a rank,
 // its micro-batches in order. Communication per optimizer step: global_batch 1 all-gather + 2 all-reduces
 // (one host sync: the normaliser is a host double); each masked mean 1 all-reduce, a variance or whitening 2;
-// a group advantage 3 all-gathers (lengths with an options hash, scores, ids); global_metrics 3 all-reduces.
+// a group advantage 3 all-gathers (lengths with an options hash, scores, ids; OPO a 4th, the lengths |o|);
+// global_metrics 1 all-gather (a hash of the names) and 1 all-reduce per kind used (mean, max, min).
 // Each call also checks, through the same collectives, that its options agree across ranks (a hash), and
 // throws posttrain::error naming the function when they differ.
 //
@@ -235,8 +236,10 @@ class global_batch {
     }
     local_ = {tokens, seqs, rows};
     // a float like masks[0] carries the collectives (the communicator's tensor type)
-    const T like = ops::full(is_floating(ops::dtype_of(masks[0])) ? masks[0] : ops::to_dtype(masks[0], dtype::float32),
-                             shape_t{}, 0.0);
+    // float32 or wider (a half mask would round the hash and the limbs)
+    const T like = ops::full(
+        is_floating(ops::dtype_of(masks[0])) ? ops::upcast(masks[0]) : ops::to_dtype(masks[0], dtype::float32),
+        shape_t{}, 0.0);
     detail::options_hash h;
     h.add(static_cast<std::int64_t>(options.sync)).add(options.max_completion_length.value_or(-1));
     (void)detail::gather_lengths(fn, comm, like, 0, h.value(), "the options (sync, max_completion_length)");
@@ -469,7 +472,7 @@ class global_metrics {
     detail::require_finite("global_metrics::add_mean", "weight", weight);
     if (weight < 0) detail::fail("global_metrics::add_mean", "weight must be >= 0, got ", weight, " for ", name);
     check_value("global_metrics::add_mean", name, value, kind::mean);
-    const T wv = ops::reshape(ops::mul(ops::detach(value), weight), shape_t{1});
+    const T wv = ops::reshape(ops::mul(ops::upcast(ops::detach(value)), weight), shape_t{1});
     auto& e = means_[name];
     e.first = e.first ? ops::add(*e.first, wv) : wv;
     e.second += weight;
@@ -513,7 +516,7 @@ class global_metrics {
   void add_extreme(const std::string& name, const T& value, kind k) {
     const std::string_view fn = k == kind::max ? "global_metrics::add_max" : "global_metrics::add_min";
     check_value(fn, name, value, k);
-    const T v = ops::reshape(ops::detach(value), shape_t{1});
+    const T v = ops::reshape(ops::upcast(ops::detach(value)), shape_t{1});
     auto& slot = (k == kind::max ? max_ : min_)[name];
     slot = !slot ? v : (k == kind::max ? ops::maximum(*slot, v) : ops::minimum(*slot, v));
   }
@@ -564,7 +567,8 @@ gathered_rows<T> gather_rows(std::string_view fn, const communicator<T>& comm, c
   if (tr::index_shape(group_index) != shape_t{n})
     fail(fn, "group_index has shape ", shape_string(tr::index_shape(group_index)), " but scores has shape ",
          shape_string(ops::shape(scores)), "; expected one group id per row, shape [", n, "]");
-  const auto lengths = gather_lengths(fn, comm, ops::full(scores, shape_t{}, 0.0), n, options_hash_value, "the options");
+  const auto lengths =
+      gather_lengths(fn, comm, ops::full(ops::upcast(scores), shape_t{}, 0.0), n, options_hash_value, "the options");
   std::int64_t offset = 0, total = 0;
   for (int r = 0; r < world; ++r) {
     if (r < rank) offset += lengths[static_cast<std::size_t>(r)];
