@@ -141,7 +141,8 @@ TEMPLATE_TEST_CASE("global_batch: the micro-batch losses of every rank sum to th
         for (auto mode : all_modes) {
           double total = 0;  // Σ over this rank's (non-empty) micro-batches
           for (std::size_t i = 0; i < masks.size(); ++i)
-            if (ops::size(masks[i], 0) > 0) total += ops::item(aggregate(losses[i], masks[i], mode, gb.normalizer(mode)));
+            if (ops::size(masks[i], 0) > 0)
+              total += ops::item(aggregate(losses[i], masks[i], mode, gb.normalizer(mode)));
           out.push_back(total);
         }
         return out;
@@ -174,9 +175,10 @@ TEMPLATE_TEST_CASE("global_batch: the micro-batch losses of every rank sum to th
   }
 }
 
-TEMPLATE_TEST_CASE("global_batch + grpo_loss: loss, gradient and metrics of a data-parallel step equal the whole "
-                   "batch's",
-                   "[distributed][grpo]", double, float) {
+TEMPLATE_TEST_CASE(
+    "global_batch + grpo_loss: loss, gradient and metrics of a data-parallel step equal the whole "
+    "batch's",
+    "[distributed][grpo]", double, float) {
   using S = TestType;
   using T = eigen_tensor<S>;
   const auto& d = data();
@@ -197,14 +199,13 @@ TEMPLATE_TEST_CASE("global_batch + grpo_loss: loss, gradient and metrics of a da
     grpo_options opt{.loss_type = type, .beta = 0.04, .clip = {.clip_low = 0.1, .clip_high = 0.15}};
     const auto full = grpo_loss(batch_of(0, B, full_adv), opt);
     const T full_grad = grpo_loss_backward(batch_of(0, B, full_adv), opt);
-    const std::map<std::string, double> full_metrics{
-        {"kl", ops::item(full.kl)},
-        {"clip_ratio_low", ops::item(full.clip_ratio_low)},
-        {"clip_ratio_high", ops::item(full.clip_ratio_high)},
-        {"clip_ratio_region", ops::item(full.clip_ratio_region)},
-        {"ratio_mean", ops::item(full.ratio_mean)},
-        {"approx_kl", ops::item(full.approx_kl)},
-        {"entropy", ops::item(full.entropy)}};
+    const std::map<std::string, double> full_metrics{{"kl", ops::item(full.kl)},
+                                                     {"clip_ratio_low", ops::item(full.clip_ratio_low)},
+                                                     {"clip_ratio_high", ops::item(full.clip_ratio_high)},
+                                                     {"clip_ratio_region", ops::item(full.clip_ratio_region)},
+                                                     {"ratio_mean", ops::item(full.ratio_mean)},
+                                                     {"approx_kl", ops::item(full.approx_kl)},
+                                                     {"entropy", ops::item(full.entropy)}};
     for (int world : {1, 2, 3, 4}) {
       struct rank_out {
         double loss;
@@ -261,7 +262,8 @@ TEMPLATE_TEST_CASE("global_batch + grpo_loss: loss, gradient and metrics of a da
       check_number(what + " loss", total, ops::item(full.loss), dist_tol<S>());
       check_all<S>(what + " gradient", joined(grads), full_grad);
       for (const auto& r : per_rank)
-        for (const auto& [name, want] : full_metrics) check_number(what + " " + name, r.metrics.at(name), want, dist_tol<S>());
+        for (const auto& [name, want] : full_metrics)
+          check_number(what + " " + name, r.metrics.at(name), want, dist_tol<S>());
     }
   }
 }
@@ -271,9 +273,11 @@ TEMPLATE_TEST_CASE("global masked mean / var / whiten equal the whole batch's", 
   using S = TestType;
   using T = eigen_tensor<S>;
   const T x = T_<S>(data().loss), mask = T_<S>(data().mask);
-  const std::vector<whiten_options> whitenings{
-      {}, whiten_options::verl(), whiten_options::openrlhf(), whiten_options::openrlhf(false),
-      {.keep_mean = true, .unbiased = false, .outside = whiten_outside::keep}};
+  const std::vector<whiten_options> whitenings{{},
+                                               whiten_options::verl(),
+                                               whiten_options::openrlhf(),
+                                               whiten_options::openrlhf(false),
+                                               {.keep_mean = true, .unbiased = false, .outside = whiten_outside::keep}};
   for (int world : {1, 2, 3, 4}) {
     const auto per_rank = run_ranks<S>(world, [&](int rank, const communicator<T>& comm) {
       const std::int64_t first = first_row(world, rank), n = rank_rows(world)[static_cast<std::size_t>(rank)];
@@ -402,8 +406,7 @@ TEMPLATE_TEST_CASE("global top-entropy mask and controller KL equal the whole ba
   }
 }
 
-TEST_CASE("global forms: the communication of a GRPO step is O(1) small collectives, counted",
-          "[distributed][cost]") {
+TEST_CASE("global forms: the communication of a GRPO step is O(1) small collectives, counted", "[distributed][cost]") {
   using T = eigen_tensor<double>;
   const T scores = T_<double>(data().scores), mask = T_<double>(data().mask);
   test::thread_group<double> group(3);
@@ -446,7 +449,8 @@ TEST_CASE("global forms reject bad communicators and inputs with posttrain::erro
   SECTION("null callbacks") {
     for (int k = 0; k < 5; ++k) {
       auto c = single;
-      const char* name[] = {"comm.rank", "comm.world_size", "comm.all_reduce", "comm.all_gather", "comm.all_gather_index"};
+      const char* name[] = {"comm.rank", "comm.world_size", "comm.all_reduce", "comm.all_gather",
+                            "comm.all_gather_index"};
       if (k == 0) c.rank = nullptr;
       if (k == 1) c.world_size = nullptr;
       if (k == 2) c.all_reduce = nullptr;
@@ -476,24 +480,31 @@ TEST_CASE("global forms reject bad communicators and inputs with posttrain::erro
   }
   SECTION("global_batch inputs and options") {
     throws_with([&] { (void)global_batch(std::vector<T>{}, single); }, "global_batch: masks is empty");
-    throws_with([&] { (void)global_batch(std::vector<T>{mask, ops::reshape(mask, shape_t{B * W})}, single); },
-                "masks[1] must have rank 2");
+    throws_with(
+        [&] {
+          (void)global_batch(std::vector<T>{mask, ops::reshape(mask, shape_t{B * W})}, single);
+        },
+        "masks[1] must have rank 2");
     throws_with([&] { (void)global_batch(std::vector<T>{mask}, single, {.max_completion_length = 0}); },
                 "options.max_completion_length must be > 0, got 0");
     throws_with([&] { (void)global_batch(std::vector<T>{mask}, single, {.sync = static_cast<gradient_sync>(7)}); },
                 "options.sync must be");
   }
   SECTION("inputs of the global forms") {
-    throws_with([&] { (void)global_masked_mean(x, ops::slice(mask, 0, 0, 2), single); }, "global_masked_mean: mask has shape");
-    throws_with([&] { (void)global_masked_mean(x, mask, single, {.count_eps = -1}); }, "options.count_eps must be >= 0");
+    throws_with([&] { (void)global_masked_mean(x, ops::slice(mask, 0, 0, 2), single); },
+                "global_masked_mean: mask has shape");
+    throws_with([&] { (void)global_masked_mean(x, mask, single, {.count_eps = -1}); },
+                "options.count_eps must be >= 0");
     throws_with([&] { (void)global_masked_whiten(x, mask, single, {.eps = 0}); }, "options.eps must be > 0");
-    throws_with([&] { (void)global_grpo_advantages(x, ids, single); }, "global_grpo_advantages: scores must have rank 1");
+    throws_with([&] { (void)global_grpo_advantages(x, ids, single); },
+                "global_grpo_advantages: scores must have rank 1");
     throws_with([&] { (void)global_grpo_advantages(scores, id_rows(0, 3), single); },
                 "group_index has shape [3] but scores has shape [13]");
     throws_with([&] { (void)global_grpo_advantages(scores, ids, single, {.eps = 0}); }, "options.eps must be > 0");
     throws_with([&] { (void)global_grpo_advantages(ops::slice(scores, 0, 0, 0), id_rows(0, 0), single); },
                 "every rank's scores is empty");
-    throws_with([&] { (void)global_top_entropy_mask(x, mask, 1.5, single); }, "top_quantile must be in [0, 1], got 1.5");
+    throws_with([&] { (void)global_top_entropy_mask(x, mask, 1.5, single); },
+                "top_quantile must be in [0, 1], got 1.5");
     throws_with([&] { (void)global_mean_kl(x, mask, single, aggregation::sum); }, "global_mean_kl: mode must be");
     global_metrics<T> m;
     throws_with([&] { (void)m.reduce(single); }, "global_metrics::reduce: no metric was added");

@@ -30,8 +30,12 @@ class thread_group {
  public:
   using T = eigen_tensor<S>;
   explicit thread_group(int world)
-      : world_(world), barrier_(world), slots_(static_cast<std::size_t>(world)), index_slots_(slots_.size()),
-        reduces_(slots_.size(), 0), gathers_(slots_.size(), 0) {}
+      : world_(world),
+        barrier_(world),
+        slots_(static_cast<std::size_t>(world)),
+        index_slots_(slots_.size()),
+        reduces_(slots_.size(), 0),
+        gathers_(slots_.size(), 0) {}
 
   communicator<T> comm(int rank) {
     return {.rank = [rank] { return rank; },
@@ -63,14 +67,17 @@ class thread_group {
         detail::fail("thread_group::all_reduce", "rank ", r, " sent ", all[r].size(), " values, rank 0 ", out.size());
       for (std::size_t k = 0; k < out.size(); ++k) {
         const S v = static_cast<S>(all[r][k]);
-        out[k] = op == reduce_op::sum ? static_cast<S>(out[k] + v) : op == reduce_op::max ? std::max(out[k], v) : std::min(out[k], v);
+        out[k] = op == reduce_op::sum   ? static_cast<S>(out[k] + v)
+                 : op == reduce_op::max ? std::max(out[k], v)
+                                        : std::min(out[k], v);
       }
     }
     return T(x.shape(), out);
   }
   T all_gather(int rank, const T& x) {
     ++gathers_[static_cast<std::size_t>(rank)];
-    if (x.rank() != 1) detail::fail("thread_group::all_gather", "needs a 1-D tensor, got ", detail::shape_string(x.shape()));
+    if (x.rank() != 1)
+      detail::fail("thread_group::all_gather", "needs a 1-D tensor, got ", detail::shape_string(x.shape()));
     const auto all = exchange(slots_, rank, std::vector<double>(x.values().data(), x.values().data() + x.numel()));
     std::vector<S> out;
     for (const auto& a : all) out.insert(out.end(), a.begin(), a.end());
@@ -78,7 +85,8 @@ class thread_group {
   }
   eigen_index all_gather_index(int rank, const eigen_index& i) {
     ++gathers_[static_cast<std::size_t>(rank)];
-    const auto all = exchange(index_slots_, rank, std::vector<std::int64_t>(i.values().data(), i.values().data() + i.numel()));
+    const auto all =
+        exchange(index_slots_, rank, std::vector<std::int64_t>(i.values().data(), i.values().data() + i.numel()));
     std::vector<std::int64_t> out;
     for (const auto& a : all) out.insert(out.end(), a.begin(), a.end());
     return eigen_index({static_cast<std::int64_t>(out.size())}, out);

@@ -24,8 +24,6 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
-#include <torch/csrc/distributed/c10d/FileStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <unistd.h>
 
 #include <chrono>
@@ -37,6 +35,8 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <vector>
 
 #include "posttrain/backends/torch.hpp"
@@ -55,7 +55,9 @@ namespace {
 
 constexpr std::int64_t B = 13, W = 6;
 
-std::vector<std::int64_t> rank_rows(int world) { return world == 2 ? std::vector<std::int64_t>{5, 8} : std::vector<std::int64_t>{3, 3, 0, 7}; }
+std::vector<std::int64_t> rank_rows(int world) {
+  return world == 2 ? std::vector<std::int64_t>{5, 8} : std::vector<std::int64_t>{3, 3, 0, 7};
+}
 std::int64_t first_row(int world, int rank) {
   std::int64_t o = 0;
   for (int r = 0; r < rank; ++r) o += rank_rows(world)[static_cast<std::size_t>(r)];
@@ -137,8 +139,8 @@ void worker_checks(const communicator<at::Tensor>& comm, at::ScalarType dt) {
               mine(grpo_advantages(d.scores, d.ids, {.scale = group_scale::batch}).advantages), tol);
   check_close(tag + " rloo", global_rloo_advantages(mine(d.scores), mine(d.ids), comm),
               mine(rloo_advantages(d.scores, d.ids)), tol);
-  check_close(tag + " whitening", global_masked_whiten(mine(d.x), mine(d.mask), comm),
-              mine(masked_whiten(d.x, d.mask)), tol);
+  check_close(tag + " whitening", global_masked_whiten(mine(d.x), mine(d.mask), comm), mine(masked_whiten(d.x, d.mask)),
+              tol);
   check_close(tag + " top-entropy mask", global_top_entropy_mask(mine(d.ent), mine(d.mask), 0.3, comm),
               mine(top_entropy_mask(d.ent, d.mask, 0.3)), test::tolerance{0, 0});
 
@@ -146,9 +148,12 @@ void worker_checks(const communicator<at::Tensor>& comm, at::ScalarType dt) {
   for (auto type : {grpo_loss_type::dapo, grpo_loss_type::grpo}) {
     const grpo_options opt{.loss_type = type, .beta = 0.04, .clip = {.clip_low = 0.1, .clip_high = 0.15}};
     const at::Tensor full_lp = d.lp.clone().requires_grad_(true);
-    const auto full = grpo_loss(grpo_batch<at::Tensor>{.logprobs = full_lp, .advantages = full_adv,
-                                                       .response_mask = d.mask, .old_logprobs = d.old,
-                                                       .ref_logprobs = d.ref, .entropies = d.ent},
+    const auto full = grpo_loss(grpo_batch<at::Tensor>{.logprobs = full_lp,
+                                                       .advantages = full_adv,
+                                                       .response_mask = d.mask,
+                                                       .old_logprobs = d.old,
+                                                       .ref_logprobs = d.ref,
+                                                       .entropies = d.ent},
                                 opt);
     full.loss.backward();
 
@@ -194,7 +199,8 @@ void worker_checks(const communicator<at::Tensor>& comm, at::ScalarType dt) {
                                                  {"approx_kl", full.approx_kl},
                                                  {"entropy", full.entropy}};
     for (const auto& [name, value] : want)
-      check_close(what + " metric " + name, at::full({}, got.at(name), at::kDouble), value.detach().to(at::kDouble), tol);
+      check_close(what + " metric " + name, at::full({}, got.at(name), at::kDouble), value.detach().to(at::kDouble),
+                  tol);
   }
 }
 
@@ -215,10 +221,9 @@ std::vector<int> run_workers(int world, const std::string& scenario, std::chrono
   for (int r = 0; r < world; ++r) {
     auto& c = children[static_cast<std::size_t>(r)];
     c.log = (dir / ("rank" + std::to_string(r) + ".log")).string();
-    std::vector<std::string> env_strings{"POSTTRAIN_DIST_RANK=" + std::to_string(r),
-                                         "POSTTRAIN_DIST_WORLD=" + std::to_string(world),
-                                         "POSTTRAIN_DIST_STORE=" + (dir / "store").string(),
-                                         "POSTTRAIN_DIST_SCENARIO=" + scenario, "OMP_NUM_THREADS=1"};
+    std::vector<std::string> env_strings{
+        "POSTTRAIN_DIST_RANK=" + std::to_string(r), "POSTTRAIN_DIST_WORLD=" + std::to_string(world),
+        "POSTTRAIN_DIST_STORE=" + (dir / "store").string(), "POSTTRAIN_DIST_SCENARIO=" + scenario, "OMP_NUM_THREADS=1"};
     std::vector<char*> envp;
     for (char** e = environ; *e; ++e)
       if (std::string(*e).rfind("POSTTRAIN_DIST_", 0) != 0 && std::string(*e).rfind("OMP_NUM_THREADS=", 0) != 0)
@@ -271,7 +276,8 @@ std::vector<int> run_workers(int world, const std::string& scenario, std::chrono
 }  // namespace
 
 TEST_CASE("distributed worker: one rank of a Gloo group (started by the data-parallel test)", "[.dist-worker]") {
-  const int rank = std::stoi(env_or("POSTTRAIN_DIST_RANK", "-1")), world = std::stoi(env_or("POSTTRAIN_DIST_WORLD", "0"));
+  const int rank = std::stoi(env_or("POSTTRAIN_DIST_RANK", "-1")),
+            world = std::stoi(env_or("POSTTRAIN_DIST_WORLD", "0"));
   const std::string store = env_or("POSTTRAIN_DIST_STORE", ""), scenario = env_or("POSTTRAIN_DIST_SCENARIO", "check");
   REQUIRE(rank >= 0);
   REQUIRE(world >= 1);

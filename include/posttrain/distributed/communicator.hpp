@@ -22,8 +22,8 @@
 #pragma once
 
 #include <functional>
-#include <utility>
 #include <string_view>
+#include <utility>
 
 #include "posttrain/error.hpp"
 #include "posttrain/tensor.hpp"

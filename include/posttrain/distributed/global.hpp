@@ -110,8 +110,8 @@ std::vector<std::int64_t> gather_lengths(std::string_view fn, const communicator
   for (int r = 0; r < world; ++r) {
     const auto k = static_cast<std::size_t>(r);
     if (v[2 * k + 1] != hash)
-      fail(fn, what, " differ across ranks: rank ", r, " hashes them to ", v[2 * k + 1], ", rank ", comm.rank(),
-           " to ", hash, " (every rank must pass the same options)");
+      fail(fn, what, " differ across ranks: rank ", r, " hashes them to ", v[2 * k + 1], ", rank ", comm.rank(), " to ",
+           hash, " (every rank must pass the same options)");
     lengths[k] = static_cast<std::int64_t>(v[2 * k]);
   }
   return lengths;
@@ -148,8 +148,8 @@ template <tensor T>
 T checked_all_reduce(std::string_view fn, const communicator<T>& comm, const T& x, reduce_op op) {
   T out = comm.all_reduce(x, op);
   if (ops::shape(out) != ops::shape(x))
-    fail(fn, "comm.all_reduce(", reduce_op_name(op), ") returned shape ", shape_string(ops::shape(out)),
-         " for shape ", shape_string(ops::shape(x)));
+    fail(fn, "comm.all_reduce(", reduce_op_name(op), ") returned shape ", shape_string(ops::shape(out)), " for shape ",
+         shape_string(ops::shape(x)));
   return out;
 }
 
@@ -280,7 +280,8 @@ class global_batch {
       case aggregation::seq_mean_token_sum:
       case aggregation::seq_mean_token_mean: n = sequences_; break;
       case aggregation::seq_mean_token_sum_norm:
-        n = std::max(rows_, 1.0) * double(options_.max_completion_length.value_or(std::max<std::int64_t>(max_length_, 1)));
+        n = std::max(rows_, 1.0) *
+            double(options_.max_completion_length.value_or(std::max<std::int64_t>(max_length_, 1)));
         break;
       case aggregation::sum: n = 1.0; break;
       default: detail::fail("global_batch::normalizer", "mode ", static_cast<int>(mode), " is not an aggregation");
@@ -347,13 +348,14 @@ T global_var_of(std::string_view fn, const communicator<T>& comm, const T& x, co
                 const masked_options& o) {
   const auto [total, count] = global_sum_count(fn, comm, x, m);
   const T mean = ops::div(total, mean_divisor(count, o));
-  const T ss = element(
-      checked_all_reduce(fn, comm,
-                         ops::numel(x) == 0
-                             ? ops::full(x, shape_t{1}, 0.0)
-                             : ops::reshape(ops::sum_all(ops::square(ops::where(m, ops::sub(x, mean), 0.0))), shape_t{1}),
-                         reduce_op::sum),
-      0);
+  const T ss =
+      element(checked_all_reduce(
+                  fn, comm,
+                  ops::numel(x) == 0
+                      ? ops::full(x, shape_t{1}, 0.0)
+                      : ops::reshape(ops::sum_all(ops::square(ops::where(m, ops::sub(x, mean), 0.0))), shape_t{1}),
+                  reduce_op::sum),
+              0);
   if (o.count_eps > 0) {  // verl masked_var: both means over n + 1e-8, then · n / (n - 1)
     const T var = ops::div(ss, ops::add(count, o.count_eps));
     return unbiased ? ops::mul(var, ops::div(count, ops::maximum(ops::sub(count, 1.0), 1.0))) : var;
@@ -441,7 +443,8 @@ double global_mean_kl(const T& kl, const T& mask, const communicator<T>& comm,
   detail::check_communicator(fn, comm);
   if (mode != aggregation::token_mean && mode != aggregation::seq_mean_token_mean &&
       mode != aggregation::seq_mean_token_sum)
-    detail::fail(fn, "mode must be token_mean, seq_mean_token_mean or seq_mean_token_sum, got ", aggregation_name(mode));
+    detail::fail(fn, "mode must be token_mean, seq_mean_token_mean or seq_mean_token_sum, got ",
+                 aggregation_name(mode));
   detail::require_floating(fn, "kl", kl);
   detail::require_rank(fn, "kl", kl, 2, 2);
   const T m = detail::global_checked_mask(fn, kl, mask);
@@ -494,7 +497,8 @@ class global_metrics {
     std::map<std::string, double> out;
     if (!means_.empty()) {
       std::vector<T> parts;
-      for (const auto& [name, e] : means_) parts.push_back(*e.first), parts.push_back(ops::full(like, shape_t{1}, e.second));
+      for (const auto& [name, e] : means_)
+        parts.push_back(*e.first), parts.push_back(ops::full(like, shape_t{1}, e.second));
       const auto v = ops::to_host(detail::checked_all_reduce(fn, comm, ops::concat(parts, 0), reduce_op::sum));
       std::size_t k = 0;
       for (const auto& [name, e] : means_) out[name] = v[2 * k + 1] > 0 ? v[2 * k] / v[2 * k + 1] : 0.0, ++k;
@@ -509,7 +513,8 @@ class global_metrics {
   void check_value(std::string_view fn, const std::string& name, const T& value, kind k) {
     detail::require_floating(fn, "value", value);
     if (ops::numel(value) != 1)
-      detail::fail(fn, "value of ", name, " must have one element, got shape ", detail::shape_string(ops::shape(value)));
+      detail::fail(fn, "value of ", name, " must have one element, got shape ",
+                   detail::shape_string(ops::shape(value)));
     const auto [it, fresh] = kinds_.emplace(name, k);
     if (!fresh && it->second != k) detail::fail(fn, name, " was added before with another combination");
   }
@@ -605,19 +610,22 @@ inline double hash_of(std::int64_t a, double b = 0, double c = 0) {
 }  // namespace detail
 
 /// grpo_advantages (group.hpp) of the whole batch, this rank's rows: scores [n] and group_index [n] of this
-/// rank (n may be 0), group ids global (one prompt = one id on every rank), group members on any rank. Every field
-/// of the result is this rank's slice, except frac_reward_zero_std (a whole-batch scalar). Covers group / batch /
-/// none scaling (none = Dr. GRPO's advantage) and every option. Three all-gathers; exact (the single-process
-/// function on the gathered batch).
+/// rank (n may be 0), group ids global (one prompt = one id on every rank), group members on any rank. The per-row
+/// fields (advantages, group_mean, group_std) are this rank's slice; the 0-d fields are whole-batch scalars.
+/// Covers group / batch / none scaling (none = Dr. GRPO's advantage) and every option. Three all-gathers; exact (the
+/// single-process function on the gathered batch).
 template <tensor T>
 group_advantage_result<T> global_grpo_advantages(const T& scores, const index_tensor_t<T>& group_index,
                                                  const communicator<T>& comm, const group_options& opt = {}) {
   constexpr std::string_view fn = "global_grpo_advantages";
   detail::check_group_options(fn, opt);
   const auto g = detail::gather_rows(fn, comm, scores, group_index, detail::hash_group_options(opt));
-  const auto full = grpo_advantages(g.scores, g.group_index, opt);
-  return {detail::my_rows(g, full.advantages), detail::my_rows(g, full.group_mean), detail::my_rows(g, full.group_std),
-          full.frac_reward_zero_std};
+  // the per-row fields become this rank's rows; the whole-batch scalars (frac_reward_zero_std ...) stay as they are
+  auto out = grpo_advantages(g.scores, g.group_index, opt);
+  out.advantages = detail::my_rows(g, out.advantages);
+  out.group_mean = detail::my_rows(g, out.group_mean);
+  out.group_std = detail::my_rows(g, out.group_std);
+  return out;
 }
 
 /// rloo_advantages (group.hpp) over the whole batch, this rank's rows [n]. Three all-gathers; exact.
@@ -659,14 +667,14 @@ T global_opo_advantages(const T& scores, const T& response_mask, const index_ten
   detail::require_rank(fn, "scores", scores, 1, 1);
   if (ops::size(response_mask, 0) != ops::size(scores, 0))
     detail::fail(fn, "response_mask has shape ", detail::shape_string(ops::shape(response_mask)),
-                 " but scores has shape ", detail::shape_string(ops::shape(scores)), "; expected ", ops::size(scores, 0),
-                 " rows");
-  const auto g = detail::gather_rows(fn, comm, scores, group_index, detail::hash_of(static_cast<std::int64_t>(singleton)));
+                 " but scores has shape ", detail::shape_string(ops::shape(scores)), "; expected ",
+                 ops::size(scores, 0), " rows");
+  const auto g =
+      detail::gather_rows(fn, comm, scores, group_index, detail::hash_of(static_cast<std::int64_t>(singleton)));
   const T s_local = ops::upcast(scores);
-  const T len_local =
-      ops::numel(response_mask) == 0
-          ? ops::full(s_local, shape_t{ops::size(scores, 0)}, 0.0)
-          : ops::sum(ops::ne(ops::to_dtype(response_mask, ops::dtype_of(s_local)), 0.0), 1);  // [n] |o|
+  const T len_local = ops::numel(response_mask) == 0
+                          ? ops::full(s_local, shape_t{ops::size(scores, 0)}, 0.0)
+                          : ops::sum(ops::ne(ops::to_dtype(response_mask, ops::dtype_of(s_local)), 0.0), 1);  // [n] |o|
   const T len = comm.all_gather(len_local);
   if (ops::shape(len) != ops::shape(g.scores))
     detail::fail(fn, "comm.all_gather returned shape ", detail::shape_string(ops::shape(len)),
@@ -709,11 +717,12 @@ T global_reinforce_pp_baseline_advantages(const T& token_level_rewards, const T&
       ops::upcast(detail::checked_mask(fn, "token_level_rewards", token_level_rewards, "response_mask", response_mask)),
       0.0);
   const T row_sums = ops::numel(r) == 0 ? ops::full(r, shape_t{ops::size(r, 0)}, 0.0) : ops::sum(r, 1);
-  const auto g = detail::gather_rows(fn, comm, row_sums, group_index,
-                                     detail::hash_of(static_cast<std::int64_t>(singleton)));
+  const auto g =
+      detail::gather_rows(fn, comm, row_sums, group_index, detail::hash_of(static_cast<std::int64_t>(singleton)));
   const T s = g.scores;
   const auto st = detail::compute_group_stats(fn, s, g.group_index);
-  const T centred = detail::my_rows(g, detail::apply_group_policies(st.centred, s, st, singleton, all_equal_policy::formula));
+  const T centred =
+      detail::my_rows(g, detail::apply_group_policies(st.centred, s, st, singleton, all_equal_policy::formula));
   return global_masked_whiten(ops::where(m, ops::unsqueeze(centred, 1), 0.0), m, comm, whitening);
 }
 

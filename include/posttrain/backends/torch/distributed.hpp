@@ -20,13 +20,12 @@
 // its Options).
 #pragma once
 
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
 #include "posttrain/backends/torch/tensor.hpp"
@@ -93,8 +92,8 @@ inline at::Tensor gather_1d(c10d::ProcessGroup& pg, const at::Tensor& x, std::ch
 /// all_reduce and all_gather as its allreduce and allgather (see the file comment). `timeout` > 0 bounds each
 /// collective's wait; 0 (default) leaves it to the group's own timeout. The group must outlive the communicator's
 /// use (the callbacks hold a reference to it).
-inline communicator<at::Tensor> process_group_communicator(c10::intrusive_ptr<c10d::ProcessGroup> pg,
-                                                           std::chrono::milliseconds timeout = std::chrono::milliseconds{0}) {
+inline communicator<at::Tensor> process_group_communicator(
+    c10::intrusive_ptr<c10d::ProcessGroup> pg, std::chrono::milliseconds timeout = std::chrono::milliseconds{0}) {
   if (!pg) detail::fail("process_group_communicator", "pg is null");
   if (timeout.count() < 0) detail::fail("process_group_communicator", "timeout must be >= 0 ms, got ", timeout.count());
   return {.rank = [pg] { return pg->getRank(); },
@@ -111,9 +110,8 @@ inline communicator<at::Tensor> process_group_communicator(c10::intrusive_ptr<c1
                 return t[0].reshape(x.sizes());
               },
           .all_gather = [pg, timeout](const at::Tensor& x) { return detail::gather_1d(*pg, x, timeout, "all_gather"); },
-          .all_gather_index = [pg, timeout](const at::Tensor& i) {
-            return detail::gather_1d(*pg, i, timeout, "all_gather_index");
-          }};
+          .all_gather_index =
+              [pg, timeout](const at::Tensor& i) { return detail::gather_1d(*pg, i, timeout, "all_gather_index"); }};
 }
 
 }  // namespace posttrain
