@@ -6,8 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # clang-16 + libclang-rt-16-dev (its sanitizer and libFuzzer runtimes) + libfuzzer-16-dev: the fuzz targets (fuzz/).
 # libcli11-dev + nlohmann-json3-dev: the posttrain-verify command (tools/; skipped with a warning without them).
 # gnuplot-nox: the tour's pictures (examples/tour_plots.hpp; without it the tour runs and says plots were skipped).
+# libgloo-dev: Gloo's headers, for the data-parallel tests over c10d's ProcessGroupGloo (tests/torch/test_distributed_torch.cpp).
 POSTTRAIN_PACKAGES=(cmake g++ make libeigen3-dev librange-v3-dev catch2 libbenchmark-dev libtorch-dev
-                    clang-16 libclang-rt-16-dev libfuzzer-16-dev libcli11-dev nlohmann-json3-dev gnuplot-nox)
+                    clang-16 libclang-rt-16-dev libfuzzer-16-dev libcli11-dev nlohmann-json3-dev gnuplot-nox libgloo-dev)
 BUILD_DIR=${POSTTRAIN_BUILD_DIR:-build}
 JOBS=${POSTTRAIN_JOBS:-$(nproc 2>/dev/null || echo 2)}
 
