@@ -145,7 +145,7 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
 /// rows of a short vocabulary (V = 64: four packets) Eigen's general redux cost ~15 ns per call,
 /// about a fifth of the row's work.
 template <class S>
-inline S block_max(const S* x, std::int64_t n) {
+inline S packet_max(const S* x, std::int64_t n) {
   using namespace Eigen::internal;
   using P = typename packet_traits<S>::type;
   constexpr std::int64_t L = packet_traits<S>::size;
@@ -183,7 +183,7 @@ row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_ma
     const Eigen::Index n = static_cast<Eigen::Index>(std::min(block_size, vocab - b));
     const Eigen::Map<const A> blk(row + b, n);
     // The fast max (half the cost of maxCoeff<PropagateNaN>): a NaN is caught through s below.
-    const S bm = block_max(row + b, static_cast<std::int64_t>(n));
+    const S bm = packet_max(row + b, static_cast<std::int64_t>(n));
     if (bm > m) {
       if (s > 0.0) {
         // in the scaled units of d: a·(m - m')
