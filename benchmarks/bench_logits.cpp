@@ -321,6 +321,20 @@ void s2_posttrain_torch(benchmark::State& st) {
   });
   st.SetItemsProcessed(st.iterations() * cfg.s2_n);
 }
+/// The same call with sft_options::in_place_gradient: the gradient is written over the logits in the
+/// backward and handed to autograd (no fresh [N, V] gradient per step). The logits then hold the
+/// gradient, and the next step runs on those values: the cost does not depend on them (one stats
+/// read in the forward, one read + write in the backward), and a trainer recomputes its logits anyway.
+void s2_posttrain_torch_in_place(benchmark::State& st) {
+  auto& in = s2_inputs::get();
+  at::Tensor x = in.x.detach().clone().requires_grad_();
+  timed(st, timings(), "S2 posttrain sft_loss on torch + backward(), in place", [&] {
+    x.mutable_grad() = at::Tensor();
+    posttrain::sft_loss(x, in.y, {.in_place_gradient = true}).loss.backward();
+    benchmark::DoNotOptimize(x.grad().data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s2_n);
+}
 void s2_posttrain_torch_fused_backward(benchmark::State& st) {
   auto& in = s2_inputs::get();
   timed(st, timings(), "S2 posttrain sft_loss + sft_loss_backward on torch", [&] {
@@ -463,6 +477,7 @@ using posttrain_bench::reset_peak;
 
 const std::vector<std::string> memory_cases = {"S2 naive LibTorch",
                                                "S2 posttrain sft_loss on torch + backward()",
+                                               "S2 posttrain sft_loss on torch + backward(), in place",
                                                "S2 fused kernel, into a buffer",
                                                "S2 fused kernel, in place",
                                                "S1 naive LibTorch",
@@ -475,12 +490,14 @@ int run_peak_memory(const std::string& name) {
   if (name.rfind("S2", 0) == 0) {
     auto& in = s2_inputs::get();
     std::vector<float> loss(static_cast<std::size_t>(cfg.s2_n));
-    if (name == "S2 naive LibTorch" || name == "S2 posttrain sft_loss on torch + backward()") {
+    if (name == "S2 naive LibTorch" || name.rfind("S2 posttrain sft_loss on torch + backward()", 0) == 0) {
       at::Tensor x = in.x.detach().requires_grad_();
       in.grad = at::Tensor();  // not part of this case
       before = reset_peak();
       if (name == "S2 naive LibTorch")
         at::cross_entropy_loss(x, in.y).backward();
+      else if (name == "S2 posttrain sft_loss on torch + backward(), in place")
+        posttrain::sft_loss(x, in.y, {.in_place_gradient = true}).loss.backward();
       else
         posttrain::sft_loss(x, in.y).loss.backward();
     } else if (name == "S2 fused kernel, into a buffer") {
@@ -549,6 +566,7 @@ void print_summary(const char* self) {
                                  {"S2", "S2 naive LibTorch", 1},
                                  {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
                                  {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
+                                 {"S2", "S2 posttrain sft_loss on torch + backward(), in place", 1},
                                  {"S2", "S2 posttrain sft_loss + sft_loss_backward on torch", 1},
                                  {"S2", "S2 fused kernel, into a buffer", 1},
                                  {"S2", "S2 fused kernel, in place", 1}};
@@ -693,6 +711,7 @@ int main(int argc, char** argv) {
   reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);
   reg("S2/posttrain_generic_eigen", s2_generic);
   reg("S2/posttrain_sft_loss_torch_fwd_bwd", s2_posttrain_torch);
+  reg("S2/posttrain_sft_loss_torch_fwd_bwd_in_place", s2_posttrain_torch_in_place);
   reg("S2/fused_kernel_buffer", [](benchmark::State& s) { s2_fused(s, false); });
   reg("S2/fused_kernel_in_place", [](benchmark::State& s) { s2_fused(s, true); });
   reg("S2/posttrain_sft_loss_fused_backward_torch", s2_posttrain_torch_fused_backward);

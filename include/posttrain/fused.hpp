@@ -54,6 +54,10 @@ struct logits_stats_request {
   /// `logits /= self.temperature` (GRPOTrainer._get_per_token_logps) and verl's
   /// `logits.div_(temperature)`; 1 = none.
   double temperature = 1.0;
+  /// Permission for an autograd backend to write the gradient w.r.t. the logits into the logits' own
+  /// storage during the backward (the logits are consumed; no [..., V] gradient is allocated). A
+  /// hook may ignore it (then the logits are left alone). See sft_options::in_place_gradient.
+  bool gradient_in_place = false;
 };
 
 /// Per-row results of the one-pass logits hook, each [...]; unrequested fields are left empty.

@@ -251,3 +251,76 @@ TEST_CASE("fused vs generic on torch: logsumexp, token_logprobs, entropy (values
                       ops::to_host(grad_of([](const at::Tensor& l) { return generic::entropy_last(l); })), tol);
       }
 }
+
+TEST_CASE("autograd: sft_loss in_place_gradient writes the default gradient over the logits; misuse raises",
+          "[sft][grad][in_place]") {
+  const host_tensor logits = random_normal({3, 4, 11}, 171, 2.5);
+  const host_labels labels = random_labels({3, 4}, 11, 172, 0.3);
+  const sft_options plain{}, variant{.label_smoothing = 0.1,
+                                     .z_loss = 1e-2,
+                                     .reduction = aggregation::seq_mean_token_mean,
+                                     .dft = true,
+                                     .temperature = 0.7};
+  for (auto dt : float_types)
+    for (const sft_options& base_opt : {plain, variant}) {
+      const torch_maker mk{dt};
+      const auto tol = output_tolerance(dtype_of(dt));
+      const at::Tensor y = mk.labels(labels);
+      sft_options in_place = base_opt;
+      in_place.in_place_gradient = true;
+      INFO(mk.name() << " smoothing " << base_opt.label_smoothing);
+      const auto f = [&](const sft_options& o) {
+        return [&y, o](const at::Tensor& x) { return ops::mul(sft_loss(x, y, o).loss, 0.75); };
+      };
+      const at::Tensor expected = autograd_grad(mk.values(logits), f(base_opt));
+      const double expected_loss = 0.75 * sft_loss(mk.values(logits), y, base_opt).loss.item<double>();
+
+      // Logits computed from a parameter (clone saves nothing): the parameter gets the gradient, and
+      // the logits' own storage now holds it.
+      const at::Tensor w = mk.leaf(logits);
+      const at::Tensor x = w.clone();
+      const void* storage = x.data_ptr();
+      const at::Tensor loss = f(in_place)(x);
+      CHECK(loss.item<double>() == Approx(expected_loss).epsilon(1e-6));
+      loss.backward();
+      require_agree("in place: parameter gradient", w.grad(), ops::to_host(expected), tol);
+      CHECK(x.data_ptr() == storage);
+      // With label smoothing the logits have a second use (their row sum), whose gradient autograd adds
+      // on the way to w; without, the fused node is their only use and their storage is the gradient.
+      if (base_opt.label_smoothing == 0.0)
+        require_agree("in place: the logits hold their gradient", x.detach(), ops::to_host(expected), tol);
+      else
+        CHECK_FALSE(at::equal(x.detach(), mk.values(logits)));  // overwritten all the same
+
+      // Leaf logits: .grad() holds the default gradient (sharing the logits' storage).
+      const at::Tensor leaf = mk.leaf(logits);
+      f(in_place)(leaf).backward();
+      require_agree("in place: leaf gradient", leaf.grad(), ops::to_host(expected), tol);
+
+      // retain_graph: the second backward would read the overwritten logits; autograd raises.
+      const at::Tensor w2 = mk.leaf(logits);
+      const at::Tensor twice = f(in_place)(w2.clone());
+      twice.backward({}, /*retain_graph=*/true);
+      CHECK_THROWS(twice.backward());
+
+      // Another node that saved the logits (tanh saves its output) and runs after: autograd raises.
+      const at::Tensor w3 = mk.leaf(logits);
+      CHECK_THROWS(f(in_place)(w3.tanh()).backward());
+
+      // create_graph: refused with posttrain::error's message.
+      const at::Tensor w4 = mk.leaf(logits);
+      const at::Tensor l4 = f(in_place)(w4.clone());
+      CHECK_THROWS_WITH(torch::autograd::grad({l4}, {w4}, {}, /*retain_graph=*/true, /*create_graph=*/true),
+                        Catch::Contains("create_graph"));
+    }
+  // Logits the kernel path does not take (bfloat16): the default node runs and the logits are left alone.
+  const torch_maker bf{at::kBFloat16};
+  const at::Tensor xb = bf.leaf(logits);
+  const at::Tensor before = xb.detach().clone();
+  sft_loss(xb, bf.labels(labels), {.in_place_gradient = true}).loss.backward();
+  CHECK(at::equal(xb.detach(), before));
+  require_agree("bf16 falls back: gradient", xb.grad(),
+                ops::to_host(autograd_grad(bf.values(logits),
+                                           [&](const at::Tensor& x) { return sft_loss(x, bf.labels(labels)).loss; })),
+                output_tolerance(dtype::bfloat16));
+}

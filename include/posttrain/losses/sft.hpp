@@ -48,6 +48,23 @@ struct sft_options {
   bool dft = false;
   /// T, finite and > 0: the loss of logits / T (see the file comment); 1 = none (SFT's usual case).
   double temperature = 1.0;
+  /// Opt-in, autograd backends (LibTorch): `loss.backward()` writes d loss / d logits into the
+  /// logits' own storage and hands that storage to autograd as their gradient, so no [..., V]
+  /// gradient is allocated per step (Liger-Kernel's fused cross-entropy reuses the logits' memory
+  /// the same way; it writes during the forward, this mode during the backward, so the logits keep
+  /// their values through the forward). After the backward the logits' values are gone: they hold
+  /// the gradient (with label smoothing or a z-loss, the part of it from the fused node).
+  /// Safe when nothing reads the logits after this loss's backward: the usual `logits = model(x)`
+  /// (the LM head's matmul saves its inputs, not the logits) followed by `sft_loss(...).loss.backward()`.
+  /// Misuse is detected by autograd: the logits are saved for the backward and their version counter is
+  /// bumped when overwritten, so a second backward through the same graph (retain_graph) or another node
+  /// that saved the logits (e.g. `logits = h.tanh()`) and runs later raises autograd's "modified by an
+  /// inplace operation" error; create_graph = true raises posttrain::error. Not detectable: reading
+  /// the logits' values yourself after the backward (they are the gradient then). With leaf logits that
+  /// require grad, `logits.grad()` and `logits` share storage afterwards. Taken on the CPU kernel path
+  /// (contiguous float32/float64 CPU logits); other logits (CUDA, half, strided) run the default path
+  /// and are left alone. Ignored by backends without autograd (Eigen: use sft_loss_backward).
+  bool in_place_gradient = false;
 };
 
 template <tensor T>
@@ -68,6 +85,22 @@ inline void check_sft(std::string_view fn, const sft_options& o) {
   if (o.z_loss < 0.0) fail(fn, "options.z_loss must be >= 0, got ", o.z_loss);
   check_normalizer(fn, o.normalizer);
   require_temperature(fn, "options.temperature", o.temperature);
+}
+
+/// aggregate(loss, valid, mode, normalizer) for a loss already 0 at ignored rows and a 0/1 mask
+/// `valid` whose count's max(n, 1) the caller has: the same operations on the same values for
+/// token_mean and sum (aggregation_weights' mb = valid, count = max(n, 1) or the normaliser), without
+/// recomputing the mask, its count and the selection (8 tensor ops fewer per call); the sequence
+/// modes go through aggregate itself.
+template <tensor T>
+T aggregate_masked(const T& loss, const T& valid, const T& n_at_least_1, aggregation mode,
+                   std::optional<double> normalizer) {
+  if (mode == aggregation::token_mean) {
+    const T w = normalizer ? ops::div(valid, ops::scalar_like(valid, *normalizer)) : ops::div(valid, n_at_least_1);
+    return ops::sum_all(ops::mul(loss, w));
+  }
+  if (mode == aggregation::sum) return ops::sum_all(ops::mul(loss, normalizer ? ops::div(valid, *normalizer) : valid));
+  return aggregate(loss, valid, mode, normalizer);
 }
 
 template <tensor T>
@@ -102,7 +135,8 @@ sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const s
                                                                  .entropy = true,
                                                                  .argmax_hit = true,
                                                                  .ignore_index = opt.ignore_index,
-                                                                 .temperature = opt.temperature});
+                                                                 .temperature = opt.temperature,
+                                                                 .gradient_in_place = opt.in_place_gradient});
   const T& lp = st.logprob;                                           // [...] log p[y], 0 if ignored
   const T valid = tr::index_not_equal(labels, opt.ignore_index, lp);  // [...] 0/1
   T tok = ops::neg(lp);                                               // NLL
@@ -117,17 +151,19 @@ sft_result<T> sft_loss(const T& logits, const index_tensor_t<T>& labels, const s
   if (opt.dft) tok = ops::mul(tok, ops::detach(ops::exp(lp)));
   // PaLM z-loss: z · lse²
   if (opt.z_loss > 0.0) tok = ops::add(tok, ops::mul(ops::square(lse), opt.z_loss));
-  tok = ops::where(valid, tok, 0.0);
+  const T zero = ops::scalar_like(lp, 0.0);
+  tok = ops::where(valid, tok, zero);
 
   sft_result<T> r;
   r.per_token_loss = tok;
-  r.loss = aggregate(tok, valid, opt.reduction, opt.normalizer);
   const T n = ops::detach(ops::sum_all(valid));
+  const T n_at_least_1 = ops::maximum(n, 1.0);
+  r.loss = detail::aggregate_masked(tok, valid, n_at_least_1, opt.reduction, opt.normalizer);
   r.num_tokens = n;
   // Metrics: the hit is 0 at ignored rows already; the entropy is selected (not multiplied) so an
   // ignored row's NaN logits cannot reach it.
-  r.token_accuracy = ops::div(ops::sum_all(ops::detach(st.argmax_hit)), ops::maximum(n, 1.0));
-  r.entropy = ops::div(ops::sum_all(ops::where(valid, ops::detach(st.entropy), 0.0)), ops::maximum(n, 1.0));
+  r.token_accuracy = ops::div(ops::sum_all(ops::detach(st.argmax_hit)), n_at_least_1);
+  r.entropy = ops::div(ops::sum_all(ops::where(valid, ops::detach(st.entropy), zero)), n_at_least_1);
   return r;
 }
 

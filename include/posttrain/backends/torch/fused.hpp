@@ -35,9 +35,11 @@ struct fused_ops<at::Tensor> {
     const bool cpu = detail::torch_kernels::choose(x) != torch_backend::logits_path::chunked;
     logits_stats_request asked = q;
     if (!labels) asked.logprob = asked.argmax_hit = false;
-    T lab = at::empty({0}, x.options().dtype(at::kLong));  // autograd nodes take defined tensors only
-    if (labels && (asked.logprob || asked.argmax_hit))
-      lab = cpu ? labels->to(at::kCPU, at::kLong).contiguous() : labels->to(at::kLong);
+    const bool with_labels = labels && (asked.logprob || asked.argmax_hit);
+    // (autograd nodes take defined tensors only: an empty one stands for "no labels")
+    const T lab = !with_labels ? at::empty({0}, x.options().dtype(at::kLong))
+                  : cpu        ? labels->to(at::kCPU, at::kLong).contiguous()
+                               : labels->to(at::kLong);
     return detail::torch_kernels::logits_stats(x, lab, asked);
   }
 

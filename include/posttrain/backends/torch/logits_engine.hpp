@@ -282,8 +282,10 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
 /// Backward, row by row, into out [N, V] (contiguous, the logits' dtype): for each row,
 /// skip(g) -> zero row; else coeff(g, row, stats) gives the coefficients and label(g) the one-hot
 /// column (negative: none). inv_t = 1/T: the statistics of x / T, the chain rule applied by the writers.
+/// with_entropy: coeff reads st.entropy() (the statistics pass then also sums t; s is the same either way).
 template <class Src, class Skip, class Label, class Coeff>
-void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Coeff&& coeff, double inv_t) {
+void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Coeff&& coeff, double inv_t,
+                   bool with_entropy = true) {
   using S = compute_t<Src>;
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
@@ -302,7 +304,7 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
         if constexpr (std::is_same_v<Src, S>) {
           // The statistics pass keeps its exponentials in the output row; a β = 0 gradient
           // (cross-entropy, log-prob, logsumexp) rescales them: one exp per logit.
-          const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), true, inv_t);
+          const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), with_entropy, inv_t);
           const kernels::backward_coefficients k = coeff(g, row, st);
           if (k.beta == 0.0)
             kernels::write_row_backward_kept(o, v, st, block_max.data(), k, label(g), o);
@@ -403,13 +405,13 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
   };
   const bool with_labels = labels.defined() && labels.numel() > 0 && g_in.logprob.defined();
   const at::Tensor y = with_labels ? labels.reshape({-1}) : at::Tensor();
-  const at::Tensor g_lse = flat(g_in.logsumexp), g_ent = flat(g_in.entropy);
-  // An ignored label's log-prob is the constant 0: its upstream gradient is dropped.
-  const at::Tensor g_lp = with_labels
-                              ? at::where(y.ne(ignore_index), flat(g_in.logprob), at::zeros({}, g_lse.options()))
-                              : at::zeros({rows}, g_lse.options());
   const bool need_entropy = g_in.entropy.defined();
   if (choose(x) == logits_path::chunked) {
+    const at::Tensor g_lse = flat(g_in.logsumexp), g_ent = flat(g_in.entropy);
+    // An ignored label's log-prob is the constant 0: its upstream gradient is dropped.
+    const at::Tensor g_lp = with_labels
+                                ? at::where(y.ne(ignore_index), flat(g_in.logprob), at::zeros({}, g_lse.options()))
+                                : at::zeros({rows}, g_lse.options());
     const at::Tensor y_safe = with_labels ? at::where(y.ne(ignore_index), y, at::zeros_like(y)) : at::Tensor();
     chunked_backward(
         x, y_safe, out,
@@ -430,23 +432,32 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
     return out;
   }
 #if POSTTRAIN_TORCH_CPU_KERNELS
+  // An undefined upstream gradient is 0 (no zero-filled [N] tensor for it), and an ignored label's
+  // log-prob is the constant 0: its upstream gradient is dropped (coefficient 0).
+  const auto flat_or_none = [&](const at::Tensor& g) {
+    return g.defined() ? g.to(x.device(), c).contiguous().view({-1}) : at::Tensor();
+  };
+  const at::Tensor g_lse = flat_or_none(g_in.logsumexp), g_ent = flat_or_none(g_in.entropy);
+  const at::Tensor g_lp = with_labels ? flat_or_none(g_in.logprob) : at::Tensor();
   const at::Tensor yc = with_labels ? y.to(at::kCPU).contiguous() : at::Tensor();
   const std::int64_t* lab = with_labels ? yc.data_ptr<std::int64_t>() : nullptr;
   dispatch_logits(x.scalar_type(), [&](auto tag) {
     using Src = decltype(tag);
     using S = compute_t<Src>;
-    const S* gl = g_lse.data_ptr<S>();
-    const S* gp = g_lp.data_ptr<S>();
-    const S* ge = g_ent.data_ptr<S>();
+    const auto data = [](const at::Tensor& t) -> const S* { return t.defined() ? t.data_ptr<S>() : nullptr; };
+    const S* gl = data(g_lse);
+    const S* gp = data(g_lp);
+    const S* ge = data(g_ent);
     rows_backward<Src>(
         x, out.data_ptr<Src>(), [](std::int64_t) { return false; },
         [&](std::int64_t r) { return lab && lab[r] != ignore_index ? lab[r] : std::int64_t{-1}; },
         [&](std::int64_t r, const S*, const kernels::row_stats<S>& st) {
-          const double a = static_cast<double>(gl[r]), b = static_cast<double>(gp[r]);
+          const double a = gl ? static_cast<double>(gl[r]) : 0.0;
+          const double b = gp && lab[r] != ignore_index ? static_cast<double>(gp[r]) : 0.0;
           const double e = need_entropy ? static_cast<double>(ge[r]) : 0.0;
           return kernels::backward_coefficients{a - (need_entropy ? e * st.entropy() : 0.0), -e, 0.0, 0.0, b};
         },
-        inv_t);
+        inv_t, need_entropy);
   });
 #endif
   return out;
@@ -501,7 +512,7 @@ inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, con
           return kernels::cross_entropy_coefficients(st, row[lab[r]], v, static_cast<double>(wp[r]), a.label_smoothing,
                                                      a.z_loss, a.dft);
         },
-        inv_t);
+        inv_t, false);  // the cross-entropy coefficients read m, log s and lse, never t
   });
 #endif
   return out;

@@ -156,8 +156,23 @@ struct tensor_traits<at::Tensor> {
     return at::where(w.eq(from), at::full({}, to, w.options()), w);
   }
   static std::int64_t index_count_outside(const T& i, std::int64_t lo, std::int64_t hi, std::int64_t except) {
+    // Contiguous CPU int64/int32 labels (the usual ones): one loop over the values, no LibTorch ops
+    // (seven ops and a 0-d result cost ~9 µs per call, a fifth of a small sft_loss step).
+    if (i.device().is_cpu() && i.is_contiguous()) {
+      if (i.scalar_type() == at::kLong) return count_outside(i.data_ptr<std::int64_t>(), i.numel(), lo, hi, except);
+      if (i.scalar_type() == at::kInt) return count_outside(i.data_ptr<std::int32_t>(), i.numel(), lo, hi, except);
+    }
     const T w = wide_index(i);
     return (w.ne(except) & (w.lt(lo) | w.ge(hi))).sum().item<std::int64_t>();
+  }
+  template <class I>
+  static std::int64_t count_outside(const I* p, std::int64_t n, std::int64_t lo, std::int64_t hi, std::int64_t except) {
+    std::int64_t bad = 0;
+    for (std::int64_t k = 0; k < n; ++k) {
+      const auto v = static_cast<std::int64_t>(p[k]);
+      bad += (v != except && (v < lo || v >= hi)) ? 1 : 0;
+    }
+    return bad;
   }
 
   static std::vector<std::int64_t> index_to_host(const T& i) {
