@@ -4,8 +4,9 @@
 // f2cd577 re-typed with plain Python floats, gradients by dual numbers). Gradients: LibTorch autograd through the
 // forward against the golden gradient (or a closed form), and the analytic backward against both. The defaults
 // differing from each option, and input validation, are tested once, on the Eigen backend.
-// (openrlhf_gspo, seq-mask-tis, vanilla KTO, the PRM loss and wpo_weights are checked against the Eigen reference
-// in test_rl_variants_torch.cpp / test_preference_torch.cpp; openrlhf_gspo and seq-mask-tis also here, golden.)
+// openrlhf_gspo, seq-mask-tis, vanilla KTO and wpo_weights, also checked against the Eigen reference on random
+// inputs in test_rl_variants_torch.cpp / test_preference_torch.cpp, are here against the golden values too; the PRM
+// loss (tests/reference/golden_prm.hpp) too.
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
@@ -13,11 +14,13 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/posttrain.hpp"
 #include "reference/golden_conventions.hpp"
+#include "reference/golden_prm.hpp"
 #include "support/eigen_checks.hpp"
 #include "support/torch_data.hpp"
 
@@ -58,15 +61,15 @@ TEST_CASE("Peer conventions, torch: verl masked_mean / masked_var / masked_white
   // d masked_mean / d x_i = m_i / (n + 1e-8) (closed form, n = 7)
   std::vector<double> dmean(g::mask.size());
   for (std::size_t i = 0; i < dmean.size(); ++i) dmean[i] = g::mask[i] / (7.0 + 1e-8);
-  check_gradient("masked_mean", x, [&](const Tn& v) { return masked_mean(v, m, std::nullopt, verl); }, std::nullopt,
-                 dmean);
+  check_gradient(
+      "masked_mean", x, [&](const Tn& v) { return masked_mean(v, m, std::nullopt, verl); }, std::nullopt, dmean);
 }
 
 TEST_CASE("Peer conventions, torch: OpenRLHF advantage normalisation (floor, biased, centre-only)",
           "[peer][conventions][torch]") {
   check_values("whiten", masked_whiten(bt(g::x), bt(g::mask), whiten_options::openrlhf()), g::openrlhf_whiten, tol);
-  check_values("centre only", masked_whiten(bt(g::x), bt(g::mask), whiten_options::openrlhf(false)),
-               g::openrlhf_centre, tol);
+  check_values("centre only", masked_whiten(bt(g::x), bt(g::mask), whiten_options::openrlhf(false)), g::openrlhf_centre,
+               tol);
   check_values("variance floor", masked_whiten(bt(g::x_const), bt(g::mask_const), whiten_options::openrlhf()),
                g::openrlhf_whiten_floor, tol);
 }
@@ -117,10 +120,10 @@ TEST_CASE("Peer conventions, torch: verl PPO metrics (ppo_options::verl)", "[pee
 
 TEST_CASE("Peer conventions, torch: OpenRLHF score clamp, REINFORCE++-baseline orders", "[peer][conventions][torch]") {
   const kl_reward_options clip{.beta = 0.05, .score_clip = score_range{-2.0, 2.0}};
-  check_values("compute_reward clamp",
-               kl_shaped_rewards(tvec(g::scores), bt(g::logprobs_reward), bt(g::ref_logprobs), bt(g::mask_reward), clip)
-                   .rewards,
-               g::openrlhf_reward_clipped, tol);
+  check_values(
+      "compute_reward clamp",
+      kl_shaped_rewards(tvec(g::scores), bt(g::logprobs_reward), bt(g::ref_logprobs), bt(g::mask_reward), clip).rewards,
+      g::openrlhf_reward_clipped, tol);
   const Tn m6 = bt(g::mask6, g::B6, g::T6), lp = bt(g::logprobs6, g::B6, g::T6),
            ref = bt(g::ref_logprobs6, g::B6, g::T6), scores = tvec(g::scores6);
   const Tn id = ids(std::vector<std::int64_t>(g::index6.begin(), g::index6.end()));
@@ -211,6 +214,19 @@ TEST_CASE("Peer conventions, torch: policy losses against golden gradients", "[p
                      g::verl_vf_grad_seq_mean_token_mean, V});
   }
 
+  {  // OpenRLHF VanillaKTOLoss: each side against the other side's KL (z not detached); z_U > 0 and z_U clamped
+    const Tn ref = tvec(g::kto_ref_logps), des = tvec(g::kto_desirable);
+    const auto o = kto_options::openrlhf_vanilla(0.1);
+    const auto batch = [=](const Tn& x) { return unpaired_batch<Tn>{.logps = x, .ref_logps = ref, .desirable = des}; };
+    for (const auto& [logps, loss, grad] :
+         {std::tuple{&g::kto_logps, g::openrlhf_vanilla_kto_loss, &g::openrlhf_vanilla_kto_grad},
+          std::tuple{&g::kto_logps_neg, g::openrlhf_vanilla_kto_loss_neg, &g::openrlhf_vanilla_kto_grad_neg}}) {
+      const Tn lp = tvec(*logps);
+      cases.push_back({"OpenRLHF vanilla KTO", [=](const Tn& x) { return kto(batch(x), o).loss; },
+                       [=] { return kto_backward(batch(lp), o); }, loss, *grad, lp});
+    }
+  }
+
   for (const auto& c : cases) {
     INFO(c.name);
     check_value("loss", c.loss(c.at), c.want_loss, tol);
@@ -219,8 +235,8 @@ TEST_CASE("Peer conventions, torch: policy losses against golden gradients", "[p
 }
 
 TEST_CASE("Peer conventions, torch: verl value-loss metrics (value_options::verl)", "[peer][conventions][torch]") {
-  const auto r = value_loss(bt(g::vf_vpreds), bt(g::vf_old_values), bt(g::vf_returns), bt(g::mask),
-                            value_options::verl(0.5));
+  const auto r =
+      value_loss(bt(g::vf_vpreds), bt(g::vf_old_values), bt(g::vf_returns), bt(g::mask), value_options::verl(0.5));
   check_value("vf_clipfrac", r.clipfrac, g::verl_vf_clipfrac, tol);
   check_value("vpred_mean", r.vpred_mean, g::verl_vpred_mean, tol);
 }
@@ -228,9 +244,10 @@ TEST_CASE("Peer conventions, torch: verl value-loss metrics (value_options::verl
 TEST_CASE("Peer conventions, torch: TRL normalize_then_sum (batch) and frac_reward_zero_std under batch scaling",
           "[peer][conventions][torch]") {
   const Tn rewards = tvec(g::multi_rewards).reshape({6, 2});
-  check_values("normalize_then_sum",
-               grpo_advantages_multi(rewards, {1.0, 0.5}, ids({0, 0, 0, 1, 1, 1}), multi_reward::normalize_then_sum_batch),
-               g::trl_normalize_then_sum, tol);
+  check_values(
+      "normalize_then_sum",
+      grpo_advantages_multi(rewards, {1.0, 0.5}, ids({0, 0, 0, 1, 1, 1}), multi_reward::normalize_then_sum_batch),
+      g::trl_normalize_then_sum, tol);
   const Tn groups = ids({0, 0, 1, 1, 2, 2});
   const auto r = grpo_advantages(tvec(g::batch_scores), groups, {.scale = group_scale::batch});
   check_values("advantages", r.advantages, g::trl_batch_advantages, tol);
@@ -239,10 +256,10 @@ TEST_CASE("Peer conventions, torch: TRL normalize_then_sum (batch) and frac_rewa
   check_value("group scaling counts the equal group",
               grpo_advantages(tvec(g::batch_scores), groups, {.scale = group_scale::group}).frac_reward_zero_std,
               1.0 / 3.0, tol);
-  check_value("all equal",
-              grpo_advantages(tvec(std::vector<double>(6, 0.7)), groups, {.scale = group_scale::batch})
-                  .frac_reward_zero_std,
-              g::trl_batch_frac_zero_std_equal, tol);
+  check_value(
+      "all equal",
+      grpo_advantages(tvec(std::vector<double>(6, 0.7)), groups, {.scale = group_scale::batch}).frac_reward_zero_std,
+      g::trl_batch_frac_zero_std_equal, tol);
 }
 
 TEST_CASE("Peer conventions, torch: whole steps (TRL GRPO, verl PPO, OpenRLHF REINFORCE++-baseline)",
@@ -299,8 +316,8 @@ TEST_CASE("Peer conventions, torch: whole steps (TRL GRPO, verl PPO, OpenRLHF RE
     const Tn m6 = b6(g::mask6), old = b6(g::logprobs6), ref = b6(g::ref_logprobs6), lp = b6(g::openrlhf_step_logprobs);
     const Tn id = ids(std::vector<std::int64_t>(g::index6.begin(), g::index6.end()));
     const Tn non_score = kl_shaped_rewards(torch::zeros({g::B6}, torch::kDouble), old, ref, m6, {.beta = 0.05}).rewards;
-    const Tn adv = reinforce_pp_baseline_advantages(tvec(g::scores6), non_score, m6, id,
-                                                    reinforce_baseline_options::openrlhf());
+    const Tn adv =
+        reinforce_pp_baseline_advantages(tvec(g::scores6), non_score, m6, id, reinforce_baseline_options::openrlhf());
     const ppo_options o{.clip = {.clip_low = 0.2, .log_ratio_clamp = 20.0}};
     const auto pg = ppo_policy_loss(lp, old, adv, m6, o);
     check_value("policy loss", pg.loss, g::openrlhf_step_loss, tol);
@@ -309,5 +326,70 @@ TEST_CASE("Peer conventions, torch: whole steps (TRL GRPO, verl PPO, OpenRLHF RE
     check_gradient(
         "d loss / d log_probs", lp, [&](const Tn& x) { return ppo_policy_loss(x, old, adv, m6, o).loss; },
         ppo_policy_loss_backward(lp, old, adv, m6, o), g::openrlhf_step_grad);
+  }
+}
+
+TEST_CASE("Peer conventions, torch: TRL WPO weights from the logits, through the weighted DPO loss",
+          "[peer][conventions][dpo][torch]") {
+  const Tn logits = tvec(g::wpo_logits).reshape({g::BW, g::TW, g::VW});
+  const Tn labels = ids(std::vector<std::int64_t>(g::wpo_labels.begin(), g::wpo_labels.end())).reshape({g::BW, g::TW});
+  const Tn w = wpo_weights(logits, labels);
+  check_values("weights", w, g::trl_wpo_weights, tol);
+  // TRL's concatenated batch [chosen 0, chosen 1, rejected 0, rejected 1]; the weights are constants
+  const Tn logps = sequence_logps(logits, labels).logps;
+  const auto batch = [&](const Tn& chosen, const Tn& rejected) {
+    preference_batch<Tn> b{chosen, rejected};
+    b.ref_chosen_logps = tvec(g::wpo_ref_chosen);
+    b.ref_rejected_logps = tvec(g::wpo_ref_rejected);
+    b.chosen_weights = w.slice(0, 0, 2);
+    b.rejected_weights = w.slice(0, 2, 4);
+    return b;
+  };
+  const Tn chosen = logps.slice(0, 0, 2), rejected = logps.slice(0, 2, 4);
+  check_value("weighted sigmoid DPO loss", dpo(batch(chosen, rejected), {.beta = 0.1}).loss, g::trl_wpo_dpo_loss, tol);
+  const auto& gw = g::trl_wpo_dpo_grad;
+  const auto grad = dpo_backward(batch(chosen, rejected), {.beta = 0.1});
+  check_gradient("d loss / d chosen_logps", chosen,
+                 [&](const Tn& x) { return dpo(batch(x, rejected), {.beta = 0.1}).loss; }, grad.chosen_logps,
+                 {gw[0], gw[1]});
+  check_gradient("d loss / d rejected_logps", rejected,
+                 [&](const Tn& x) { return dpo(batch(chosen, x), {.beta = 0.1}).loss; }, grad.rejected_logps,
+                 {gw[2], gw[3]});
+}
+
+TEST_CASE("Peer conventions, torch: OpenRLHF PRMLoss (hard, soft, whole vocabulary) against its golden values",
+          "[peer][conventions][prm][torch]") {
+  namespace p = posttrain::golden_prm;
+  const auto idx = [](const std::vector<std::int64_t>& v) { return ids(v).reshape({p::B, p::T}); };
+  const Tn in = idx(p::input_ids), x = tvec(p::logits).reshape({p::B, p::T, p::V}),
+           soft = tvec(p::soft_labels).reshape({p::B, p::T});
+  const auto rewards = prm_options::openrlhf(p::placeholder, p::reward_ids);
+  const auto vocab = prm_options::openrlhf(p::placeholder, {});
+  struct prm_case {
+    const char* name;
+    std::function<prm_result<Tn>(const Tn&)> forward;
+    std::function<Tn()> backward;
+    double loss, accuracy;
+    const std::vector<double>&per_step, &grad;
+  };
+  const std::vector<prm_case> cases{
+      {"hard", [&](const Tn& z) { return prm_loss(in, z, idx(p::labels), rewards); },
+       [&] { return prm_loss_backward(in, x, idx(p::labels), rewards); }, p::hard_loss, p::hard_acc_openrlhf,
+       p::hard_per_step, p::hard_grad},
+      {"soft", [&](const Tn& z) { return prm_loss_soft(in, z, soft, rewards); },
+       [&] { return prm_loss_soft_backward(in, x, soft, rewards); }, p::soft_loss, p::soft_acc_openrlhf,
+       p::soft_per_step, p::soft_grad},
+      {"whole vocabulary", [&](const Tn& z) { return prm_loss(in, z, idx(p::labels_vocab), vocab); },
+       [&] { return prm_loss_backward(in, x, idx(p::labels_vocab), vocab); }, p::vocab_loss, p::vocab_acc_openrlhf,
+       p::vocab_per_step, p::vocab_grad},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    const auto r = c.forward(x);
+    check_value("loss", r.loss, c.loss, tol);
+    check_value("accuracy (OpenRLHF: over every placeholder)", r.accuracy, c.accuracy, tol);
+    check_values("per-step loss", r.per_step_loss, c.per_step, tol);
+    check_gradient(
+        "d loss / d logits", x, [&](const Tn& z) { return c.forward(z).loss; }, c.backward(), c.grad);
   }
 }
