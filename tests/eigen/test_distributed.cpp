@@ -841,4 +841,27 @@ TEST_CASE("global selections: communication counted, bad inputs rejected", "[dis
         (void)global_grpo_advantages_multi(rewards, {1.0, 1.0}, id_rows(0, 3), single);
       },
       "group_index has shape [3]");
+  // options that differ across ranks: every rank throws at the same collective (nothing hangs)
+  const auto rejected = [&](auto&& f) {
+    try {
+      (void)run_ranks<double>(2, f);
+    } catch (const posttrain::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const auto e1 = rejected([&](int rank, const communicator<T>& comm) {
+    return global_top_entropy_threshold(std::vector<T>{ent}, std::vector<T>{mask}, rank == 0 ? 0.2 : 0.3, comm);
+  });
+  CHECK(e1.find("global_top_entropy_threshold: the top_quantile values differ across ranks") != std::string::npos);
+  const auto e2 = rejected([&](int rank, const communicator<T>& comm) {
+    policy_variant_options o = kl;
+    o.cov_seed = static_cast<std::uint64_t>(rank);
+    return global_cov_selection(mbs, comm, o).size();
+  });
+  CHECK(e2.find("global_cov_selection: the options differ across ranks") != std::string::npos);
+  const auto e3 = rejected([&](int rank, const communicator<T>& comm) {
+    return host(global_grpo_advantages_multi(rewards, {1.0, rank == 0 ? 1.0 : 2.0}, id_rows(0, B), comm));
+  });
+  CHECK(e3.find("global_grpo_advantages_multi: the options differ across ranks") != std::string::npos);
 }

@@ -26,11 +26,10 @@
 // its micro-batches in order. Communication per optimizer step: global_batch 1 all-gather + 2 all-reduces
 // (one host sync: the normaliser is a host double); each masked mean 1 all-reduce, a variance or whitening 2;
 // a group advantage 3 all-gathers (lengths with an options hash, scores, ids; OPO a 4th, the lengths |o|; several
-// reward columns a 4th, every column); the top-entropy threshold 1 all-gather; Clip-Cov / KL-Cov 1 all-reduce and
-// 2 all-gathers;
-// global_metrics 1 all-gather (a hash of the names) and 1 all-reduce per kind used (mean, max, min).
-// Each call also checks, through the same collectives, that its options agree across ranks (a hash), and
-// throws posttrain::error naming the function when they differ.
+// reward columns a 4th, every column); the top-entropy threshold 2 all-gathers (lengths with a hash of q, values);
+// Clip-Cov / KL-Cov 1 all-reduce and 2 all-gathers; global_metrics 1 all-gather (a hash of the names) and 1 all-reduce
+// per kind used (mean, max, min). Each call also checks, through the same collectives, that its options agree across
+// ranks (a hash), and throws posttrain::error naming the function when they differ.
 //
 // Global statistics are constants: nothing is differentiated through the communication (a global mean's
 // gradient would need the other ranks' backward). Advantages are constants anyway; losses get their global
@@ -774,8 +773,9 @@ T global_grpo_advantages_multi(const T& rewards, const std::vector<double>& weig
 /// valid entropies of every micro-batch of every rank (entropies[i], masks[i]: this rank's micro-batch i, any
 /// shape, the two alike; a micro-batch may be empty). Pass it as grpo_options / policy_variant_options
 /// top_entropy_threshold to every micro-batch's loss: each then keeps the tokens TRL's get_high_entropy_mask keeps
-/// on the whole batch (H ≥ threshold and valid). One all-gather of the entropies (masked-out ones sent as NaN and
-/// dropped) and one host transfer; 0 when no rank has a valid token (nothing to keep then anyway).
+/// on the whole batch (H ≥ threshold and valid). Two all-gathers (the lengths with a hash of q, then the
+/// entropies, masked-out ones sent as NaN and dropped) and one host transfer; 0 when no rank has a valid token (nothing
+/// to keep then anyway).
 template <tensor T>
 double global_top_entropy_threshold(const std::vector<T>& entropies, const std::vector<T>& masks, double top_quantile,
                                     const communicator<T>& comm) {
@@ -793,7 +793,17 @@ double global_top_entropy_threshold(const std::vector<T>& entropies, const std::
     const T m = ops::ne(ops::upcast(detail::checked_mask(fn, e_name, entropies[i], m_name, masks[i])), 0.0);
     flats.push_back(ops::reshape(ops::where(m, H, std::numeric_limits<double>::quiet_NaN()), shape_t{ops::numel(H)}));
   }
-  const auto all = ops::to_host(comm.all_gather(ops::concat(flats, 0)));
+  const T local = ops::concat(flats, 0);
+  // every rank's length with a hash of q (a rank asking for another quantile is an error, not a hang)
+  const auto lengths = detail::gather_lengths(fn, comm, ops::full(local, shape_t{}, 0.0), ops::numel(local),
+                                              detail::hash_of(0, top_quantile), "the top_quantile values");
+  std::int64_t total = 0;
+  for (auto n : lengths) total += n;
+  const T gathered = comm.all_gather(local);
+  if (ops::shape(gathered) != shape_t{total})
+    detail::fail(fn, "comm.all_gather returned shape ", detail::shape_string(ops::shape(gathered)),
+                 " for the entropies; expected [", total, "] (the ranks' lengths summed)");
+  const auto all = ops::to_host(gathered);
   std::vector<double> valid;
   for (double v : all)
     if (!std::isnan(v)) valid.push_back(v);
@@ -803,7 +813,7 @@ double global_top_entropy_threshold(const std::vector<T>& entropies, const std::
 
 /// top_entropy_mask (token_selection.hpp; TRL get_high_entropy_mask) with the quantile of every rank's valid
 /// entropies: 1 where this rank's entropies ≥ quantile_{1-q}(H over every rank's valid tokens) and the token is
-/// valid. One all-gather of this rank's entropies (global_top_entropy_threshold).
+/// valid. Two all-gathers (global_top_entropy_threshold).
 template <tensor T>
 T global_top_entropy_mask(const T& entropies, const T& mask, double top_quantile, const communicator<T>& comm) {
   const double thr = global_top_entropy_threshold(std::vector<T>{entropies}, std::vector<T>{mask}, top_quantile, comm);
