@@ -39,6 +39,8 @@
 //   kl_cov  -A·ρ + sel_t·kl_cov_coef·|lr_t| (same paper, KL-Cov; verl compute_policy_loss_kl_cov: no clipping):
 //           sel = the max(⌊kl_cov_ratio·N_valid⌋, 1) valid tokens of largest cov; D = -A·ρ + sel·coef·sign(lr).
 //           The selection is a constant of the step (it only picks tokens), so D ignores it, like autograd.
+//           Both select over the batch they are given; batch.cov_selection (a 0/1 [B, T] made outside, e.g. by
+//           global_cov_selection over every micro-batch of every data-parallel rank) replaces that selection.
 // Off-policy controls: constant factors c_t that multiply L_t before aggregation (TRL's order: the
 // aggregation's normaliser still counts every response token): the rollout IS weight and the OPSM row mask
 // (off_policy.hpp), the top-entropy token mask (token_selection.hpp).
