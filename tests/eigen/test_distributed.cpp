@@ -555,3 +555,313 @@ TEST_CASE("single_process: every global form is its single-process function", "[
   CHECK(ops::item(aggregate(x, mask, aggregation::token_mean, gb.normalizer(aggregation::token_mean))) ==
         ops::item(aggregate(x, mask, aggregation::token_mean)));
 }
+
+namespace {
+
+/// A rank's micro-batches of the whole batch's policy inputs (rows [first, first + n), split by micro_sizes; an
+/// empty [0, T] micro-batch included), with the whole batch's per-row advantages.
+template <class S>
+std::vector<policy_batch<eigen_tensor<S>>> policy_micro_batches(std::int64_t first, std::int64_t n) {
+  using T = eigen_tensor<S>;
+  const auto& d = data();
+  const T lp = T_<S>(d.logprobs), old = T_<S>(d.old_logprobs), mask = T_<S>(d.mask), ent = T_<S>(d.entropies);
+  const T adv = grpo_advantages(T_<S>(d.scores), id_rows(0, B)).advantages;
+  std::vector<policy_batch<T>> out;
+  std::int64_t at = first;
+  for (auto m : micro_sizes(n)) {
+    out.push_back({.logprobs = rows_of(lp, at, m),
+                   .advantages = rows_of(adv, at, m),
+                   .response_mask = rows_of(mask, at, m),
+                   .old_logprobs = rows_of(old, at, m),
+                   .entropies = rows_of(ent, at, m)});
+    at += m;
+  }
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE(
+    "global Clip-Cov / KL-Cov selection: the same tokens, loss and gradient as one process on the whole batch",
+    "[distributed][cov]", double, float) {
+  using S = TestType;
+  using T = eigen_tensor<S>;
+  const auto whole = policy_micro_batches<S>(0, B);
+  policy_batch<T> full_batch = whole[0];  // the whole batch in one piece
+  {
+    const auto& d = data();
+    full_batch = {.logprobs = T_<S>(d.logprobs),
+                  .advantages = grpo_advantages(T_<S>(d.scores), id_rows(0, B)).advantages,
+                  .response_mask = T_<S>(d.mask),
+                  .old_logprobs = T_<S>(d.old_logprobs),
+                  .entropies = T_<S>(d.entropies)};
+  }
+  // candidates: the covariances of this data lie in about ±1, so Clip-Cov's band is (-0.5, 0.5) (verl's (1, 5)
+  // would leave none); ratios large enough to pick several tokens of the ~50 valid ones
+  std::vector<policy_variant_options> opts;
+  for (auto variant : {policy_variant::clip_cov, policy_variant::kl_cov})
+    for (auto rule : {cov_rule::random, cov_rule::top})
+      for (std::uint64_t seed : {0u, 7u}) {
+        policy_variant_options o{.variant = variant, .clip = {.clip_low = 0.1}};
+        o.clip_cov_ratio = 0.25, o.clip_cov_lb = -0.5, o.clip_cov_ub = 0.5, o.kl_cov_ratio = 0.2;
+        o.cov_selection = rule, o.cov_seed = seed;
+        if (rule == cov_rule::top && seed != 0) o.kl_cov_ratio = 0.01;  // k = max(⌊0.01 N⌋, 1) = 1
+        opts.push_back(o);
+      }
+  for (const auto& opt : opts) {
+    const auto full = policy_variant_loss(full_batch, opt);
+    const T full_grad = policy_variant_loss_backward(full_batch, opt);
+    const auto full_sel = host(full.cov_selected);
+    double selected = 0;
+    for (double v : full_sel) selected += v;
+    const std::string name = std::string(opt.variant == policy_variant::clip_cov ? "clip_cov" : "kl_cov") +
+                             (opt.cov_selection == cov_rule::top ? " top" : " random") + " seed " +
+                             std::to_string(opt.cov_seed);
+    INFO(name << ": " << selected << " tokens selected");
+    CHECK(selected >= 1);  // the test selects something (and Clip-Cov's band has candidates)
+    for (int world : {1, 2, 3, 4}) {
+      struct rank_out {
+        std::vector<double> selection, used, grad;
+        double loss = 0;
+      };
+      const auto per_rank = run_ranks<S>(world, [&](int rank, const communicator<T>& comm) {
+        const std::int64_t first = first_row(world, rank), n = rank_rows(world)[static_cast<std::size_t>(rank)];
+        const auto mbs = policy_micro_batches<S>(first, n);
+        const auto sel = global_cov_selection(mbs, comm, opt);
+        std::vector<T> masks;
+        for (const auto& b : mbs) masks.push_back(b.response_mask);
+        const global_batch gb(masks, comm);
+        policy_variant_options o = opt;
+        o.normalizer = gb.normalizer(o.reduction);
+        rank_out out;
+        for (std::size_t i = 0; i < mbs.size(); ++i) {
+          const auto s = host(sel[i]);
+          out.selection.insert(out.selection.end(), s.begin(), s.end());
+          if (ops::size(mbs[i].logprobs, 0) == 0) continue;
+          auto b = mbs[i];
+          b.cov_selection = sel[i];
+          const auto r = policy_variant_loss(b, o);
+          out.loss += ops::item(r.loss);
+          const auto u = host(r.cov_selected);  // what the loss applied
+          out.used.insert(out.used.end(), u.begin(), u.end());
+          const auto g = host(policy_variant_loss_backward(b, o));
+          out.grad.insert(out.grad.end(), g.begin(), g.end());
+        }
+        return out;
+      });
+      const std::string what = name + " world " + std::to_string(world);
+      std::vector<std::vector<double>> sels, used, grads;
+      double total = 0;
+      for (const auto& r : per_rank)
+        sels.push_back(r.selection), used.push_back(r.used), grads.push_back(r.grad), total += r.loss;
+      INFO(what);
+      CHECK(joined(sels) == full_sel);  // a selection: exactly the same tokens
+      CHECK(joined(used) == full_sel);
+      check_number(what + " loss", total, ops::item(full.loss), dist_tol<S>());
+      check_all<S>(what + " gradient", joined(grads), full_grad);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE(
+    "global top-entropy threshold inside grpo_loss and policy_variant_loss: loss, gradient and kept tokens of the "
+    "whole batch",
+    "[distributed][entropy][grpo]", double, float) {
+  using S = TestType;
+  using T = eigen_tensor<S>;
+  const auto& d = data();
+  const T mask = T_<S>(d.mask), lp = T_<S>(d.logprobs), old = T_<S>(d.old_logprobs), ent = T_<S>(d.entropies);
+  const T adv = grpo_advantages(T_<S>(d.scores), id_rows(0, B)).advantages;
+  const auto grpo_of = [&](std::int64_t at, std::int64_t n) {
+    return grpo_batch<T>{.logprobs = rows_of(lp, at, n),
+                         .advantages = rows_of(adv, at, n),
+                         .response_mask = rows_of(mask, at, n),
+                         .old_logprobs = rows_of(old, at, n),
+                         .entropies = rows_of(ent, at, n)};
+  };
+  const auto variant_of = [&](std::int64_t at, std::int64_t n) {
+    return policy_batch<T>{.logprobs = rows_of(lp, at, n),
+                           .advantages = rows_of(adv, at, n),
+                           .response_mask = rows_of(mask, at, n),
+                           .old_logprobs = rows_of(old, at, n),
+                           .entropies = rows_of(ent, at, n)};
+  };
+  for (double q : {0.2, 0.5, 1.0}) {
+    const grpo_options gopt{.loss_type = grpo_loss_type::dapo, .top_entropy_quantile = q};
+    policy_variant_options vopt{.variant = policy_variant::cispo, .top_entropy_quantile = q};
+    const auto gfull = grpo_loss(grpo_of(0, B), gopt);
+    const T gfull_grad = grpo_loss_backward(grpo_of(0, B), gopt);
+    const auto vfull = policy_variant_loss(variant_of(0, B), vopt);
+    const T vfull_grad = policy_variant_loss_backward(variant_of(0, B), vopt);
+    // single process: the threshold of the whole batch gives exactly the quantile option's result
+    {
+      const double thr =
+          global_top_entropy_threshold(std::vector<T>{ent}, std::vector<T>{mask}, q, single_process<T>());
+      grpo_options g1 = gopt;
+      g1.top_entropy_quantile.reset(), g1.top_entropy_threshold = thr;
+      CHECK(ops::item(grpo_loss(grpo_of(0, B), g1).loss) == ops::item(gfull.loss));
+      policy_variant_options v1 = vopt;
+      v1.top_entropy_quantile.reset(), v1.top_entropy_threshold = thr;
+      CHECK(host(policy_variant_loss(variant_of(0, B), v1).token_keep) == host(vfull.token_keep));
+    }
+    for (int world : {1, 2, 3, 4}) {
+      struct rank_out {
+        double gloss = 0, vloss = 0;
+        std::vector<double> ggrad, vgrad, keep;
+      };
+      const auto per_rank = run_ranks<S>(world, [&](int rank, const communicator<T>& comm) {
+        const std::int64_t first = first_row(world, rank), n = rank_rows(world)[static_cast<std::size_t>(rank)];
+        std::vector<T> masks, ents;
+        std::int64_t at = first;
+        for (auto m : micro_sizes(n))
+          masks.push_back(rows_of(mask, at, m)), ents.push_back(rows_of(ent, at, m)), at += m;
+        const double thr = global_top_entropy_threshold(ents, masks, q, comm);
+        const global_batch gb(masks, comm);
+        grpo_options g = gopt;
+        g.top_entropy_quantile.reset(), g.top_entropy_threshold = thr, g.normalizer = gb.normalizer(g.loss_type);
+        policy_variant_options v = vopt;
+        v.top_entropy_quantile.reset(), v.top_entropy_threshold = thr, v.normalizer = gb.normalizer(v.reduction);
+        rank_out out;
+        at = first;
+        for (auto m : micro_sizes(n)) {
+          if (m > 0) {
+            out.gloss += ops::item(grpo_loss(grpo_of(at, m), g).loss);
+            const auto gg = host(grpo_loss_backward(grpo_of(at, m), g));
+            out.ggrad.insert(out.ggrad.end(), gg.begin(), gg.end());
+            const auto r = policy_variant_loss(variant_of(at, m), v);
+            out.vloss += ops::item(r.loss);
+            const auto k = host(r.token_keep);
+            out.keep.insert(out.keep.end(), k.begin(), k.end());
+            const auto vg = host(policy_variant_loss_backward(variant_of(at, m), v));
+            out.vgrad.insert(out.vgrad.end(), vg.begin(), vg.end());
+          }
+          at += m;
+        }
+        return out;
+      });
+      const std::string what = "q " + std::to_string(q) + " world " + std::to_string(world);
+      double gl = 0, vl = 0;
+      std::vector<std::vector<double>> gg, vg, keep;
+      for (const auto& r : per_rank)
+        gl += r.gloss, vl += r.vloss, gg.push_back(r.ggrad), vg.push_back(r.vgrad), keep.push_back(r.keep);
+      INFO(what);
+      CHECK(joined(keep) == host(vfull.token_keep));  // exactly the same tokens
+      check_number(what + " grpo loss", gl, ops::item(gfull.loss), dist_tol<S>());
+      check_all<S>(what + " grpo gradient", joined(gg), gfull_grad);
+      check_number(what + " cispo loss", vl, ops::item(vfull.loss), dist_tol<S>());
+      check_all<S>(what + " cispo gradient", joined(vg), vfull_grad);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("global grpo_advantages_multi: every reward column gathered, every mode equals the whole batch's",
+                   "[distributed][group][multi]", double, float) {
+  using S = TestType;
+  using T = eigen_tensor<S>;
+  constexpr std::int64_t K = 3;
+  auto r = test::random_normal({B, K}, 19);
+  for (auto& v : r.values) v = std::round(2 * v);  // ties inside groups, some all-equal columns per group
+  const T rewards = T_<S>(r);
+  const std::vector<double> weights{1.0, 0.5, -2.0};
+  const std::vector<std::pair<multi_reward, group_options>> cases{
+      {multi_reward::sum_then_normalize, {}},
+      {multi_reward::normalize_then_sum, {}},
+      {multi_reward::normalize_then_sum_batch, {}},
+      {multi_reward::sum_then_normalize, {.scale = group_scale::batch, .eps = 1e-6}},
+      {multi_reward::normalize_then_sum, {.scale = group_scale::none, .singleton = singleton_policy::raw}}};
+  for (int world : {1, 2, 3, 4}) {
+    const auto per_rank = run_ranks<S>(world, [&](int rank, const communicator<T>& comm) {
+      const std::int64_t first = first_row(world, rank), n = rank_rows(world)[static_cast<std::size_t>(rank)];
+      std::vector<std::vector<double>> out;
+      for (const auto& [mode, o] : cases)
+        out.push_back(
+            host(global_grpo_advantages_multi(rows_of(rewards, first, n), weights, id_rows(first, n), comm, mode, o)));
+      return out;
+    });
+    for (std::size_t c = 0; c < cases.size(); ++c) {
+      std::vector<std::vector<double>> parts;
+      for (const auto& pr : per_rank) parts.push_back(pr[c]);
+      check_all<S>("world " + std::to_string(world) + " case " + std::to_string(c), joined(parts),
+                   grpo_advantages_multi(rewards, weights, id_rows(0, B), cases[c].first, cases[c].second));
+    }
+  }
+}
+
+TEST_CASE("global selections: communication counted, bad inputs rejected", "[distributed][cov][errors]") {
+  using T = eigen_tensor<double>;
+  const T mask = T_<double>(data().mask), ent = T_<double>(data().entropies);
+  const policy_variant_options kl{.variant = policy_variant::kl_cov};
+  test::thread_group<double> group(3);
+  (void)run_ranks<double>(
+      3,
+      [&](int rank, const communicator<T>& comm) {
+        const std::int64_t first = first_row(3, rank), n = rank_rows(3)[static_cast<std::size_t>(rank)];
+        return global_cov_selection(policy_micro_batches<double>(first, n), comm, kl).size();
+      },
+      &group);
+  // means: 1 all-reduce; lengths + options hash, covariances: 2 all-gathers
+  for (int r = 0; r < 3; ++r) CHECK((group.all_reduces(r) == 1 && group.all_gathers(r) == 2));
+  const auto single = single_process<T>();
+  const auto mbs = policy_micro_batches<double>(0, B);
+  const auto throws_with = [](auto&& f, const std::string& text) {
+    try {
+      f();
+    } catch (const posttrain::error& e) {
+      INFO(e.what());
+      CHECK(std::string(e.what()).find(text) != std::string::npos);
+      return;
+    }
+    FAIL("no posttrain::error (" << text << ")");
+  };
+  throws_with([&] { (void)global_cov_selection(mbs, single, policy_variant_options{}); },
+              "global_cov_selection: options.variant must be clip_cov or kl_cov");
+  throws_with([&] { (void)global_cov_selection(std::vector<policy_batch<T>>{}, single, kl); },
+              "global_cov_selection: micro_batches is empty");
+  auto b = mbs[0];
+  b.cov_selection = ops::full_like(b.logprobs, 0.0);
+  throws_with([&] { (void)policy_variant_loss(b, policy_variant_options{}); },
+              "policy_variant_loss: cov_selection applies to variant clip_cov or kl_cov");
+  b.cov_selection = ops::slice(b.logprobs, 0, 0, 1);
+  throws_with([&] { (void)policy_variant_loss(b, kl); }, "cov_selection");
+  throws_with([&] { (void)policy_variant_loss(mbs[0], {.top_entropy_quantile = 0.5, .top_entropy_threshold = 1.0}); },
+              "options.top_entropy_quantile (0.5) and options.top_entropy_threshold (1) are both set");
+  auto nb = mbs[0];
+  nb.entropies.reset();
+  throws_with([&] { (void)policy_variant_loss(nb, {.top_entropy_threshold = 1.0}); },
+              "entropies is required when options.top_entropy_threshold is set");
+  throws_with([&] { (void)global_top_entropy_threshold(std::vector<T>{ent}, std::vector<T>{}, 0.5, single); },
+              "global_top_entropy_threshold: masks has 0 micro-batches but entropies has 1");
+  throws_with([&] { (void)global_top_entropy_threshold(std::vector<T>{ent}, std::vector<T>{mask}, -0.1, single); },
+              "top_quantile must be in [0, 1]");
+  const T rewards = T_<double>(test::random_normal({B, 2}, 20));
+  throws_with([&] { (void)global_grpo_advantages_multi(rewards, {1.0}, id_rows(0, B), single); },
+              "global_grpo_advantages_multi: weights has 1 entries but rewards has K = 2 columns");
+  throws_with(
+      [&] {
+        (void)global_grpo_advantages_multi(rewards, {1.0, 1.0}, id_rows(0, 3), single);
+      },
+      "group_index has shape [3]");
+  // options that differ across ranks: every rank throws at the same collective (nothing hangs)
+  const auto rejected = [&](auto&& f) {
+    try {
+      (void)run_ranks<double>(2, f);
+    } catch (const posttrain::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const auto e1 = rejected([&](int rank, const communicator<T>& comm) {
+    return global_top_entropy_threshold(std::vector<T>{ent}, std::vector<T>{mask}, rank == 0 ? 0.2 : 0.3, comm);
+  });
+  CHECK(e1.find("global_top_entropy_threshold: the top_quantile values differ across ranks") != std::string::npos);
+  const auto e2 = rejected([&](int rank, const communicator<T>& comm) {
+    policy_variant_options o = kl;
+    o.cov_seed = static_cast<std::uint64_t>(rank);
+    return global_cov_selection(mbs, comm, o).size();
+  });
+  CHECK(e2.find("global_cov_selection: the options differ across ranks") != std::string::npos);
+  const auto e3 = rejected([&](int rank, const communicator<T>& comm) {
+    return host(global_grpo_advantages_multi(rewards, {1.0, rank == 0 ? 1.0 : 2.0}, id_rows(0, B), comm));
+  });
+  CHECK(e3.find("global_grpo_advantages_multi: the options differ across ranks") != std::string::npos);
+}

@@ -13,18 +13,23 @@
 //                   masked_var); equal to the single-process value up to summation order (1e-12 relative in
 //                   double, float32 rounding in float).
 //   3. gathers      group advantages (GRPO with group/batch/none scaling, Dr. GRPO, RLOO, OPO, GPG, pass@k,
-//                   REINFORCE++-baseline) and the top-entropy quantile: the rows (or values) of every rank are
-//                   all-gathered, the single-process function runs on the whole batch, and each rank keeps
-//                   its slice. Exact by construction (the same inputs and the same code as one process), with
-//                   group members anywhere: group ids are global, rows are ordered rank by rank.
+//                   REINFORCE++-baseline, several reward columns) and the top-entropy quantile: the rows (or
+//                   values) of every rank are all-gathered, the single-process function runs on the whole batch,
+//                   and each rank keeps its slice. Exact by construction (the same inputs and the same code as one
+//                   process), with group members anywhere: group ids are global, rows are ordered rank by rank.
+//                   Clip-Cov / KL-Cov selection: global covariance means (an all-reduce), then the candidates'
+//                   covariances gathered and the same pick run on every rank (global_cov_selection).
+//   Selections made globally enter the losses as inputs: grpo_options / policy_variant_options
+//   top_entropy_threshold (global_top_entropy_threshold) and policy_batch::cov_selection (global_cov_selection).
 //
 // Row order: "the whole batch" is the concatenation of rank 0's rows, then rank 1's, ...; within a rank,
 // its micro-batches in order. Communication per optimizer step: global_batch 1 all-gather + 2 all-reduces
 // (one host sync: the normaliser is a host double); each masked mean 1 all-reduce, a variance or whitening 2;
-// a group advantage 3 all-gathers (lengths with an options hash, scores, ids; OPO a 4th, the lengths |o|);
-// global_metrics 1 all-gather (a hash of the names) and 1 all-reduce per kind used (mean, max, min).
-// Each call also checks, through the same collectives, that its options agree across ranks (a hash), and
-// throws posttrain::error naming the function when they differ.
+// a group advantage 3 all-gathers (lengths with an options hash, scores, ids; OPO a 4th, the lengths |o|; several
+// reward columns a 4th, every column); the top-entropy threshold 2 all-gathers (lengths with a hash of q, values);
+// Clip-Cov / KL-Cov 1 all-reduce and 2 all-gathers; global_metrics 1 all-gather (a hash of the names) and 1 all-reduce
+// per kind used (mean, max, min). Each call also checks, through the same collectives, that its options agree across
+// ranks (a hash), and throws posttrain::error naming the function when they differ.
 //
 // Global statistics are constants: nothing is differentiated through the communication (a global mean's
 // gradient would need the other ranks' backward). Advantages are constants anyway; losses get their global
@@ -547,7 +552,7 @@ class global_metrics {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// 3. Gathers: group advantages and the top-entropy quantile
+// 3. Gathers: group advantages, the top-entropy quantile, Clip-Cov / KL-Cov selection
 // ---------------------------------------------------------------------------------------------------------
 
 namespace detail {
@@ -726,26 +731,214 @@ T global_reinforce_pp_baseline_advantages(const T& token_level_rewards, const T&
   return global_masked_whiten(ops::where(m, ops::unsqueeze(centred, 1), 0.0), m, comm, whitening);
 }
 
-/// top_entropy_mask (token_selection.hpp; TRL get_high_entropy_mask) with the quantile of every rank's valid
-/// entropies: 1 where this rank's entropies ≥ quantile_{1-q}(H over every rank's valid tokens) and the token is
-/// valid. One all-gather of this rank's entropies (masked-out positions sent as NaN and dropped).
+/// grpo_advantages_multi (group.hpp; TRL multi_objective_aggregation) over the whole batch, this rank's rows:
+/// rewards [n, K] of this rank (n may be 0; K the same on every rank), weights (K values), group ids global. Every
+/// reward column of every rank is gathered (one all-gather of the [n·K] rewards after gather_rows' three), the
+/// single-process function runs on the whole batch ([N, K], rows rank by rank) and each rank keeps its rows [n].
+/// Covers every mode, normalize_then_sum_batch's batch statistics included. Exact (the same function on the same
+/// batch).
 template <tensor T>
-T global_top_entropy_mask(const T& entropies, const T& mask, double top_quantile, const communicator<T>& comm) {
-  constexpr std::string_view fn = "global_top_entropy_mask";
+T global_grpo_advantages_multi(const T& rewards, const std::vector<double>& weights,
+                               const index_tensor_t<T>& group_index, const communicator<T>& comm,
+                               multi_reward mode = multi_reward::sum_then_normalize, const group_options& opt = {}) {
+  constexpr std::string_view fn = "global_grpo_advantages_multi";
+  detail::check_group_options(fn, opt);
+  detail::require_floating(fn, "rewards", rewards);
+  detail::require_rank(fn, "rewards", rewards, 2, 2);
+  const std::int64_t n = ops::size(rewards, 0), K = ops::size(rewards, 1);
+  if (K < 1)
+    detail::fail(fn, "rewards must have at least one column, got shape ", detail::shape_string(ops::shape(rewards)));
+  if (static_cast<std::int64_t>(weights.size()) != K)
+    detail::fail(fn, "weights has ", weights.size(), " entries but rewards has K = ", K, " columns (shape ",
+                 detail::shape_string(ops::shape(rewards)), ")");
+  if (mode != multi_reward::sum_then_normalize && mode != multi_reward::normalize_then_sum &&
+      mode != multi_reward::normalize_then_sum_batch)
+    detail::fail(fn, "mode must be a multi_reward, got ", static_cast<int>(mode));
+  detail::options_hash h;
+  h.add(static_cast<std::int64_t>(mode)).add(K).add(detail::hash_group_options(opt));
+  for (double w : weights) h.add(w);
+  const T r = ops::upcast(rewards);
+  // column 0 travels with the ids (gather_rows: lengths + options hash, scores, ids), then every column at once
+  const auto g =
+      detail::gather_rows(fn, comm, ops::reshape(ops::slice(r, 1, 0, 1), shape_t{n}), group_index, h.value());
+  const std::int64_t N = ops::size(g.scores, 0);
+  const T all = comm.all_gather(ops::reshape(r, shape_t{n * K}));  // [N·K], row-major rows rank by rank
+  if (ops::shape(all) != shape_t{N * K})
+    detail::fail(fn, "comm.all_gather returned shape ", detail::shape_string(ops::shape(all)),
+                 " for the rewards; expected [", N * K, "] (", N, " rows of ", K, " rewards)");
+  return detail::my_rows(g, grpo_advantages_multi(ops::reshape(all, shape_t{N, K}), weights, g.group_index, mode, opt));
+}
+
+/// The threshold of TRL's top-entropy mask over the whole batch: quantile_{1-q} (linear, torch.quantile) of the
+/// valid entropies of every micro-batch of every rank (entropies[i], masks[i]: this rank's micro-batch i, any
+/// shape, the two alike; a micro-batch may be empty). Pass it as grpo_options / policy_variant_options
+/// top_entropy_threshold to every micro-batch's loss: each then keeps the tokens TRL's get_high_entropy_mask keeps
+/// on the whole batch (H ≥ threshold and valid). Two all-gathers (the lengths with a hash of q, then the
+/// entropies, masked-out ones sent as NaN and dropped) and one host transfer; 0 when no rank has a valid token (nothing
+/// to keep then anyway).
+template <tensor T>
+double global_top_entropy_threshold(const std::vector<T>& entropies, const std::vector<T>& masks, double top_quantile,
+                                    const communicator<T>& comm) {
+  constexpr std::string_view fn = "global_top_entropy_threshold";
   detail::check_communicator(fn, comm);
   if (!(top_quantile >= 0 && top_quantile <= 1)) detail::fail(fn, "top_quantile must be in [0, 1], got ", top_quantile);
-  detail::require_floating(fn, "entropies", entropies);
-  const T H = ops::upcast(entropies);
-  const T m = ops::ne(ops::upcast(detail::checked_mask(fn, "entropies", entropies, "mask", mask)), 0.0);
-  const T flat = ops::reshape(ops::where(m, H, std::numeric_limits<double>::quiet_NaN()), shape_t{ops::numel(H)});
-  const auto all = ops::to_host(comm.all_gather(flat));
+  if (entropies.empty()) detail::fail(fn, "entropies is empty; pass at least one micro-batch (an empty one is fine)");
+  if (masks.size() != entropies.size())
+    detail::fail(fn, "masks has ", masks.size(), " micro-batches but entropies has ", entropies.size());
+  std::vector<T> flats;
+  for (std::size_t i = 0; i < entropies.size(); ++i) {
+    const std::string e_name = "entropies[" + std::to_string(i) + "]", m_name = "masks[" + std::to_string(i) + "]";
+    detail::require_floating(fn, e_name, entropies[i]);
+    const T H = ops::upcast(entropies[i]);
+    const T m = ops::ne(ops::upcast(detail::checked_mask(fn, e_name, entropies[i], m_name, masks[i])), 0.0);
+    flats.push_back(ops::reshape(ops::where(m, H, std::numeric_limits<double>::quiet_NaN()), shape_t{ops::numel(H)}));
+  }
+  const T local = ops::concat(flats, 0);
+  // every rank's length with a hash of q (a rank asking for another quantile is an error, not a hang)
+  const auto lengths = detail::gather_lengths(fn, comm, ops::full(local, shape_t{}, 0.0), ops::numel(local),
+                                              detail::hash_of(0, top_quantile), "the top_quantile values");
+  std::int64_t total = 0;
+  for (auto n : lengths) total += n;
+  const T gathered = comm.all_gather(local);
+  if (ops::shape(gathered) != shape_t{total})
+    detail::fail(fn, "comm.all_gather returned shape ", detail::shape_string(ops::shape(gathered)),
+                 " for the entropies; expected [", total, "] (the ranks' lengths summed)");
+  const auto all = ops::to_host(gathered);
   std::vector<double> valid;
   for (double v : all)
     if (!std::isnan(v)) valid.push_back(v);
-  // torch.quantile(H[valid], 1 - q) over the whole batch, keep H ≥ it
-  const double thr = detail::linear_quantile(std::move(valid), 1.0 - top_quantile);
+  // torch.quantile(H[valid], 1 - q) over the whole batch (token_selection.hpp's linear_quantile)
+  return detail::linear_quantile(std::move(valid), 1.0 - top_quantile);
+}
+
+/// top_entropy_mask (token_selection.hpp; TRL get_high_entropy_mask) with the quantile of every rank's valid
+/// entropies: 1 where this rank's entropies ≥ quantile_{1-q}(H over every rank's valid tokens) and the token is
+/// valid. Two all-gathers (global_top_entropy_threshold).
+template <tensor T>
+T global_top_entropy_mask(const T& entropies, const T& mask, double top_quantile, const communicator<T>& comm) {
+  const double thr = global_top_entropy_threshold(std::vector<T>{entropies}, std::vector<T>{mask}, top_quantile, comm);
+  const T H = ops::upcast(entropies);
   if (ops::numel(H) == 0) return H;
-  return ops::mul(ops::ge(H, thr), m);
+  const T m =
+      ops::ne(ops::upcast(detail::checked_mask("global_top_entropy_mask", "entropies", entropies, "mask", mask)), 0.0);
+  return detail::top_entropy_keep_at(H, m, thr);
+}
+
+/// Clip-Cov / KL-Cov's token selection (policy_variants.hpp, token_selection.hpp; verl compute_policy_loss_clip_cov
+/// / _kl_cov) over the whole batch: every micro-batch of every rank. micro_batches: this rank's, in order (logprobs,
+/// advantages, response_mask, old_logprobs as the loss gets them; a [0, T] one is fine; entropies etc. unused).
+/// Returns one 0/1 tensor per micro-batch ([B_i, T_i], compute dtype): pass each as policy_batch::cov_selection to
+/// that micro-batch's policy_variant_loss (with the same options, the global normaliser as `normalizer`), and the
+/// step selects the tokens one process selects on the whole batch with the same seed:
+///   covariance  cov_t = (A_t - Ā)(sg logπ_t - mean sg logπ), the means over every rank's valid tokens (one
+///               all-reduce of [Σ m·A, Σ m·logπ, Σ m]); the candidates per token as the loss (clip_cov: valid,
+///               not clipped by PPO, lb < cov < ub; kl_cov: valid);
+///   selection   k = max(⌊ratio·N_valid⌋, 1) of N_valid the global count; every rank's candidate covariances are
+///               all-gathered in the whole batch's row-major order (rank by rank, micro-batch by micro-batch, row by
+///               row: padding a micro-batch to another width adds no candidate, so the order is one process's),
+///               and every rank runs the same pick (cov_pick: top-k with ties to the lower index, or the seeded
+///               Fisher-Yates) and keeps its own tokens.
+/// The selection uses the current logprobs (detached): compute every micro-batch's logprobs first (a forward pass,
+/// no graph needed), select, then run the micro-batches' loss and backward. Communication: one all-reduce, two
+/// all-gathers (lengths with an options hash, then the candidates' covariances, NaN elsewhere: O(tokens) values).
+/// Equal to the single-process selection whenever no two covariances tie within rounding (the global means are
+/// summed in another order).
+template <tensor T>
+std::vector<T> global_cov_selection(const std::vector<policy_batch<T>>& micro_batches, const communicator<T>& comm,
+                                    const policy_variant_options& opt) {
+  constexpr std::string_view fn = "global_cov_selection";
+  const auto [rank, world] = detail::check_communicator(fn, comm);
+  detail::check_variant_options(fn, opt);
+  const bool clip = opt.variant == policy_variant::clip_cov;
+  if (!clip && opt.variant != policy_variant::kl_cov)
+    detail::fail(fn, "options.variant must be clip_cov or kl_cov, got ", static_cast<int>(opt.variant));
+  if (micro_batches.empty())
+    detail::fail(fn, "micro_batches is empty; pass at least one (a [0, T] batch for a rank without rows)");
+  struct part {
+    T m, A, lp, lr;
+  };
+  std::vector<part> parts;
+  for (const auto& b : micro_batches) {
+    detail::require_rank(fn, "logprobs", b.logprobs, 2, 2);
+    if (ops::numel(b.logprobs) == 0) {  // an empty micro-batch ([0, T]): no token, still joins the collectives
+      detail::require_floating(fn, "logprobs", b.logprobs);
+      if (ops::shape(b.response_mask) != ops::shape(b.logprobs))
+        detail::fail(fn, "response_mask has shape ", detail::shape_string(ops::shape(b.response_mask)),
+                     " but logprobs has shape ", detail::shape_string(ops::shape(b.logprobs)));
+      const T z = ops::upcast(b.logprobs);
+      parts.push_back({z, z, z, z});
+      continue;
+    }
+    detail::require_values(fn, "logprobs", b.logprobs);
+    const T m =
+        ops::ne(ops::upcast(detail::checked_mask(fn, "logprobs", b.logprobs, "response_mask", b.response_mask)), 0.0);
+    const T lp = ops::detach(ops::upcast(b.logprobs));
+    if (b.old_logprobs) detail::require_like(fn, "logprobs", b.logprobs, "old_logprobs", *b.old_logprobs);
+    const T old = b.old_logprobs ? ops::upcast(*b.old_logprobs) : lp;
+    parts.push_back({m, detail::token_advantages(fn, b.advantages, lp), lp, ops::where(m, ops::sub(lp, old), 0.0)});
+  }
+  const T like = ops::full(parts[0].lp, shape_t{}, 0.0);
+  // [Σ m·A, Σ m·logπ, Σ m] of this rank, then of every rank
+  T local = ops::full(like, shape_t{3}, 0.0);
+  for (const auto& p : parts)
+    if (ops::numel(p.m) > 0)
+      local =
+          ops::add(local, ops::concat(std::vector<T>{ops::reshape(ops::sum_all(ops::where(p.m, p.A, 0.0)), shape_t{1}),
+                                                     ops::reshape(ops::sum_all(ops::where(p.m, p.lp, 0.0)), shape_t{1}),
+                                                     ops::reshape(ops::sum_all(p.m), shape_t{1})},
+                                      0));
+  const T sums = detail::checked_all_reduce(fn, comm, local, reduce_op::sum);
+  const T count = detail::element(sums, 2);
+  // token_covariance's masked means, over every rank's valid tokens
+  const T mean_A = ops::div(detail::element(sums, 0), detail::mean_divisor(count, masked_options{}));
+  const T mean_lp = ops::div(detail::element(sums, 1), detail::mean_divisor(count, masked_options{}));
+  std::vector<T> flats;
+  std::int64_t local_n = 0;
+  for (const auto& p : parts) {
+    const T cov = ops::mul(ops::sub(p.A, mean_A), ops::sub(p.lp, mean_lp));  // [B_i, T_i]
+    const T cand =
+        clip ? detail::clip_cov_candidates(detail::clip_cov_surrogate(p.lr, p.A, opt.clip), cov, p.m, opt) : p.m;
+    flats.push_back(ops::reshape(ops::where(ops::ne(cand, 0.0), cov, std::numeric_limits<double>::quiet_NaN()),
+                                 shape_t{ops::numel(cov)}));
+    local_n += ops::numel(cov);
+  }
+  detail::options_hash h;
+  h.add(static_cast<std::int64_t>(opt.variant)).add(clip ? opt.clip_cov_ratio : opt.kl_cov_ratio);
+  h.add(opt.clip_cov_lb).add(opt.clip_cov_ub).add(opt.clip.clip_low).add(opt.clip.high());
+  h.add(static_cast<std::int64_t>(detail::cov_selection_rule(opt))).add(static_cast<std::int64_t>(opt.cov_seed));
+  const auto lengths = detail::gather_lengths(fn, comm, like, local_n, h.value(), "the options");
+  std::int64_t offset = 0, total = 0;
+  for (int r = 0; r < world; ++r) {
+    if (r < rank) offset += lengths[static_cast<std::size_t>(r)];
+    total += lengths[static_cast<std::size_t>(r)];
+  }
+  const T gathered = comm.all_gather(ops::concat(flats, 0));
+  if (ops::shape(gathered) != shape_t{total})
+    detail::fail(fn, "comm.all_gather returned shape ", detail::shape_string(ops::shape(gathered)),
+                 " for the covariances; expected [", total, "] (the ranks' token counts summed)");
+  const auto all = ops::to_host(gathered);
+  // the whole batch's candidates in row-major order; this rank's are positions [first, first + mine)
+  std::vector<double> values;
+  std::size_t first = 0;
+  for (std::int64_t i = 0; i < total; ++i) {
+    if (i == offset) first = values.size();
+    if (!std::isnan(all[static_cast<std::size_t>(i)])) values.push_back(all[static_cast<std::size_t>(i)]);
+  }
+  if (offset == total) first = values.size();
+  // verl: max(int(ratio · N_valid), 1) tokens of the whole batch
+  const auto k = detail::cov_select_count(clip ? opt.clip_cov_ratio : opt.kl_cov_ratio, ops::item(count));
+  std::vector<bool> picked(values.size(), false);
+  for (std::size_t p : detail::cov_pick(values, k, detail::cov_selection_rule(opt), opt.cov_seed)) picked[p] = true;
+  std::vector<T> out;
+  std::size_t at = static_cast<std::size_t>(offset), cand = first;
+  for (const auto& p : parts) {
+    std::vector<std::size_t> flat;
+    const auto n = static_cast<std::size_t>(ops::numel(p.m));
+    for (std::size_t j = 0; j < n; ++j, ++at)
+      if (!std::isnan(all[at]) && picked[cand++]) flat.push_back(j);
+    out.push_back(detail::flat_index_mask(p.m, flat));
+  }
+  return out;
 }
 
 }  // namespace posttrain

@@ -118,6 +118,10 @@ struct grpo_options {
   /// GRPOTrainer._compute_loss `(... / mask.sum(-1).clamp(min=1.0)).mean()`, which differs once a row has no
   /// completion token, e.g. with mask_truncated_completions). An explicit `normalizer` takes precedence.
   bool count_empty_rows = false;
+  /// The top-entropy mask with a threshold computed elsewhere (policy_variant_options::top_entropy_threshold):
+  /// data-parallel, global_top_entropy_threshold (distributed/global.hpp) of every rank's micro-batches makes each
+  /// micro-batch keep what TRL keeps on the whole batch. Exclusive with top_entropy_quantile.
+  std::optional<double> top_entropy_threshold = std::nullopt;
 };
 
 template <tensor T>
@@ -178,6 +182,7 @@ inline policy_variant_options grpo_variant_options(const grpo_options& o) {
   v.vespo_k_pos = o.vespo_k_pos, v.vespo_lambda_pos = o.vespo_lambda_pos;
   v.vespo_k_neg = o.vespo_k_neg, v.vespo_lambda_neg = o.vespo_lambda_neg;
   v.rollout_is = o.rollout_is, v.opsm_delta = o.opsm_delta, v.top_entropy_quantile = o.top_entropy_quantile;
+  v.top_entropy_threshold = o.top_entropy_threshold;
   return v;
 }
 

@@ -39,6 +39,8 @@
 //   kl_cov  -A·ρ + sel_t·kl_cov_coef·|lr_t| (same paper, KL-Cov; verl compute_policy_loss_kl_cov: no clipping):
 //           sel = the max(⌊kl_cov_ratio·N_valid⌋, 1) valid tokens of largest cov; D = -A·ρ + sel·coef·sign(lr).
 //           The selection is a constant of the step (it only picks tokens), so D ignores it, like autograd.
+//           Both select over the batch they are given; batch.cov_selection (a 0/1 [B, T] made outside, e.g. by
+//           global_cov_selection over every micro-batch of every data-parallel rank) replaces that selection.
 // Off-policy controls: constant factors c_t that multiply L_t before aggregation (TRL's order: the
 // aggregation's normaliser still counts every response token): the rollout IS weight and the OPSM row mask
 // (off_policy.hpp), the top-entropy token mask (token_selection.hpp).
@@ -104,6 +106,11 @@ struct policy_variant_options {
   gspo_gradient gspo_grad = gspo_gradient::token;
   /// ε added to each row's token count by seq_mean_token_mean (aggregate.hpp; OpenRLHF aggregate_loss 1e-8).
   double token_count_eps = 0.0;
+  /// The top-entropy mask with a threshold computed elsewhere: keep valid tokens with H ≥ it (needs entropies).
+  /// Data-parallel: global_top_entropy_threshold (distributed/global.hpp) over every micro-batch of every rank
+  /// gives the whole batch's torch.quantile, so every micro-batch keeps the tokens TRL's get_high_entropy_mask
+  /// keeps on the whole batch. Exclusive with top_entropy_quantile (which takes the quantile of this batch).
+  std::optional<double> top_entropy_threshold = std::nullopt;
 
   /// OpenRLHF PolicyLoss(policy_loss_type="gspo") at 3c3be62: ratio exp(Σ m·lr / max(|o|, 1)) without a clamp,
   /// gradient through it, clip [1-ε_l, 1+ε_h] (OpenRLHF eps_clip 0.2), sample-level aggregation with token
@@ -148,6 +155,10 @@ struct policy_batch {
   std::optional<T> old_logprobs = std::nullopt;      ///< [B, T]; empty: on-policy
   std::optional<T> rollout_logprobs = std::nullopt;  ///< [B, T] the sampler's log-probs
   std::optional<T> entropies = std::nullopt;         ///< [B, T] per-token entropy
+  /// [B, T] 0/1 (non-zero selects): Clip-Cov / KL-Cov's selected tokens made outside the loss, used instead of
+  /// the loss's own selection over this batch. Data-parallel: global_cov_selection (distributed/global.hpp)
+  /// selects over every micro-batch of every rank the tokens one process selects on the whole batch.
+  std::optional<T> cov_selection = std::nullopt;
 };
 
 template <tensor T>
@@ -206,6 +217,11 @@ inline void check_variant_specific_options(std::string_view fn, const policy_var
   if (o.opsm_delta) require_finite(fn, "options.opsm_delta", *o.opsm_delta);
   if (o.top_entropy_quantile && !(*o.top_entropy_quantile >= 0 && *o.top_entropy_quantile <= 1))
     fail(fn, "options.top_entropy_quantile must be in [0, 1], got ", *o.top_entropy_quantile);
+  if (o.top_entropy_threshold && std::isnan(*o.top_entropy_threshold))
+    fail(fn, "options.top_entropy_threshold must not be NaN");
+  if (o.top_entropy_threshold && o.top_entropy_quantile)
+    fail(fn, "options.top_entropy_quantile (", *o.top_entropy_quantile, ") and options.top_entropy_threshold (",
+         *o.top_entropy_threshold, ") are both set; set one");
   if (o.gspo_grad != gspo_gradient::token && o.gspo_grad != gspo_gradient::sequence)
     fail(fn, "options.gspo_grad must be gspo_gradient::token or gspo_gradient::sequence, got ",
          static_cast<int>(o.gspo_grad));
@@ -234,6 +250,24 @@ struct variant_terms {
   std::optional<double> normalizer;
 };
 
+/// Clip-Cov / KL-Cov's selection rule: the option, or verl's (clip_cov random, kl_cov top).
+inline cov_rule cov_selection_rule(const policy_variant_options& o) {
+  return o.cov_selection ? *o.cov_selection : o.variant == policy_variant::clip_cov ? cov_rule::random : cov_rule::top;
+}
+
+/// Clip-Cov's surrogate: ppo_surrogate on the token log-ratio without dual-clip and δ (verl clip_cov).
+template <tensor T>
+surrogate_terms<T> clip_cov_surrogate(const T& lr, const T& A, clip_options cc) {
+  cc.clip_c.reset(), cc.delta.reset();
+  return ppo_surrogate(lr, ops::full_like(lr, 0.0), A, cc);
+}
+
+/// verl clip_cov's candidates: valid, not clipped by PPO (L2 ≤ L1), with lb < cov < ub. [B, T] 0/1.
+template <tensor T>
+T clip_cov_candidates(const surrogate_terms<T>& s, const T& cov, const T& m, const policy_variant_options& o) {
+  return ops::mul(ops::mul(m, ops::le(s.l2, s.l1)), ops::mul(ops::gt(cov, o.clip_cov_lb), ops::lt(cov, o.clip_cov_ub)));
+}
+
 /// The variant's per-token terms; checks the batch, not the options (the public entry checks them once).
 template <tensor T>
 variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, const policy_variant_options& o) {
@@ -248,6 +282,12 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   if (o.rollout_is && !b.rollout_logprobs) fail(fn, "rollout_logprobs is required when options.rollout_is is set");
   if (o.top_entropy_quantile && !b.entropies)
     fail(fn, "entropies is required when options.top_entropy_quantile is set");
+  if (o.top_entropy_threshold && !b.entropies)
+    fail(fn, "entropies is required when options.top_entropy_threshold is set");
+  const bool cov_variant = o.variant == policy_variant::clip_cov || o.variant == policy_variant::kl_cov;
+  if (b.cov_selection && !cov_variant)
+    fail(fn, "cov_selection applies to variant clip_cov or kl_cov, got variant ", static_cast<int>(o.variant));
+  if (b.cov_selection) require_like(fn, "logprobs", b.logprobs, "cov_selection", *b.cov_selection);
   if (o.opsm_delta && !b.rollout_logprobs && !b.old_logprobs)
     fail(fn, "options.opsm_delta needs rollout_logprobs or old_logprobs (the sampler's log-probs)");
 
@@ -359,24 +399,27 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
     case policy_variant::clip_cov:
     case policy_variant::kl_cov: {
       // Cui et al. 2025 §4 / verl: cov_t = (A_t - masked_mean A)·(logπ_t - masked_mean logπ) over valid tokens
-      const T cov = token_covariance(A, lp, m);
       const bool clip = o.variant == policy_variant::clip_cov;
-      const cov_rule rule = o.cov_selection ? *o.cov_selection : clip ? cov_rule::random : cov_rule::top;
-      // verl: max(int(ratio · N_valid), 1) tokens (none when there is no valid token)
-      const auto k = cov_select_count(clip ? o.clip_cov_ratio : o.kl_cov_ratio, ops::item(ops::sum_all(m)));
+      // a selection passed in (global_cov_selection) replaces this batch's own
+      const auto own_selection = [&](const T& cand, const T& cov) {
+        // verl: max(int(ratio · N_valid), 1) tokens (none when there is no valid token)
+        const auto k = cov_select_count(clip ? o.clip_cov_ratio : o.kl_cov_ratio, ops::item(ops::sum_all(m)));
+        return cov_select(cov, cand, k, cov_selection_rule(o), o.cov_seed);
+      };
+      const auto given = [&] { return ops::mul(ops::ne(ops::upcast(*b.cov_selection), 0.0), m); };
       if (clip) {
-        clip_options cc = o.clip;  // verl clip_cov: no dual-clip, no δ
-        cc.clip_c.reset(), cc.delta.reset();
-        const auto s = ppo_surrogate(lr, zero, A, cc);
-        // verl clip_cov: candidates are valid, not clipped by PPO (L2 > L1), with lb < cov < ub
-        const T cand = ops::mul(ops::mul(m, ops::le(s.l2, s.l1)),
-                                ops::mul(ops::gt(cov, o.clip_cov_lb), ops::lt(cov, o.clip_cov_ub)));
-        cov_sel = cov_select(cov, cand, k, rule, o.cov_seed);
+        const auto s = clip_cov_surrogate(lr, A, o.clip);
+        if (b.cov_selection) {
+          cov_sel = given();
+        } else {
+          const T cov = token_covariance(A, lp, m);
+          cov_sel = own_selection(clip_cov_candidates(s, cov, m, o), cov);
+        }
         // verl: pg_losses = max(L1, L2) · corr, corr = 0 on the selected tokens
         const T corr = ops::sub(1.0, cov_sel);
         loss = ops::mul(s.loss, corr), d = ops::mul(s.d_logratio, corr), ratio = s.ratio;
       } else {
-        cov_sel = cov_select(cov, m, k, rule, o.cov_seed);
+        cov_sel = b.cov_selection ? given() : own_selection(m, token_covariance(A, lp, m));
         // verl kl_cov: -A·ρ, plus ppo_kl_coef·|logπ - logπ_old| on the selected tokens. Where A = 0 the term
         // is 0 whatever ρ is: ρ is capped there so that 0·ρ is never 0·inf (issue 13 defect 1).
         const T rho = ops::exp(ops::where(ops::ne(A, 0.0), lr_c, ops::minimum(lr_c, 80.0)));
@@ -396,6 +439,8 @@ variant_terms<T> variant_compute(std::string_view fn, const policy_batch<T>& b, 
   // TRL get_high_entropy_mask (token_selection.hpp)
   if (o.top_entropy_quantile)
     keep = ops::mul(keep, top_entropy_keep(ops::upcast(*b.entropies), m, *o.top_entropy_quantile));
+  if (o.top_entropy_threshold)  // the same rule with a threshold from outside (global_top_entropy_threshold)
+    keep = ops::mul(keep, top_entropy_keep_at(ops::upcast(*b.entropies), m, *o.top_entropy_threshold));
   keep = ops::mul(keep, m);
   // TRL: VESPO's rollout ratio lives in φ, the loss is not multiplied by it
   const T factor = ops::detach(o.variant == policy_variant::vespo ? keep : ops::mul(is.weight, keep));

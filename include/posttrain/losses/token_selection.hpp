@@ -55,6 +55,12 @@ T top_entropy_keep(const T& H, const T& m, double top_quantile) {
   return ops::mul(ops::ge(H, thr), m);
 }
 
+/// The top-entropy mask for a threshold computed elsewhere (global_top_entropy_threshold): H ≥ thr and valid.
+template <tensor T>
+T top_entropy_keep_at(const T& H, const T& m, double threshold) {
+  return ops::mul(ops::ge(H, threshold), m);
+}
+
 /// splitmix64 (Steele, Lea, Flood 2014): the seeded generator of Clip-Cov's random draw (integer-only, so a
 /// seed picks the same tokens on every platform and backend).
 inline std::uint64_t splitmix64(std::uint64_t& state) {
@@ -76,15 +82,15 @@ inline std::size_t cov_select_count(double ratio, double n_valid) {
   return n_valid > 0 ? std::max<std::size_t>(static_cast<std::size_t>(std::floor(ratio * n_valid)), 1) : std::size_t{0};
 }
 
-/// k of the candidate tokens (cand != 0) of a [B, T] batch, chosen on the host by `rule`, as a 0/1 tensor like
-/// cov. top: largest cov first, ties to the lower row-major index; random: the first k of a Fisher-Yates shuffle
-/// of the candidates (row-major) driven by splitmix64(seed). Building the mask costs O(k·B·T).
-template <tensor T>
-T cov_select(const T& cov, const T& cand, std::size_t k, cov_rule rule, std::uint64_t seed) {
-  const auto cv = ops::to_host(cov), ok = ops::to_host(cand);
-  std::vector<std::size_t> idx;
-  for (std::size_t i = 0; i < ok.size(); ++i)
-    if (ok[i] != 0) idx.push_back(i);
+/// The positions (into the candidate list, in its order) of the k candidates `rule` picks, in pick order.
+/// cv: the candidates' covariances in row-major order. top: largest first, ties to the lower position; random:
+/// the first k of a Fisher-Yates shuffle of the positions driven by splitmix64(seed). Positions follow the
+/// row-major order, so any split of the batch whose candidate lists concatenate to the whole batch's picks the
+/// same tokens (global_cov_selection).
+inline std::vector<std::size_t> cov_pick(const std::vector<double>& cv, std::size_t k, cov_rule rule,
+                                         std::uint64_t seed) {
+  std::vector<std::size_t> idx(cv.size());
+  for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
   k = std::min(k, idx.size());
   const auto kk = static_cast<std::ptrdiff_t>(k);
   if (rule == cov_rule::top) {
@@ -94,13 +100,35 @@ T cov_select(const T& cov, const T& cand, std::size_t k, cov_rule rule, std::uin
     std::uint64_t state = seed;
     for (std::size_t i = 0; i < k; ++i) std::swap(idx[i], idx[i + splitmix64(state) % (idx.size() - i)]);
   }
-  const T one = ops::full_like(cov, 1.0);
+  idx.resize(k);
+  return idx;
+}
+
+/// A 0/1 tensor like x2 ([B, T]) with 1 at the given row-major flat indices. O(k·B·T) (k is small).
+template <tensor T>
+T flat_index_mask(const T& x2, const std::vector<std::size_t>& flat) {
+  T sel = ops::full_like(x2, 0.0);
+  if (flat.empty()) return sel;
+  const T one = ops::full_like(x2, 1.0);
   const T row = ops::sub(ops::cumsum(one, 0), 1.0), col = ops::sub(ops::cumsum(one, 1), 1.0);  // [B, T] indices
-  const auto width = static_cast<std::size_t>(ops::size(cov, 1));
-  T sel = ops::full_like(cov, 0.0);
-  for (std::size_t i = 0; i < k; ++i)
-    sel = ops::add(sel, ops::mul(ops::eq(row, double(idx[i] / width)), ops::eq(col, double(idx[i] % width))));
+  const auto width = static_cast<std::size_t>(ops::size(x2, 1));
+  for (std::size_t f : flat)
+    sel = ops::add(sel, ops::mul(ops::eq(row, double(f / width)), ops::eq(col, double(f % width))));
   return sel;
+}
+
+/// k of the candidate tokens (cand != 0) of a [B, T] batch, chosen on the host by `rule` (cov_pick), as a 0/1
+/// tensor like cov. Building the mask costs O(k·B·T).
+template <tensor T>
+T cov_select(const T& cov, const T& cand, std::size_t k, cov_rule rule, std::uint64_t seed) {
+  const auto cv = ops::to_host(cov), ok = ops::to_host(cand);
+  std::vector<std::size_t> flat;
+  std::vector<double> values;
+  for (std::size_t i = 0; i < ok.size(); ++i)
+    if (ok[i] != 0) flat.push_back(i), values.push_back(cv[i]);
+  std::vector<std::size_t> picked;
+  for (std::size_t p : cov_pick(values, k, rule, seed)) picked.push_back(flat[p]);
+  return flat_index_mask(cov, picked);
 }
 
 }  // namespace detail
