@@ -10,7 +10,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 install_packages
 configure "$BUILD_DIR"
-if cmake --build "$BUILD_DIR" --target help | grep -q posttrain_tour; then
+# The target list is read whole before it is searched: `| grep -q` would exit at the first match and, under
+# pipefail, cmake's SIGPIPE on the rest of a long list would read as "no tour".
+targets=$(cmake --build "$BUILD_DIR" --target help)
+if grep -q posttrain_tour <<<"$targets"; then
   build "$BUILD_DIR" posttrain_tour
   step "$BUILD_DIR/examples/posttrain_tour"
   time "$BUILD_DIR/examples/posttrain_tour" "$@"
