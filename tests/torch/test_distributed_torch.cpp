@@ -5,8 +5,12 @@
 // groups split across ranks) through posttrain::process_group_communicator, and checks against the whole batch,
 // which it also computes itself on one process: GRPO advantages (group and batch scaling), RLOO, the summed loss,
 // its gradient (LibTorch autograd per micro-batch with global_batch's normaliser vs autograd through the whole
-// batch), the metrics, the global whitening and the top-entropy selection; in float64 (1e-12 relative) and float32
-// (float32's tolerance). A third scenario starts 2 ranks of which rank 1 exits right after joining the group:
+// batch), the metrics, the global whitening and the top-entropy selection; then the global selections that enter a
+// loss as inputs: Clip-Cov / KL-Cov (global_cov_selection -> policy_batch::cov_selection: the same tokens as one
+// process, top-k and seeded draws, and the summed loss and gradient), global_top_entropy_threshold passed as
+// grpo_options::top_entropy_threshold (loss and gradient against top_entropy_quantile on the whole batch), and
+// global_grpo_advantages_multi in every mode; in float64 (1e-12 relative) and float32 (float32's tolerance); the
+// selections exactly. A third scenario starts 2 ranks of which rank 1 exits right after joining the group:
 // rank 0's next collective must fail with posttrain::error (a closed peer, or Gloo's timeout, 3 s there) instead of
 // hanging.
 // Every child runs under a 60 s deadline (then it is killed and the test fails with its output).
@@ -202,6 +206,128 @@ void worker_checks(const communicator<at::Tensor>& comm, at::ScalarType dt) {
       check_close(what + " metric " + name, at::full({}, got.at(name), at::kDouble), value.detach().to(at::kDouble),
                   tol);
   }
+
+  // This rank's micro-batches as the losses get them (rows [at, at + m) of this rank; an empty one included).
+  std::vector<std::pair<std::int64_t, std::int64_t>> micro;  // {first row within this rank, rows}
+  {
+    std::int64_t row = 0;
+    for (auto m : micro_sizes(n)) micro.emplace_back(row, m), row += m;
+  }
+  std::vector<at::Tensor> masks, ents;
+  for (const auto& [row, m] : micro)
+    masks.push_back(mine(d.mask).narrow(0, row, m)), ents.push_back(mine(d.ent).narrow(0, row, m));
+  const global_batch gb(masks, comm);
+
+  // Clip-Cov / KL-Cov: global_cov_selection -> policy_batch::cov_selection selects the tokens one process selects
+  // on the whole batch (the seeded draw included); the summed loss and the gradient are the whole batch's.
+  // Clip-Cov's band (-0.5, 0.5) and the ratios pick several of this batch's ~45 valid tokens (verl's band (1, 5)
+  // would leave no candidate at these covariances, about ±1).
+  std::vector<policy_variant_options> cov_opts;
+  for (auto variant : {policy_variant::clip_cov, policy_variant::kl_cov}) {
+    policy_variant_options o{.variant = variant, .clip = {.clip_low = 0.1}};
+    o.clip_cov_ratio = 0.25, o.clip_cov_lb = -0.5, o.clip_cov_ub = 0.5, o.kl_cov_ratio = 0.2;
+    o.cov_selection = variant == policy_variant::clip_cov ? cov_rule::random : cov_rule::top, o.cov_seed = 7;
+    cov_opts.push_back(o);
+  }
+  {
+    policy_variant_options o = cov_opts[0];  // Clip-Cov with the top rule and KL-Cov with a seeded draw too
+    o.cov_selection = cov_rule::top;
+    cov_opts.push_back(o);
+    o = cov_opts[1];
+    o.cov_selection = cov_rule::random, o.cov_seed = 3;
+    cov_opts.push_back(o);
+  }
+  for (const auto& opt : cov_opts) {
+    const std::string what = tag + (opt.variant == policy_variant::clip_cov ? " clip_cov" : " kl_cov") +
+                             (*opt.cov_selection == cov_rule::top ? " top" : " random");
+    const at::Tensor full_lp = d.lp.clone().requires_grad_(true);
+    const auto full = policy_variant_loss(
+        policy_batch<at::Tensor>{
+            .logprobs = full_lp, .advantages = full_adv, .response_mask = d.mask, .old_logprobs = d.old},
+        opt);
+    full.loss.backward();
+    INFO(what << ": " << full.cov_selected.sum().item<double>() << " tokens selected on one process");
+    CHECK(full.cov_selected.sum().item<double>() >= 2);  // the case selects something (several tokens)
+    const at::Tensor my_lp = mine(d.lp).clone().requires_grad_(true);
+    std::vector<policy_batch<at::Tensor>> mbs;
+    for (const auto& [row, m] : micro)
+      mbs.push_back({.logprobs = my_lp.narrow(0, row, m),
+                     .advantages = adv.narrow(0, row, m),
+                     .response_mask = mine(d.mask).narrow(0, row, m),
+                     .old_logprobs = mine(d.old).narrow(0, row, m)});
+    const auto sel = global_cov_selection(mbs, comm, opt);
+    REQUIRE(sel.size() == mbs.size());
+    policy_variant_options o = opt;
+    o.normalizer = gb.normalizer(o.reduction);
+    at::Tensor loss_sum = at::zeros({}, d.lp.options());
+    std::vector<at::Tensor> used;
+    for (std::size_t i = 0; i < mbs.size(); ++i) {
+      if (micro[i].second == 0) continue;
+      auto b = mbs[i];
+      b.cov_selection = sel[i];
+      const auto r = policy_variant_loss(b, o);
+      r.loss.backward();
+      loss_sum = loss_sum + r.loss.detach();
+      used.push_back(r.cov_selected);
+    }
+    // exactly the same tokens: what global_cov_selection returned and what the losses applied
+    check_close(what + " selection", at::cat(sel, 0).to(at::kDouble), mine(full.cov_selected).to(at::kDouble),
+                test::tolerance{0, 0});
+    if (n > 0)
+      check_close(what + " tokens the losses applied", at::cat(used, 0).to(at::kDouble),
+                  mine(full.cov_selected).to(at::kDouble), test::tolerance{0, 0});
+    check_close(what + " loss summed over ranks", comm.all_reduce(loss_sum, reduce_op::sum), full.loss.detach(), tol);
+    if (n > 0) check_close(what + " gradient", my_lp.grad(), mine(full_lp.grad()), tol);
+  }
+
+  // The top-entropy mask inside a loss: global_top_entropy_threshold of every micro-batch of every rank, passed
+  // as top_entropy_threshold, keeps what top_entropy_quantile keeps on the whole batch.
+  for (double q : {0.2, 0.5}) {
+    const std::string what = tag + " top-entropy threshold q " + std::to_string(q);
+    const double thr = global_top_entropy_threshold(ents, masks, q, comm);
+    CHECK(thr == global_top_entropy_threshold(std::vector<at::Tensor>{d.ent}, std::vector<at::Tensor>{d.mask}, q,
+                                              single_process<at::Tensor>()));  // the same values, sorted: exact
+    const grpo_options full_opt{.loss_type = grpo_loss_type::dapo, .beta = 0.04, .top_entropy_quantile = q};
+    const at::Tensor full_lp = d.lp.clone().requires_grad_(true);
+    const auto full = grpo_loss(grpo_batch<at::Tensor>{.logprobs = full_lp,
+                                                       .advantages = full_adv,
+                                                       .response_mask = d.mask,
+                                                       .old_logprobs = d.old,
+                                                       .ref_logprobs = d.ref,
+                                                       .entropies = d.ent},
+                                full_opt);
+    full.loss.backward();
+    grpo_options o = full_opt;
+    o.top_entropy_quantile.reset(), o.top_entropy_threshold = thr, o.normalizer = gb.normalizer(o.loss_type);
+    const at::Tensor my_lp = mine(d.lp).clone().requires_grad_(true);
+    at::Tensor loss_sum = at::zeros({}, d.lp.options());
+    for (const auto& [row, m] : micro) {
+      if (m == 0) continue;
+      const auto r = grpo_loss(grpo_batch<at::Tensor>{.logprobs = my_lp.narrow(0, row, m),
+                                                      .advantages = adv.narrow(0, row, m),
+                                                      .response_mask = mine(d.mask).narrow(0, row, m),
+                                                      .old_logprobs = mine(d.old).narrow(0, row, m),
+                                                      .ref_logprobs = mine(d.ref).narrow(0, row, m),
+                                                      .entropies = mine(d.ent).narrow(0, row, m)},
+                               o);
+      r.loss.backward();
+      loss_sum = loss_sum + r.loss.detach();
+    }
+    check_close(what + " loss summed over ranks", comm.all_reduce(loss_sum, reduce_op::sum), full.loss.detach(), tol);
+    if (n > 0) check_close(what + " gradient", my_lp.grad(), mine(full_lp.grad()), tol);
+  }
+
+  // Several rewards per row (TRL multi_objective_aggregation), every mode: every column gathered, groups split
+  // across ranks, the whole batch's advantages.
+  auto r = test::random_normal({B, 3}, 19);
+  for (auto& v : r.values) v = std::round(2 * v);  // ties inside groups, some all-equal columns per group
+  const at::Tensor rewards = test::to_torch(r, dt);
+  const std::vector<double> weights{1.0, 0.5, -2.0};
+  for (auto mode :
+       {multi_reward::sum_then_normalize, multi_reward::normalize_then_sum, multi_reward::normalize_then_sum_batch})
+    check_close(tag + " grpo_advantages_multi mode " + std::to_string(static_cast<int>(mode)),
+                global_grpo_advantages_multi(mine(rewards), weights, mine(d.ids), comm, mode),
+                mine(grpo_advantages_multi(rewards, weights, d.ids, mode)), tol);
 }
 
 struct child {
