@@ -12,6 +12,7 @@
 #   scripts/gpu_check.sh local     # the same build and checks against the system LibTorch (found by
 #                                  # CMake itself; on a CPU-only build the CUDA cases print SKIPPED)
 #   scripts/gpu_check.sh checks    # steps 3-5 only, on an existing build (POSTTRAIN_GPU_BUILD_DIR)
+#   scripts/gpu_check.sh nccl      # step 6 only (on an existing build's configuration)
 #
 # `run` (each step under its own timeout; about 8 minutes with 16 cores):
 #   1. configure build-gpu (or $POSTTRAIN_GPU_BUILD_DIR) against the PyTorch that
@@ -25,9 +26,14 @@
 #   4. run the S1-S4 benchmarks' CUDA cases (naive LibTorch vs posttrain's chunked path; S3/S4 also
 #      cuBLAS's three GEMMs alone, fp32 and bf16; each call followed by torch::cuda::synchronize)
 #      at full size, no peak-memory children;
-#   5. print each step's exit status, the wall time and the number of skipped CUDA cases.
+#   5. print each step's exit status, the wall time and the number of skipped CUDA cases;
+#   6. data-parallel over NCCL (issue 18), only with 2 or more GPUs (else it prints that it needs 2 GPUs and
+#      skips): reconfigure with the examples on (nccl.h from the pip package nvidia-nccl-* when present; Gloo's
+#      headers from that PyTorch, else from .gpu-deps/gloo, which `prepare` copies from libgloo-dev), build
+#      posttrain_data_parallel_grpo and run `--backend nccl --ranks 2 --steps 3`: 2 processes, rank r on cuda:r, the
+#      loss and gradient norm against one process (1e-12). That path has never run yet.
 # Logs go to $OUT when it is set, else to build-gpu/logs. The exit status is 0 only when the kernel
-# tests, the torch suite and the benchmarks all succeed.
+# tests, the torch suite, the benchmarks and (with 2 or more GPUs) the NCCL run all succeed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -52,6 +58,10 @@ prepare() {
     cp /usr/lib/libCatch2WithMain.a "$DEPS/lib/" || return 1
   cp -r /usr/include/benchmark "$DEPS/include/" && cp -r /usr/lib/$arch/cmake/benchmark "$DEPS/lib/$arch/cmake/" &&
     cp -a /usr/lib/$arch/libbenchmark.so* /usr/lib/$arch/libbenchmark_main.a "$DEPS/lib/$arch/" || return 1
+  # Gloo's headers for the data-parallel example (step 6), in their own folder: used only when the PyTorch lacks them
+  if [ -d /usr/include/gloo ]; then
+    mkdir -p "$ROOT/.gpu-deps/gloo/include" && cp -r /usr/include/gloo "$ROOT/.gpu-deps/gloo/include/" || return 1
+  fi
   grep -qx '/.gpu-deps/' .git/info/exclude 2>/dev/null || echo '/.gpu-deps/' >>.git/info/exclude
   du -sh "$DEPS"
   echo "prepared: $DEPS (copy .gpu-deps/ with the tree to a machine that lacks these packages)"
@@ -106,6 +116,35 @@ run_checks() {
   [ $krc -eq 0 ] && [ $trc -eq 0 ] && [ $brc -eq 0 ]
 }
 
+# Step 6: the data-parallel example over NCCL with 2 ranks, where there are 2 GPUs.
+nccl_check() {
+  mkdir -p "$LOGS"
+  local ngpu
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  step "data-parallel GRPO over NCCL (2 ranks)"
+  if [ "${ngpu:-0}" -lt 2 ]; then
+    echo "SKIPPED: data-parallel over NCCL needs 2 GPUs; this machine has ${ngpu:-0}"
+    return 0
+  fi
+  local extra=() nccl_inc torch_inc
+  nccl_inc=$(python3 -c 'import nvidia.nccl,os;print(os.path.join(list(nvidia.nccl.__path__)[0],"include"))' 2>/dev/null)
+  [ -n "$nccl_inc" ] && [ -f "$nccl_inc/nccl.h" ] && extra+=(-DPOSTTRAIN_NCCL_INCLUDE_DIR="$nccl_inc")
+  torch_inc=$(python3 -c 'import torch.utils.cpp_extension as c;print(c.include_paths()[0])' 2>/dev/null)
+  if { [ -z "$torch_inc" ] || [ ! -f "$torch_inc/gloo/config.h" ]; } && [ -f "$ROOT/.gpu-deps/gloo/include/gloo/config.h" ]; then
+    extra+=(-DPOSTTRAIN_GLOO_INCLUDE_DIR="$ROOT/.gpu-deps/gloo/include")
+  fi
+  timeout 180 cmake -S "$ROOT" -B "$BUILD" -DPOSTTRAIN_BUILD_EXAMPLES=ON ${extra[@]+"${extra[@]}"} >"$LOGS/nccl_configure.log" 2>&1 ||
+    { tail -5 "$LOGS/nccl_configure.log"; echo "NCCL configure FAILED: see nccl_configure.log"; return 1; }
+  grep -E "NCCL|Gloo" "$LOGS/nccl_configure.log"
+  timeout 330 cmake --build "$BUILD" -j"$JOBS" --target posttrain_data_parallel_grpo >"$LOGS/nccl_build.log" 2>&1 ||
+    { grep -E "error" "$LOGS/nccl_build.log" | head -20; echo "NCCL example build FAILED: see nccl_build.log"; return 1; }
+  timeout 180 "$BUILD/examples/posttrain_data_parallel_grpo" --backend nccl --ranks 2 --steps 3 >"$LOGS/nccl.log" 2>&1
+  local rc=$?
+  cat "$LOGS/nccl.log"
+  echo "data-parallel over NCCL rc=$rc"
+  return $rc
+}
+
 case $MODE in
   prepare) prepare ;;
   run)
@@ -113,15 +152,22 @@ case $MODE in
     torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)' 2>/dev/null)
     python3 -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
     configure_build "$torch_prefix" && run_checks
+    rc=$?
+    nccl_check || rc=1
+    exit $rc
     ;;
   local)
     # The system LibTorch (e.g. Debian's libtorch-dev), found by CMake itself; on a CPU-only build the CUDA cases SKIP.
     [ -d "$DEPS" ] || prepare || exit 1
     configure_build "${TORCH_PREFIX:-}" && run_checks
+    rc=$?
+    nccl_check || rc=1
+    exit $rc
     ;;
   checks) run_checks ;;
+  nccl) nccl_check ;;
   *)
-    echo "usage: scripts/gpu_check.sh [prepare|run|local|checks]" >&2
+    echo "usage: scripts/gpu_check.sh [prepare|run|local|checks|nccl]" >&2
     exit 2
     ;;
 esac

@@ -7,6 +7,10 @@
 //   const auto comm = posttrain::process_group_communicator(pg);
 //   posttrain::global_batch gb(masks, comm);
 //
+// `pg` may be any c10d group type (the c10d_group concept below): on LibTorch 1.x a ProcessGroup (ProcessGroupGloo,
+// ProcessGroupNCCL ...), on LibTorch 2.x also the Backend those became (ProcessGroupNCCL is then a c10d::Backend that
+// a ProcessGroup wraps; pass it directly).
+//
 // This header needs only c10d's ProcessGroup.hpp, which Debian's libtorch-dev ships; creating a Gloo group needs
 // <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>, compiled only with USE_C10D_GLOO defined and Gloo's headers
 // (libgloo-dev) installed: the caller's concern, not this header's.
@@ -22,6 +26,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <concepts>
 #include <cstdint>
 #include <exception>
 #include <string>
@@ -60,8 +65,8 @@ inline void wait_for(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::mi
 
 /// Every rank's 1-D x concatenated in rank order, lengths may differ: lengths first (int64, to the host), then
 /// the values padded to the longest, trimmed and joined on x's device.
-inline at::Tensor gather_1d(c10d::ProcessGroup& pg, const at::Tensor& x, std::chrono::milliseconds timeout,
-                            const char* name) {
+template <class Group>
+at::Tensor gather_1d(Group& pg, const at::Tensor& x, std::chrono::milliseconds timeout, const char* name) {
   const int rank = pg.getRank(), world = pg.getSize();
   if (x.dim() != 1)
     fail("process_group_communicator", name, " needs a 1-D tensor, got shape ", shape_string(x.sizes().vec()));
@@ -88,12 +93,25 @@ inline at::Tensor gather_1d(c10d::ProcessGroup& pg, const at::Tensor& x, std::ch
 
 }  // namespace detail
 
+/// A c10d group with the collectives the communicator uses: c10d::ProcessGroup and its Gloo / NCCL / MPI
+/// subclasses (LibTorch 1.x), or c10d::Backend and its ProcessGroupGloo / ProcessGroupNCCL (LibTorch 2.x, where
+/// those are Backends that a ProcessGroup wraps). The same calls on either.
+template <class Group>
+concept c10d_group = requires(Group& g, std::vector<at::Tensor>& t, std::vector<std::vector<at::Tensor>>& tt) {
+  { g.getRank() } -> std::convertible_to<int>;
+  { g.getSize() } -> std::convertible_to<int>;
+  g.allreduce(t, c10d::AllreduceOptions{});
+  g.allgather(tt, t);
+};
+
 /// A communicator over a c10d process group (Gloo, NCCL, MPI ...): rank and world size from the group;
 /// all_reduce and all_gather as its allreduce and allgather (see the file comment). `timeout` > 0 bounds each
 /// collective's wait; 0 (default) leaves it to the group's own timeout. The group must outlive the communicator's
-/// use (the callbacks hold a reference to it).
-inline communicator<at::Tensor> process_group_communicator(
-    c10::intrusive_ptr<c10d::ProcessGroup> pg, std::chrono::milliseconds timeout = std::chrono::milliseconds{0}) {
+/// use (the callbacks hold a reference to it). `pg`: an intrusive_ptr to any c10d_group (ProcessGroup,
+/// ProcessGroupGloo, ProcessGroupNCCL; on LibTorch 2.x also a Backend).
+template <c10d_group Group>
+communicator<at::Tensor> process_group_communicator(c10::intrusive_ptr<Group> pg,
+                                                    std::chrono::milliseconds timeout = std::chrono::milliseconds{0}) {
   if (!pg) detail::fail("process_group_communicator", "pg is null");
   if (timeout.count() < 0) detail::fail("process_group_communicator", "timeout must be >= 0 ms, got ", timeout.count());
   return {.rank = [pg] { return pg->getRank(); },
