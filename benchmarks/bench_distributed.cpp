@@ -14,9 +14,10 @@
 //                                the group
 //   grpo_loss_fwd_bwd_rank0_rows for scale: grpo_loss (DAPO, β = 0.04) forward + backward on rank 0's rows, the
 //                                loss's own arithmetic (a real step adds the model's forward and backward)
-// The last case (DP/summary) closes the group, waits for rank 1 and prints the ratio gloo_2_ranks /
-// single_process_rank0_rows: the communication's cost on top of the same local work (loopback TCP on one machine,
-// so it is Gloo's latency, not a network's).
+// The last case (DP/summary) closes the group, waits for rank 1 and prints the number of collectives a step makes
+// and the ratio gloo_2_ranks / single_process_rank0_rows: the communication's cost on top of the same local work
+// (loopback TCP on one machine, so it is Gloo's latency, not a network's). With --benchmark_repetitions the summary
+// uses each case's last repetition (Google Benchmark prints the aggregates).
 //
 // Without Gloo's headers (libgloo-dev) at configure time the Gloo case is not built (POSTTRAIN_BENCH_GLOO unset)
 // and the summary says so. This file has no main(): bench_logits.cpp owns it; the cases register themselves during
@@ -134,6 +135,20 @@ double step_statistics(const slice& s, const communicator<at::Tensor>& comm) {
   }
   const auto logged = metrics.reduce(comm);
   return adv.numel() + gb.normalizer(grpo_loss_type::dapo) + logged.at("kl");
+}
+
+/// The communicator's calls in one step (single_process wrapped in counters): {all_reduce, all_gather (ids too)}.
+std::pair<int, int> collectives_per_step() {
+  int reduces = 0, gathers = 0;
+  auto comm = single_process<at::Tensor>();
+  const auto reduce = comm.all_reduce;
+  const auto gather = comm.all_gather;
+  const auto gather_index = comm.all_gather_index;
+  comm.all_reduce = [&](const at::Tensor& x, reduce_op op) { return ++reduces, reduce(x, op); };
+  comm.all_gather = [&](const at::Tensor& x) { return ++gathers, gather(x); };
+  comm.all_gather_index = [&](const at::Tensor& x) { return ++gathers, gather_index(x); };
+  (void)step_statistics(make_slice(0, cfg().rows / 2), comm);
+  return {reduces, gathers};
 }
 
 void single_process_case(benchmark::State& st, bool whole) {
@@ -284,6 +299,11 @@ void summary_case(benchmark::State& st) {
         static_cast<long long>(c.rows), static_cast<long long>(c.tokens));
     const double whole = get("single_process_whole_batch"), half = get("single_process_rank0_rows"),
                  gloo = get("gloo_2_ranks"), loss = get("grpo_loss_fwd_bwd_rank0_rows");
+    const auto [reduces, gathers] = collectives_per_step();
+    std::printf(
+        "  collectives per step: %d all_reduce + %d all_gather (process_group_communicator: each all_gather is 2 "
+        "c10d allgathers, lengths then values: %d c10d collectives)\n",
+        reduces, gathers, reduces + 2 * gathers);
     if (whole > 0)
       std::printf("  single_process, whole batch (%lld rows)    %10.1f us\n", static_cast<long long>(c.rows), whole);
     if (half > 0)
@@ -325,7 +345,7 @@ void summary_case(benchmark::State& st) {
   reg("DP/gloo_2_ranks", gloo_case);
 #endif
   reg("DP/grpo_loss_fwd_bwd_rank0_rows", loss_case);
-  benchmark::RegisterBenchmark("DP/summary", summary_case)->Iterations(1);
+  benchmark::RegisterBenchmark("DP/summary", summary_case)->Iterations(1)->Repetitions(1);
   return true;
 }();
 
