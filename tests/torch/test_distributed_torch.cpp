@@ -207,7 +207,7 @@ void worker_checks(const communicator<at::Tensor>& comm, at::ScalarType dt) {
                   tol);
   }
 
-  // This rank's micro-batches as the losses get them (rows [at, at + m) of this rank; an empty one included).
+  // This rank's micro-batches as the losses get them (rows [row, row + m) of this rank; an empty one included).
   std::vector<std::pair<std::int64_t, std::int64_t>> micro;  // {first row within this rank, rows}
   {
     std::int64_t row = 0;
@@ -220,7 +220,7 @@ void worker_checks(const communicator<at::Tensor>& comm, at::ScalarType dt) {
 
   // Clip-Cov / KL-Cov: global_cov_selection -> policy_batch::cov_selection selects the tokens one process selects
   // on the whole batch (the seeded draw included); the summed loss and the gradient are the whole batch's.
-  // Clip-Cov's band (-0.5, 0.5) and the ratios pick several of this batch's ~45 valid tokens (verl's band (1, 5)
+  // Clip-Cov's band (-0.5, 0.5) and the ratios pick 8-10 of this batch's 40-43 valid tokens (verl's band (1, 5)
   // would leave no candidate at these covariances, about ±1).
   std::vector<policy_variant_options> cov_opts;
   for (auto variant : {policy_variant::clip_cov, policy_variant::kl_cov}) {
