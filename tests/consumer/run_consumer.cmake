@@ -42,7 +42,8 @@ if(MODE STREQUAL "install")
   step("configure the find_package consumer (torch: ${WITH_TORCH})"
        ${CMAKE_COMMAND} -S ${here}/installed -B ${WORK_DIR}/installed ${configure_args}
        "-DCMAKE_PREFIX_PATH=${search}" -DCONSUMER_WITH_TORCH=${WITH_TORCH})
-  step("build it" ${CMAKE_COMMAND} --build ${WORK_DIR}/installed)
+  # Two jobs: the two strict torch programs are the slowest compiles of the whole ctest run.
+  step("build it" ${CMAKE_COMMAND} --build ${WORK_DIR}/installed --parallel 2)
   step("run the eigen consumer" ${WORK_DIR}/installed/eigen_consumer)
   message(STATUS "${last_output}")
   if(WITH_TORCH)

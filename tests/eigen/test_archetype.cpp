@@ -80,6 +80,8 @@ struct fused_ops<recording::declining_recorder> {
 
 }  // namespace posttrain
 
+namespace test_archetype {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using recording::archetype;
 using recording::declining_recorder;
@@ -276,3 +278,5 @@ TEST_CASE("a hook that declines an input leaves the generic composition to run",
   test::check_same("declined log-probs", r.logprobs.value, generic::token_logprobs(xd, labels), tol);
   test::check_same("declined entropy", r.entropy.value, generic::entropy_last(xd), tol);
 }
+
+}  // namespace test_archetype

@@ -14,6 +14,8 @@
 #include "posttrain/losses/grpo.hpp"
 #include "posttrain/losses/sft.hpp"
 
+namespace test_batch_helpers {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 
@@ -125,3 +127,5 @@ TEST_CASE("multi-turn: the tool's tokens get exactly zero gradient in GRPO, the 
   }
   CHECK(std::isfinite(grpo_loss(batch).loss.data()[0]));
 }
+
+}  // namespace test_batch_helpers

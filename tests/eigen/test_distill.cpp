@@ -19,6 +19,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_distill {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 
@@ -342,3 +344,5 @@ TEST_CASE("distill: torchtune's KD test vector and the golden values", "[distill
   test::check_value("alpha 1/2 tau 2", distill_loss(x, y, labels, {.temperature = 2.0, .alpha = 0.5}).loss,
                     g::mixed_alpha_0_5_tau_2, tol);
 }
+
+}  // namespace test_distill

@@ -25,6 +25,8 @@
 #include "support/finite_difference.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_distill_kernels {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -286,3 +288,5 @@ TEST_CASE("distill kernels: the fused backward matches finite differences of the
     CHECK(r.ok);
   }
 }
+
+}  // namespace test_distill_kernels

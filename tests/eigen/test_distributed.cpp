@@ -21,6 +21,8 @@
 #include "support/thread_communicator.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_distributed {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using posttrain::test::run_ranks;
 
@@ -865,3 +867,5 @@ TEST_CASE("global selections: communication counted, bad inputs rejected", "[dis
   });
   CHECK(e3.find("global_grpo_advantages_multi: the options differ across ranks") != std::string::npos);
 }
+
+}  // namespace test_distributed

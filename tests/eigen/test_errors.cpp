@@ -20,6 +20,8 @@
 #include "posttrain/numerics/logits.hpp"
 #include "posttrain/numerics/masked.hpp"
 
+namespace test_errors {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 using tensor_d = eigen_tensor<double>;
@@ -202,3 +204,5 @@ TEST_CASE("NaN and out-of-range hyper-parameters", "[errors]") {
   expect_error([&] { masked_whiten(row, m, {.eps = qnan}); }, "masked_whiten", {"eps", "finite", "nan"});
   expect_error([&] { masked_whiten(row, m, {.eps = -1e-8}); }, "masked_whiten", {"eps", "> 0"});
 }
+
+}  // namespace test_errors

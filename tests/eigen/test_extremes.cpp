@@ -20,6 +20,8 @@
 #include "support/data.hpp"
 #include "support/eigen_checks.hpp"
 
+namespace test_extremes {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -348,3 +350,5 @@ TEST_CASE("float32 agrees with float64 at V = 50000", "[extreme][float32]") {
   test::check_same("sft loss", sft_loss(xf, labels, o).loss, sft_loss(xd, labels, o).loss, tol);
   test::check_same("sft'", gf, gd, tol);
 }
+
+}  // namespace test_extremes

@@ -10,6 +10,8 @@
 #include "posttrain/numerics/divergences.hpp"
 #include "posttrain/numerics/logits.hpp"
 
+namespace test_fuzz_regressions {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 TEST_CASE("fuzz regression: the Eigen backend's exp underflows to the true value, not Eigen's clamp",
@@ -265,3 +267,5 @@ TEST_CASE("fuzz regression: fused kd backward where row weight x scale/tau overf
   check(1e308);
   check(std::numeric_limits<float>::max());
 }
+
+}  // namespace test_fuzz_regressions

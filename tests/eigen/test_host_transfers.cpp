@@ -28,7 +28,10 @@ struct tensor_traits<recording::device_recorder> : recording_traits<recording::d
   static std::string device(const recording::device_recorder&) { return note("device"), "cuda:0"; }
   static std::string index_device(const eigen_index&) { return note("index_device"), "cuda:0"; }
 };
+
 }  // namespace posttrain
+
+namespace test_host_transfers {  // one namespace per test file: the unity build compiles several in one TU
 
 using namespace posttrain;
 using recording::device_recorder;
@@ -107,3 +110,5 @@ TEST_CASE("host transfers: host tensors keep their label range check under host_
   // ... and the device recorder skips it (LibTorch's device-side assert is the check there).
   CHECK_NOTHROW(sft_loss(rec({2, 3}, {0.1, 0.2, 0.3, 1.0, -1.0, 0.5}), eigen_index({2}, {1, 0})));
 }
+
+}  // namespace test_host_transfers

@@ -18,6 +18,8 @@
 #include "support/data.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_kernels {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -430,3 +432,5 @@ TEST_CASE("kernels: a NaN logit makes its row's outputs NaN (among finite, -inf 
     }
   }
 }
+
+}  // namespace test_kernels

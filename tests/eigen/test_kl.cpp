@@ -22,6 +22,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_kl {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -191,3 +193,5 @@ TEST_CASE("kl_exact_backward matches finite differences", "[kl][exact][grad]") {
                        test::float64_tol);
   }
 }
+
+}  // namespace test_kl

@@ -22,6 +22,8 @@
 #include "support/linear_eigen.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_linear_ce {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 using tensor_d = eigen_tensor<double>;
@@ -262,3 +264,5 @@ TEST_CASE("fused linear CE rejects invalid inputs, naming the argument", "[linea
       },
       both, {"head"});
 }
+
+}  // namespace test_linear_ce

@@ -22,6 +22,8 @@
 #include "support/linear_eigen.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_linear_logprobs {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 using tensor_d = eigen_tensor<double>;
@@ -311,3 +313,5 @@ TEST_CASE("fused linear logprobs reject invalid inputs, naming the argument", "[
   expect_error([&] { (void)fused_linear_logprobs_backward(p.hidden, p.head, p.labels, {}, p.a, tensor_d(shape_t{})); },
                bwd, {"grad_entropy", "[]"});
 }
+
+}  // namespace test_linear_logprobs

@@ -23,6 +23,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_masked {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -330,3 +332,5 @@ TEST_CASE("aggregate's gradient is aggregation_weights, and masked mean and vari
   test::check_gradient(
       "masked_var biased", d_var_biased, [&](const auto& p) { return ops::item(masked_var(p, mask, false)); }, x);
 }
+
+}  // namespace test_masked

@@ -31,6 +31,8 @@ template <>
 struct tensor_traits<recording::metrics_recorder> : recording_traits<recording::metrics_recorder> {};
 }  // namespace posttrain
 
+namespace test_metrics_map {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using recording::metrics_recorder;
 using tensor_d = eigen_tensor<double>;
@@ -251,3 +253,5 @@ TEST_CASE("metrics rejects verl keys where verl has no such trainer, and a non-s
   broken.rewards_chosen = make({2}, {0.1, 0.2});  // a per-pair tensor where a scalar belongs
   expect_error([&] { (void)metrics(broken); }, "metrics", {"rewards/chosen", "must be a scalar", "[2]"});
 }
+
+}  // namespace test_metrics_map

@@ -20,6 +20,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_numerics {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -171,3 +173,5 @@ TEST_CASE("logsumexp, token_logprobs and entropy backward match finite differenc
         [&](const auto& p) { return test::contract(w, token_logprobs(p, custom, 7)); }, x);
   }
 }
+
+}  // namespace test_numerics

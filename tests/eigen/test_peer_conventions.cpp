@@ -16,6 +16,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_peer_conventions {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden_conventions;
 using Catch::Matchers::Contains;
@@ -572,3 +574,5 @@ TEST_CASE("Whole step, OpenRLHF: reinforce_baseline advantages -> PPO policy los
   test::check_value("ppo_kl", pg.approx_kl, g::openrlhf_step_ppo_kl, tol);
   test::check_values("d loss / d log_probs", ppo_policy_loss_backward(lp, old, adv, m6, o), g::openrlhf_step_grad, tol);
 }
+
+}  // namespace test_peer_conventions

@@ -14,6 +14,8 @@
 #include "reference/golden.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_preference {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden;
 using tensor_d = eigen_tensor<double>;
@@ -388,3 +390,5 @@ TEST_CASE("ORPO rejects log-probabilities above 0", "[orpo][errors]") {
   CHECK_THROWS_WITH(orpo(b), Contains("orpo") && Contains("chosen_logps") && Contains("<= 0"));
   CHECK_THROWS_WITH(dpo(golden_batch(true), {.loss = dpo_loss::aot}), Contains("aot"));
 }
+
+}  // namespace test_preference

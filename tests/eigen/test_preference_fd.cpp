@@ -13,6 +13,8 @@
 #include "support/data.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_preference_fd {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 using tensor_d = eigen_tensor<double>;
@@ -143,3 +145,5 @@ TEST_CASE("sequence log-probs backward vs finite differences: sum, mean, LD-DPO"
       "ld_sequence_logps", ld_sequence_logps_backward(logits, labels, shared, 0.4, w),
       [&](const tensor_d& x) { return contract(w, ld_sequence_logps(x, labels, shared, 0.4).logps); }, logits);
 }
+
+}  // namespace test_preference_fd

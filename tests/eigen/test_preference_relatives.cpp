@@ -9,6 +9,8 @@
 #include "reference/golden.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_preference_relatives {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden;
 using tensor_d = eigen_tensor<double>;
@@ -147,3 +149,5 @@ TEST_CASE("unpaired BCO matches TRL's BCOTrainer with its running shift (golden,
   m.update(2.0);
   CHECK(m.update(4.0) == Approx(3.0));
 }
+
+}  // namespace test_preference_relatives

@@ -15,6 +15,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_prm {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden_prm;
 using Catch::Matchers::Contains;
@@ -204,3 +206,5 @@ TEST_CASE("PRM loss rejects bad inputs by name", "[prm][errors]") {
   expect_rejected([&] { (void)prm_loss_soft_backward(ids, x, q, hard_opts(), INFINITY); }, "prm_loss_soft_backward",
                   "grad_loss");
 }
+
+}  // namespace test_prm

@@ -8,6 +8,8 @@
 #include "reference/golden.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_reference {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden;
 
@@ -73,3 +75,5 @@ TEST_CASE("exact KL matches F.kl_div and its autograd gradient (golden, float64)
   check_all(ops::to_host(kl_exact(p, q)), g::exact_kl);
   check_all(ops::to_host(kl_exact_backward(p, q, ops::full(p, shape_t{4}, 1.0))), g::exact_kl_grad);
 }
+
+}  // namespace test_reference

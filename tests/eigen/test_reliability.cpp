@@ -14,6 +14,8 @@
 #include "posttrain/posttrain.hpp"
 #include "support/eigen_checks.hpp"
 
+namespace test_reliability {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 
@@ -472,3 +474,5 @@ TEST_CASE("group ids of 1e7 and 2^40 give the same advantages as dense ids, with
   test::check_same("dense ids", grpo_advantages(s, ids({2, 2, 0, 0, 1, 2})).advantages,
                    grpo_advantages(s, ids({1, 1, 0, 0, 2, 1})).advantages, tol);
 }
+
+}  // namespace test_reliability

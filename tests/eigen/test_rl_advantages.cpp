@@ -17,6 +17,8 @@
 #include "support/data.hpp"
 #include "support/eigen_checks.hpp"
 
+namespace test_rl_advantages {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Contains;
 
@@ -254,3 +256,5 @@ TEST_CASE("Advantage estimators reject bad input naming the argument", "[rl][err
   CHECK_THROWS_WITH(kl_shaped_rewards(test::vec({1, 2, 3}), x, x, x), Contains("scores"));
   CHECK_THROWS_WITH(remax_advantages(x, test::vec({1}), x), Contains("reward_baselines"));
 }
+
+}  // namespace test_rl_advantages

@@ -25,6 +25,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_rl_cov_presets {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Contains;
 
@@ -537,3 +539,5 @@ TEST_CASE("ppo_policy_loss: TRL's clip_ratio low_min / high_max and the entropy 
   CHECK_THROWS_WITH(ppo_policy_loss(lp, old, A, m, {}, std::optional<E>(test::make({3, 2}, {0, 0, 0, 0, 0, 0}))),
                     Contains("entropies"));
 }
+
+}  // namespace test_rl_cov_presets

@@ -9,6 +9,8 @@
 #include "reference/golden_rl.hpp"
 #include "support/eigen_checks.hpp"
 
+namespace test_rl_golden {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden_rl;
 
@@ -77,3 +79,5 @@ TEST_CASE("GRPO objective matches TRL GRPOTrainer for every loss type", "[rl][go
     test::check_values("grad (torch autograd)", grpo_loss_backward(b, o), c.grad, tol);
   }
 }
+
+}  // namespace test_rl_golden

@@ -19,6 +19,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_rl_ppo {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Contains;
 
@@ -352,3 +354,5 @@ TEST_CASE("RL losses reject bad input naming the argument", "[rl][errors]") {
   CHECK_THROWS_WITH(grpo_loss(b2, {.loss_type = grpo_loss_type::dr_grpo, .max_completion_length = 0}),
                     Contains("max_completion_length"));
 }
+
+}  // namespace test_rl_ppo

@@ -24,6 +24,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_rl_variants {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Contains;
 
@@ -435,3 +437,5 @@ TEST_CASE("One clip_options for PPO, the variants and GRPO: TRL spellings, share
                     Contains("options.clip.log_ratio_clamp"));
   CHECK_THROWS_WITH(ppo_policy_loss(in.lp, in.old, A, in.m, {.clip = {.delta = 0.5}}), Contains("options.clip.delta"));
 }
+
+}  // namespace test_rl_variants

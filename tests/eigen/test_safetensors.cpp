@@ -13,6 +13,8 @@
 
 #include "posttrain/io/safetensors.hpp"
 
+namespace test_safetensors {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::io;
 using Catch::Matchers::Contains;
@@ -207,3 +209,5 @@ TEST_CASE("safetensors: conversions and the writer reject what they cannot repre
   f.tensors[0].bytes.pop_back();
   REQUIRE_THROWS_WITH(serialize_safetensors(f), Contains("tensor 'x' has shape [1] of F32 but 3 bytes"));
 }
+
+}  // namespace test_safetensors

@@ -23,6 +23,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/finite_difference.hpp"
 
+namespace test_sft {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -237,3 +239,5 @@ TEMPLATE_TEST_CASE("SFT with every token ignored is 0, with zero gradient and me
     test::check_values("grad", sft_loss_backward(logits, none, o), std::vector<double>(12, 0.0), tol);
   }
 }
+
+}  // namespace test_sft

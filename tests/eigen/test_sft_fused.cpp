@@ -14,6 +14,8 @@
 #include "support/data.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_sft_fused {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 
 namespace {
@@ -111,3 +113,5 @@ TEST_CASE("sft fused backward: hand closed form and an all-ignored batch", "[sft
   const eigen_tensor<double> xn({2, 3}, {nan, 1, 2, 3, 4, 5});
   require_close(sft_loss_backward(xn, eigen_index({2}, {-100, -100})), eigen_tensor<double>({2, 3}), test::float64_tol);
 }
+
+}  // namespace test_sft_fused

@@ -31,6 +31,8 @@
 #include "support/data.hpp"
 #include "support/linear_eigen.hpp"
 
+namespace test_simd_reproducibility {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using test::cast;
 using test::thread_guard;
@@ -218,3 +220,5 @@ TEST_CASE("fused_linear_cross_entropy_and_grad (Eigen): bitwise the same after a
     }
   }
 }
+
+}  // namespace test_simd_reproducibility

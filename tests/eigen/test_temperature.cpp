@@ -26,6 +26,8 @@
 #include "support/linear_eigen.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_temperature {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using tensor_d = eigen_tensor<double>;
 using tensor_f = eigen_tensor<float>;
@@ -345,3 +347,5 @@ TEST_CASE("a temperature that is zero, negative, NaN or infinite is rejected by 
                  {"options.temperature"});
   }
 }
+
+}  // namespace test_temperature

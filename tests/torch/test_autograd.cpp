@@ -23,6 +23,8 @@
 #include "support/tolerances.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_autograd {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 
@@ -324,3 +326,5 @@ TEST_CASE("autograd: sft_loss in_place_gradient writes the default gradient over
                                            [&](const at::Tensor& x) { return sft_loss(x, bf.labels(labels)).loss; })),
                 output_tolerance(dtype::bfloat16));
 }
+
+}  // namespace test_autograd

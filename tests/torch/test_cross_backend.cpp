@@ -27,6 +27,8 @@
 #include "support/tolerances.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_cross_backend {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 
@@ -382,3 +384,5 @@ TEST_CASE("batch helpers on LibTorch: label shift, completion mask, pairs, multi
   const auto roles = torch::tensor({0, 1, 1, 2, 1}, torch::kLong).to(at::kByte);
   CHECK(doubles(role_mask(roles, 1, like)) == std::vector<double>{0, 1, 1, 0, 1});
 }
+
+}  // namespace test_cross_backend

@@ -23,6 +23,8 @@
 #include "support/data.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_distill_torch {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 
@@ -270,3 +272,5 @@ TEST_CASE("distill torch: tensors the kernel does not take keep the generic path
     require_agree("bf16 grad", leaf.grad(), ref, output_tolerance(dtype::bfloat16));
   }
 }
+
+}  // namespace test_distill_torch

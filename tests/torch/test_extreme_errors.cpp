@@ -27,6 +27,8 @@
 #include "support/tolerances.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_extreme_errors {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 using Catch::Contains;
@@ -444,3 +446,5 @@ TEST_CASE("errors: NaN and out-of-range hyper-parameters on torch inputs", "[err
   CHECK_THROWS_WITH(masked_whiten(torch::randn({2}), torch::ones({2}), {.eps = nan}),
                     Contains("posttrain::masked_whiten") && Contains("eps must be finite"));
 }
+
+}  // namespace test_extreme_errors

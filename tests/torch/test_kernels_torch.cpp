@@ -25,6 +25,8 @@
 #include "support/tolerances.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_kernels_torch {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 
@@ -527,3 +529,5 @@ TEST_CASE("torch kernels CUDA: bfloat16 V = 151936 rows, chunked, vs double (SKI
     check_sft_backward(x, labels, "chunk rows " + std::to_string(rows));
   }
 }
+
+}  // namespace test_kernels_torch

@@ -23,6 +23,8 @@
 #include "support/data.hpp"
 #include "support/tolerances.hpp"
 
+namespace test_linear_ce_torch {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using Catch::Matchers::Contains;
 
@@ -591,3 +593,5 @@ TEST_CASE("torch linear logprobs reject invalid inputs, naming the argument", "[
   expect([&] { (void)fused_linear_logprobs_backward(p.hidden, p.head, p.labels, temp0, g, std::nullopt); }, bwd,
          {"options.temperature"});
 }
+
+}  // namespace test_linear_ce_torch

@@ -24,6 +24,8 @@
 #include "support/eigen_checks.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_peer_conventions_torch {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 namespace g = posttrain::golden_conventions;
 using test::check_value;
@@ -393,3 +395,5 @@ TEST_CASE("Peer conventions, torch: OpenRLHF PRMLoss (hard, soft, whole vocabula
         "d loss / d logits", x, [&](const Tn& z) { return c.forward(z).loss; }, c.backward(), c.grad);
   }
 }
+
+}  // namespace test_peer_conventions_torch

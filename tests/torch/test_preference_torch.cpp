@@ -12,6 +12,8 @@
 #include "support/data.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_preference_torch {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 
@@ -387,3 +389,5 @@ TEST_CASE("torch: every DPO loss stays finite (values and autograd) at log-ratio
     }
   }
 }
+
+}  // namespace test_preference_torch

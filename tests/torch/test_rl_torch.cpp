@@ -14,6 +14,8 @@
 #include "support/data.hpp"
 #include "support/torch_data.hpp"
 
+namespace test_rl_torch {  // one namespace per test file: the unity build compiles several in one TU
+
 using namespace posttrain;
 using namespace posttrain::test;
 
@@ -303,3 +305,5 @@ TEST_CASE("PPO family at a log-ratio of +100 (past float32's exp): finite autogr
         },
         /*expect_finite=*/true);
 }
+
+}  // namespace test_rl_torch
