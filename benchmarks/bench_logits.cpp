@@ -15,9 +15,12 @@
 // a fresh child process (this binary with --peak-memory=CASE) that resets its resident high-water
 // mark after building the inputs and reports VmHWM minus the resident set just before the call.
 //
-//   posttrain_bench [--quick] [--threads=N] [--iterations=N] [--no-peak-memory] [Google Benchmark flags]
+//   posttrain_bench [--quick] [--threads=N] [--iterations=N] [--s1-rows=N] [--no-peak-memory] [Google Benchmark flags]
 // --quick: small shapes, one iteration each (a ctest smoke test, not a measurement).
 // --no-peak-memory: skip the fresh-process memory runs (e.g. with --benchmark_filter=cuda).
+// --s1-rows=N: S1 with N rows instead of 4096 (where the full size is too slow or too big for the machine).
+// The bf16 cases run the rows path's bf16-native kernels and, beside them, the old widening buffer
+// (torch_backend::set_widen_bf16_rows, a benchmark and test hook).
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 #include <torch/cuda.h>
@@ -190,6 +193,34 @@ void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
           const auto r = posttrain::token_logprobs_and_entropy(x, in.y);  // one read of the logits
           benchmark::DoNotOptimize(r.logprobs.data_ptr());
           benchmark::DoNotOptimize(r.entropy.data_ptr());
+        });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+/// The bf16 rows path as it was before the bf16-native kernels (each row widened into a float32
+/// buffer first: torch_backend::set_widen_bf16_rows), beside the native one.
+struct widen_scope {
+  explicit widen_scope(bool on) { torch_backend::set_widen_bf16_rows(on); }
+  ~widen_scope() { torch_backend::set_widen_bf16_rows(false); }
+};
+void s1_bf16_one_call_widened(benchmark::State& st) {
+  auto& in = s1_inputs::get();
+  const widen_scope old(true);
+  timed(st, timings(), "S1 bf16 token_logprobs_and_entropy, old widening buffer", [&] {
+    const auto r = posttrain::token_logprobs_and_entropy(in.x_bf16, in.y);
+    benchmark::DoNotOptimize(r.logprobs.data_ptr());
+    benchmark::DoNotOptimize(r.entropy.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+/// sft_loss_backward's fused gradient on S1's bf16 logits (a bf16 [N, V] gradient per call): the
+/// statistics pass plus one read + write of the row, native or through the old widening buffer.
+void s1_bf16_ce_backward(benchmark::State& st, bool widened) {
+  auto& in = s1_inputs::get();
+  const widen_scope old(widened);
+  timed(st, timings(),
+        widened ? "S1 bf16 sft_loss_backward, old widening buffer" : "S1 bf16 sft_loss_backward (native)", [&] {
+          const at::Tensor g = posttrain::sft_loss_backward(in.x_bf16, in.y);
+          benchmark::DoNotOptimize(g.data_ptr());
         });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
@@ -563,6 +594,9 @@ void print_summary(const char* self) {
                                  {"S1bf", "S1 bf16 naive LibTorch", 1},
                                  {"S1bf", "S1 bf16 posttrain API on torch", 1},
                                  {"S1bf", "S1 bf16 posttrain token_logprobs_and_entropy", 1},
+                                 {"S1bf", "S1 bf16 token_logprobs_and_entropy, old widening buffer", 1},
+                                 {"S1bfw", "S1 bf16 sft_loss_backward (native)", 1},
+                                 {"S1bfw", "S1 bf16 sft_loss_backward, old widening buffer", 1},
                                  {"S2", "S2 naive LibTorch", 1},
                                  {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
                                  {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
@@ -581,10 +615,11 @@ void print_summary(const char* self) {
   std::printf("%-46s %12s %10s %14s\n", "case", "ms", "x floor", "speed-up vs naive");
   for (const auto& r : rows) {
     if (!t.count(r.name)) continue;
-    const double floor = (r.scenario == "S1" ? f1 : r.scenario == "S1bf" ? f1b : f2) * r.scale;
-    const std::string naive = r.scenario == "S1"     ? "S1 naive LibTorch"
-                              : r.scenario == "S1bf" ? "S1 bf16 naive LibTorch"
-                                                     : "S2 naive LibTorch";
+    // S1bfw (a bf16 gradient): its floor is the bf16 read floor too (a lower bound: the write is not in it).
+    const double floor = (r.scenario == "S1" ? f1 : r.scenario == "S1bf" || r.scenario == "S1bfw" ? f1b : f2) * r.scale;
+    const std::string naive = r.scenario == "S1"                              ? "S1 naive LibTorch"
+                              : r.scenario == "S1bf" || r.scenario == "S1bfw" ? "S1 bf16 naive LibTorch"
+                                                                              : "S2 naive LibTorch";
     // Per-row time, so the few-row generic path compares with the full-size naive one.
     const double speedup = get(naive) / (get(r.name) / r.scale);
     std::printf("%-46s %12.1f %10.2f %14.2f\n", r.name.c_str(), 1e3 * get(r.name), get(r.name) / floor, speedup);
@@ -659,6 +694,7 @@ int main(int argc, char** argv) {
 
   std::vector<char*> rest;
   std::string peak_case;
+  std::int64_t s1_rows = 0;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick")
@@ -669,6 +705,8 @@ int main(int argc, char** argv) {
       cfg.threads = std::atoi(a.c_str() + 10);
     else if (a.rfind("--iterations=", 0) == 0)
       cfg.iterations = std::max(1, std::atoi(a.c_str() + 13));
+    else if (a.rfind("--s1-rows=", 0) == 0)
+      s1_rows = std::max<std::int64_t>(1, std::atoll(a.c_str() + 10));
     else if (a.rfind("--peak-memory=", 0) == 0)
       peak_case = a.substr(14);
     else
@@ -679,6 +717,7 @@ int main(int argc, char** argv) {
     cfg.s2_n = 16, cfg.s2_v = 3001, cfg.s2_generic_n = 4;
     cfg.iterations = 1;
   }
+  if (s1_rows > 0) cfg.s1_n = s1_rows;  // --s1-rows=N: a reduced S1 (N x V) where the full size is too slow
   kernels::set_num_threads(cfg.threads);
   at::set_num_threads(kernels::num_threads());
   if (!peak_case.empty()) return run_peak_memory(peak_case);
@@ -706,6 +745,9 @@ int main(int argc, char** argv) {
   reg("S1/naive_libtorch_bf16", [](benchmark::State& s) { s1_naive(s, true); });
   reg("S1/posttrain_api_torch_bf16", [](benchmark::State& s) { s1_posttrain_torch(s, true); });
   reg("S1/posttrain_one_call_torch_bf16", [](benchmark::State& s) { s1_posttrain_one_call(s, true); });
+  reg("S1/posttrain_one_call_torch_bf16_old_widening", s1_bf16_one_call_widened);
+  reg("S1/sft_loss_backward_torch_bf16", [](benchmark::State& s) { s1_bf16_ce_backward(s, false); });
+  reg("S1/sft_loss_backward_torch_bf16_old_widening", [](benchmark::State& s) { s1_bf16_ce_backward(s, true); });
   reg("S2/floor_read_write", s2_floor_copy);
   reg("S2/floor_exp", s2_floor_exp);
   reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);
