@@ -30,9 +30,10 @@
 // bfloat16 logits (Eigen::bfloat16, layout-compatible with at::BFloat16) are read natively: the
 // statistics pass widens one packet at a time in registers (bf16 -> float32 is a 16-bit shift) and
 // accumulates exactly as the float32 pass does over the widened values, so its row_stats equal those
-// of the widened row bit for bit; the backward writer (write_row_backward_bf16) widens one block at a
-// time into an L1-sized float32 block, writes the float32 gradient there and narrows it to bf16 with
-// round-to-nearest-even. float16 is not read natively (the torch backend widens it row by row).
+// of the widened row bit for bit; the backward writer (write_row_backward_bf16) widens a packet,
+// computes its float32 gradient from the statistics and narrows it to bf16 (round to nearest even),
+// all in registers, so the gradient equals the float32 one of the widened row within bf16 rounding. float16 is not read
+// natively (the torch backend widens it row by row).
 //
 // Threads: rows are split into contiguous ranges (kernels/parallel.hpp: `num_threads()` of them at
 // most, run on LibTorch's intra-op pool in a torch program, `set_num_threads(n)` overrides). A row
@@ -142,41 +143,47 @@ inline P load_packet(const Src* p) {
   }
 }
 
-/// dst[0, n) = src[0, n) widened to float32, a packet at a time.
-inline void widen_block(const Eigen::bfloat16* src, std::int64_t n, float* dst) {
-  using namespace Eigen::internal;
-  using P = packet_traits<float>::type;
-  constexpr std::int64_t L = packet_traits<float>::size;
-  std::int64_t i = 0;
-  for (; i + L <= n; i += L) pstoreu(dst + i, load_packet<P>(src + i));
-  for (; i < n; ++i) dst[i] = widen(src[i]);
-}
-
-/// dst[0, n) = src[0, n) narrowed to bf16 (narrow_bits: round to nearest even, NaN -> 0x7FC0), with
-/// AVX-512 or AVX2 integer arithmetic on 16 or 8 lanes where available.
-inline void narrow_block(const float* src, std::int64_t n, Eigen::bfloat16* dst) {
-  std::int64_t i = 0;
-  auto* d = reinterpret_cast<std::uint16_t*>(dst);
+/// Stores the L lanes of float packet g narrowed to bf16 (narrow_bits: round to nearest even,
+/// NaN -> 0x7FC0) at d: AVX-512 or AVX2 integer arithmetic in registers where available.
+template <class P>
+inline void store_narrow(std::uint16_t* d, const P& g) {
+  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
 #if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m512 f = _mm512_loadu_ps(src + i);
+  if constexpr (L == 16) {  // Packet16f
+    const __m512 f = g;
     const __m512i u = _mm512_castps_si512(f);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(r));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(r));
+    return;
   }
-#elif defined(__AVX2__)
-  for (; i + 8 <= n; i += 8) {
-    const __m256 f = _mm256_loadu_ps(src + i);
+#endif
+#if defined(__AVX2__)
+  if constexpr (L == 8) {  // Packet8f
+    const __m256 f = g;
     const __m256i u = _mm256_castps_si256(f);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
     const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // lanes 0-7 in the low half
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_castsi256_si128(p));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_castsi256_si128(p));
+    return;
   }
 #endif
+  alignas(64) float t[L];
+  Eigen::internal::pstore(t, g);
+  for (int k = 0; k < L; ++k) d[k] = narrow_bits(t[k]);
+}
+
+/// dst[0, n) = src[0, n) narrowed to bf16, a packet at a time (store_narrow).
+inline void narrow_block(const float* src, std::int64_t n, Eigen::bfloat16* dst) {
+  using namespace Eigen::internal;
+  using P = packet_traits<float>::type;
+  constexpr std::int64_t L = packet_traits<float>::size;
+  auto* d = reinterpret_cast<std::uint16_t*>(dst);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) store_narrow(d + i, ploadu<P>(src + i));
   for (; i < n; ++i) d[i] = narrow_bits(src[i]);
 }
 
@@ -468,20 +475,62 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
   }
 }
 
-/// write_row_backward for a bfloat16 row into a bfloat16 gradient row, from the row's statistics
-/// (reduce_row of the bf16 row): one block of block_size logits at a time is widened into `blk`
-/// (block_size floats, L1-resident), the float32 gradient is written there by write_row_backward (the
-/// same arithmetic per element as over a float32 copy of the whole row) and narrowed to bf16 with
-/// round-to-nearest-even. `out` may be `row` (each block is read before it is written).
+/// write_row_backward for a bfloat16 row into a bfloat16 gradient row, straight from the row's
+/// statistics (reduce_row of the bf16 row) in one pass: each packet of logits is widened in
+/// registers, its float32 gradient computed as write_row_backward computes it over a float32 copy of
+/// the row, and narrowed to bf16 (round to nearest even) in registers. `out` may be `row`.
 inline void write_row_backward_bf16(const Eigen::bfloat16* row, std::int64_t vocab, const row_stats<float>& st,
-                                    const backward_coefficients& k, std::int64_t label, Eigen::bfloat16* out,
-                                    float* blk) {
-  for (std::int64_t b = 0; b < vocab; b += block_size) {
-    const std::int64_t n = std::min(block_size, vocab - b);
-    detail::widen_block(row + b, n, blk);
-    write_row_backward(blk, n, st, k, label >= b && label < b + n ? label - b : std::int64_t{-1}, blk);
-    detail::narrow_block(blk, n, out + b);
+                                    const backward_coefficients& k_z, std::int64_t label, Eigen::bfloat16* out) {
+  using namespace Eigen::internal;
+  using P = packet_traits<float>::type;
+  constexpr std::int64_t L = packet_traits<float>::size;
+  auto* o = reinterpret_cast<std::uint16_t*>(out);
+  if (!st.finite()) {  // no finite row max: NaN, as write_row_backward
+    std::fill(o, o + vocab, std::uint16_t{0x7FC0});
+    return;
   }
+  const bool scaled = st.inv_t != 1.0;
+  const backward_coefficients k = scaled ? detail::times(k_z, st.inv_t) : k_z;
+  const bool has_label = label >= 0 && label < vocab;
+  const float x_label = has_label ? detail::widen(row[label]) : 0.0f;
+  const double label_value = has_label && k.d != 0.0 ? label_gradient(x_label, st, k) : 0.0;
+  // every column's p coefficient: alpha, or alpha − d with d (write_row_backward)
+  const float a = static_cast<float>(k.d == 0.0 ? k.alpha : k.alpha - k.d);
+  const float beta = static_cast<float>(k.beta), c = static_cast<float>(k.c), m = st.m;
+  const float log_s = static_cast<float>(st.log_s), at = static_cast<float>(st.inv_t);
+  constexpr float lo = detail::diff_floor<float>;
+  // log p = a·(x − m) − log s (x − m first); -inf logits give p = 0 (log p clamped where multiplied).
+  const auto scalar = [&](float x) {
+    const float z = (scaled ? (x - m) * at : x - m) - log_s;
+    if (k.beta == 0.0) return a * std::exp(z) - c;
+    const float lz = std::max(z, lo);
+    return std::exp(lz) * (a + beta * lz) - c;
+  };
+  const auto run = [&](auto scaled_c, auto beta_c) {
+    constexpr bool Scaled = decltype(scaled_c)::value, Beta = decltype(beta_c)::value;
+    const P pm = pset1<P>(m), pls = pset1<P>(log_s), pat = pset1<P>(at), pa = pset1<P>(a), pb = pset1<P>(beta),
+            pc = pset1<P>(c), plo = pset1<P>(lo);
+    std::int64_t i = 0;
+    for (; i + L <= vocab; i += L) {
+      P z = psub(detail::load_packet<P>(row + i), pm);
+      if constexpr (Scaled) z = pmul(z, pat);
+      z = psub(z, pls);
+      if constexpr (Beta) {
+        z = pmax(z, plo);
+        detail::store_narrow(o + i, psub(pmul(pexp(z), padd(pa, pmul(pb, z))), pc));
+      } else {
+        detail::store_narrow(o + i, psub(pmul(pa, pexp(z)), pc));
+      }
+    }
+    for (; i < vocab; ++i) o[i] = detail::narrow_bits(scalar(detail::widen(row[i])));
+  };
+  if (scaled)
+    k.beta == 0.0 ? run(std::true_type{}, std::false_type{}) : run(std::true_type{}, std::true_type{});
+  else
+    k.beta == 0.0 ? run(std::false_type{}, std::false_type{}) : run(std::false_type{}, std::true_type{});
+  if (has_label)
+    o[label] =
+        detail::narrow_bits(k.d != 0.0 ? static_cast<float>(label_value) : scalar(x_label) - static_cast<float>(k.b));
 }
 
 /// write_row_backward for β = 0 from reduce_row_keep's exponentials: out[v] = α·p_v − b·[v = y] − c

@@ -13,9 +13,8 @@ namespace posttrain {
 /// take one of three paths, chosen per call from the logits tensor:
 ///   kernel   contiguous CPU float32/float64: posttrain::kernels read the tensor in place.
 ///   rows     other CPU tensors (bfloat16/float16, strided views): bfloat16 rows with unit column
-///            stride are read natively by the kernels (kernels/logits_cpu.hpp; the backward holds one
-///            block of 2048 floats per thread); any other row is upcast one at a time into the
-///            thread's own float32 (float64 for double) row buffer and runs the same kernels, so the
+///            stride are read natively by the kernels (kernels/logits_cpu.hpp: no buffer); any other row is upcast one
+///            at a time into the thread's own float32 (float64 for double) row buffer and runs the same kernels, so the
 ///            extra memory is threads x V elements. Needs Eigen on the include path.
 ///   chunked  CUDA (any device), and CPU without Eigen: LibTorch ops on chunks of rows; each chunk
 ///            is upcast to float32 (float64 stays float64), reduced, and written into the [N]

@@ -303,8 +303,8 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
 /// Backward, row by row, into out [N, V] (contiguous, the logits' dtype): for each row,
 /// skip(g) -> zero row; else coeff(g, x_label, stats) gives the coefficients (x_label: the row's logit
 /// at label(g) in the compute type, 0 when label(g) is negative) and label(g) the one-hot column
-/// (negative: none). bfloat16 rows with unit column stride are read natively (statistics in registers,
-/// the gradient written through one L1 block of floats: kernels::write_row_backward_bf16). inv_t = 1/T: the statistics
+/// (negative: none). bfloat16 rows with unit column stride are read natively (statistics and the bf16
+/// gradient computed in registers: kernels::write_row_backward_bf16). inv_t = 1/T: the statistics
 /// of x / T, the chain rule applied by the writers. with_entropy: coeff reads st.entropy() (the statistics pass then
 /// also sums t; s is the same either way).
 template <class Src, class Skip, class Label, class Coeff>
@@ -331,8 +331,7 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
             const Eigen::bfloat16* row = as_eigen_bf16(base + r * rs);
             const kernels::row_stats<float> st = kernels::reduce_row(row, v, inv_t);
             const float x_label = y >= 0 && y < v ? kernels::detail::widen(row[y]) : 0.0f;
-            buf.resize(static_cast<std::size_t>(std::min(v, kernels::block_size)));
-            kernels::write_row_backward_bf16(row, v, st, coeff(g, x_label, st), y, as_eigen_bf16(o), buf.data());
+            kernels::write_row_backward_bf16(row, v, st, coeff(g, x_label, st), y, as_eigen_bf16(o));
             continue;
           }
         }
