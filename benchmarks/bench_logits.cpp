@@ -20,7 +20,7 @@
 // --no-peak-memory: skip the fresh-process memory runs (e.g. with --benchmark_filter=cuda).
 // --s1-rows=N: S1 with N rows instead of 4096 (where the full size is too slow or too big for the machine).
 // The bf16 cases run the rows path's bf16-native kernels and, beside them, the old widening buffer
-// (torch_backend::set_widen_bf16_rows, a benchmark and test hook).
+// (torch_backend::set_widen_half_rows, a benchmark and test hook).
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 #include <torch/cuda.h>
@@ -197,10 +197,10 @@ void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
 /// The bf16 rows path as it was before the bf16-native kernels (each row widened into a float32
-/// buffer first: torch_backend::set_widen_bf16_rows), beside the native one.
+/// buffer first: torch_backend::set_widen_half_rows), beside the native one.
 struct widen_scope {
-  explicit widen_scope(bool on) { torch_backend::set_widen_bf16_rows(on); }
-  ~widen_scope() { torch_backend::set_widen_bf16_rows(false); }
+  explicit widen_scope(bool on) { torch_backend::set_widen_half_rows(on); }
+  ~widen_scope() { torch_backend::set_widen_half_rows(false); }
 };
 void s1_bf16_one_call_widened(benchmark::State& st) {
   auto& in = s1_inputs::get();

@@ -30,10 +30,11 @@
 // bfloat16 logits (Eigen::bfloat16, layout-compatible with at::BFloat16) are read natively: the
 // statistics pass widens one packet at a time in registers (bf16 -> float32 is a 16-bit shift) and
 // accumulates exactly as the float32 pass does over the widened values, so its row_stats equal those
-// of the widened row bit for bit; the backward writer (write_row_backward_bf16) widens a packet,
+// of the widened row bit for bit; the backward writer (write_row_backward_16) widens a packet,
 // computes its float32 gradient from the statistics and narrows it to bf16 (round to nearest even),
-// all in registers, so the gradient equals the float32 one of the widened row within bf16 rounding. float16 is not read
-// natively (the torch backend widens it row by row).
+// all in registers, so the gradient equals the float32 one of the widened row within bf16 rounding.
+// float16 (Eigen::half, layout-compatible with at::Half) is read the same way (vcvtph2ps / vcvtps2ph
+// with AVX-512 or F16C; a scalar conversion otherwise).
 //
 // Threads: rows are split into contiguous ranges (kernels/parallel.hpp: `num_threads()` of them at
 // most, run on LibTorch's intra-op pool in a torch program, `set_num_threads(n)` overrides). A row
@@ -95,7 +96,7 @@ using array_t = Eigen::Array<S, Eigen::Dynamic, 1>;
 
 }  // namespace detail
 
-/// The compute type of logits of type Src: double stays double, float and bfloat16 are computed in float.
+/// The compute type of logits of type Src: double stays double, float, bfloat16 and float16 are computed in float.
 template <class Src>
 using compute_of = std::conditional_t<std::is_same_v<Src, double>, double, float>;
 
@@ -103,11 +104,18 @@ namespace detail {
 
 template <class Src>
 inline constexpr bool is_bf16 = std::is_same_v<Src, Eigen::bfloat16>;
+template <class Src>
+inline constexpr bool is_f16 = std::is_same_v<Src, Eigen::half>;
+/// A 16-bit floating type read natively (widened to float32 in registers).
+template <class Src>
+inline constexpr bool is_16bit = is_bf16<Src> || is_f16<Src>;
 
 /// bf16 -> float32: the 16 bits become the high half of the float (exact).
 inline float widen(Eigen::bfloat16 h) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(std::bit_cast<std::uint16_t>(h)) << 16);
 }
+/// float16 -> float32 (exact; F16C where available).
+inline float widen(Eigen::half h) { return static_cast<float>(h); }
 inline float widen(float x) { return x; }
 inline double widen(double x) { return x; }
 
@@ -123,7 +131,20 @@ inline std::uint16_t narrow_bits(float f) {
 template <class P, class Src>
 inline P load_packet(const Src* p) {
   using namespace Eigen::internal;
-  if constexpr (!is_bf16<Src>) {
+  if constexpr (is_f16<Src>) {
+#if defined(__AVX512F__)
+    if constexpr (unpacket_traits<P>::size == 16)  // Packet16f
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+    if constexpr (unpacket_traits<P>::size == 8)  // Packet8f
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+    constexpr int L = unpacket_traits<P>::size;
+    alignas(64) float tmp[L];
+    for (int k = 0; k < L; ++k) tmp[k] = widen(p[k]);
+    return pload<P>(tmp);
+  } else if constexpr (!is_bf16<Src>) {
     return ploadu<P>(p);
   } else {
 #if defined(__AVX512F__)
@@ -174,6 +195,31 @@ inline void store_narrow(std::uint16_t* d, const P& g) {
   alignas(64) float t[L];
   Eigen::internal::pstore(t, g);
   for (int k = 0; k < L; ++k) d[k] = narrow_bits(t[k]);
+}
+
+/// float32 -> float16 bits, round to nearest even (Eigen::half's conversion, as c10::Half's).
+inline std::uint16_t narrow_bits_f16(float f) { return std::bit_cast<std::uint16_t>(Eigen::half(f)); }
+
+/// store_narrow for float16: vcvtps2ph (round to nearest even) where available.
+template <class P>
+inline void store_narrow_f16(std::uint16_t* d, const P& g) {
+  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
+#if defined(__AVX512F__)
+  if constexpr (L == 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d),
+                        _mm512_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+  if constexpr (L == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+  alignas(64) float t[L];
+  Eigen::internal::pstore(t, g);
+  for (int k = 0; k < L; ++k) d[k] = narrow_bits_f16(t[k]);
 }
 
 /// dst[0, n) = src[0, n) narrowed to bf16, a packet at a time (store_narrow).
@@ -281,7 +327,7 @@ inline S packet_max(const Src* x, std::int64_t n) {
 template <class S, bool WithT, bool Store, bool Scaled = false, class Src = S>
 row_stats<S> reduce_row_impl(const Src* row, std::int64_t vocab, S* e, S* block_max, double inv_t = 1.0) {
   static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
-  static_assert(std::is_same_v<Src, S> || (is_bf16<Src> && std::is_same_v<S, float>));
+  static_assert(std::is_same_v<Src, S> || (is_16bit<Src> && std::is_same_v<S, float>));
   using A = array_t<S>;
   constexpr S neg_inf = -std::numeric_limits<S>::infinity();
   constexpr S nan = std::numeric_limits<S>::quiet_NaN();
@@ -305,7 +351,7 @@ row_stats<S> reduce_row_impl(const Src* row, std::int64_t vocab, S* e, S* block_
     if constexpr (Store) block_max[blk_i] = std::isfinite(m) ? m : neg_inf;
     if (!std::isfinite(m)) {  // only -inf so far (or +inf: the result is m)
       bool has_nan = false;
-      if constexpr (is_bf16<Src>) {
+      if constexpr (is_16bit<Src>) {
         for (Eigen::Index i = 0; i < n; ++i) has_nan = has_nan || std::isnan(widen(row[b + i]));
       } else {
         has_nan = Eigen::Map<const A>(row + b, n).hasNaN();
@@ -475,18 +521,28 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
   }
 }
 
-/// write_row_backward for a bfloat16 row into a bfloat16 gradient row, straight from the row's
-/// statistics (reduce_row of the bf16 row) in one pass: each packet of logits is widened in
-/// registers, its float32 gradient computed as write_row_backward computes it over a float32 copy of
-/// the row, and narrowed to bf16 (round to nearest even) in registers. `out` may be `row`.
-inline void write_row_backward_bf16(const Eigen::bfloat16* row, std::int64_t vocab, const row_stats<float>& st,
-                                    const backward_coefficients& k_z, std::int64_t label, Eigen::bfloat16* out) {
+/// write_row_backward for a bfloat16 (or float16: H = Eigen::half) row into a gradient row of the
+/// same type, straight from the row's statistics (reduce_row of the 16-bit row) in one pass: each
+/// packet of logits is widened in registers, its float32 gradient computed as write_row_backward
+/// computes it over a float32 copy of the row, and narrowed (round to nearest even) in registers.
+/// `out` may be `row`.
+template <class H>
+void write_row_backward_16(const H* row, std::int64_t vocab, const row_stats<float>& st,
+                           const backward_coefficients& k_z, std::int64_t label, H* out) {
+  static_assert(detail::is_16bit<H>);
   using namespace Eigen::internal;
   using P = packet_traits<float>::type;
   constexpr std::int64_t L = packet_traits<float>::size;
   auto* o = reinterpret_cast<std::uint16_t*>(out);
+  const auto narrow1 = [](float f) { return detail::is_bf16<H> ? detail::narrow_bits(f) : detail::narrow_bits_f16(f); };
+  const auto narrow_packet = [o](std::int64_t i, const P& g) {
+    if constexpr (detail::is_bf16<H>)
+      detail::store_narrow(o + i, g);
+    else
+      detail::store_narrow_f16(o + i, g);
+  };
   if (!st.finite()) {  // no finite row max: NaN, as write_row_backward
-    std::fill(o, o + vocab, std::uint16_t{0x7FC0});
+    std::fill(o, o + vocab, narrow1(std::numeric_limits<float>::quiet_NaN()));
     return;
   }
   const bool scaled = st.inv_t != 1.0;
@@ -517,20 +573,19 @@ inline void write_row_backward_bf16(const Eigen::bfloat16* row, std::int64_t voc
       z = psub(z, pls);
       if constexpr (Beta) {
         z = pmax(z, plo);
-        detail::store_narrow(o + i, psub(pmul(pexp(z), padd(pa, pmul(pb, z))), pc));
+        narrow_packet(i, psub(pmul(pexp(z), padd(pa, pmul(pb, z))), pc));
       } else {
-        detail::store_narrow(o + i, psub(pmul(pa, pexp(z)), pc));
+        narrow_packet(i, psub(pmul(pa, pexp(z)), pc));
       }
     }
-    for (; i < vocab; ++i) o[i] = detail::narrow_bits(scalar(detail::widen(row[i])));
+    for (; i < vocab; ++i) o[i] = narrow1(scalar(detail::widen(row[i])));
   };
   if (scaled)
     k.beta == 0.0 ? run(std::true_type{}, std::false_type{}) : run(std::true_type{}, std::true_type{});
   else
     k.beta == 0.0 ? run(std::false_type{}, std::false_type{}) : run(std::false_type{}, std::true_type{});
   if (has_label)
-    o[label] =
-        detail::narrow_bits(k.d != 0.0 ? static_cast<float>(label_value) : scalar(x_label) - static_cast<float>(k.b));
+    o[label] = narrow1(k.d != 0.0 ? static_cast<float>(label_value) : scalar(x_label) - static_cast<float>(k.b));
 }
 
 /// write_row_backward for β = 0 from reduce_row_keep's exponentials: out[v] = α·p_v − b·[v = y] − c

@@ -244,18 +244,26 @@ const S* load_row(const Src* p, std::int64_t stride, std::int64_t v, std::vector
   return o;
 }
 
-/// Whether rows of Src with column stride cs are read by the kernels natively (bfloat16, unit column
-/// stride, unless the benchmark/test hook torch_backend::set_widen_bf16_rows asks for the buffer).
 template <class Src>
-bool native_bf16(std::int64_t cs) {
-  return std::is_same_v<Src, at::BFloat16> && cs == 1 && !torch_backend::widen_bf16_rows();
+inline constexpr bool is_16bit_v = std::is_same_v<Src, at::BFloat16> || std::is_same_v<Src, at::Half>;
+/// Whether rows of Src with column stride cs are read by the kernels natively (bfloat16 and float16,
+/// unit column stride, unless the benchmark/test hook torch_backend::set_widen_half_rows asks for the buffer).
+template <class Src>
+bool native_16bit(std::int64_t cs) {
+  return is_16bit_v<Src> && cs == 1 && !torch_backend::widen_half_rows();
 }
-/// at::BFloat16 and Eigen::bfloat16 are both the 16 high bits of a float32.
-inline const Eigen::bfloat16* as_eigen_bf16(const at::BFloat16* p) {
+/// at::BFloat16 and Eigen::bfloat16 are both the 16 high bits of a float32; at::Half and Eigen::half
+/// both IEEE binary16.
+inline const Eigen::bfloat16* as_eigen(const at::BFloat16* p) {
   static_assert(sizeof(at::BFloat16) == 2 && sizeof(Eigen::bfloat16) == 2);
   return reinterpret_cast<const Eigen::bfloat16*>(p);
 }
-inline Eigen::bfloat16* as_eigen_bf16(at::BFloat16* p) { return reinterpret_cast<Eigen::bfloat16*>(p); }
+inline Eigen::bfloat16* as_eigen(at::BFloat16* p) { return reinterpret_cast<Eigen::bfloat16*>(p); }
+inline const Eigen::half* as_eigen(const at::Half* p) {
+  static_assert(sizeof(at::Half) == 2 && sizeof(Eigen::half) == 2);
+  return reinterpret_cast<const Eigen::half*>(p);
+}
+inline Eigen::half* as_eigen(at::Half* p) { return reinterpret_cast<Eigen::half*>(p); }
 
 /// Calls f(Src{}) with Src the C++ type of the logits' dtype (float, double, BFloat16, Half).
 template <class F>
@@ -278,7 +286,7 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
     const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
-    const bool native = native_bf16<Src>(cs);
+    const bool native = native_16bit<Src>(cs);
     kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
       std::vector<S> buf;
       for (std::int64_t r = begin; r < end; ++r) {
@@ -289,9 +297,9 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
           kernels::logits_forward(row, 1, v, labels ? labels + g : nullptr, ignore_index, at_row(out[0]),
                                   at_row(out[1]), at_row(out[2]), nullptr, nullptr, at_row(out[3]), inv_t);
         };
-        if constexpr (std::is_same_v<Src, at::BFloat16>)
+        if constexpr (is_16bit_v<Src>)
           if (native) {
-            one_row(as_eigen_bf16(base + r * rs));
+            one_row(as_eigen(base + r * rs));
             continue;
           }
         one_row(load_row<Src, S>(base + r * rs, cs, v, buf));
@@ -303,8 +311,8 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
 /// Backward, row by row, into out [N, V] (contiguous, the logits' dtype): for each row,
 /// skip(g) -> zero row; else coeff(g, x_label, stats) gives the coefficients (x_label: the row's logit
 /// at label(g) in the compute type, 0 when label(g) is negative) and label(g) the one-hot column
-/// (negative: none). bfloat16 rows with unit column stride are read natively (statistics and the bf16
-/// gradient computed in registers: kernels::write_row_backward_bf16). inv_t = 1/T: the statistics
+/// (negative: none). bfloat16/float16 rows with unit column stride are read natively (statistics and
+/// the 16-bit gradient computed in registers: kernels::write_row_backward_16). inv_t = 1/T: the statistics
 /// of x / T, the chain rule applied by the writers. with_entropy: coeff reads st.entropy() (the statistics pass then
 /// also sums t; s is the same either way).
 template <class Src, class Skip, class Label, class Coeff>
@@ -314,7 +322,7 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
     const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
-    const bool native = native_bf16<Src>(cs);
+    const bool native = native_16bit<Src>(cs);
     kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
       std::vector<S> buf;
       std::vector<S> block_max(static_cast<std::size_t>(kernels::blocks_per_row(v)));
@@ -326,12 +334,12 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
           continue;
         }
         const std::int64_t y = label(g);
-        if constexpr (std::is_same_v<Src, at::BFloat16>) {
+        if constexpr (is_16bit_v<Src>) {
           if (native) {
-            const Eigen::bfloat16* row = as_eigen_bf16(base + r * rs);
+            const auto* row = as_eigen(base + r * rs);
             const kernels::row_stats<float> st = kernels::reduce_row(row, v, inv_t);
             const float x_label = y >= 0 && y < v ? kernels::detail::widen(row[y]) : 0.0f;
-            kernels::write_row_backward_bf16(row, v, st, coeff(g, x_label, st), y, as_eigen_bf16(o));
+            kernels::write_row_backward_16(row, v, st, coeff(g, x_label, st), y, as_eigen(o));
             continue;
           }
         }
