@@ -19,8 +19,8 @@
 // --quick: small shapes, one iteration each (a ctest smoke test, not a measurement).
 // --no-peak-memory: skip the fresh-process memory runs (e.g. with --benchmark_filter=cuda).
 // --s1-rows=N: S1 with N rows instead of 4096 (where the full size is too slow or too big for the machine).
-// The bf16 cases run the rows path's bf16-native kernels and, beside them, the old widening buffer
-// (torch_backend::set_widen_half_rows, a benchmark and test hook).
+// The bf16/fp16 cases run the rows path's 16-bit-native kernels and, beside them, the old widening
+// buffer (torch_backend::set_widen_half_rows, a benchmark and test hook).
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 #include <torch/cuda.h>
@@ -196,35 +196,46 @@ void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
         });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
-/// The bf16 rows path as it was before the bf16-native kernels (each row widened into a float32
-/// buffer first: torch_backend::set_widen_half_rows), beside the native one.
+/// The bf16/fp16 rows path as it was before the 16-bit-native kernels (each row widened into a
+/// float32 buffer first: torch_backend::set_widen_half_rows), beside the native one.
 struct widen_scope {
   explicit widen_scope(bool on) { torch_backend::set_widen_half_rows(on); }
   ~widen_scope() { torch_backend::set_widen_half_rows(false); }
 };
-void s1_bf16_one_call_widened(benchmark::State& st) {
+/// S1's logits in bf16, or in fp16 (made from the float32 logits on first use).
+const at::Tensor& s1_half(bool fp16) {
   auto& in = s1_inputs::get();
-  const widen_scope old(true);
-  timed(st, timings(), "S1 bf16 token_logprobs_and_entropy, old widening buffer", [&] {
-    const auto r = posttrain::token_logprobs_and_entropy(in.x_bf16, in.y);
+  if (!fp16) return in.x_bf16;
+  static const at::Tensor x_f16 = in.x.to(at::kHalf);
+  return x_f16;
+}
+std::string half_case(bool fp16, bool widened, const char* what) {
+  return std::string("S1 ") + (fp16 ? "fp16 " : "bf16 ") + what + (widened ? ", old widening buffer" : " (native)");
+}
+void s1_half_one_call(benchmark::State& st, bool fp16, bool widened) {
+  auto& in = s1_inputs::get();
+  const at::Tensor& x = s1_half(fp16);
+  const widen_scope old(widened);
+  timed(st, timings(), half_case(fp16, widened, "token_logprobs_and_entropy"), [&] {
+    const auto r = posttrain::token_logprobs_and_entropy(x, in.y);
     benchmark::DoNotOptimize(r.logprobs.data_ptr());
     benchmark::DoNotOptimize(r.entropy.data_ptr());
   });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
-/// sft_loss_backward's fused gradient on S1's bf16 logits (a bf16 [N, V] gradient per call): the
-/// statistics pass plus one read + write of the row, native or through the old widening buffer.
-void s1_bf16_ce_backward(benchmark::State& st, bool widened) {
+/// sft_loss_backward's fused gradient on S1's bf16/fp16 logits (a 16-bit [N, V] gradient per call):
+/// the statistics pass plus one read + write of the row, native or through the old widening buffer.
+void s1_half_ce_backward(benchmark::State& st, bool fp16, bool widened) {
   auto& in = s1_inputs::get();
+  const at::Tensor& x = s1_half(fp16);
   const widen_scope old(widened);
   // One untimed call first: the first [N, V] gradient's page faults would otherwise land in whichever
   // of the two cases runs first (the second reuses the freed heap block).
-  benchmark::DoNotOptimize(posttrain::sft_loss_backward(in.x_bf16, in.y).data_ptr());
-  timed(st, timings(),
-        widened ? "S1 bf16 sft_loss_backward, old widening buffer" : "S1 bf16 sft_loss_backward (native)", [&] {
-          const at::Tensor g = posttrain::sft_loss_backward(in.x_bf16, in.y);
-          benchmark::DoNotOptimize(g.data_ptr());
-        });
+  benchmark::DoNotOptimize(posttrain::sft_loss_backward(x, in.y).data_ptr());
+  timed(st, timings(), half_case(fp16, widened, "sft_loss_backward"), [&] {
+    const at::Tensor g = posttrain::sft_loss_backward(x, in.y);
+    benchmark::DoNotOptimize(g.data_ptr());
+  });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
 // ---- small batch: sft_loss forward + backward on [64, 12, 64] logits (issue 14 item 5) ----------------
@@ -598,8 +609,12 @@ void print_summary(const char* self) {
                                  {"S1bf", "S1 bf16 posttrain API on torch", 1},
                                  {"S1bf", "S1 bf16 posttrain token_logprobs_and_entropy", 1},
                                  {"S1bf", "S1 bf16 token_logprobs_and_entropy, old widening buffer", 1},
+                                 {"S1bf", "S1 fp16 token_logprobs_and_entropy (native)", 1},
+                                 {"S1bf", "S1 fp16 token_logprobs_and_entropy, old widening buffer", 1},
                                  {"S1bfw", "S1 bf16 sft_loss_backward (native)", 1},
                                  {"S1bfw", "S1 bf16 sft_loss_backward, old widening buffer", 1},
+                                 {"S1bfw", "S1 fp16 sft_loss_backward (native)", 1},
+                                 {"S1bfw", "S1 fp16 sft_loss_backward, old widening buffer", 1},
                                  {"S2", "S2 naive LibTorch", 1},
                                  {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
                                  {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
@@ -748,9 +763,13 @@ int main(int argc, char** argv) {
   reg("S1/naive_libtorch_bf16", [](benchmark::State& s) { s1_naive(s, true); });
   reg("S1/posttrain_api_torch_bf16", [](benchmark::State& s) { s1_posttrain_torch(s, true); });
   reg("S1/posttrain_one_call_torch_bf16", [](benchmark::State& s) { s1_posttrain_one_call(s, true); });
-  reg("S1/posttrain_one_call_torch_bf16_old_widening", s1_bf16_one_call_widened);
-  reg("S1/sft_loss_backward_torch_bf16", [](benchmark::State& s) { s1_bf16_ce_backward(s, false); });
-  reg("S1/sft_loss_backward_torch_bf16_old_widening", [](benchmark::State& s) { s1_bf16_ce_backward(s, true); });
+  reg("S1/posttrain_one_call_torch_bf16_old_widening", [](benchmark::State& s) { s1_half_one_call(s, false, true); });
+  reg("S1/posttrain_one_call_torch_fp16", [](benchmark::State& s) { s1_half_one_call(s, true, false); });
+  reg("S1/posttrain_one_call_torch_fp16_old_widening", [](benchmark::State& s) { s1_half_one_call(s, true, true); });
+  reg("S1/sft_loss_backward_torch_bf16", [](benchmark::State& s) { s1_half_ce_backward(s, false, false); });
+  reg("S1/sft_loss_backward_torch_bf16_old_widening", [](benchmark::State& s) { s1_half_ce_backward(s, false, true); });
+  reg("S1/sft_loss_backward_torch_fp16", [](benchmark::State& s) { s1_half_ce_backward(s, true, false); });
+  reg("S1/sft_loss_backward_torch_fp16_old_widening", [](benchmark::State& s) { s1_half_ce_backward(s, true, true); });
   reg("S2/floor_read_write", s2_floor_copy);
   reg("S2/floor_exp", s2_floor_exp);
   reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);
