@@ -127,7 +127,7 @@ inline std::uint16_t narrow_bits(float f) {
 }
 
 /// One packet of Src widened to the compute packet P (a plain unaligned load for float/double; for
-/// bf16 a zero-extend and 16-bit shift of L lanes in registers).
+/// bf16 a zero-extend and 16-bit shift of L lanes in registers; for fp16 vcvtph2ps).
 template <class P, class Src>
 inline P load_packet(const Src* p) {
   using namespace Eigen::internal;
