@@ -15,9 +15,12 @@
 // a fresh child process (this binary with --peak-memory=CASE) that resets its resident high-water
 // mark after building the inputs and reports VmHWM minus the resident set just before the call.
 //
-//   posttrain_bench [--quick] [--threads=N] [--iterations=N] [--no-peak-memory] [Google Benchmark flags]
+//   posttrain_bench [--quick] [--threads=N] [--iterations=N] [--s1-rows=N] [--no-peak-memory] [Google Benchmark flags]
 // --quick: small shapes, one iteration each (a ctest smoke test, not a measurement).
 // --no-peak-memory: skip the fresh-process memory runs (e.g. with --benchmark_filter=cuda).
+// --s1-rows=N: S1 with N rows instead of 4096 (where the full size is too slow or too big for the machine).
+// The bf16/fp16 cases run the rows path's 16-bit-native kernels and, beside them, the old widening
+// buffer (torch_backend::set_widen_half_rows, a benchmark and test hook).
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 #include <torch/cuda.h>
@@ -191,6 +194,48 @@ void s1_posttrain_one_call(benchmark::State& st, bool bf16) {
           benchmark::DoNotOptimize(r.logprobs.data_ptr());
           benchmark::DoNotOptimize(r.entropy.data_ptr());
         });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+/// The bf16/fp16 rows path as it was before the 16-bit-native kernels (each row widened into a
+/// float32 buffer first: torch_backend::set_widen_half_rows), beside the native one.
+struct widen_scope {
+  explicit widen_scope(bool on) { torch_backend::set_widen_half_rows(on); }
+  ~widen_scope() { torch_backend::set_widen_half_rows(false); }
+};
+/// S1's logits in bf16, or in fp16 (made from the float32 logits on first use).
+const at::Tensor& s1_half(bool fp16) {
+  auto& in = s1_inputs::get();
+  if (!fp16) return in.x_bf16;
+  static const at::Tensor x_f16 = in.x.to(at::kHalf);
+  return x_f16;
+}
+std::string half_case(bool fp16, bool widened, const char* what) {
+  return std::string("S1 ") + (fp16 ? "fp16 " : "bf16 ") + what + (widened ? ", old widening buffer" : " (native)");
+}
+void s1_half_one_call(benchmark::State& st, bool fp16, bool widened) {
+  auto& in = s1_inputs::get();
+  const at::Tensor& x = s1_half(fp16);
+  const widen_scope old(widened);
+  timed(st, timings(), half_case(fp16, widened, "token_logprobs_and_entropy"), [&] {
+    const auto r = posttrain::token_logprobs_and_entropy(x, in.y);
+    benchmark::DoNotOptimize(r.logprobs.data_ptr());
+    benchmark::DoNotOptimize(r.entropy.data_ptr());
+  });
+  st.SetItemsProcessed(st.iterations() * cfg.s1_n);
+}
+/// sft_loss_backward's fused gradient on S1's bf16/fp16 logits (a 16-bit [N, V] gradient per call):
+/// the statistics pass plus one read + write of the row, native or through the old widening buffer.
+void s1_half_ce_backward(benchmark::State& st, bool fp16, bool widened) {
+  auto& in = s1_inputs::get();
+  const at::Tensor& x = s1_half(fp16);
+  const widen_scope old(widened);
+  // One untimed call first: the first [N, V] gradient's page faults would otherwise land in whichever
+  // of the two cases runs first (the second reuses the freed heap block).
+  benchmark::DoNotOptimize(posttrain::sft_loss_backward(x, in.y).data_ptr());
+  timed(st, timings(), half_case(fp16, widened, "sft_loss_backward"), [&] {
+    const at::Tensor g = posttrain::sft_loss_backward(x, in.y);
+    benchmark::DoNotOptimize(g.data_ptr());
+  });
   st.SetItemsProcessed(st.iterations() * cfg.s1_n);
 }
 // ---- small batch: sft_loss forward + backward on [64, 12, 64] logits (issue 14 item 5) ----------------
@@ -563,6 +608,13 @@ void print_summary(const char* self) {
                                  {"S1bf", "S1 bf16 naive LibTorch", 1},
                                  {"S1bf", "S1 bf16 posttrain API on torch", 1},
                                  {"S1bf", "S1 bf16 posttrain token_logprobs_and_entropy", 1},
+                                 {"S1bf", "S1 bf16 token_logprobs_and_entropy, old widening buffer", 1},
+                                 {"S1bf", "S1 fp16 token_logprobs_and_entropy (native)", 1},
+                                 {"S1bf", "S1 fp16 token_logprobs_and_entropy, old widening buffer", 1},
+                                 {"S1bfw", "S1 bf16 sft_loss_backward (native)", 1},
+                                 {"S1bfw", "S1 bf16 sft_loss_backward, old widening buffer", 1},
+                                 {"S1bfw", "S1 fp16 sft_loss_backward (native)", 1},
+                                 {"S1bfw", "S1 fp16 sft_loss_backward, old widening buffer", 1},
                                  {"S2", "S2 naive LibTorch", 1},
                                  {"S2", "S2 posttrain generic (Eigen, few rows)", g2},
                                  {"S2", "S2 posttrain sft_loss on torch + backward()", 1},
@@ -581,10 +633,11 @@ void print_summary(const char* self) {
   std::printf("%-46s %12s %10s %14s\n", "case", "ms", "x floor", "speed-up vs naive");
   for (const auto& r : rows) {
     if (!t.count(r.name)) continue;
-    const double floor = (r.scenario == "S1" ? f1 : r.scenario == "S1bf" ? f1b : f2) * r.scale;
-    const std::string naive = r.scenario == "S1"     ? "S1 naive LibTorch"
-                              : r.scenario == "S1bf" ? "S1 bf16 naive LibTorch"
-                                                     : "S2 naive LibTorch";
+    // S1bfw (a bf16 gradient): its floor is the bf16 read floor too (a lower bound: the write is not in it).
+    const double floor = (r.scenario == "S1" ? f1 : r.scenario == "S1bf" || r.scenario == "S1bfw" ? f1b : f2) * r.scale;
+    const std::string naive = r.scenario == "S1"                              ? "S1 naive LibTorch"
+                              : r.scenario == "S1bf" || r.scenario == "S1bfw" ? "S1 bf16 naive LibTorch"
+                                                                              : "S2 naive LibTorch";
     // Per-row time, so the few-row generic path compares with the full-size naive one.
     const double speedup = get(naive) / (get(r.name) / r.scale);
     std::printf("%-46s %12.1f %10.2f %14.2f\n", r.name.c_str(), 1e3 * get(r.name), get(r.name) / floor, speedup);
@@ -659,6 +712,7 @@ int main(int argc, char** argv) {
 
   std::vector<char*> rest;
   std::string peak_case;
+  std::int64_t s1_rows = 0;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick")
@@ -669,6 +723,8 @@ int main(int argc, char** argv) {
       cfg.threads = std::atoi(a.c_str() + 10);
     else if (a.rfind("--iterations=", 0) == 0)
       cfg.iterations = std::max(1, std::atoi(a.c_str() + 13));
+    else if (a.rfind("--s1-rows=", 0) == 0)
+      s1_rows = std::max<std::int64_t>(1, std::atoll(a.c_str() + 10));
     else if (a.rfind("--peak-memory=", 0) == 0)
       peak_case = a.substr(14);
     else
@@ -679,6 +735,7 @@ int main(int argc, char** argv) {
     cfg.s2_n = 16, cfg.s2_v = 3001, cfg.s2_generic_n = 4;
     cfg.iterations = 1;
   }
+  if (s1_rows > 0) cfg.s1_n = s1_rows;  // --s1-rows=N: a reduced S1 (N x V) where the full size is too slow
   kernels::set_num_threads(cfg.threads);
   at::set_num_threads(kernels::num_threads());
   if (!peak_case.empty()) return run_peak_memory(peak_case);
@@ -706,6 +763,13 @@ int main(int argc, char** argv) {
   reg("S1/naive_libtorch_bf16", [](benchmark::State& s) { s1_naive(s, true); });
   reg("S1/posttrain_api_torch_bf16", [](benchmark::State& s) { s1_posttrain_torch(s, true); });
   reg("S1/posttrain_one_call_torch_bf16", [](benchmark::State& s) { s1_posttrain_one_call(s, true); });
+  reg("S1/posttrain_one_call_torch_bf16_old_widening", [](benchmark::State& s) { s1_half_one_call(s, false, true); });
+  reg("S1/posttrain_one_call_torch_fp16", [](benchmark::State& s) { s1_half_one_call(s, true, false); });
+  reg("S1/posttrain_one_call_torch_fp16_old_widening", [](benchmark::State& s) { s1_half_one_call(s, true, true); });
+  reg("S1/sft_loss_backward_torch_bf16", [](benchmark::State& s) { s1_half_ce_backward(s, false, false); });
+  reg("S1/sft_loss_backward_torch_bf16_old_widening", [](benchmark::State& s) { s1_half_ce_backward(s, false, true); });
+  reg("S1/sft_loss_backward_torch_fp16", [](benchmark::State& s) { s1_half_ce_backward(s, true, false); });
+  reg("S1/sft_loss_backward_torch_fp16_old_widening", [](benchmark::State& s) { s1_half_ce_backward(s, true, true); });
   reg("S2/floor_read_write", s2_floor_copy);
   reg("S2/floor_exp", s2_floor_exp);
   reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);

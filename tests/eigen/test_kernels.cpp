@@ -433,4 +433,138 @@ TEST_CASE("kernels: a NaN logit makes its row's outputs NaN (among finite, -inf 
   }
 }
 
+namespace {
+/// Rows of 16-bit logits (H: Eigen::bfloat16 or Eigen::half) and their widened float32 values: row 0 N(0, 3), row 1
+/// +-1e4 with -inf at every 5th entry, row 2 rising across blocks (the running max is raised block after block), row 3
+/// only -inf, row 4 with a NaN (V > 1).
+template <class H>
+struct narrow_rows {
+  std::int64_t rows = 5, v;
+  std::vector<H> h;
+  std::vector<float> w;
+  explicit narrow_rows(std::int64_t vocab) : v(vocab) {
+    const auto r = test::random_normal({rows, v}, 1000 + static_cast<std::uint64_t>(v), 3.0);
+    const float finf = std::numeric_limits<float>::infinity();
+    for (std::int64_t i = 0; i < rows * v; ++i) {
+      const std::int64_t row = i / v, j = i % v;
+      float x = static_cast<float>(r.values[static_cast<std::size_t>(i)]);
+      if (row == 1) x = j % 5 == 4 ? -finf : (j % 2 ? 1e4f : -1e4f) + x;
+      if (row == 2) x += 0.01f * static_cast<float>(j);
+      if (row == 3) x = -finf;
+      if (row == 4 && j == v / 2 && v > 1) x = std::numeric_limits<float>::quiet_NaN();
+      h.push_back(H(x));
+      w.push_back(static_cast<float>(h.back()));
+    }
+  }
+};
+bool same_bits(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
+}  // namespace
+
+TEST_CASE("kernels: bfloat16 and float16 logits read natively equal the float32 kernels on their widened values") {
+  const thread_guard guard;
+  const auto check = [](auto tag, const test::tolerance bf16_tol) {
+    using H = decltype(tag);
+    INFO((std::is_same_v<H, Eigen::half> ? "float16" : "bfloat16"));
+    for (const std::int64_t v :
+         {std::int64_t{1}, std::int64_t{7}, std::int64_t{17}, std::int64_t{1003}, kernels::block_size * 2 + 5}) {
+      const narrow_rows<H> x(v);
+      for (const double inv_t : {1.0, 1.0 / 0.7}) {
+        INFO("V = " << v << ", 1/T = " << inv_t);
+        // The statistics: the same packets in the same order, bit for bit.
+        for (std::int64_t r = 0; r < x.rows; ++r) {
+          const auto a = kernels::reduce_row(x.h.data() + r * v, v, inv_t);
+          const auto b = kernels::reduce_row(x.w.data() + r * v, v, inv_t);
+          INFO("row " << r);
+          CHECK(same_bits(a.m, b.m));
+          CHECK(same_bits(a.log_s, b.log_s));
+          CHECK(same_bits(a.t_over_s, b.t_over_s));
+        }
+        // The forward over rows, with an ignored label, on 1 and 3 threads: bitwise equal.
+        std::vector<std::int64_t> labels{0, v / 2, v - 1, 0, -100};
+        for (const int threads : {1, 3}) {
+          kernels::set_num_threads(threads);
+          std::vector<float> lse[2], lp[2], ent[2], hit[2];
+          for (auto* o : {lse, lp, ent, hit})
+            for (int u = 0; u < 2; ++u) o[u].assign(static_cast<std::size_t>(x.rows), -1.0f);
+          kernels::logits_forward(x.h.data(), x.rows, v, labels.data(), -100, lse[0].data(), lp[0].data(),
+                                  ent[0].data(), nullptr, nullptr, hit[0].data(), inv_t);
+          kernels::logits_forward(x.w.data(), x.rows, v, labels.data(), -100, lse[1].data(), lp[1].data(),
+                                  ent[1].data(), nullptr, nullptr, hit[1].data(), inv_t);
+          for (std::int64_t r = 0; r < x.rows; ++r) {
+            const auto i = static_cast<std::size_t>(r);
+            INFO(threads << " threads, row " << r);
+            CHECK(same_bits(lse[0][i], lse[1][i]));
+            CHECK(same_bits(lp[0][i], lp[1][i]));
+            CHECK(same_bits(ent[0][i], ent[1][i]));
+            CHECK(same_bits(hit[0][i], hit[1][i]));
+          }
+        }
+        // The backward written in bf16 (float16) equals the float32 gradient of the widened row rounded
+        // to bf16 (float16), within one rounding (the float32 gradients agree within float32 rounding).
+        for (const kernels::backward_coefficients& k : {kernels::backward_coefficients{0.3, -0.2, 0.0, 0.0, 0.5},
+                                                        kernels::backward_coefficients{0.8, 0.0, 0.7, 1e-3, 0.0}}) {
+          std::vector<float> want(static_cast<std::size_t>(v));
+          std::vector<H> got(static_cast<std::size_t>(v));
+          for (std::int64_t r = 0; r < x.rows; ++r) {
+            const std::int64_t label = r == 4 ? -1 : labels[static_cast<std::size_t>(r)];
+            const auto st = kernels::reduce_row(x.h.data() + r * v, v, inv_t);
+            kernels::write_row_backward_16(x.h.data() + r * v, v, st, k, label, got.data());
+            kernels::write_row_backward(x.w.data() + r * v, v, kernels::reduce_row(x.w.data() + r * v, v, inv_t), k,
+                                        label, want.data());
+            for (std::int64_t j = 0; j < v; ++j) {
+              const double g = static_cast<float>(got[static_cast<std::size_t>(j)]);
+              const double e = static_cast<float>(H(want[static_cast<std::size_t>(j)]));
+              INFO("row " << r << ", column " << j << ": got " << g << ", want " << e);
+              REQUIRE((same_bits(g, e) || bf16_tol.accepts(g, e)));
+            }
+          }
+        }
+      }
+    }
+  };
+  check(Eigen::bfloat16{}, {1e-6, 0x1p-7});
+  check(Eigen::half{}, {1e-6, 0x1p-10});
+}
+
+TEST_CASE("kernels: float32 -> bfloat16/float16 narrowing rounds to nearest even as Eigen::bfloat16/half") {
+  const float finf = std::numeric_limits<float>::infinity();
+  std::vector<float> f{0.0f,
+                       -0.0f,
+                       1.0f,
+                       1.0f + 0x1p-8f,
+                       1.0f + 0x1p-7f + 0x1p-8f,
+                       1.0f + 0x1p-9f,
+                       -3.3e38f,
+                       3.4e38f,
+                       1e-40f,
+                       -1e-45f,
+                       finf,
+                       -finf,
+                       std::numeric_limits<float>::quiet_NaN(),
+                       -7.123f};
+  const auto r = test::random_normal({61}, 7, 100.0);
+  for (const double u : r.values) f.push_back(static_cast<float>(u));
+  std::vector<Eigen::bfloat16> got(f.size());
+  kernels::detail::narrow_block(f.data(), static_cast<std::int64_t>(f.size()), got.data());
+  for (std::size_t i = 0; i < f.size(); ++i) {
+    INFO("element " << i << ": " << f[i]);
+    const Eigen::bfloat16 want(f[i]);
+    CHECK(Eigen::numext::bit_cast<std::uint16_t>(got[i]) ==
+          (std::isnan(f[i]) ? std::uint16_t{0x7FC0} : Eigen::numext::bit_cast<std::uint16_t>(want)));
+    CHECK(same_bits(kernels::detail::widen(got[i]), static_cast<float>(got[i])));
+  }
+  // float16: vcvtps2ph (or the scalar fallback) against Eigen::half's round to nearest even.
+  using P = Eigen::internal::packet_traits<float>::type;
+  constexpr std::size_t L = Eigen::internal::packet_traits<float>::size;
+  std::vector<std::uint16_t> h(f.size());
+  std::size_t i = 0;
+  for (; i + L <= f.size(); i += L) kernels::detail::store_narrow_f16(h.data() + i, Eigen::internal::ploadu<P>(&f[i]));
+  for (; i < f.size(); ++i) h[i] = kernels::detail::narrow_bits_f16(f[i]);
+  for (std::size_t j = 0; j < f.size(); ++j) {
+    INFO("float16, element " << j << ": " << f[j]);
+    const float got_h = kernels::detail::widen(Eigen::numext::bit_cast<Eigen::half>(h[j]));
+    CHECK(same_bits(got_h, static_cast<float>(Eigen::half(f[j]))));
+  }
+}
+
 }  // namespace test_kernels

@@ -2,6 +2,7 @@
 // own composition in double (log_softmax + gather, logsumexp, softmax · log_softmax) and its
 // autograd gradients, and against the Eigen double reference, on every path of torch.hpp: kernel
 // (contiguous CPU float32/float64), rows (bfloat16/float16 and strided views, per-row upcast) and
+// bfloat16 read natively by the kernels against the float32 kernels on the widened values;
 // chunked (LibTorch ops on row chunks: the CUDA path, forced on CPU here with several chunk sizes);
 // sft_loss_backward's fused override against generic::sft_loss_backward; a sampling temperature T on
 // every path against LibTorch's composition on x / T (TRL's `logits /= temperature`). The CUDA test cases run
@@ -409,6 +410,85 @@ TEST_CASE("torch kernels: sft_loss on bfloat16 logits equals sft_loss on their f
     require_close(got.per_token_loss, want.per_token_loss, float32_tol);
     require_close(got.token_accuracy, want.token_accuracy, float32_tol);
     require_close(got.entropy, want.entropy, float32_tol);
+  }
+}
+
+TEST_CASE(
+    "torch kernels: bfloat16 and float16 read natively equal the float32 kernels on the widened values (and the old "
+    "buffer)") {
+  // The rows path reads unit-stride bf16/fp16 rows natively (kernels/logits_cpu.hpp): its statistics are
+  // the float32 statistics of the widened values bit for bit, so every forward output equals the float32
+  // kernel's on x.to(float) and the old widening path's (torch_backend::set_widen_half_rows); gradients,
+  // written in the logits' dtype, are the float32 gradients within that dtype's output rounding.
+  struct widen_scope {
+    explicit widen_scope(bool on) { torch_backend::set_widen_half_rows(on); }
+    ~widen_scope() { torch_backend::set_widen_half_rows(false); }
+  };
+  for (const auto dt : {at::kBFloat16, at::kHalf})
+    for (const std::int64_t v :
+         {std::int64_t{1}, std::int64_t{7}, std::int64_t{17}, std::int64_t{1003}, std::int64_t{4101}}) {
+      const tolerance grad_tol = output_tolerance(dtype_of(dt));
+      const at::Tensor xc = to_torch(hard_logits(v, 101), dt);
+      const at::Tensor wide = to_torch(random_normal({2, 5, v + 3}, 102), dt);
+      wide.narrow(-1, 0, v).copy_(xc);
+      at::Tensor labels = v > 2 ? labels_avoiding_inf(v, 103) : at::zeros({2, 5}, at::kLong);
+      labels[1][3] = -100;  // ignored
+      labels[0][4] = -100;
+      for (const at::Tensor& xb : {xc, wide.narrow(-1, 0, v)}) {
+        const at::Tensor xf = xb.to(at::kFloat).contiguous();  // the kernel path on the widened values
+        for (const double t : {1.0, 0.7}) {
+          INFO(c10::toString(dt) << ", V = " << v
+                                 << (xb.is_contiguous() ? ", contiguous" : ", rows inside a wider buffer")
+                                 << ", T = " << t);
+          const logprob_options o{.temperature = t};
+          const auto nat = token_logprobs_and_entropy(xb, labels, o);
+          const auto f32 = token_logprobs_and_entropy(xf, labels, o);
+          CHECK(at::equal(nat.logprobs, f32.logprobs));
+          CHECK(at::equal(nat.entropy, f32.entropy));
+          CHECK(at::equal(logsumexp(xb), logsumexp(xf)));
+          CHECK(at::equal(entropy(xb, {.temperature = t}), entropy(xf, {.temperature = t})));
+          {
+            const widen_scope old(true);
+            const auto buffered = token_logprobs_and_entropy(xb, labels, o);
+            CHECK(at::equal(nat.logprobs, buffered.logprobs));
+            CHECK(at::equal(nat.entropy, buffered.entropy));
+          }
+          // Backward through autograd (log-prob, entropy: beta != 0, the label column with d) ...
+          const at::Tensor w1 = to_torch(random_normal({2, 5}, 104)), w2 = to_torch(random_normal({2, 5}, 105));
+          const auto grad_of = [&](const at::Tensor& x_in) {
+            at::Tensor x = x_in.detach().requires_grad_();
+            const auto both = token_logprobs_and_entropy(x, labels, o);
+            (w1 * both.logprobs.to(at::kFloat) + w2 * both.entropy.to(at::kFloat)).sum().backward();
+            return x.grad();
+          };
+          const at::Tensor g_nat = grad_of(xb);
+          CHECK(g_nat.scalar_type() == dt);
+          require_close(g_nat, grad_of(xf), grad_tol);
+          // ... and sft_loss_backward's fused gradient (beta = 0, label smoothing, z-loss, ignored rows 0).
+          const sft_options so{.label_smoothing = 0.1, .z_loss = 1e-3, .temperature = t};
+          const at::Tensor ce_nat = sft_loss_backward(xb, labels, so, 0.7);
+          require_close(ce_nat, sft_loss_backward(xf, labels, so, 0.7), grad_tol);
+          CHECK(ce_nat[1][3].abs().max().item<float>() == 0.0f);
+          const widen_scope old(true);
+          require_close(g_nat, grad_of(xb), grad_tol);
+          require_close(ce_nat, sft_loss_backward(xb, labels, so, 0.7), grad_tol);
+        }
+      }
+    }
+  // Independent of the thread count: 1 and 3 ranges of 64 rows, bitwise.
+  for (const auto dt : {at::kBFloat16, at::kHalf}) {
+    const at::Tensor x = to_torch(random_normal({64, 4096}, 106, 3.0), dt);
+    const at::Tensor y = to_torch(random_labels({64}, 4096, 107));
+    kernels::set_num_threads(1);
+    const auto one = token_logprobs_and_entropy(x, y);
+    const at::Tensor g_one = sft_loss_backward(x, y, {.temperature = 0.7});
+    kernels::set_num_threads(3);
+    const auto three = token_logprobs_and_entropy(x, y);
+    const at::Tensor g_three = sft_loss_backward(x, y, {.temperature = 0.7});
+    kernels::set_num_threads(0);
+    CHECK(at::equal(one.logprobs, three.logprobs));
+    CHECK(at::equal(one.entropy, three.entropy));
+    CHECK(at::equal(g_one, g_three));
   }
 }
 

@@ -27,14 +27,27 @@
 // and the backward writers take coefficients of the gradient with respect to z and apply the chain
 // rule dz/dx = a themselves. a = 1 runs the unscaled loops (bit-identical to a kernel without it).
 //
+// bfloat16 logits (Eigen::bfloat16, layout-compatible with at::BFloat16) are read natively: the
+// statistics pass widens one packet at a time in registers (bf16 -> float32 is a 16-bit shift) and
+// accumulates exactly as the float32 pass does over the widened values, so its row_stats equal those
+// of the widened row bit for bit; the backward writer (write_row_backward_16) widens a packet,
+// computes its float32 gradient from the statistics and narrows it to bf16 (round to nearest even),
+// all in registers, so the gradient equals the float32 one of the widened row within bf16 rounding.
+// float16 (Eigen::half, layout-compatible with at::Half) is read the same way (vcvtph2ps / vcvtps2ph
+// with AVX-512 or F16C; a scalar conversion otherwise).
+//
 // Threads: rows are split into contiguous ranges (kernels/parallel.hpp: `num_threads()` of them at
 // most, run on LibTorch's intra-op pool in a torch program, `set_num_threads(n)` overrides). A row
 // is always reduced by one thread in one order, so results do not depend on the thread count.
 #pragma once
 
 #include <Eigen/Core>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -83,6 +96,145 @@ using array_t = Eigen::Array<S, Eigen::Dynamic, 1>;
 
 }  // namespace detail
 
+/// The compute type of logits of type Src: double stays double, float, bfloat16 and float16 are computed in float.
+template <class Src>
+using compute_of = std::conditional_t<std::is_same_v<Src, double>, double, float>;
+
+namespace detail {
+
+template <class Src>
+inline constexpr bool is_bf16 = std::is_same_v<Src, Eigen::bfloat16>;
+template <class Src>
+inline constexpr bool is_f16 = std::is_same_v<Src, Eigen::half>;
+/// A 16-bit floating type read natively (widened to float32 in registers).
+template <class Src>
+inline constexpr bool is_16bit = is_bf16<Src> || is_f16<Src>;
+
+/// bf16 -> float32: the 16 bits become the high half of the float (exact).
+inline float widen(Eigen::bfloat16 h) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(std::bit_cast<std::uint16_t>(h)) << 16);
+}
+/// float16 -> float32 (exact; F16C where available).
+inline float widen(Eigen::half h) { return static_cast<float>(h); }
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+
+/// float32 -> bf16, round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's and Eigen's conversion).
+inline std::uint16_t narrow_bits(float f) {
+  const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+  const std::uint16_t r = static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? std::uint16_t{0x7FC0} : r;
+}
+
+/// One packet of Src widened to the compute packet P (a plain unaligned load for float/double; for
+/// bf16 a zero-extend and 16-bit shift of L lanes in registers; for fp16 vcvtph2ps).
+template <class P, class Src>
+inline P load_packet(const Src* p) {
+  using namespace Eigen::internal;
+  if constexpr (is_f16<Src>) {
+#if defined(__AVX512F__)
+    if constexpr (unpacket_traits<P>::size == 16)  // Packet16f
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+    if constexpr (unpacket_traits<P>::size == 8)  // Packet8f
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+    constexpr int L = unpacket_traits<P>::size;
+    alignas(64) float tmp[L];
+    for (int k = 0; k < L; ++k) tmp[k] = widen(p[k]);
+    return pload<P>(tmp);
+  } else if constexpr (!is_bf16<Src>) {
+    return ploadu<P>(p);
+  } else {
+#if defined(__AVX512F__)
+    if constexpr (unpacket_traits<P>::size == 16)  // Packet16f
+      return _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#endif
+#if defined(__AVX2__)
+    if constexpr (unpacket_traits<P>::size == 8)  // Packet8f
+      return _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#endif
+    constexpr int L = unpacket_traits<P>::size;
+    alignas(64) float tmp[L];
+    for (int k = 0; k < L; ++k) tmp[k] = widen(p[k]);
+    return pload<P>(tmp);
+  }
+}
+
+/// Stores the L lanes of float packet g narrowed to bf16 (narrow_bits: round to nearest even,
+/// NaN -> 0x7FC0) at d: AVX-512 or AVX2 integer arithmetic in registers where available.
+template <class P>
+inline void store_narrow(std::uint16_t* d, const P& g) {
+  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
+#if defined(__AVX512F__)
+  if constexpr (L == 16) {  // Packet16f
+    const __m512 f = g;
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(r));
+    return;
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (L == 8) {  // Packet8f
+    const __m256 f = g;
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // lanes 0-7 in the low half
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_castsi256_si128(p));
+    return;
+  }
+#endif
+  alignas(64) float t[L];
+  Eigen::internal::pstore(t, g);
+  for (int k = 0; k < L; ++k) d[k] = narrow_bits(t[k]);
+}
+
+/// float32 -> float16 bits, round to nearest even (Eigen::half's conversion, as c10::Half's).
+inline std::uint16_t narrow_bits_f16(float f) { return std::bit_cast<std::uint16_t>(Eigen::half(f)); }
+
+/// store_narrow for float16: vcvtps2ph (round to nearest even) where available.
+template <class P>
+inline void store_narrow_f16(std::uint16_t* d, const P& g) {
+  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
+#if defined(__AVX512F__)
+  if constexpr (L == 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d),
+                        _mm512_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+  if constexpr (L == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+  alignas(64) float t[L];
+  Eigen::internal::pstore(t, g);
+  for (int k = 0; k < L; ++k) d[k] = narrow_bits_f16(t[k]);
+}
+
+/// dst[0, n) = src[0, n) narrowed to bf16, a packet at a time (store_narrow).
+inline void narrow_block(const float* src, std::int64_t n, Eigen::bfloat16* dst) {
+  using namespace Eigen::internal;
+  using P = packet_traits<float>::type;
+  constexpr std::int64_t L = packet_traits<float>::size;
+  auto* d = reinterpret_cast<std::uint16_t*>(dst);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) store_narrow(d + i, ploadu<P>(src + i));
+  for (; i < n; ++i) d[i] = narrow_bits(src[i]);
+}
+
+}  // namespace detail
+
 namespace detail {
 
 /// Adds Σ e^d (and Σ e^d·d when WithT) over one block to s (t), d = max(x - m, diff_floor), and
@@ -93,8 +245,8 @@ namespace detail {
 /// without the hint the next block's max pass waits on memory (measured: 0.33 -> 0.24 ns per
 /// float32 element on the test machine, AVX-512). NaN in x propagates into s (std::max order).
 /// With Scaled, d = max(a·(x - m), diff_floor) (a temperature's 1/T, see the file comment).
-template <class S, bool WithT, bool Store, bool Scaled = false>
-inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t, S* e, S a = S(1)) {
+template <class S, bool WithT, bool Store, bool Scaled = false, class Src = S>
+inline void block_exp_sums(const Src* x, std::int64_t n, S m, double& s, double& t, S* e, S a = S(1)) {
   using namespace Eigen::internal;
   using P = typename packet_traits<S>::type;
   constexpr std::int64_t L = packet_traits<S>::size;
@@ -104,16 +256,16 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
   std::int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
 #if defined(__GNUC__)
-    for (std::int64_t k = 0; k < 2 * L; k += static_cast<std::int64_t>(64 / sizeof(S)))
+    for (std::int64_t k = 0; k < 2 * L; k += static_cast<std::int64_t>(64 / sizeof(Src)))
       __builtin_prefetch(x + i + block_size + k, 0, 3);
 #endif
     P d0, d1;
     if constexpr (Scaled) {
-      d0 = pmax(pmul(psub(ploadu<P>(x + i), pm), pa), pfloor);
-      d1 = pmax(pmul(psub(ploadu<P>(x + i + L), pm), pa), pfloor);
+      d0 = pmax(pmul(psub(load_packet<P>(x + i), pm), pa), pfloor);
+      d1 = pmax(pmul(psub(load_packet<P>(x + i + L), pm), pa), pfloor);
     } else {
-      d0 = pmax(psub(ploadu<P>(x + i), pm), pfloor);
-      d1 = pmax(psub(ploadu<P>(x + i + L), pm), pfloor);
+      d0 = pmax(psub(load_packet<P>(x + i), pm), pfloor);
+      d1 = pmax(psub(load_packet<P>(x + i + L), pm), pfloor);
     }
     const P e0 = pexp(d0), e1 = pexp(d1);
     s0 = padd(s0, e0);
@@ -129,7 +281,8 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
   }
   S ss = predux(padd(s0, s1)), tt = WithT ? predux(padd(t0, t1)) : S(0);
   for (; i < n; ++i) {
-    const S d = Scaled ? std::max((x[i] - m) * a, diff_floor<S>) : std::max(x[i] - m, diff_floor<S>);
+    const S xi = widen(x[i]);
+    const S d = Scaled ? std::max((xi - m) * a, diff_floor<S>) : std::max(xi - m, diff_floor<S>);
     const S ed = std::exp(d);
     ss += ed;
     if constexpr (WithT) tt += ed * d;
@@ -144,36 +297,37 @@ inline void block_exp_sums(const S* x, std::int64_t n, S m, double& s, double& t
 /// be NaN, as with maxCoeff's fast path, and the caller catches NaN through its sums). At the small
 /// rows of a short vocabulary (V = 64: four packets) Eigen's general redux cost ~15 ns per call,
 /// about a fifth of the row's work.
-template <class S>
-inline S packet_max(const S* x, std::int64_t n) {
+template <class Src, class S = compute_of<Src>>
+inline S packet_max(const Src* x, std::int64_t n) {
   using namespace Eigen::internal;
   using P = typename packet_traits<S>::type;
   constexpr std::int64_t L = packet_traits<S>::size;
   if (n < 2 * L) {
-    S m = x[0];
-    for (std::int64_t i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
+    S m = widen(x[0]);
+    for (std::int64_t i = 1; i < n; ++i) m = widen(x[i]) > m ? widen(x[i]) : m;
     return m;
   }
-  P m0 = ploadu<P>(x), m1 = ploadu<P>(x + L);
+  P m0 = load_packet<P>(x), m1 = load_packet<P>(x + L);
   std::int64_t i = 2 * L;
   for (; i + 2 * L <= n; i += 2 * L) {
-    m0 = pmax(m0, ploadu<P>(x + i));
-    m1 = pmax(m1, ploadu<P>(x + i + L));
+    m0 = pmax(m0, load_packet<P>(x + i));
+    m1 = pmax(m1, load_packet<P>(x + i + L));
   }
   if (i + L <= n) {
-    m0 = pmax(m0, ploadu<P>(x + i));
+    m0 = pmax(m0, load_packet<P>(x + i));
     i += L;
   }
   S m = predux_max(pmax(m0, m1));
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (; i < n; ++i) m = widen(x[i]) > m ? widen(x[i]) : m;
   return m;
 }
 
 /// The online max/sum over a row (see reduce_row); with Store, also e^{x - m_b} into `e` and the
 /// running max m_b each block b was exponentiated against into `block_max` (-inf: not stored).
-template <class S, bool WithT, bool Store, bool Scaled = false>
-row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_max, double inv_t = 1.0) {
+template <class S, bool WithT, bool Store, bool Scaled = false, class Src = S>
+row_stats<S> reduce_row_impl(const Src* row, std::int64_t vocab, S* e, S* block_max, double inv_t = 1.0) {
   static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
+  static_assert(std::is_same_v<Src, S> || (is_16bit<Src> && std::is_same_v<S, float>));
   using A = array_t<S>;
   constexpr S neg_inf = -std::numeric_limits<S>::infinity();
   constexpr S nan = std::numeric_limits<S>::quiet_NaN();
@@ -181,7 +335,6 @@ row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_ma
   double s = 0.0, t = 0.0;
   for (std::int64_t b = 0, blk_i = 0; b < vocab; b += block_size, ++blk_i) {
     const Eigen::Index n = static_cast<Eigen::Index>(std::min(block_size, vocab - b));
-    const Eigen::Map<const A> blk(row + b, n);
     // The fast max (half the cost of maxCoeff<PropagateNaN>): a NaN is caught through s below.
     const S bm = packet_max(row + b, static_cast<std::int64_t>(n));
     if (bm > m) {
@@ -197,10 +350,16 @@ row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_ma
     }
     if constexpr (Store) block_max[blk_i] = std::isfinite(m) ? m : neg_inf;
     if (!std::isfinite(m)) {  // only -inf so far (or +inf: the result is m)
-      if (blk.hasNaN()) return {nan, nan, nan, inv_t};
+      bool has_nan = false;
+      if constexpr (is_16bit<Src>) {
+        for (Eigen::Index i = 0; i < n; ++i) has_nan = has_nan || std::isnan(widen(row[b + i]));
+      } else {
+        has_nan = Eigen::Map<const A>(row + b, n).hasNaN();
+      }
+      if (has_nan) return {nan, nan, nan, inv_t};
       continue;
     }
-    block_exp_sums<S, WithT, Store, Scaled>(row + b, n, m, s, t, Store ? e + b : nullptr, static_cast<S>(inv_t));
+    block_exp_sums<S, WithT, Store, Scaled, Src>(row + b, n, m, s, t, Store ? e + b : nullptr, static_cast<S>(inv_t));
   }
   if (std::isnan(s) || std::isnan(t)) return {nan, nan, nan, inv_t};
   if (!std::isfinite(m)) return {m, 0.0, 0.0, inv_t};
@@ -211,11 +370,12 @@ row_stats<S> reduce_row_impl(const S* row, std::int64_t vocab, S* e, S* block_ma
 
 /// One pass over a row: the online max/sum (m, s, t) with the rescaling s' = s·e^{m-m'},
 /// t' = e^{m-m'}(t + (m-m')·s) when a block raises the running max. inv_t = 1/T: the statistics
-/// of x/T (file comment); 1 runs the unscaled loop.
-template <class S>
-row_stats<S> reduce_row(const S* row, std::int64_t vocab, double inv_t = 1.0) {
-  if (inv_t != 1.0) return detail::reduce_row_impl<S, true, false, true>(row, vocab, nullptr, nullptr, inv_t);
-  return detail::reduce_row_impl<S, true, false>(row, vocab, nullptr, nullptr);
+/// of x/T (file comment); 1 runs the unscaled loop. A bfloat16 row gives the float32 statistics of its
+/// widened values, equal bit for bit to reduce_row over a float32 copy of the row.
+template <class Src, class S = compute_of<Src>>
+row_stats<S> reduce_row(const Src* row, std::int64_t vocab, double inv_t = 1.0) {
+  if (inv_t != 1.0) return detail::reduce_row_impl<S, true, false, true, Src>(row, vocab, nullptr, nullptr, inv_t);
+  return detail::reduce_row_impl<S, true, false, false, Src>(row, vocab, nullptr, nullptr);
 }
 
 /// Blocks per row of `vocab` logits (the length of reduce_row_keep's block_max).
@@ -238,25 +398,29 @@ row_stats<S> reduce_row_keep(const S* row, std::int64_t vocab, S* e, S* block_ma
 /// Whether the first maximum of a row is at `y` (torch.argmax's choice among ties), given the row's
 /// max m from reduce_row; rows without a finite or -inf max (NaN, where argmax is undefined across
 /// backends) give false. Reads x[0, y) only when x[y] is the max.
-template <class S>
-bool first_argmax_is(const S* x, std::int64_t y, S m) {
-  if (std::isnan(m) || !(x[y] == m)) return false;
+template <class Src>
+bool first_argmax_is(const Src* x, std::int64_t y, compute_of<Src> m) {
+  using detail::widen;
+  if (std::isnan(m) || !(widen(x[y]) == m)) return false;
   for (std::int64_t v = 0; v < y; ++v)
-    if (x[v] == m) return false;
+    if (widen(x[v]) == m) return false;
   return true;
 }
 
 /// Forward over rows: any of the outputs may be null. labels (null: no log-probs, no hits) index
 /// each row; a label equal to ignore_index gives log-prob 0 and hit 0. Labels must be in [0, vocab)
 /// otherwise. argmax_hit[r] is 1 where the row's first argmax is its label (first_argmax_is).
-/// inv_temperature = 1/T: the statistics of logits/T (the argmax is the same); 1: none.
-template <class S>
-void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, const std::int64_t* labels,
-                    std::int64_t ignore_index, S* lse, S* logprob, S* entropy, S* row_max = nullptr,
-                    double* row_log_s = nullptr, S* argmax_hit = nullptr, double inv_temperature = 1.0) {
+/// inv_temperature = 1/T: the statistics of logits/T (the argmax is the same); 1: none. bfloat16
+/// logits (Src = Eigen::bfloat16) are read natively and give the float32 results of their widened values.
+template <class Src>
+void logits_forward(const Src* logits, std::int64_t rows, std::int64_t vocab, const std::int64_t* labels,
+                    std::int64_t ignore_index, compute_of<Src>* lse, compute_of<Src>* logprob, compute_of<Src>* entropy,
+                    compute_of<Src>* row_max = nullptr, double* row_log_s = nullptr,
+                    compute_of<Src>* argmax_hit = nullptr, double inv_temperature = 1.0) {
+  using S = compute_of<Src>;
   parallel_rows(rows, vocab, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t r = begin; r < end; ++r) {
-      const S* x = logits + r * vocab;
+      const Src* x = logits + r * vocab;
       const row_stats<S> st = reduce_row(x, vocab, inv_temperature);
       if (lse) lse[r] = static_cast<S>(st.logsumexp());
       if (entropy) entropy[r] = static_cast<S>(st.entropy());
@@ -267,9 +431,9 @@ void logits_forward(const S* logits, std::int64_t rows, std::int64_t vocab, cons
         if (y == ignore_index)
           logprob[r] = S(0);
         else if (st.finite())
-          logprob[r] = static_cast<S>(st.logp(x[y]));  // a·(x_y - m) - log s, x_y - m exact near the max
+          logprob[r] = static_cast<S>(st.logp(detail::widen(x[y])));  // a·(x_y - m) - log s, exact near the max
         else
-          logprob[r] = x[y] - st.m;  // -inf row: NaN, as the generic path; +inf: -inf or NaN
+          logprob[r] = detail::widen(x[y]) - st.m;  // -inf row: NaN, as the generic path; +inf: -inf or NaN
       }
       if (argmax_hit && labels) {
         const std::int64_t y = labels[r];
@@ -355,6 +519,73 @@ void write_row_backward(const S* row, std::int64_t vocab, const row_stats<S>& st
     else
       out[label] -= static_cast<S>(k.b);
   }
+}
+
+/// write_row_backward for a bfloat16 (or float16: H = Eigen::half) row into a gradient row of the
+/// same type, straight from the row's statistics (reduce_row of the 16-bit row) in one pass: each
+/// packet of logits is widened in registers, its float32 gradient computed as write_row_backward
+/// computes it over a float32 copy of the row, and narrowed (round to nearest even) in registers.
+/// `out` may be `row`.
+template <class H>
+void write_row_backward_16(const H* row, std::int64_t vocab, const row_stats<float>& st,
+                           const backward_coefficients& k_z, std::int64_t label, H* out) {
+  static_assert(detail::is_16bit<H>);
+  using namespace Eigen::internal;
+  using P = packet_traits<float>::type;
+  constexpr std::int64_t L = packet_traits<float>::size;
+  auto* o = reinterpret_cast<std::uint16_t*>(out);
+  const auto narrow1 = [](float f) { return detail::is_bf16<H> ? detail::narrow_bits(f) : detail::narrow_bits_f16(f); };
+  const auto narrow_packet = [o](std::int64_t i, const P& g) {
+    if constexpr (detail::is_bf16<H>)
+      detail::store_narrow(o + i, g);
+    else
+      detail::store_narrow_f16(o + i, g);
+  };
+  if (!st.finite()) {  // no finite row max: NaN, as write_row_backward
+    std::fill(o, o + vocab, narrow1(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  const bool scaled = st.inv_t != 1.0;
+  const backward_coefficients k = scaled ? detail::times(k_z, st.inv_t) : k_z;
+  const bool has_label = label >= 0 && label < vocab;
+  const float x_label = has_label ? detail::widen(row[label]) : 0.0f;
+  const double label_value = has_label && k.d != 0.0 ? label_gradient(x_label, st, k) : 0.0;
+  // every column's p coefficient: alpha, or alpha − d with d (write_row_backward)
+  const float a = static_cast<float>(k.d == 0.0 ? k.alpha : k.alpha - k.d);
+  const float beta = static_cast<float>(k.beta), c = static_cast<float>(k.c), m = st.m;
+  const float log_s = static_cast<float>(st.log_s), at = static_cast<float>(st.inv_t);
+  constexpr float lo = detail::diff_floor<float>;
+  // log p = a·(x − m) − log s (x − m first); -inf logits give p = 0 (log p clamped where multiplied).
+  const auto scalar = [&](float x) {
+    const float z = (scaled ? (x - m) * at : x - m) - log_s;
+    if (k.beta == 0.0) return a * std::exp(z) - c;
+    const float lz = std::max(z, lo);
+    return std::exp(lz) * (a + beta * lz) - c;
+  };
+  const auto run = [&](auto scaled_c, auto beta_c) {
+    constexpr bool Scaled = decltype(scaled_c)::value, Beta = decltype(beta_c)::value;
+    const P pm = pset1<P>(m), pls = pset1<P>(log_s), pat = pset1<P>(at), pa = pset1<P>(a), pb = pset1<P>(beta),
+            pc = pset1<P>(c), plo = pset1<P>(lo);
+    std::int64_t i = 0;
+    for (; i + L <= vocab; i += L) {
+      P z = psub(detail::load_packet<P>(row + i), pm);
+      if constexpr (Scaled) z = pmul(z, pat);
+      z = psub(z, pls);
+      if constexpr (Beta) {
+        z = pmax(z, plo);
+        narrow_packet(i, psub(pmul(pexp(z), padd(pa, pmul(pb, z))), pc));
+      } else {
+        narrow_packet(i, psub(pmul(pa, pexp(z)), pc));
+      }
+    }
+    for (; i < vocab; ++i) o[i] = narrow1(scalar(detail::widen(row[i])));
+  };
+  if (scaled)
+    k.beta == 0.0 ? run(std::true_type{}, std::false_type{}) : run(std::true_type{}, std::true_type{});
+  else
+    k.beta == 0.0 ? run(std::false_type{}, std::false_type{}) : run(std::false_type{}, std::true_type{});
+  if (has_label)
+    o[label] = narrow1(k.d != 0.0 ? static_cast<float>(label_value) : scalar(x_label) - static_cast<float>(k.b));
 }
 
 /// write_row_backward for β = 0 from reduce_row_keep's exponentials: out[v] = α·p_v − b·[v = y] − c

@@ -12,9 +12,11 @@ namespace posttrain {
 /// The fused hooks (the one-pass logits statistics and their backward, sft_loss_backward's gradient)
 /// take one of three paths, chosen per call from the logits tensor:
 ///   kernel   contiguous CPU float32/float64: posttrain::kernels read the tensor in place.
-///   rows     other CPU tensors (bfloat16/float16, strided views): each thread upcasts one row at a
-///            time into its own float32 (float64 for double) row buffer and runs the same kernels,
-///            so the extra memory is threads x V elements. Needs Eigen on the include path.
+///   rows     other CPU tensors (bfloat16/float16, strided views): bfloat16/float16 rows with unit
+///            column stride are read natively by the kernels (kernels/logits_cpu.hpp: no buffer); any
+///            other row is upcast one at a time into the thread's own float32 (float64 for double) row
+///            buffer and runs the same kernels, so the extra memory is threads x V elements. Needs
+///            Eigen on the include path.
 ///   chunked  CUDA (any device), and CPU without Eigen: LibTorch ops on chunks of rows; each chunk
 ///            is upcast to float32 (float64 stays float64), reduced, and written into the [N]
 ///            result (or the [N, V] gradient, in the logits' dtype). Peak extra memory is a few
@@ -71,6 +73,17 @@ inline std::atomic<logits_path>& forced_path() {
 /// restores the choice above). CUDA tensors always take the chunked path.
 inline void force_logits_path(logits_path p) { detail::forced_path().store(p, std::memory_order_relaxed); }
 inline logits_path forced_logits_path() { return detail::forced_path().load(std::memory_order_relaxed); }
+
+namespace detail {
+inline std::atomic<bool>& widen_half_flag() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+}  // namespace detail
+/// Benchmark and test hook: the rows path widens bfloat16/float16 rows into a per-thread float32 row
+/// buffer first (the path before the 16-bit-native kernels), to measure and check the native path against.
+inline void set_widen_half_rows(bool on) { detail::widen_half_flag().store(on, std::memory_order_relaxed); }
+inline bool widen_half_rows() { return detail::widen_half_flag().load(std::memory_order_relaxed); }
 
 }  // namespace torch_backend
 

@@ -244,6 +244,27 @@ const S* load_row(const Src* p, std::int64_t stride, std::int64_t v, std::vector
   return o;
 }
 
+template <class Src>
+inline constexpr bool is_16bit_v = std::is_same_v<Src, at::BFloat16> || std::is_same_v<Src, at::Half>;
+/// Whether rows of Src with column stride cs are read by the kernels natively (bfloat16 and float16,
+/// unit column stride, unless the benchmark/test hook torch_backend::set_widen_half_rows asks for the buffer).
+template <class Src>
+bool native_16bit(std::int64_t cs) {
+  return is_16bit_v<Src> && cs == 1 && !torch_backend::widen_half_rows();
+}
+/// at::BFloat16 and Eigen::bfloat16 are both the 16 high bits of a float32; at::Half and Eigen::half
+/// both IEEE binary16.
+inline const Eigen::bfloat16* as_eigen(const at::BFloat16* p) {
+  static_assert(sizeof(at::BFloat16) == 2 && sizeof(Eigen::bfloat16) == 2);
+  return reinterpret_cast<const Eigen::bfloat16*>(p);
+}
+inline Eigen::bfloat16* as_eigen(at::BFloat16* p) { return reinterpret_cast<Eigen::bfloat16*>(p); }
+inline const Eigen::half* as_eigen(const at::Half* p) {
+  static_assert(sizeof(at::Half) == 2 && sizeof(Eigen::half) == 2);
+  return reinterpret_cast<const Eigen::half*>(p);
+}
+inline Eigen::half* as_eigen(at::Half* p) { return reinterpret_cast<Eigen::half*>(p); }
+
 /// Calls f(Src{}) with Src the C++ type of the logits' dtype (float, double, BFloat16, Half).
 template <class F>
 void dispatch_logits(at::ScalarType t, F&& f) {
@@ -265,24 +286,35 @@ void rows_forward(const at::Tensor& x, const std::int64_t* labels, std::int64_t 
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
     const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
+    const bool native = native_16bit<Src>(cs);
     kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
       std::vector<S> buf;
       for (std::int64_t r = begin; r < end; ++r) {
-        const S* row = load_row<Src, S>(base + r * rs, cs, v, buf);
         const std::int64_t g = b.offset + r;
         const auto at_row = [g](S* p) { return p ? p + g : nullptr; };
-        // One row through the float kernel (runs inline: one row never starts a thread).
-        kernels::logits_forward<S>(row, 1, v, labels ? labels + g : nullptr, ignore_index, at_row(out[0]),
-                                   at_row(out[1]), at_row(out[2]), nullptr, nullptr, at_row(out[3]), inv_t);
+        // One row through the kernel (runs inline: one row never starts a thread).
+        const auto one_row = [&](const auto* row) {
+          kernels::logits_forward(row, 1, v, labels ? labels + g : nullptr, ignore_index, at_row(out[0]),
+                                  at_row(out[1]), at_row(out[2]), nullptr, nullptr, at_row(out[3]), inv_t);
+        };
+        if constexpr (is_16bit_v<Src>)
+          if (native) {
+            one_row(as_eigen(base + r * rs));
+            continue;
+          }
+        one_row(load_row<Src, S>(base + r * rs, cs, v, buf));
       }
     });
   }
 }
 
 /// Backward, row by row, into out [N, V] (contiguous, the logits' dtype): for each row,
-/// skip(g) -> zero row; else coeff(g, row, stats) gives the coefficients and label(g) the one-hot
-/// column (negative: none). inv_t = 1/T: the statistics of x / T, the chain rule applied by the writers.
-/// with_entropy: coeff reads st.entropy() (the statistics pass then also sums t; s is the same either way).
+/// skip(g) -> zero row; else coeff(g, x_label, stats) gives the coefficients (x_label: the row's logit
+/// at label(g) in the compute type, 0 when label(g) is negative) and label(g) the one-hot column
+/// (negative: none). bfloat16/float16 rows with unit column stride are read natively (statistics and
+/// the 16-bit gradient computed in registers: kernels::write_row_backward_16). inv_t = 1/T: the statistics
+/// of x / T, the chain rule applied by the writers. with_entropy: coeff reads st.entropy() (the statistics pass then
+/// also sums t; s is the same either way).
 template <class Src, class Skip, class Label, class Coeff>
 void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Coeff&& coeff, double inv_t,
                    bool with_entropy = true) {
@@ -290,6 +322,7 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
   for (const row_block& b : blocks_of(x)) {
     const Src* base = b.x.data_ptr<Src>();
     const std::int64_t v = b.x.size(1), rs = b.x.stride(0), cs = b.x.stride(1);
+    const bool native = native_16bit<Src>(cs);
     kernels::parallel_rows(b.x.size(0), v, [&](std::int64_t begin, std::int64_t end) {
       std::vector<S> buf;
       std::vector<S> block_max(static_cast<std::size_t>(kernels::blocks_per_row(v)));
@@ -300,22 +333,33 @@ void rows_backward(const at::Tensor& x, Src* out, Skip&& skip, Label&& label, Co
           std::fill(o, o + v, Src(0));
           continue;
         }
+        const std::int64_t y = label(g);
+        if constexpr (is_16bit_v<Src>) {
+          if (native) {
+            const auto* row = as_eigen(base + r * rs);
+            const kernels::row_stats<float> st = kernels::reduce_row(row, v, inv_t);
+            const float x_label = y >= 0 && y < v ? kernels::detail::widen(row[y]) : 0.0f;
+            kernels::write_row_backward_16(row, v, st, coeff(g, x_label, st), y, as_eigen(o));
+            continue;
+          }
+        }
         const S* row = load_row<Src, S>(base + r * rs, cs, v, buf);
+        const S x_label = y >= 0 && y < v ? row[y] : S(0);
         if constexpr (std::is_same_v<Src, S>) {
           // The statistics pass keeps its exponentials in the output row; a β = 0 gradient
           // (cross-entropy, log-prob, logsumexp) rescales them: one exp per logit.
           const kernels::row_stats<S> st = kernels::reduce_row_keep(row, v, o, block_max.data(), with_entropy, inv_t);
-          const kernels::backward_coefficients k = coeff(g, row, st);
+          const kernels::backward_coefficients k = coeff(g, x_label, st);
           if (k.beta == 0.0)
-            kernels::write_row_backward_kept(o, v, st, block_max.data(), k, label(g), o);
+            kernels::write_row_backward_kept(o, v, st, block_max.data(), k, y, o);
           else
-            kernels::write_row_backward(row, v, st, k, label(g), o);
+            kernels::write_row_backward(row, v, st, k, y, o);
         } else {
           const kernels::row_stats<S> st = kernels::reduce_row(row, v, inv_t);
-          const kernels::backward_coefficients k = coeff(g, row, st);
+          const kernels::backward_coefficients k = coeff(g, x_label, st);
           // row is buf: the gradient overwrites it in place, then narrows to the logits' dtype.
           S* w = buf.data();
-          kernels::write_row_backward(row, v, st, k, label(g), w);
+          kernels::write_row_backward(row, v, st, k, y, w);
           for (std::int64_t i = 0; i < v; ++i) o[i] = static_cast<Src>(w[i]);
         }
       }
@@ -451,7 +495,7 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
     rows_backward<Src>(
         x, out.data_ptr<Src>(), [](std::int64_t) { return false; },
         [&](std::int64_t r) { return lab && lab[r] != ignore_index ? lab[r] : std::int64_t{-1}; },
-        [&](std::int64_t r, const S*, const kernels::row_stats<S>& st) {
+        [&](std::int64_t r, S, const kernels::row_stats<S>& st) {
           const double a = gl ? static_cast<double>(gl[r]) : 0.0;
           const double b = gp && lab[r] != ignore_index ? static_cast<double>(gp[r]) : 0.0;
           const double e = need_entropy ? static_cast<double>(ge[r]) : 0.0;
@@ -508,8 +552,8 @@ inline at::Tensor ce_backward(const at::Tensor& x, const at::Tensor& labels, con
     rows_backward<Src>(
         x, out.data_ptr<Src>(), [&](std::int64_t r) { return lab[r] == a.ignore_index; },
         [&](std::int64_t r) { return lab[r]; },
-        [&](std::int64_t r, const S* row, const kernels::row_stats<S>& st) {
-          return kernels::cross_entropy_coefficients(st, row[lab[r]], v, static_cast<double>(wp[r]), a.label_smoothing,
+        [&](std::int64_t r, S x_label, const kernels::row_stats<S>& st) {
+          return kernels::cross_entropy_coefficients(st, x_label, v, static_cast<double>(wp[r]), a.label_smoothing,
                                                      a.z_loss, a.dft);
         },
         inv_t, false);  // the cross-entropy coefficients read m, log s and lse, never t
