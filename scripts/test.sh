@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what is missing, then two builds, each followed by its ctest:
+# The whole test suite: installs what is missing, then three builds, each followed by its tests, then the fuzz targets:
 #   1. build/ — Release, -march=native (POSTTRAIN_NATIVE: this machine's widest vectors, AVX-512
 #      where it has them), both backends: every test, example and consumer project. This is the
 #      build that covers the wide-vector code paths (Eigen's AVX/AVX-512 packets in kernels/ and
@@ -8,10 +8,12 @@
 #   2. build-sanitize/ — the compiler's default flags (x86-64: SSE2) under AddressSanitizer +
 #      UndefinedBehaviorSanitizer, Eigen only (no LibTorch): the Eigen tests, the reference-only
 #      tests and the examples. This is the default-flags run of the Eigen backend and the kernels.
-# The LibTorch tests therefore run only at -march=native: a second LibTorch build at the default
-# flags would add about 10 CPU-minutes (the torch test binary alone: 8.2 min user + 1.6 min sys,
-# measured), and their vectorised code is posttrain's
-# kernels, which the Eigen tests run at both settings. Run as root or with sudo available.
+#   3. build-default/ — the compiler's default flags, no sanitizer, the LibTorch test program only, run
+#      once as one process (as ctest cases it would pay LibTorch's start-up for each of ~140 cases):
+#      so the whole suite, both backends, passes at the default flags too. POSTTRAIN_TEST_DEFAULT_TORCH=0
+#      skips it.
+# The test programs are unity builds (tests/CMakeLists.txt) and the sanitizer build compiles at -O1,
+# which keeps the whole command near 25 minutes on 2 cores. Run as root or with sudo available.
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 start=$SECONDS
 
@@ -28,7 +30,8 @@ step "ctest $BUILD_DIR took $((SECONDS - phase)) s"
 
 SAN_DIR=${BUILD_DIR}-sanitize
 phase=$SECONDS
-configure "$SAN_DIR" -DPOSTTRAIN_REQUIRE_TEST_DEPS=ON -DPOSTTRAIN_SANITIZE=ON -DPOSTTRAIN_WITH_TORCH=OFF -DPOSTTRAIN_NATIVE=OFF
+configure "$SAN_DIR" -DPOSTTRAIN_REQUIRE_TEST_DEPS=ON -DPOSTTRAIN_SANITIZE=ON -DPOSTTRAIN_WITH_TORCH=OFF -DPOSTTRAIN_NATIVE=OFF \
+  -DPOSTTRAIN_HEADER_CHECKS=OFF
 build "$SAN_DIR"
 step "build $SAN_DIR took $((SECONDS - phase)) s"
 phase=$SECONDS
@@ -36,6 +39,20 @@ step "ctest (AddressSanitizer + UBSan, Eigen only, default flags)"
 ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1} UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1} \
   ctest --test-dir "$SAN_DIR" --output-on-failure -j"$JOBS"
 step "ctest $SAN_DIR took $((SECONDS - phase)) s"
+
+targets=$(cmake --build "$BUILD_DIR" --target help 2>/dev/null || true)  # read whole: no grep -q on a pipe
+if [ "${POSTTRAIN_TEST_DEFAULT_TORCH:-1}" = 1 ] && grep -q posttrain_torch_tests <<<"$targets"; then
+  DEF_DIR=${BUILD_DIR}-default
+  phase=$SECONDS
+  configure "$DEF_DIR" -DPOSTTRAIN_REQUIRE_TEST_DEPS=ON -DPOSTTRAIN_NATIVE=OFF -DPOSTTRAIN_HEADER_CHECKS=OFF \
+    -DPOSTTRAIN_BUILD_EXAMPLES=OFF -DPOSTTRAIN_BUILD_TOOLS=OFF -DPOSTTRAIN_BUILD_FUZZERS=OFF -DPOSTTRAIN_TEST_CONSUMERS=OFF
+  build "$DEF_DIR" posttrain_torch_tests
+  step "build $DEF_DIR (LibTorch tests, default flags) took $((SECONDS - phase)) s"
+  phase=$SECONDS
+  step "$DEF_DIR/tests/posttrain_torch_tests (every LibTorch test case, default flags, one process)"
+  timeout 1200 "$DEF_DIR/tests/posttrain_torch_tests"
+  step "LibTorch tests at the default flags took $((SECONDS - phase)) s"
+fi
 
 # The libFuzzer targets (fuzz/): a Clang build of their own, each target's seed corpus replayed by
 # ctest, then each target fuzzed for POSTTRAIN_FUZZ_RUNS inputs (default 2000) from a copy of its corpus
