@@ -268,4 +268,42 @@ TEST_CASE("fuzz regression: fused kd backward where row weight x scale/tau overf
   check(std::numeric_limits<float>::max());
 }
 
+TEST_CASE("fuzz regression: a row with no finite logit on a side is NaN on both kd paths, every divergence",
+          "[fuzz][eigen][distill]") {
+  // fuzz_distill, seed 11 (fuzz/corpus/distill/crash-a50d4e35...), float32, reverse_kl: student [2, 1, 2] of
+  // 1e-8, teacher rows [-inf, -inf] and [-1e15, 1e15]. The fused kernel gave NaN for the first row (the teacher
+  // has no distribution there) and the generic composition +inf (all of the student's mass outside the empty
+  // teacher support), while the generic forward KL of the same row was NaN. Both paths now give NaN, value and
+  // gradient, for a row with no finite logit on either side, and agree on the other row.
+  const auto run = [](auto zero) {
+    using S = decltype(zero);
+    using U = eigen_tensor<S>;
+    const S inf = std::numeric_limits<S>::infinity(), tiny = S(1e-8);
+    const U empty_second({2, 1, 2}, {tiny, tiny, tiny, tiny}), with_empty({2, 1, 2}, {-inf, -inf, S(-1e15), S(1e15)});
+    const U ones({2, 1}, {S(1), S(1)});
+    for (const kd_divergence dv : {kd_divergence::forward_kl, kd_divergence::forward_cross_entropy,
+                                   kd_divergence::reverse_kl, kd_divergence::symmetric_kl, kd_divergence::jsd})
+      for (const bool teacher_empty : {true, false}) {
+        INFO(kd_divergence_name(dv) << (teacher_empty ? ", teacher" : ", student") << " row without a finite logit");
+        const divergence_options o{.divergence = dv};
+        const U& st = teacher_empty ? empty_second : with_empty;
+        const U& te = teacher_empty ? with_empty : empty_second;
+        const U fv = kd_per_token(st, te, o), gv = generic::kd_per_token(st, te, o);
+        CHECK(std::isnan(fv(0, 0)));
+        CHECK(std::isnan(gv(0, 0)));
+        CHECK(!std::isnan(fv(1, 0)));
+        CHECK(fv(1, 0) == Approx(gv(1, 0)).epsilon(1e-5));
+        const U fg = kd_per_token_backward(st, te, ones, o), gg = generic::kd_per_token_backward(st, te, ones, o);
+        for (int v = 0; v < 2; ++v) {
+          CHECK(std::isnan(fg(0, 0, v)));
+          CHECK(std::isnan(gg(0, 0, v)));
+          REQUIRE(std::isfinite(fg(1, 0, v)));
+          CHECK(fg(1, 0, v) == Approx(gg(1, 0, v)).epsilon(1e-5).margin(1e-6));
+        }
+      }
+  };
+  run(0.0f);
+  run(0.0);
+}
+
 }  // namespace test_fuzz_regressions

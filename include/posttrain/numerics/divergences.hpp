@@ -19,7 +19,8 @@
 // padding -inf on both sides gives the divergence over the remaining vocabulary. A column with mass on
 // one side and -inf on the other makes the divergences that put that side first (KL(p||q) when the
 // student is -inf where the teacher is not) +inf, their true value; torchtune instead drops such
-// columns. The JSD stays finite (m covers both). No input gives NaN.
+// columns. The JSD stays finite (m covers both). A row with no finite logit on a side (no distribution
+// there) gives NaN, value and gradient, as do NaN and +inf logits; no other input gives NaN.
 // Example: student [0, 0], teacher [0, ln 3] -> KL(p||q) = ¼ln(½) + ¾ln(3/2) = 0.130812.
 //
 // Fused path: a backend with the kd hooks of fused.hpp (the Eigen backend through
@@ -224,6 +225,17 @@ kd_value_grad<T> kd_divergence_parts(const T& s, const T& t, const divergence_op
       if (want_grad) r.grad = ops::mul(ops::sub(dq, prob_times(q.p, kl_qm)), 1.0 - o.beta);
       break;
     }
+  }
+  // A row with no finite logit on a side has no distribution on that side: NaN (value and gradient) for
+  // every divergence, as the fused kernel gives (kernels/distill_cpu.hpp). Without this KL(q||p) read +inf
+  // from the teacher's empty support while KL(p||q) was NaN (fuzz_distill, seed 11).
+  const auto vocab = static_cast<double>(ops::shape(s).back());
+  if (vocab > 0) {
+    const T outside = ops::maximum(ops::sum(ops::sub(1.0, q.support), -1), ops::sum(ops::sub(1.0, p.support), -1));
+    const T nan_rows = ops::where(ops::eq(outside, vocab), std::numeric_limits<double>::quiet_NaN(),
+                                  ops::full_like(r.value, 0.0));  // [...]: NaN or 0
+    r.value = ops::add(r.value, nan_rows);
+    if (want_grad) r.grad = ops::add(r.grad, ops::unsqueeze(nan_rows, -1));
   }
   return r;
 }
