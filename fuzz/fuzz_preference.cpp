@@ -4,6 +4,7 @@
 // Invariants (fuzz_support.hpp): only posttrain::error; forward and backward accept the same inputs;
 // a finite loss has finite gradients; the analytic backward matches finite differences in double
 // on moderate inputs (where the loss is smooth at the point).
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -108,6 +109,30 @@ void run_dpo(decoder& d) {
   if constexpr (std::is_same_v<S, double>) {
     std::vector<const T*> xs{&batch.chosen_logps, &batch.rejected_logps};
     bool ok = moderate<S>(d, {&batch.chosen_logps, &batch.rejected_logps});
+    // AOT sorts ℓ_c - ℓ_r (paired) or each side (unpaired) before pairing the sorted values with the
+    // reference's: where two of the sorted entries tie, a step up and a step down move the coordinate to
+    // different slots, the loss has a kink there and the analytic gradient is one of its one-sided slopes
+    // (fuzz/findings of 2026-12-02: three tied ℓ_c - ℓ_r, slopes 20% apart, inside the smoothness band).
+    const auto uses = [&](dpo_loss l) {
+      if (o.loss == l) return true;
+      for (const auto& term : o.mix)
+        if (term.loss == l) return true;
+      return false;
+    };
+    const auto has_tie = [](const std::vector<double>& v) {
+      for (std::size_t i = 0; i < v.size(); ++i)
+        for (std::size_t j = i + 1; j < v.size(); ++j)
+          if (std::abs(v[i] - v[j]) <= 1e-4 * (1 + std::abs(v[i]) + std::abs(v[j]))) return true;
+      return false;
+    };
+    std::vector<double> chosen_v, rejected_v, diff_v;
+    for (std::int64_t i = 0; i < b; ++i) {
+      chosen_v.push_back(batch.chosen_logps.data()[i]);
+      rejected_v.push_back(batch.rejected_logps.data()[i]);
+      diff_v.push_back(chosen_v.back() - rejected_v.back());
+    }
+    if (uses(dpo_loss::aot) && has_tie(diff_v)) ok = false;
+    if (uses(dpo_loss::aot_unpaired) && (has_tie(chosen_v) || has_tie(rejected_v))) ok = false;
     if (batch.ref_chosen_logps) ok = ok && moderate<S>(d, {&*batch.ref_chosen_logps, &*batch.ref_rejected_logps});
     if (batch.chosen_weights) ok = ok && moderate<S>(d, {&*batch.chosen_weights, &*batch.rejected_weights});
     dpo_gradients<T> g;

@@ -6,6 +6,7 @@
 
 #include "posttrain/backends/eigen.hpp"
 #include "posttrain/kl/estimators.hpp"
+#include "posttrain/losses/dpo.hpp"
 #include "posttrain/losses/orpo.hpp"
 #include "posttrain/numerics/divergences.hpp"
 #include "posttrain/numerics/logits.hpp"
@@ -301,6 +302,37 @@ TEST_CASE("fuzz regression: a row with no finite logit on a side is NaN on both 
           CHECK(fg(1, 0, v) == Approx(gg(1, 0, v)).epsilon(1e-5).margin(1e-6));
         }
       }
+  };
+  run(0.0f);
+  run(0.0);
+}
+
+TEST_CASE("fuzz regression: the sft term of dpo gives an exact 0 for a rejected log-prob it does not read",
+          "[fuzz][eigen][dpo]") {
+  // fuzz_preference, seed 12 (fuzz/corpus/preference/crash-1e6da723...), float32: loss sft, alpha divergence
+  // (α = 2), rejected [NaN, 89]: the loss was finite (the sft term reads the chosen side only) but the rejected
+  // gradient was {NaN, 0}: 0 (∂L/∂s_r) times the score's slope at the NaN log-ratio. Now an exact 0.
+  const auto run = [](auto zero) {
+    using S = decltype(zero);
+    using U = eigen_tensor<S>;
+    const S qnan = std::numeric_limits<S>::quiet_NaN(), tiny = S(1e-8);
+    preference_batch<U> batch{U({2}, {S(-1e15), tiny}), U({2}, {qnan, S(89)})};
+    batch.ref_chosen_logps = U({2}, {tiny, tiny});
+    batch.ref_rejected_logps = U({2}, {tiny, tiny});
+    batch.chosen_lengths = U({2}, {S(3), S(3)});
+    batch.rejected_lengths = U({2}, {S(3), S(3)});
+    for (const f_divergence dv : {f_divergence::reverse_kl, f_divergence::forward_kl, f_divergence::js_divergence,
+                                  f_divergence::alpha_divergence}) {
+      const dpo_options o{.loss = dpo_loss::sft, .divergence = dv, .alpha = 2.0};
+      const double loss = static_cast<double>(ops::item(dpo(batch, o).loss));
+      // -Σ chosen / Σ |c| = (1e15 - 1e-8) / 6
+      CHECK(loss == Approx((1e15 - 1e-8) / 6).epsilon(1e-6));
+      const auto g = dpo_backward(batch, o);
+      for (int i = 0; i < 2; ++i) {
+        CHECK(g.rejected_logps(i) == S(0));
+        CHECK(g.chosen_logps(i) == Approx(-1.0 / 6).epsilon(1e-6));  // d/dl_c of -Σ l_c / 6, then mean over 2
+      }
+    }
   };
   run(0.0f);
   run(0.0);

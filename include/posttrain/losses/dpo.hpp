@@ -498,9 +498,14 @@ dpo_gradients<T> dpo_backward(const preference_batch<T>& batch, const dpo_option
   T gc = ops::full_like(s.lc, 0.0), gr = ops::full_like(s.lc, 0.0);
   for (const auto& term : detail::dpo_terms_of(opt)) {
     const auto p = detail::dpo_pair(term.loss, s.sc, s.sr, s.lc, s.lr, b, opt);
-    // chain rule through the scores: ∂L/∂l_c = ∂L/∂s_c · ds_c/dl_c + ∂L/∂l_c (direct)
-    gc = ops::add(gc, ops::mul(ops::add(ops::mul(p.d_sc, s.dsc_dlc), p.d_lc), term.weight));
-    gr = ops::add(gr, ops::mul(ops::add(ops::mul(p.d_sr, s.dsr_dlr), p.d_lr), term.weight));
+    // chain rule through the scores: ∂L/∂l_c = ∂L/∂s_c · ds_c/dl_c + ∂L/∂l_c (direct). A term that does not
+    // read a score (∂L/∂s = 0: sft reads no rejected side) contributes an exact 0, selected rather than
+    // multiplied, so a slope that is NaN or inf at a log-prob the loss never reads cannot make the gradient NaN.
+    const auto through = [](const T& upstream, const T& slope) {
+      return ops::where(ops::eq(upstream, 0.0), 0.0, ops::mul(upstream, slope));
+    };
+    gc = ops::add(gc, ops::mul(ops::add(through(p.d_sc, s.dsc_dlc), p.d_lc), term.weight));
+    gr = ops::add(gr, ops::mul(ops::add(through(p.d_sr, s.dsr_dlr), p.d_lr), term.weight));
   }
   if (s.has_wpo) {
     gc = ops::mul(gc, s.wpo);
