@@ -61,14 +61,7 @@ void run(decoder& d) {
   for (const T* x : {&student, static_cast<const T*>(&teacher)})
     for (std::int64_t i = 0; i < x->numel(); ++i)
       if (std::isnan(x->data()[i]) || x->data()[i] == pos_inf) lenient = true;
-  // Reported, not fixed yet: a student row of only -inf with teacher mass gives NaN through the fused
-  // kernel (forward_kl) where the generic path gives +inf, the true KL(p || q).
   const std::int64_t vocab = s.back();
-  for (std::int64_t r = 0; vocab > 0 && r < student.numel() / vocab; ++r) {
-    bool all_neg_inf = true;
-    for (std::int64_t k = 0; k < vocab; ++k) all_neg_inf = all_neg_inf && student.data()[r * vocab + k] == -pos_inf;
-    lenient = lenient || known_defect(all_neg_inf);
-  }
   const double rtol = (std::is_same_v<S, double> ? 1e-9 : 2e-5);
   const double cmp_rtol = lenient ? pos_inf : rtol;
   const double atol =

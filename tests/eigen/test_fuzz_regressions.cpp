@@ -307,6 +307,33 @@ TEST_CASE("fuzz regression: a row with no finite logit on a side is NaN on both 
   run(0.0);
 }
 
+TEST_CASE("fuzz regression: fused kd backward at g = +inf keeps columns whose q - p is below float32's normal range",
+          "[fuzz][eigen][distill]") {
+  // fuzz_distill, seed 11 (fuzz/corpus/distill/crash-8dae56d0...), float32, forward_cross_entropy, τ = 1, row weight
+  // g = +inf: student [-1e15, 89, -1e15, 1e-8], teacher [89, 89, 0.678584, 1e-8]. The gradient is g·(q - p):
+  // q ≈ (0, 1, 0, e^-89) and p ≈ (1/2, 1/2, e^-89.01/2·..., e^-89/2), so q - p has signs (-, +, -, +) and the
+  // last two magnitudes ~1e-39, below float32's normal range. The fused kernel rounded the unit-weight gradient
+  // to float32 first (0 there: Eigen's SSE packet exp, the default flags, gives 0 below the normal range; the
+  // AVX-512 one does not, so the defect showed in the default-flags and sanitizer builds only) and then gave
+  // inf·0 = NaN; the generic g·(q - p) and the true value are -inf and +inf.
+  using U = eigen_tensor<float>;
+  const float inf = std::numeric_limits<float>::infinity();
+  const U s({1, 4}, {-1e15f, 89.0f, -1e15f, 1e-8f}), t({1, 4}, {89.0f, 89.0f, 0.678584f, 1e-8f});
+  const divergence_options o{.divergence = kd_divergence::forward_cross_entropy};
+  const U g({1}, {inf});
+  const U fused = kd_per_token_backward(s, t, g, o), gen = generic::kd_per_token_backward(s, t, g, o);
+  const float expected[4] = {-inf, inf, -inf, inf};
+  for (int v = 0; v < 4; ++v) {
+    INFO("column " << v);
+    CHECK(fused(0, v) == expected[v]);
+    CHECK(gen(0, v) == expected[v]);
+  }
+  // The same row with a finite g: the double unit gradient changes nothing where coef fits in float32.
+  const U fin = kd_per_token_backward(s, t, U({1}, {1.0f}), o);
+  CHECK(fin(0, 0) == Approx(-0.5).margin(1e-6));
+  CHECK(fin(0, 1) == Approx(0.5).margin(1e-6));
+}
+
 TEST_CASE("fuzz regression: the sft term of dpo gives an exact 0 for a rejected log-prob it does not read",
           "[fuzz][eigen][dpo]") {
   // fuzz_preference, seed 12 (fuzz/corpus/preference/crash-1e6da723...), float32: loss sft, alpha divergence

@@ -258,6 +258,26 @@ double kd_row_value(const kd_row_stats<S>& st, const fused_kd_spec& o) {
   return o.scale * d;
 }
 
+namespace detail {
+
+/// dD/ds_v·τ at one column in double, the scalar form of kd_write_row_grad: q (w_f + w_r (log q - log p - K))
+/// - w_f p with q (log q - log p) - q K distributed (log q - log p - K can overflow where q is 0 or tiny) and the
+/// log-probability of a -inf column read as 0. Its probabilities keep double's range, so a float32 column whose
+/// q or p lies below float32's normal range (2e-39) stays nonzero here.
+template <class S>
+double kd_unit_grad(S x, S y, const kd_row_stats<S>& st, const fused_kd_spec& o, double k) {
+  constexpr S neg_inf = -std::numeric_limits<S>::infinity();
+  const auto [wf, wr] = kd_grad_weights(o);
+  const double inv_tau = 1.0 / o.temperature;
+  const bool sf = x > neg_inf, tf = y > neg_inf;
+  const double lq = sf ? (static_cast<double>(x) - static_cast<double>(st.ms)) * inv_tau - st.log_zs : 0.0;
+  const double lp = tf ? (static_cast<double>(y) - static_cast<double>(st.mt)) * inv_tau - st.log_zt : 0.0;
+  const double q = sf ? std::exp(lq) : 0.0, p = tf ? std::exp(lp) : 0.0;
+  return q * wf + wr * (q * (lq - lp) - q * k) - wf * p;
+}
+
+}  // namespace detail
+
 /// Writes coef·[q (w_f + w_r (log q - log p - K)) - w_f p] for one row into out (may be x itself).
 template <class S>
 void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_stats<S>& st, const fused_kd_spec& o,
@@ -308,14 +328,7 @@ void kd_write_row_grad(const S* x, const S* y, std::int64_t vocab, const kd_row_
         O = cq * q + cr * (q * (b - a) + q * shift) - cp * (a - lzt).exp();
       }
     } else {
-      for (Eigen::Index i = 0; i < n; ++i) {
-        const bool sf = X[i] > neg_inf, tf = Y[i] > neg_inf;
-        const double lq = sf ? (static_cast<double>(X[i]) - static_cast<double>(st.ms)) * inv_tau - st.log_zs : 0.0;
-        const double lp = tf ? (static_cast<double>(Y[i]) - static_cast<double>(st.mt)) * inv_tau - st.log_zt : 0.0;
-        const double q = sf ? std::exp(lq) : 0.0, p = tf ? std::exp(lp) : 0.0;
-        // q (lq - lp) - q k distributed, as in the vector path (lq - lp - k can overflow where q is 0 or tiny)
-        O[i] = static_cast<S>(coef * (q * wf + wr * (q * (lq - lp) - q * k) - wf * p));
-      }
+      for (Eigen::Index i = 0; i < n; ++i) O[i] = static_cast<S>(coef * detail::kd_unit_grad(X[i], Y[i], st, o, k));
     }
   }
 }
@@ -346,12 +359,20 @@ void distill_forward_backward(const S* student, const S* teacher, std::int64_t r
       if (std::abs(coef) <= static_cast<double>(std::numeric_limits<S>::max())) {
         kd_write_row_grad(x, y, vocab, st, o, coef, grad + r * vocab);
       } else {
-        // g·scale/τ past S's range (g = 1e308, τ = 2 with τ²: 2e308) while the gradient may be finite or 0
-        // (q = p: inf·q - inf·p was NaN): the unit-weight gradient, then × scale/τ and × g in double.
+        // g·scale/τ past S's range (g = 1e308, τ = 2 with τ²: 2e308; g = +inf) while the gradient may be finite
+        // or 0 (q = p: inf·q - inf·p was NaN): the unit-weight gradient in double, then × scale/τ and × g. It is
+        // not rounded to S first: a float32 column with q - p ≈ 1e-39 (below the normal range, where the vector
+        // exp gives 0) times g = +inf is ±inf, as the generic path's g·(q - p), not 0·inf = NaN.
         S* out = grad + r * vocab;
-        kd_write_row_grad(x, y, vocab, st, o, 1.0, out);
         const double k = o.scale * inv_tau;
-        for (std::int64_t i = 0; i < vocab; ++i) out[i] = static_cast<S>(static_cast<double>(out[i]) * k * w);
+        const double kr = detail::kd_grad_weights(o).second > 0.0 ? st.reverse_kl_finite() : 0.0;
+        for (std::int64_t i = 0; i < vocab; ++i) {
+          if (st.bad) {
+            out[i] = std::numeric_limits<S>::quiet_NaN();
+          } else {
+            out[i] = static_cast<S>(detail::kd_unit_grad(x[i], y[i], st, o, kr) * k * w);
+          }
+        }
       }
     }
   });
