@@ -5,6 +5,8 @@
 //                dimension) — the floor the fused call is held to (target <= 1.3x)
 //   fused        kernels::linear_cross_entropy into preallocated gradients, and the public API on
 //                LibTorch tensors (posttrain::fused_linear_cross_entropy(...).loss.backward())
+//   logprobs     posttrain::fused_linear_logprobs(...) with L = -mean(lp) - 0.01·mean(H) + backward(), beside
+//                its unfused LibTorch composition (matmul, log_softmax, gather, entropy) at naive_n rows
 //   naive        at::matmul + at::cross_entropy_loss + backward() at the same threads. This LibTorch's
 //                float32 GEMM is netlib reference BLAS (~5 GFLOPS, anchors §7), so the naive case runs
 //                at `naive_n` rows only and is compared per token
@@ -38,6 +40,7 @@
 #include "peak_memory.hpp"
 #include "posttrain/backends/torch.hpp"
 #include "posttrain/backends/torch/fused_linear_ce.hpp"
+#include "posttrain/backends/torch/fused_linear_logprobs.hpp"
 #include "posttrain/kernels/linear_ce_cpu.hpp"
 #include "posttrain/losses/fused_linear_ce.hpp"
 #include "timing.hpp"
@@ -224,14 +227,62 @@ void bench_naive(benchmark::State& st, const std::string& sc) {
   });
 }
 
+// ---- fused_linear_logprobs (the RL losses' input): the public call vs the unfused composition ---------
+// The objective reads both outputs, as a policy loss with an entropy bonus does: L = -mean(lp) - 0.01·mean(H).
+
+/// L from log-probs and entropy [N].
+at::Tensor logprobs_objective(const at::Tensor& lp, const at::Tensor& ent) { return -lp.mean() - 0.01 * ent.mean(); }
+
+void bench_logprobs_api(benchmark::State& st, const std::string& sc) {
+  auto& in = inputs::get(sc);
+  const at::Tensor x = in.x.detach().requires_grad_(), w = in.w.detach().requires_grad_();
+  const auto step = [&] {
+    x.mutable_grad() = at::Tensor();
+    w.mutable_grad() = at::Tensor();
+    const auto r = posttrain::fused_linear_logprobs(x, w, in.y);
+    logprobs_objective(r.logprobs, r.entropy).backward();
+    benchmark::DoNotOptimize(w.grad().data_ptr());
+  };
+  step();  // untimed first step (first touch of the gradients' memory; see bench_torch_api)
+  timed(st, timings(), sc + " posttrain fused_linear_logprobs + backward()", step);
+}
+
+/// matmul, log_softmax, gather and the entropy from the same log_softmax, + backward(), on naive_n rows.
+void naive_logprobs_step(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y) {
+  const at::Tensor logp = at::log_softmax(at::matmul(x, w.t()), -1);
+  const at::Tensor lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1);
+  const at::Tensor ent = -(logp.exp() * logp).sum(-1);
+  logprobs_objective(lp, ent).backward();
+}
+void bench_logprobs_naive(benchmark::State& st, const std::string& sc) {
+  auto& in = inputs::get(sc);
+  const shape& s = shape_of(sc);
+  const at::Tensor x = in.x.slice(0, 0, s.naive_n).detach().clone().requires_grad_();
+  const at::Tensor w = in.w.detach().requires_grad_();
+  const at::Tensor y = in.y.slice(0, 0, s.naive_n).clone();
+  timed(st, timings(), sc + " naive LibTorch logprobs (naive_n rows)", [&] {
+    x.mutable_grad() = at::Tensor();
+    w.mutable_grad() = at::Tensor();
+    naive_logprobs_step(x, w, y);
+    benchmark::DoNotOptimize(w.grad().data_ptr());
+  });
+}
+
 // ---- peak memory in a fresh child ----------------------------------------------------------------
 
 using posttrain_bench::peak_bytes;
 using posttrain_bench::reset_peak;
 
-const std::vector<std::string> memory_cases = {
-    "S3 fused kernel", "S3 posttrain API on torch + backward()", "S3 naive LibTorch (naive_n rows)",
-    "S4 fused kernel", "S4 posttrain API on torch + backward()", "S4 naive LibTorch (naive_n rows)"};
+const std::vector<std::string> memory_cases = {"S3 fused kernel",
+                                               "S3 posttrain API on torch + backward()",
+                                               "S3 naive LibTorch (naive_n rows)",
+                                               "S4 fused kernel",
+                                               "S4 posttrain API on torch + backward()",
+                                               "S4 naive LibTorch (naive_n rows)",
+                                               "S3 posttrain fused_linear_logprobs + backward()",
+                                               "S3 naive LibTorch logprobs (naive_n rows)",
+                                               "S4 posttrain fused_linear_logprobs + backward()",
+                                               "S4 naive LibTorch logprobs (naive_n rows)"};
 
 /// Runs one case once in this (fresh) process and prints its peak extra bytes.
 int run_peak_memory(const std::string& name) {
@@ -254,12 +305,20 @@ int run_peak_memory(const std::string& name) {
     const at::Tensor x = in.x.detach().requires_grad_(), w = in.w.detach().requires_grad_();
     before = reset_peak();
     posttrain::fused_linear_cross_entropy(x, w, in.y).loss.backward();
+  } else if (name == sc + " posttrain fused_linear_logprobs + backward()") {
+    const at::Tensor x = in.x.detach().requires_grad_(), w = in.w.detach().requires_grad_();
+    before = reset_peak();
+    const auto r = posttrain::fused_linear_logprobs(x, w, in.y);
+    logprobs_objective(r.logprobs, r.entropy).backward();
   } else {
     const at::Tensor x = in.x.slice(0, 0, s.naive_n).detach().clone().requires_grad_();
     const at::Tensor w = in.w.detach().requires_grad_();
     const at::Tensor y = in.y.slice(0, 0, s.naive_n).clone();
     before = reset_peak();
-    naive_step(x, w, y);
+    if (name == sc + " naive LibTorch logprobs (naive_n rows)")
+      naive_logprobs_step(x, w, y);
+    else
+      naive_step(x, w, y);
   }
   std::printf("%ld\n", std::max(0L, peak_bytes() - before));
   std::fflush(stdout);
@@ -371,17 +430,23 @@ void print_summary() {
                 gemm, flops(s, s.n) / gemm / 1e9);
     const double naive_per_row = get(sc + " naive LibTorch (naive_n rows)") / static_cast<double>(s.naive_n);
     std::printf("  %-44s %10s %10s %10s %18s\n", "case", "s", "x gemm", "GFLOPS", "speed-up vs naive");
+    const double naive_lp_per_row =
+        get(sc + " naive LibTorch logprobs (naive_n rows)") / static_cast<double>(s.naive_n);
     for (const std::string c :
-         {" fused kernel", " posttrain API on torch + backward()", " naive LibTorch (naive_n rows)"}) {
+         {" fused kernel", " posttrain API on torch + backward()", " naive LibTorch (naive_n rows)",
+          " posttrain fused_linear_logprobs + backward()", " naive LibTorch logprobs (naive_n rows)"}) {
       const std::string name = sc + c;
       if (!t.count(name)) continue;
-      const bool naive = c == " naive LibTorch (naive_n rows)";
+      const bool naive = c.find("naive") != std::string::npos;
+      const bool logprobs = c.find("logprobs") != std::string::npos;  // its own naive baseline
       const double rows = naive ? static_cast<double>(s.naive_n) : static_cast<double>(s.n);
       const double per_row = t[name] / rows;
-      std::printf("  %-44s %10.3f %10.2f %10.1f %18.1f\n",
-                  naive ? (sc + " naive LibTorch (" + std::to_string(s.naive_n) + " rows)").c_str() : name.c_str(),
-                  t[name], per_row * static_cast<double>(s.n) / gemm, flops(s, 1) * rows / t[name] / 1e9,
-                  naive_per_row / per_row);
+      const std::string label = naive ? sc + (logprobs ? " naive LibTorch logprobs (" : " naive LibTorch (") +
+                                            std::to_string(s.naive_n) + " rows)"
+                                      : name;
+      std::printf("  %-44s %10.3f %10.2f %10.1f %18.1f\n", label.c_str(), t[name],
+                  per_row * static_cast<double>(s.n) / gemm, flops(s, 1) * rows / t[name] / 1e9,
+                  (logprobs ? naive_lp_per_row : naive_per_row) / per_row);
     }
   }
   if (!cfg().peak_memory) return;
@@ -428,6 +493,8 @@ const bool registered = [] {
     reg(sc + "/fused_kernel_fp32", bench_fused, sc, c.iterations);
     reg(sc + "/posttrain_api_torch_fwd_bwd", bench_torch_api, sc, c.iterations);
     reg(sc + "/naive_libtorch_matmul_ce_fwd_bwd_few_rows", bench_naive, sc, 1);
+    reg(sc + "/posttrain_fused_linear_logprobs_torch_fwd_bwd", bench_logprobs_api, sc, c.iterations);
+    reg(sc + "/naive_libtorch_matmul_logprobs_entropy_fwd_bwd_few_rows", bench_logprobs_naive, sc, 1);
   }
   if (torch::cuda::is_available()) {
     for (const std::string sc : {"S3", "S4"}) {

@@ -242,11 +242,16 @@ void s1_half_ce_backward(benchmark::State& st, bool fp16, bool widened) {
 
 /// A new user's shape: 64 sequences of 12 tokens over a 64-token vocabulary; 100 steps per iteration,
 /// posttrain's sft_loss(...).loss.backward() beside at::cross_entropy_loss + backward on the same tensors.
-void small_sft(benchmark::State& st, bool posttrain_path) {
+/// composition: sft_loss without its one-node form (torch_backend::set_sft_node(false)), the path before it.
+void small_sft(benchmark::State& st, bool posttrain_path, bool composition = false) {
   static const at::Tensor x0 = logits_f32(64 * 12, 64, 11).reshape({64, 12, 64});
   static const at::Tensor y = labels_for(64 * 12, 64).reshape({64, 12});
   at::Tensor x = x0.detach().clone().requires_grad_();
-  timed(st, timings(), posttrain_path ? "small sft_loss + backward x100" : "small cross_entropy + backward x100", [&] {
+  const char* name = !posttrain_path ? "small cross_entropy + backward x100"
+                     : composition   ? "small sft_loss (composition) + backward x100"
+                                     : "small sft_loss + backward x100";
+  posttrain::torch_backend::set_sft_node(!composition);
+  timed(st, timings(), name, [&] {
     for (int i = 0; i < 100; ++i) {
       x.mutable_grad() = at::Tensor();
       if (posttrain_path)
@@ -256,6 +261,7 @@ void small_sft(benchmark::State& st, bool posttrain_path) {
       benchmark::DoNotOptimize(x.grad().data_ptr());
     }
   });
+  posttrain::torch_backend::set_sft_node(true);
 }
 
 // ---- threads: LibTorch's intra-op pool (the default in a torch program) vs a std::thread per call --
@@ -356,14 +362,20 @@ void s2_naive(benchmark::State& st) {
   });
   st.SetItemsProcessed(st.iterations() * cfg.s2_n);
 }
-void s2_posttrain_torch(benchmark::State& st) {
+/// composition: without sft_loss's one-node form (torch_backend::set_sft_node(false)), the path before it.
+void s2_posttrain_torch(benchmark::State& st, bool composition = false) {
   auto& in = s2_inputs::get();
   at::Tensor x = in.x.detach().clone().requires_grad_();
-  timed(st, timings(), "S2 posttrain sft_loss on torch + backward()", [&] {
-    x.mutable_grad() = at::Tensor();
-    posttrain::sft_loss(x, in.y).loss.backward();
-    benchmark::DoNotOptimize(x.grad().data_ptr());
-  });
+  posttrain::torch_backend::set_sft_node(!composition);
+  timed(st, timings(),
+        composition ? "S2 posttrain sft_loss (composition) on torch + backward()"
+                    : "S2 posttrain sft_loss on torch + backward()",
+        [&] {
+          x.mutable_grad() = at::Tensor();
+          posttrain::sft_loss(x, in.y).loss.backward();
+          benchmark::DoNotOptimize(x.grad().data_ptr());
+        });
+  posttrain::torch_backend::set_sft_node(true);
   st.SetItemsProcessed(st.iterations() * cfg.s2_n);
 }
 /// The same call with sft_options::in_place_gradient: the gradient is written over the logits in the
@@ -757,6 +769,7 @@ int main(int argc, char** argv) {
   reg("T/small_one_call_pool", [](benchmark::State& s) { threads_small(s, true); });
   reg("small/sft_loss_fwd_bwd_x100", [](benchmark::State& s) { small_sft(s, true); });
   reg("small/cross_entropy_fwd_bwd_x100", [](benchmark::State& s) { small_sft(s, false); });
+  reg("small/sft_loss_composition_fwd_bwd_x100", [](benchmark::State& s) { small_sft(s, true, true); });
   reg("T/small_one_call_thread_per_call", [](benchmark::State& s) { threads_small(s, false); });
   reg("S1/posttrain_sft_loss_forward_torch_fp32", s1_sft_forward);
   reg("S1/fused_kernel_fp32", s1_fused);
@@ -774,7 +787,8 @@ int main(int argc, char** argv) {
   reg("S2/floor_exp", s2_floor_exp);
   reg("S2/naive_libtorch_ce_fwd_bwd", s2_naive);
   reg("S2/posttrain_generic_eigen", s2_generic);
-  reg("S2/posttrain_sft_loss_torch_fwd_bwd", s2_posttrain_torch);
+  reg("S2/posttrain_sft_loss_torch_fwd_bwd", [](benchmark::State& s) { s2_posttrain_torch(s); });
+  reg("S2/posttrain_sft_loss_torch_fwd_bwd_composition", [](benchmark::State& s) { s2_posttrain_torch(s, true); });
   reg("S2/posttrain_sft_loss_torch_fwd_bwd_in_place", s2_posttrain_torch_in_place);
   reg("S2/fused_kernel_buffer", [](benchmark::State& s) { s2_fused(s, false); });
   reg("S2/fused_kernel_in_place", [](benchmark::State& s) { s2_fused(s, true); });

@@ -254,6 +254,128 @@ TEST_CASE("fused vs generic on torch: logsumexp, token_logprobs, entropy (values
       }
 }
 
+/// Turns sft_loss's one-node form on or off for a scope (torch_backend::set_sft_node), restoring it after.
+struct sft_node_setting {
+  explicit sft_node_setting(bool on) { torch_backend::set_sft_node(on); }
+  ~sft_node_setting() { torch_backend::set_sft_node(true); }
+  sft_node_setting(const sft_node_setting&) = delete;
+  sft_node_setting& operator=(const sft_node_setting&) = delete;
+};
+
+TEST_CASE("sft_loss one-node form: values, metrics and gradients equal the composition and the Eigen reference",
+          "[sft][grad][sft_node]") {
+  // The plain options (no smoothing, z-loss or DFT; token_mean or sum) take backends/torch/sft_node.hpp;
+  // the composition around the statistics node (set_sft_node(false)) and the Eigen double reference are
+  // what it must equal: the loss, each per-token loss, the three metrics, and the gradient of a function
+  // that reads both differentiable outputs (g_loss and g_ℓ both reach the node's backward).
+  const host_tensor clean = random_normal({3, 5, 13}, 181, 2.5);
+  host_tensor logits = clean;
+  const host_labels labels = random_labels({3, 5}, 13, 182, 0.3);
+  // An ignored row of NaN logits: excluded from the loss and every metric, an exact 0 gradient.
+  std::int64_t ignored = -1;
+  for (std::size_t r = 0; r < labels.values.size(); ++r)
+    if (labels.values[r] == default_ignore_index) ignored = static_cast<std::int64_t>(r);
+  REQUIRE(ignored >= 0);
+  for (std::int64_t v = 0; v < 13; ++v)
+    logits.values[static_cast<std::size_t>(ignored * 13 + v)] = std::numeric_limits<double>::quiet_NaN();
+  const host_tensor token_weights = random_normal({3, 5}, 183, 1.0);
+  const std::vector<sft_options> options = {
+      {},
+      {.reduction = aggregation::sum},
+      {.reduction = aggregation::token_mean, .normalizer = 6.0},
+      {.reduction = aggregation::sum, .normalizer = 4.0},
+      {.temperature = 0.7},
+  };
+  for (auto dt : float_types)
+    for (const sft_options& opt : options) {
+      const torch_maker mk{dt};
+      const eigen_maker<double> ref{dt};
+      const auto tol = output_tolerance(dtype_of(dt));
+      INFO(mk.name() << " " << aggregation_name(opt.reduction) << " normalizer " << opt.normalizer.value_or(0) << " T "
+                     << opt.temperature);
+      const at::Tensor y = mk.labels(labels), c = mk.values(token_weights);
+      const auto f = [&](const at::Tensor& x) {
+        const sft_result<at::Tensor> r = sft_loss(x, y, opt);
+        return r.loss * 0.75 + (r.per_token_loss * c).sum();
+      };
+      const at::Tensor x_node = mk.leaf(logits);
+      const sft_result<at::Tensor> node = sft_loss(x_node, y, opt);
+      REQUIRE(node.loss.grad_fn());
+      CHECK_THAT(node.loss.grad_fn()->name(), Catch::Contains("sft_function"));
+      sft_result<at::Tensor> comp;
+      at::Tensor g_comp, g1_comp, g2_comp;
+      {
+        const sft_node_setting off(false);
+        comp = sft_loss(mk.leaf(logits), y, opt);
+        CHECK_THAT(comp.loss.grad_fn()->name(), !Catch::Contains("sft_function"));
+        // (on finite logits: the composition's autograd gradient is NaN on an ignored NaN row, README "Status")
+        g_comp = autograd_grad(mk.values(clean), f);
+        const at::Tensor leaf = mk.leaf(clean);
+        const at::Tensor g1 = torch::autograd::grad({f(leaf)}, {leaf}, {}, true, true)[0];
+        g1_comp = g1.detach();
+        g2_comp = torch::autograd::grad({(g1 * g1).sum()}, {leaf})[0];
+      }
+      const sft_result<eigen_tensor<double>> want = sft_loss(ref.values(logits), ref.labels(labels), opt);
+      const std::pair<const char*, std::pair<at::Tensor, at::Tensor>> fields[] = {
+          {"loss", {node.loss, comp.loss}},
+          {"per_token_loss", {node.per_token_loss, comp.per_token_loss}},
+          {"num_tokens", {node.num_tokens, comp.num_tokens}},
+          {"token_accuracy", {node.token_accuracy, comp.token_accuracy}},
+          {"entropy", {node.entropy, comp.entropy}}};
+      const eigen_tensor<double>* wants[] = {&want.loss, &want.per_token_loss, &want.num_tokens, &want.token_accuracy,
+                                             &want.entropy};
+      for (std::size_t i = 0; i < 5; ++i) {
+        INFO(fields[i].first);
+        CHECK(fields[i].second.first.sizes() == fields[i].second.second.sizes());
+        CHECK(fields[i].second.first.scalar_type() == fields[i].second.second.scalar_type());
+        CHECK(all_finite(fields[i].second.first));
+        require_agree("node vs composition", fields[i].second.first, ops::to_host(fields[i].second.second), tol);
+        require_agree("node vs eigen double", fields[i].second.first, ops::to_host(*wants[i]), tol);
+      }
+      // No grad: the same values without a node.
+      {
+        const torch::NoGradGuard no_grad;
+        const sft_result<at::Tensor> plain = sft_loss(mk.values(logits), y, opt);
+        CHECK_FALSE(plain.loss.grad_fn());
+        require_agree("no-grad loss", plain.loss, ops::to_host(node.loss), tol);
+        require_agree("no-grad entropy", plain.entropy, ops::to_host(node.entropy), tol);
+      }
+      // Gradient through both outputs.
+      const at::Tensor g_node = autograd_grad(mk.values(logits), f);
+      CHECK(all_finite(g_node));
+      CHECK(g_node.view({-1, 13})[ignored].abs().sum().item<double>() == 0.0);
+      require_agree("gradient: node vs composition", autograd_grad(mk.values(clean), f), ops::to_host(g_comp), tol);
+      // The Eigen reference: 0.75·d loss + Σ_t c_t d ℓ_t, from sft_loss_backward (loss) and the sum form.
+      sft_options as_sum = opt;
+      as_sum.reduction = aggregation::sum;
+      as_sum.normalizer = std::nullopt;
+      const eigen_tensor<double> g_ref_loss = sft_loss_backward(ref.values(logits), ref.labels(labels), opt, 0.75);
+      std::vector<double> g_ref = ops::to_host(g_ref_loss);
+      for (std::int64_t t = 0; t < 15; ++t) {
+        host_labels one = labels;  // ℓ_t alone: every other label ignored
+        for (std::int64_t u = 0; u < 15; ++u)
+          if (u != t) one.values[static_cast<std::size_t>(u)] = default_ignore_index;
+        const std::vector<double> gt = ops::to_host(sft_loss_backward(
+            ref.values(logits), ref.labels(one), as_sum, token_weights.values[static_cast<std::size_t>(t)]));
+        for (std::size_t i = 0; i < g_ref.size(); ++i) g_ref[i] += gt[i];
+      }
+      require_agree("gradient: node vs eigen double", g_node, g_ref, tol);
+      // create_graph (finite logits: the composition's LibTorch form is NaN on a NaN row, ignored or not): the
+      // node's LibTorch form, differentiable again; first and second derivatives as the composition's.
+      const at::Tensor leaf = mk.leaf(clean);
+      const at::Tensor g1 = torch::autograd::grad({f(leaf)}, {leaf}, {}, true, true)[0];
+      require_agree("create_graph gradient", g1, ops::to_host(g1_comp), tol);
+      const at::Tensor g2 = torch::autograd::grad({(g1 * g1).sum()}, {leaf})[0];
+      CHECK(g2.abs().sum().item<double>() > 0.0);
+      require_agree("second derivative: node vs composition", g2, ops::to_host(g2_comp), tol);
+      // ... and on the NaN row's logits the node's create_graph gradient is still an exact 0 there.
+      const at::Tensor leaf_nan = mk.leaf(logits);
+      const at::Tensor g1_nan = torch::autograd::grad({f(leaf_nan)}, {leaf_nan}, {}, true, true)[0];
+      CHECK(g1_nan.view({-1, 13})[ignored].abs().sum().item<double>() == 0.0);
+      require_agree("create_graph gradient, NaN ignored row", g1_nan, ops::to_host(g_node), tol);
+    }
+}
+
 TEST_CASE("autograd: sft_loss in_place_gradient writes the default gradient over the logits; misuse raises",
           "[sft][grad][in_place]") {
   const host_tensor logits = random_normal({3, 4, 11}, 171, 2.5);

@@ -4,6 +4,8 @@
 //                 CUDA), inside one autograd node for logsumexp, log p[label] and entropy whose
 //                 backward is the analytic one; half logits are read as they are (reads_half).
 //   ce_backward   sft_loss_backward's gradient in the logits' dtype (no autograd graph).
+//   sft           sft_loss's plain form in one autograd node (backends/torch/sft_node.hpp) for
+//                 contiguous CPU float32/float64 logits; other inputs are declined.
 //   kd_per_token, kd_backward   contiguous CPU float32/float64 through the distillation kernel
 //                 (backends/torch/distill.hpp); other inputs are declined (empty optional).
 // The paths and their knobs: backends/torch/knobs.hpp.
@@ -16,6 +18,7 @@
 #include "posttrain/backends/torch/autograd.hpp"
 #include "posttrain/backends/torch/distill.hpp"
 #include "posttrain/backends/torch/logits_engine.hpp"
+#include "posttrain/backends/torch/sft_node.hpp"
 #include "posttrain/backends/torch/tensor.hpp"
 #include "posttrain/fused.hpp"
 
@@ -48,6 +51,11 @@ struct fused_ops<at::Tensor> {
     return detail::torch_kernels::ce_backward(x.detach(), labels, row_weights.detach(), a);
   }
 
+  /// sft_loss's plain form (fused.hpp) in one node, for logits the CPU kernel path takes.
+  static std::optional<sft_fused_outputs<T>> sft(const T& x, const T& labels, const sft_fused_request& q) {
+    return detail::torch_sft::sft(x, labels, q);
+  }
+
   /// scale·D per row through the distillation kernel (inside an autograd node when the student
   /// requires grad), for inputs the kernel takes.
   static std::optional<T> kd_per_token(const T& student, const T& teacher, const fused_kd_spec& spec) {
@@ -76,7 +84,7 @@ struct fused_ops<at::Tensor> {
   }
 };
 
-static_assert(has_fused_logits_stats<at::Tensor> && has_fused_ce_backward<at::Tensor> && has_fused_kd<at::Tensor> &&
-              fused_reads_half<at::Tensor>);
+static_assert(has_fused_logits_stats<at::Tensor> && has_fused_ce_backward<at::Tensor> && has_fused_sft<at::Tensor> &&
+              has_fused_kd<at::Tensor> && fused_reads_half<at::Tensor>);
 
 }  // namespace posttrain

@@ -85,6 +85,17 @@ inline std::atomic<bool>& widen_half_flag() {
 inline void set_widen_half_rows(bool on) { detail::widen_half_flag().store(on, std::memory_order_relaxed); }
 inline bool widen_half_rows() { return detail::widen_half_flag().load(std::memory_order_relaxed); }
 
+namespace detail {
+inline std::atomic<bool>& sft_node_flag() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+}  // namespace detail
+/// Benchmark and test hook: false makes sft_loss decline its one-node form (backends/torch/sft_node.hpp)
+/// and run the generic composition around the statistics node, to measure and check the node against.
+inline void set_sft_node(bool on) { detail::sft_node_flag().store(on, std::memory_order_relaxed); }
+inline bool sft_node() { return detail::sft_node_flag().load(std::memory_order_relaxed); }
+
 }  // namespace torch_backend
 
 }  // namespace posttrain
