@@ -393,7 +393,7 @@ inline row_outputs forward(const at::Tensor& x, const at::Tensor& labels, const 
     chunked_forward(x, with_labels ? labels : at::Tensor(), q, out);
     return out;
   }
-  const double inv_t = 1.0 / q.temperature;
+  [[maybe_unused]] const double inv_t = 1.0 / q.temperature;  // read by the CPU kernel paths only
 #if POSTTRAIN_TORCH_CPU_KERNELS
   const std::int64_t v = x.size(-1);
   const std::int64_t* lab = with_labels ? labels.data_ptr<std::int64_t>() : nullptr;
