@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -374,6 +375,43 @@ TEST_CASE("sft_loss one-node form: values, metrics and gradients equal the compo
       CHECK(g1_nan.view({-1, 13})[ignored].abs().sum().item<double>() == 0.0);
       require_agree("create_graph gradient, NaN ignored row", g1_nan, ops::to_host(g_node), tol);
     }
+}
+
+TEST_CASE("autograd: a row of NaN logits with no upstream gradient gets an exact 0 on every path",
+          "[sft][grad][numerics]") {
+  // Issue 13's rule (a finite loss has a finite gradient): an ignored token of sft_loss with label smoothing
+  // (the composition around the statistics node), or a masked token of masked_mean(token_logprobs(...)),
+  // whose logits hold NaN. Its upstream gradients are all 0; the statistics node's backward wrote 0·NaN = NaN
+  // there before. Each path of the node: kernel, rows (forced), chunked (forced), and the in-place node.
+  host_tensor logits = random_normal({4, 9}, 191, 2.0);
+  host_labels labels = random_labels({4}, 9, 192, 0.0);
+  labels.values[2] = default_ignore_index;
+  for (std::int64_t v = 0; v < 9; ++v) logits.values[static_cast<std::size_t>(2 * 9 + v)] = std::nan("");
+  const host_tensor mask_values{{4}, {1.0, 1.0, 0.0, 1.0}};
+  using torch_backend::logits_path;
+  for (const logits_path path : {logits_path::automatic, logits_path::rows, logits_path::chunked})
+    for (auto dt : float_types) {
+      torch_backend::force_logits_path(path);
+      const torch_maker mk{dt};
+      INFO(mk.name() << " path " << static_cast<int>(path));
+      const at::Tensor y = mk.labels(labels), mask = mk.values(mask_values);
+      for (const bool in_place : {false, true}) {
+        const sft_options smoothing{.label_smoothing = 0.1, .in_place_gradient = in_place};
+        const at::Tensor x = mk.leaf(logits);
+        const at::Tensor loss = sft_loss(x, y, smoothing).loss;
+        REQUIRE(std::isfinite(loss.item<double>()));
+        loss.backward();
+        CHECK(all_finite(x.grad()));
+        CHECK(x.grad()[2].abs().sum().item<double>() == 0.0);
+      }
+      const at::Tensor x = mk.leaf(logits);
+      const at::Tensor value = masked_mean(token_logprobs(x, y), mask) + masked_mean(entropy(x), mask);
+      REQUIRE(std::isfinite(value.item<double>()));
+      value.backward();
+      CHECK(all_finite(x.grad()));
+      CHECK(x.grad()[2].abs().sum().item<double>() == 0.0);
+    }
+  torch_backend::force_logits_path(logits_path::automatic);
 }
 
 TEST_CASE("autograd: sft_loss in_place_gradient writes the default gradient over the logits; misuse raises",

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -190,8 +191,12 @@ struct logits_stats_in_place_function : torch::autograd::Function<logits_stats_i
           const double a = glp ? static_cast<double>(glp[r]) : 0.0;
           const double d = gpp && y >= 0 ? static_cast<double>(gpp[r]) : 0.0;
           const double e = gep ? static_cast<double>(gep[r]) : 0.0;
-          const kernels::backward_coefficients k{a - (gep ? e * static_cast<double>(h[r]) : 0.0), -e, 0.0, 0.0, d};
           S* row = xp + r * v;
+          if (a == 0.0 && d == 0.0 && e == 0.0) {  // no upstream gradient: an exact 0, even over NaN logits
+            std::fill(row, row + v, S(0));
+            continue;
+          }
+          const kernels::backward_coefficients k{a - (gep ? e * static_cast<double>(h[r]) : 0.0), -e, 0.0, 0.0, d};
           const kernels::row_stats<S> st{m[r], log_s[r], 0.0, inv_t};
           kernels::write_row_backward(row, v, st, k, y, row);  // reads each logit before it writes it
         }

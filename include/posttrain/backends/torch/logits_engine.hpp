@@ -180,9 +180,11 @@ struct chunk_coefficients {
 /// grad[offset + r, :] for every row, chunk by chunk, written in out's dtype (the logits'). With
 /// inv_t = 1/T the coefficients are those of the gradient w.r.t. x / T, and the chain rule's 1/T is
 /// applied to each chunk's gradient here.
+/// keep_rows ([N] bool, optional): rows where it is false get an exact 0 (selected, so a row of NaN logits whose
+/// upstream gradients are all 0 gives 0, not 0·NaN).
 template <class Coefficients>
 void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& out, Coefficients&& coeff,
-                      double inv_t = 1.0) {
+                      double inv_t = 1.0, const at::Tensor& keep_rows = {}) {
   const at::ScalarType c = compute_type(x);
   const std::int64_t v = x.size(-1);
   const at::Tensor flat_out = out.view({-1, v});
@@ -215,6 +217,8 @@ void chunked_backward(const at::Tensor& x, const at::Tensor& labels, const at::T
         g.scatter_add_(1, yc, -k.b.expand({len, 1}));
       }
       if (inv_t != 1.0) g.mul_(inv_t);
+      if (keep_rows.defined())
+        g = at::where(keep_rows.narrow(0, first, len).unsqueeze(1), g, at::zeros({}, g.options()));
       flat_out.narrow(0, first, len).copy_(g);
     }
   }
@@ -437,6 +441,7 @@ struct row_grads {
 /// (d lse/dx = p, d log p_y/dx = onehot(y) − p, dH/dx = −p(log p + H)); in x's dtype: one read for
 /// the statistics, one read + write, per row (kernel/rows paths) or per chunk (chunked path).
 /// With a temperature T, p = softmax(x / T) and the whole gradient is divided by T (chain rule).
+/// A row whose upstream gradients are all 0 (a masked or ignored token) gets an exact 0, whatever its logits.
 inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const row_grads& g_in,
                            std::int64_t ignore_index, double temperature = 1.0) {
   const double inv_t = 1.0 / temperature;
@@ -472,7 +477,7 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
           }
           return k;
         },
-        inv_t);
+        inv_t, g_lse.ne(0).logical_or_(g_lp.ne(0)).logical_or_(g_ent.ne(0)));
     return out;
   }
 #if POSTTRAIN_TORCH_CPU_KERNELS
@@ -492,8 +497,13 @@ inline at::Tensor backward(const at::Tensor& x, const at::Tensor& labels, const 
     const S* gl = data(g_lse);
     const S* gp = data(g_lp);
     const S* ge = data(g_ent);
+    // A row whose upstream gradients are all 0 gets an exact 0 (not 0·NaN where its logits hold NaN: an ignored
+    // row of sft_loss with label smoothing gave a NaN gradient beside a finite loss).
+    const auto zero_upstream = [&](std::int64_t r) {
+      return (!gl || gl[r] == S(0)) && (!gp || lab[r] == ignore_index || gp[r] == S(0)) && (!ge || ge[r] == S(0));
+    };
     rows_backward<Src>(
-        x, out.data_ptr<Src>(), [](std::int64_t) { return false; },
+        x, out.data_ptr<Src>(), zero_upstream,
         [&](std::int64_t r) { return lab && lab[r] != ignore_index ? lab[r] : std::int64_t{-1}; },
         [&](std::int64_t r, S, const kernels::row_stats<S>& st) {
           const double a = gl ? static_cast<double>(gl[r]) : 0.0;
