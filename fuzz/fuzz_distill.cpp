@@ -80,8 +80,15 @@ void run(decoder& d) {
     T gv;
     if (!call("kd_per_token_backward", [&] { gv = kd_per_token_backward(student, teacher, g, dv); }))
       finding("kd_per_token_backward rejected what kd_per_token accepted\n  " + inputs);
+    // An infinite row weight g: the gradient is g·dD/ds, ±inf where dD/ds != 0 and NaN where it is 0, and whether a
+    // tiny dD/ds (q - p ~ 1e-256) is 0 depends on the precision a path computes it in (the fused kernel's overflow
+    // branch: double; the generic composition: the dtype), so NaN against ±inf is no finding there (2026-12-02:
+    // seed 11 found fused NaN / generic -inf, seed 21 the reverse after the kernel moved to double).
+    bool infinite_weight = false;
+    for (std::int64_t i = 0; i < g.numel(); ++i) infinite_weight = infinite_weight || std::isinf(g.data()[i]);
     require_close("kd_per_token_backward: fused vs generic\n  " + inputs, gv,
-                  generic::kd_per_token_backward(student, teacher, g, dv), cmp_rtol, atol * 4, lenient);
+                  generic::kd_per_token_backward(student, teacher, g, dv), cmp_rtol, atol * 4,
+                  lenient || infinite_weight);
     if (!lenient) {
       const std::int64_t n = v.numel();
       for (std::int64_t r = 0; r < n; ++r) {
