@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -95,6 +96,14 @@ struct logits_stats_function : torch::autograd::Function<logits_stats_function> 
   }
 };
 
+/// The in-place nodes' answer to a backward that records a graph (create_graph = true): the gradient they write
+/// over the logits is not differentiable.
+[[noreturn]] inline void refuse_create_graph_in_place(std::string_view fn) {
+  posttrain::detail::fail(fn,
+                          "a backward with create_graph = true cannot differentiate the gradient it writes over the "
+                          "logits; use the default mode (in_place_gradient = false)");
+}
+
 #if POSTTRAIN_TORCH_CPU_KERNELS
 /// The in-place variant of the node (logits_stats_request::gradient_in_place), for contiguous CPU
 /// float32/float64 logits (the kernel path). The forward is the same one read, and also keeps each
@@ -152,10 +161,7 @@ struct logits_stats_in_place_function : torch::autograd::Function<logits_stats_i
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (at::GradMode::is_enabled())
-      posttrain::detail::fail("sft_loss / logits statistics with in_place_gradient",
-                              "a backward with create_graph = true cannot differentiate the gradient it writes "
-                              "over the logits; use the default mode (in_place_gradient = false)");
+    if (at::GradMode::is_enabled()) refuse_create_graph_in_place("sft_loss / logits statistics with in_place_gradient");
     const auto saved = ctx->get_saved_variables();  // raises if the logits were modified since the forward
     const at::Tensor& x = saved[0];
     const at::Tensor& labels = saved[1];

@@ -132,9 +132,7 @@ struct sft_function : torch::autograd::Function<sft_function> {
     const torch::autograd::variable_list none{at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
                                               at::Tensor(), at::Tensor(), at::Tensor()};
     if (in_place && at::GradMode::is_enabled())
-      posttrain::detail::fail("sft_loss with in_place_gradient",
-                              "a backward with create_graph = true cannot differentiate the gradient it writes "
-                              "over the logits; use the default mode (in_place_gradient = false)");
+      torch_kernels::refuse_create_graph_in_place("sft_loss with in_place_gradient");
     const auto saved = ctx->get_saved_variables();  // raises if the logits were modified since the forward
     const at::Tensor& x = saved[0];
     const at::Tensor& labels = saved[1];
