@@ -410,6 +410,17 @@ TEST_CASE("autograd: a row of NaN logits with no upstream gradient gets an exact
       value.backward();
       CHECK(all_finite(x.grad()));
       CHECK(x.grad()[2].abs().sum().item<double>() == 0.0);
+      // create_graph: the node's backward in LibTorch ops, the same exact 0, and equal to the first-order result
+      const at::Tensor x2 = mk.leaf(logits);
+      const at::Tensor value2 = masked_mean(token_logprobs(x2, y), mask) + masked_mean(entropy(x2), mask);
+      const at::Tensor g2 = torch::autograd::grad({value2}, {x2}, {}, true, true)[0];
+      CHECK(all_finite(g2));
+      CHECK(g2[2].abs().sum().item<double>() == 0.0);
+      require_agree("create_graph vs first order", g2, ops::to_host(x.grad()), output_tolerance(dtype_of(dt)));
+      const at::Tensor x3 = mk.leaf(logits);
+      const at::Tensor g3 =
+          torch::autograd::grad({sft_loss(x3, y, {.label_smoothing = 0.1}).loss}, {x3}, {}, true, true)[0];
+      CHECK(all_finite(g3));
     }
   torch_backend::force_logits_path(logits_path::automatic);
 }

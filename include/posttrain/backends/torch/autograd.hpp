@@ -44,6 +44,15 @@ inline at::Tensor backward_differentiable(const at::Tensor& x_in, const at::Tens
     d = d - p * (logp_safe + h) * g.entropy.to(x.scalar_type()).unsqueeze(-1);
   }
   if (temperature != 1.0) d = d / temperature;
+  // Rows whose upstream gradients are all 0 get an exact 0, selected (as torch_kernels::backward): not 0·NaN
+  // where their logits hold NaN.
+  const auto nonzero = [&](const at::Tensor& t) {
+    return t.defined() ? t.ne(0) : at::zeros({}, x.options().dtype(at::kBool));
+  };
+  at::Tensor keep = nonzero(g.logsumexp).logical_or(nonzero(g.entropy));
+  if (g.logprob.defined() && labels.defined() && labels.numel() > 0)
+    keep = keep.logical_or(g.logprob.ne(0).logical_and(labels.ne(ignore_index)));
+  d = at::where(keep.unsqueeze(-1), d, at::zeros({}, d.options()));
   return d.to(x_in.scalar_type());
 }
 
