@@ -341,6 +341,10 @@ TEST_CASE("sft_loss one-node form: values, metrics and gradients equal the compo
         require_agree("no-grad loss", plain.loss, ops::to_host(node.loss), tol);
         require_agree("no-grad entropy", plain.entropy, ops::to_host(node.entropy), tol);
       }
+      // The node's gradient against central finite differences of its own forward (float64, finite logits).
+      if (dt == at::kDouble)
+        require_agree("gradient: node vs central differences", autograd_grad(mk.values(clean), f),
+                      central_differences(mk.values(clean), f), finite_difference_tol);
       // Gradient through both outputs.
       const at::Tensor g_node = autograd_grad(mk.values(logits), f);
       CHECK(all_finite(g_node));
@@ -404,16 +408,18 @@ TEST_CASE("autograd: a row of NaN logits with no upstream gradient gets an exact
         CHECK(all_finite(x.grad()));
         CHECK(x.grad()[2].abs().sum().item<double>() == 0.0);
       }
+      const auto masked_value = [&](const at::Tensor& x) {
+        return masked_mean(token_logprobs(x, y), mask) + masked_mean(entropy(x), mask);
+      };
       const at::Tensor x = mk.leaf(logits);
-      const at::Tensor value = masked_mean(token_logprobs(x, y), mask) + masked_mean(entropy(x), mask);
+      const at::Tensor value = masked_value(x);
       REQUIRE(std::isfinite(value.item<double>()));
       value.backward();
       CHECK(all_finite(x.grad()));
       CHECK(x.grad()[2].abs().sum().item<double>() == 0.0);
       // create_graph: the node's backward in LibTorch ops, the same exact 0, and equal to the first-order result
       const at::Tensor x2 = mk.leaf(logits);
-      const at::Tensor value2 = masked_mean(token_logprobs(x2, y), mask) + masked_mean(entropy(x2), mask);
-      const at::Tensor g2 = torch::autograd::grad({value2}, {x2}, {}, true, true)[0];
+      const at::Tensor g2 = torch::autograd::grad({masked_value(x2)}, {x2}, {}, true, true)[0];
       CHECK(all_finite(g2));
       CHECK(g2[2].abs().sum().item<double>() == 0.0);
       require_agree("create_graph vs first order", g2, ops::to_host(x.grad()), output_tolerance(dtype_of(dt)));
